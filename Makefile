@@ -1,0 +1,30 @@
+# Two commands do the whole set-up on a fresh clone: `make demo` and `make test`.
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+
+.PHONY: install demo test lint bench clean
+
+$(STAMP): pyproject.toml constraints.txt
+	python3 -m venv $(VENV)
+	$(PY) -m pip install --upgrade -q pip > $(VENV)/install.log 2>&1 || (cat $(VENV)/install.log; exit 1)
+	$(PY) -m pip install -c constraints.txt -e '.[dev]' >> $(VENV)/install.log 2>&1 || (cat $(VENV)/install.log; exit 1)
+	touch $@
+
+install: $(STAMP)
+
+lint: install
+	$(PY) -m ruff check src tests benchmarks
+
+test: install lint
+	$(PY) -m pytest -q
+
+demo: install
+	$(PY) -m torchcvt info cvt_13
+	$(PY) -c "import torch, torchcvt; m = torchcvt.create_model('cvt_13').eval(); print('logits', tuple(m(torch.randn(1, 3, 224, 224)).shape))"
+
+bench: install
+	$(PY) benchmarks/bench.py
+
+clean:
+	rm -rf $(VENV) build src/*.egg-info .pytest_cache

@@ -1,0 +1,216 @@
+"""The CvT configuration and the table of registered variants."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from typing import Any
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+ACTIVATIONS = ("quick_gelu", "gelu")
+PROJECTION_METHODS = ("dw_bn", "avg", "linear")
+TOKEN_EMBEDDINGS = ("conv", "patch")
+INITS = ("trunc_normal", "xavier")
+
+# Per-stage fields and the element type each must hold; names follow transformers' CvtConfig.
+STAGE_FIELDS: dict[str, type] = {
+    "patch_sizes": int,
+    "patch_stride": int,
+    "patch_padding": int,
+    "embed_dim": int,
+    "num_heads": int,
+    "depth": int,
+    "mlp_ratio": float,
+    "attention_drop_rate": float,
+    "drop_rate": float,
+    "drop_path_rate": float,
+    "qkv_bias": bool,
+    "cls_token": bool,
+    "qkv_projection_method": str,
+    "kernel_qkv": int,
+    "padding_kv": int,
+    "stride_kv": int,
+    "padding_q": int,
+    "stride_q": int,
+    "position_embedding": bool,
+    "token_embedding": str,
+}
+
+
+@dataclass
+class CvtConfig:
+    """Every hyper-parameter of a CvT; per-stage fields are tuples with one entry per stage."""
+
+    num_channels: int = 3
+    num_classes: int = 1000
+    patch_sizes: tuple[int, ...] = (7, 3, 3)
+    patch_stride: tuple[int, ...] = (4, 2, 2)
+    patch_padding: tuple[int, ...] = (2, 1, 1)
+    embed_dim: tuple[int, ...] = (64, 192, 384)
+    num_heads: tuple[int, ...] = (1, 3, 6)
+    depth: tuple[int, ...] = (1, 2, 10)
+    mlp_ratio: tuple[float, ...] = (4.0, 4.0, 4.0)
+    attention_drop_rate: tuple[float, ...] = (0.0, 0.0, 0.0)
+    drop_rate: tuple[float, ...] = (0.0, 0.0, 0.0)
+    drop_path_rate: tuple[float, ...] = (0.0, 0.0, 0.1)
+    qkv_bias: tuple[bool, ...] = (True, True, True)
+    cls_token: tuple[bool, ...] = (False, False, True)
+    qkv_projection_method: tuple[str, ...] = ("dw_bn", "dw_bn", "dw_bn")
+    kernel_qkv: tuple[int, ...] = (3, 3, 3)
+    padding_kv: tuple[int, ...] = (1, 1, 1)
+    stride_kv: tuple[int, ...] = (2, 2, 2)
+    padding_q: tuple[int, ...] = (1, 1, 1)
+    stride_q: tuple[int, ...] = (1, 1, 1)
+    # torchcvt's own knobs (the paper's ablations and implementation choices).
+    position_embedding: tuple[bool, ...] = (False, False, False)
+    token_embedding: tuple[str, ...] = ("conv", "conv", "conv")
+    activation: str = "quick_gelu"
+    layer_norm_eps: float = 1e-5
+    init: str = "trunc_normal"
+    initializer_range: float = 0.02
+    img_size: int = 224
+    head_drop_rate: float = 0.0
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    @property
+    def num_stages(self) -> int:
+        return len(self.embed_dim)
+
+    def validate(self) -> None:
+        """Normalise lists to tuples and raise ValueError naming the first field that is wrong."""
+        if not isinstance(self.embed_dim, (list, tuple)) or not self.embed_dim:
+            raise ValueError(f"embed_dim must be a non-empty list with one width per stage, got {self.embed_dim!r}")
+        stages = len(self.embed_dim)
+        for name, kind in STAGE_FIELDS.items():
+            value = getattr(self, name)
+            if not isinstance(value, (list, tuple)):
+                raise ValueError(f"{name} must be a list with one value per stage ({stages}), got {value!r}")
+            if len(value) != stages:
+                raise ValueError(
+                    f"{name} has {len(value)} values but the model has {stages} stages "
+                    f"(len(embed_dim)): {list(value)!r}"
+                )
+            converted = []
+            for item in value:
+                if kind is float and isinstance(item, (int, float)) and not isinstance(item, bool):
+                    item = float(item)
+                if not isinstance(item, kind) or (kind is int and isinstance(item, bool)):
+                    raise ValueError(f"{name} must hold {kind.__name__} values, got {list(value)!r}")
+                converted.append(item)
+            setattr(self, name, tuple(converted))
+        for name in ("patch_sizes", "patch_stride", "embed_dim", "num_heads", "kernel_qkv", "stride_kv", "stride_q"):
+            if any(v < 1 for v in getattr(self, name)):
+                raise ValueError(f"{name} must be positive, got {list(getattr(self, name))!r}")
+        if any(v < 0 for v in self.depth):
+            raise ValueError(f"depth must not be negative, got {list(self.depth)!r}")
+        for name in ("patch_padding", "padding_kv", "padding_q"):
+            if any(v < 0 for v in getattr(self, name)):
+                raise ValueError(f"{name} must not be negative, got {list(getattr(self, name))!r}")
+        for name in ("attention_drop_rate", "drop_rate", "drop_path_rate"):
+            if any(not 0.0 <= v < 1.0 for v in getattr(self, name)):
+                raise ValueError(f"{name} must lie in [0, 1), got {list(getattr(self, name))!r}")
+        for i, (dim, heads) in enumerate(zip(self.embed_dim, self.num_heads)):
+            if dim % heads:
+                raise ValueError(f"embed_dim[{i}]={dim} is not divisible by num_heads[{i}]={heads}")
+        _check_choice("qkv_projection_method", self.qkv_projection_method, PROJECTION_METHODS)
+        _check_choice("token_embedding", self.token_embedding, TOKEN_EMBEDDINGS)
+        _check_choice("activation", (self.activation,), ACTIVATIONS)
+        _check_choice("init", (self.init,), INITS)
+        for name in ("num_channels", "img_size"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ValueError(f"{name} must be a positive int, got {value!r}")
+        if not isinstance(self.num_classes, int) or isinstance(self.num_classes, bool) or self.num_classes < 0:
+            raise ValueError(f"num_classes must be an int >= 0 (0 removes the head), got {self.num_classes!r}")
+
+    def to_dict(self) -> dict[str, Any]:
+        return {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(self).items()}
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> CvtConfig:
+        """Build from a dict, rejecting unknown keys with the list of known ones."""
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ValueError(f"unknown config field(s) {unknown}; known fields: {sorted(known)}")
+        return cls(**data)
+
+    def replace(self, **overrides: Any) -> CvtConfig:
+        """A copy with some fields changed; unknown names are an error."""
+        return CvtConfig.from_dict({**self.to_dict(), **overrides})
+
+
+def _check_choice(name: str, values: tuple[str, ...], choices: tuple[str, ...]) -> None:
+    for value in values:
+        if value not in choices:
+            raise ValueError(f"{name} must be one of {list(choices)}, got {value!r}")
+
+
+@dataclass(frozen=True)
+class Variant:
+    """A registered model: its config overrides and its data config (timm's pretrained_cfg)."""
+
+    name: str
+    config: dict[str, Any]
+    input_size: tuple[int, int, int] = (3, 224, 224)
+    crop_pct: float = 0.875
+    interpolation: str = "bicubic"
+    mean: tuple[float, ...] = IMAGENET_MEAN
+    std: tuple[float, ...] = IMAGENET_STD
+    description: str = ""
+    paper: dict[str, Any] = field(default_factory=dict)
+
+    def data_config(self) -> dict[str, Any]:
+        return {
+            "input_size": self.input_size,
+            "crop_pct": self.crop_pct,
+            "interpolation": self.interpolation,
+            "mean": self.mean,
+            "std": self.std,
+        }
+
+
+_CVT_21 = {"depth": (1, 4, 16)}
+_CVT_W24 = {
+    "embed_dim": (192, 768, 1024),
+    "num_heads": (3, 12, 16),
+    "depth": (2, 2, 20),
+    "drop_path_rate": (0.0, 0.0, 0.3),
+}
+_AT_384 = {"input_size": (3, 384, 384), "crop_pct": 1.0}
+
+VARIANTS: dict[str, Variant] = {
+    v.name: v
+    for v in [
+        Variant("cvt_13", {}, description="CvT-13 at 224", paper={"params_m": 20.0, "gflops": 4.5, "top1": 81.6}),
+        Variant("cvt_13_384", {"img_size": 384}, **_AT_384,
+                description="CvT-13 at 384", paper={"params_m": 20.0, "gflops": 16.3, "top1": 83.0}),
+        Variant("cvt_21", _CVT_21, description="CvT-21 at 224",
+                paper={"params_m": 32.0, "gflops": 7.1, "top1": 82.5}),
+        Variant("cvt_21_384", {**_CVT_21, "img_size": 384}, **_AT_384,
+                description="CvT-21 at 384", paper={"params_m": 32.0, "gflops": 24.9, "top1": 83.3}),
+        Variant("cvt_w24", {**_CVT_W24, "img_size": 384}, **_AT_384,
+                description="CvT-W24 at 384 (ImageNet-22k pre-training)",
+                paper={"params_m": 277.0, "gflops": 193.2, "top1": 87.7}),
+    ]
+}
+
+
+def get_variant(name: str) -> Variant:
+    """The registered variant called name, or a ValueError listing those that exist."""
+    if name not in VARIANTS:
+        raise ValueError(f"unknown model {name!r}; available: {', '.join(sorted(VARIANTS))}")
+    return VARIANTS[name]
+
+
+def variant_config(name: str, **overrides: Any) -> CvtConfig:
+    """The config of a registered variant with overrides applied."""
+    return CvtConfig().replace(**{**get_variant(name).config, **overrides})
