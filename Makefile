@@ -20,8 +20,8 @@ test: install lint
 	$(PY) -m pytest -q
 
 demo: install
-	$(PY) -m torchcvt info cvt_13
-	$(PY) -c "import torch, torchcvt; m = torchcvt.create_model('cvt_13').eval(); print('logits', tuple(m(torch.randn(1, 3, 224, 224)).shape))"
+	$(PY) -m torchcvt info cvt_digits
+	$(PY) -m torchcvt train --output runs/demo --no-resume
 
 bench: install
 	$(PY) benchmarks/bench.py

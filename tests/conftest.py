@@ -21,3 +21,20 @@ TINY = {"embed_dim": [16, 32, 48], "num_heads": [1, 2, 3], "depth": [1, 1, 2]}
 def tiny_overrides() -> dict:
     """Config overrides that make cvt_13 small enough for fast CPU tests but keep every feature."""
     return dict(TINY)
+
+
+@pytest.fixture
+def perturb():
+    """In place: noise on every weight and random BatchNorm statistics, so every tensor moves the outputs."""
+
+    @torch.no_grad()
+    def perturb_(model: torch.nn.Module) -> torch.nn.Module:
+        for param in model.parameters():
+            param.add_(torch.randn_like(param) * 0.1)
+        for module in model.modules():
+            if isinstance(module, torch.nn.BatchNorm2d):
+                module.running_mean.normal_(0.0, 0.2)
+                module.running_var.uniform_(0.5, 1.5)
+        return model
+
+    return perturb_

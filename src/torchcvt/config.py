@@ -84,7 +84,9 @@ class CvtConfig:
     def validate(self) -> None:
         """Normalise lists to tuples and raise ValueError naming the first field that is wrong."""
         if not isinstance(self.embed_dim, (list, tuple)) or not self.embed_dim:
-            raise ValueError(f"embed_dim must be a non-empty list with one width per stage, got {self.embed_dim!r}")
+            raise ValueError(
+                f"embed_dim must be a non-empty list with one width per stage, got {self.embed_dim!r}"
+            )
         stages = len(self.embed_dim)
         for name, kind in STAGE_FIELDS.items():
             value = getattr(self, name)
@@ -103,7 +105,15 @@ class CvtConfig:
                     raise ValueError(f"{name} must hold {kind.__name__} values, got {list(value)!r}")
                 converted.append(item)
             setattr(self, name, tuple(converted))
-        for name in ("patch_sizes", "patch_stride", "embed_dim", "num_heads", "kernel_qkv", "stride_kv", "stride_q"):
+        for name in (
+            "patch_sizes",
+            "patch_stride",
+            "embed_dim",
+            "num_heads",
+            "kernel_qkv",
+            "stride_kv",
+            "stride_q",
+        ):
             if any(v < 1 for v in getattr(self, name)):
                 raise ValueError(f"{name} must be positive, got {list(getattr(self, name))!r}")
         if any(v < 0 for v in self.depth):
@@ -114,10 +124,19 @@ class CvtConfig:
         for name in ("attention_drop_rate", "drop_rate", "drop_path_rate"):
             if any(not 0.0 <= v < 1.0 for v in getattr(self, name)):
                 raise ValueError(f"{name} must lie in [0, 1), got {list(getattr(self, name))!r}")
-        for i, (dim, heads) in enumerate(zip(self.embed_dim, self.num_heads)):
+        for i, (dim, heads) in enumerate(zip(self.embed_dim, self.num_heads, strict=True)):
             if dim % heads:
                 raise ValueError(f"embed_dim[{i}]={dim} is not divisible by num_heads[{i}]={heads}")
         _check_choice("qkv_projection_method", self.qkv_projection_method, PROJECTION_METHODS)
+        for i, method in enumerate(self.qkv_projection_method):
+            kernel, padding, stride = self.kernel_qkv[i], self.padding_q[i], self.stride_q[i]
+            # Attention's output is added to its input, so the query map must keep the token grid.
+            if method == "dw_bn" and (stride != 1 or kernel != 2 * padding + 1):
+                raise ValueError(
+                    f"the query projection of stage {i + 1} must keep the token grid: stride_q[{i}]=1 and "
+                    f"kernel_qkv[{i}] = 2 * padding_q[{i}] + 1, got kernel_qkv[{i}]={kernel}, "
+                    f"padding_q[{i}]={padding}, stride_q[{i}]={stride}"
+                )
         _check_choice("token_embedding", self.token_embedding, TOKEN_EMBEDDINGS)
         _check_choice("activation", (self.activation,), ACTIVATIONS)
         _check_choice("init", (self.init,), INITS)
@@ -125,8 +144,14 @@ class CvtConfig:
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ValueError(f"{name} must be a positive int, got {value!r}")
-        if not isinstance(self.num_classes, int) or isinstance(self.num_classes, bool) or self.num_classes < 0:
-            raise ValueError(f"num_classes must be an int >= 0 (0 removes the head), got {self.num_classes!r}")
+        if (
+            not isinstance(self.num_classes, int)
+            or isinstance(self.num_classes, bool)
+            or self.num_classes < 0
+        ):
+            raise ValueError(
+                f"num_classes must be an int >= 0 (0 removes the head), got {self.num_classes!r}"
+            )
 
     def to_dict(self) -> dict[str, Any]:
         return {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(self).items()}
@@ -186,20 +211,61 @@ _CVT_W24 = {
     "drop_path_rate": (0.0, 0.0, 0.3),
 }
 _AT_384 = {"input_size": (3, 384, 384), "crop_pct": 1.0}
+# CvT-13's stage geometry on 32-pixel inputs (8x8, 4x4 and 2x2 tokens), narrower and shallower;
+# mean and std are those of the grey digit images.
+DIGITS_SIZE = 32
+DIGITS_MEAN = (0.3092, 0.3092, 0.3092)
+DIGITS_STD = (0.3488, 0.3488, 0.3488)
+_CVT_DIGITS = {
+    "embed_dim": (32, 64, 128),
+    "num_heads": (1, 2, 4),
+    "depth": (1, 1, 2),
+    "drop_path_rate": (0.0, 0.0, 0.0),
+    "img_size": DIGITS_SIZE,
+}
 
 VARIANTS: dict[str, Variant] = {
     v.name: v
     for v in [
-        Variant("cvt_13", {}, description="CvT-13 at 224", paper={"params_m": 20.0, "gflops": 4.5, "top1": 81.6}),
-        Variant("cvt_13_384", {"img_size": 384}, **_AT_384,
-                description="CvT-13 at 384", paper={"params_m": 20.0, "gflops": 16.3, "top1": 83.0}),
-        Variant("cvt_21", _CVT_21, description="CvT-21 at 224",
-                paper={"params_m": 32.0, "gflops": 7.1, "top1": 82.5}),
-        Variant("cvt_21_384", {**_CVT_21, "img_size": 384}, **_AT_384,
-                description="CvT-21 at 384", paper={"params_m": 32.0, "gflops": 24.9, "top1": 83.3}),
-        Variant("cvt_w24", {**_CVT_W24, "img_size": 384}, **_AT_384,
-                description="CvT-W24 at 384 (ImageNet-22k pre-training)",
-                paper={"params_m": 277.0, "gflops": 193.2, "top1": 87.7}),
+        Variant(
+            "cvt_13", {}, description="CvT-13 at 224", paper={"params_m": 20.0, "gflops": 4.5, "top1": 81.6}
+        ),
+        Variant(
+            "cvt_13_384",
+            {"img_size": 384},
+            **_AT_384,
+            description="CvT-13 at 384",
+            paper={"params_m": 20.0, "gflops": 16.3, "top1": 83.0},
+        ),
+        Variant(
+            "cvt_21",
+            _CVT_21,
+            description="CvT-21 at 224",
+            paper={"params_m": 32.0, "gflops": 7.1, "top1": 82.5},
+        ),
+        Variant(
+            "cvt_21_384",
+            {**_CVT_21, "img_size": 384},
+            **_AT_384,
+            description="CvT-21 at 384",
+            paper={"params_m": 32.0, "gflops": 24.9, "top1": 83.3},
+        ),
+        Variant(
+            "cvt_w24",
+            {**_CVT_W24, "img_size": 384},
+            **_AT_384,
+            description="CvT-W24 at 384 (ImageNet-22k pre-training)",
+            paper={"params_m": 277.0, "gflops": 193.2, "top1": 87.7},
+        ),
+        Variant(
+            "cvt_digits",
+            _CVT_DIGITS,
+            input_size=(3, DIGITS_SIZE, DIGITS_SIZE),
+            crop_pct=1.0,
+            mean=DIGITS_MEAN,
+            std=DIGITS_STD,
+            description="small CvT for the embedded 8x8 digits, upsampled to 32x32 (train's default)",
+        ),
     ]
 }
 

@@ -2,13 +2,22 @@
 
 from __future__ import annotations
 
+import os
+import random
+import shutil
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
+import torch
 from PIL import Image, ImageOps
+from torch.utils.data import Dataset, Sampler, default_collate, get_worker_info
 from torchvision import transforms as T
 from torchvision.transforms import InterpolationMode
+
+from .config import DIGITS_SIZE
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff", ".ppm", ".pgm")
 
@@ -23,7 +32,8 @@ def to_rgb(image: Image.Image) -> Image.Image:
         image = Image.fromarray(np.clip(array / peak * 255.0 + 0.5, 0, 255).astype(np.uint8), mode="L")
     elif image.mode == "F":
         array = np.asarray(image)
-        image = Image.fromarray(np.clip(array * (255.0 if array.max() <= 1.0 else 1.0), 0, 255).astype(np.uint8))
+        scale = 255.0 if array.max() <= 1.0 else 1.0
+        image = Image.fromarray(np.clip(array * scale, 0, 255).astype(np.uint8))
     if image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info):
         # Transparent pixels go onto white, as a viewer would show them, not onto their hidden colour.
         rgba = image.convert("RGBA")
@@ -49,5 +59,204 @@ def eval_transform(data_config: dict[str, Any]) -> T.Compose:
     else:
         scale = (int(height / crop_pct), int(width / crop_pct))
         shorter = scale[0] if height == width else scale
-        resize = [T.Resize(shorter, interpolation=interpolation, antialias=True), T.CenterCrop((height, width))]
+        resize = [
+            T.Resize(shorter, interpolation=interpolation, antialias=True),
+            T.CenterCrop((height, width)),
+        ]
     return T.Compose([*resize, T.ToTensor(), T.Normalize(data_config["mean"], data_config["std"])])
+
+
+class BadImage(NamedTuple):
+    """What the dataset returns for a file it cannot decode, so one bad JPEG never ends a run."""
+
+    path: str
+    error: str
+
+
+def list_classes(root: str | Path) -> list[str]:
+    """Sorted class folder names of an ImageFolder tree; one-line errors for a missing or empty folder."""
+    root = Path(root)
+    if not root.is_dir():
+        raise FileNotFoundError(f"data folder {root} does not exist")
+    classes = sorted(d.name for d in root.iterdir() if d.is_dir() and not d.name.startswith("."))
+    if not classes:
+        raise ValueError(f"data folder {root} is empty: expected one sub-folder of images per class")
+    return classes
+
+
+class ImageFolder(Dataset):
+    """An ImageNet-layout tree root/<class>/<image>, labelled by a given class list (default: sorted folders).
+
+    Items are (tensor, label), or BadImage for an unreadable file. An index may come as
+    (index, seed): the transform then runs on that seed, so augmentation does not depend on
+    the number of workers or on where a resumed run starts.
+    """
+
+    def __init__(
+        self, root: str | Path, transform: Callable | None = None, class_names: Sequence[str] | None = None
+    ):
+        self.root = Path(root)
+        folders = list_classes(root)
+        self.class_names = list(class_names) if class_names is not None else folders
+        unknown = sorted(set(folders) - set(self.class_names))
+        if unknown:
+            raise ValueError(
+                f"{root} has class folders the class list lacks: {', '.join(unknown[:5])}"
+                + (f" and {len(unknown) - 5} more" if len(unknown) > 5 else "")
+            )
+        index = {name: i for i, name in enumerate(self.class_names)}
+        self.samples = [
+            (str(path), index[folder])
+            for folder in folders
+            for path in sorted((self.root / folder).rglob("*"))
+            if path.suffix.lower() in IMAGE_EXTENSIONS and path.is_file()
+        ]
+        if not self.samples:
+            raise ValueError(f"data folder {root} holds no images ({' '.join(IMAGE_EXTENSIONS)})")
+        self.transform = transform
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    @property
+    def targets(self) -> list[int]:
+        return [target for _, target in self.samples]
+
+    def __getitem__(self, item: int | tuple[int, int]) -> tuple[Any, int] | BadImage:
+        index, seed = item if isinstance(item, tuple) else (item, None)
+        path, target = self.samples[index]
+        try:
+            image = load_image(path)
+        except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as error:
+            return BadImage(path, f"{type(error).__name__}: {error}")
+        if self.transform is None:
+            return image, target
+        if seed is None:
+            return self.transform(image), target
+        with seeded_rng(seed):
+            return self.transform(image), target
+
+
+@contextmanager
+def seeded_rng(seed: int) -> Iterator[None]:
+    """Seed python, numpy and torch for one sample; in the main process their states are restored after."""
+    in_worker = get_worker_info() is not None
+    cpu = torch.default_generator  # not torch.manual_seed: that also queues seeding of every accelerator
+    saved = None if in_worker else (random.getstate(), np.random.get_state(), cpu.get_state())
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    cpu.manual_seed(seed)
+    try:
+        yield
+    finally:
+        if saved is not None:
+            random.setstate(saved[0])
+            np.random.set_state(saved[1])
+            cpu.set_state(saved[2])
+
+
+class SeededSampler(Sampler):
+    """Wraps a sampler with set_epoch; yields (index, seed) and can start part-way through an epoch."""
+
+    def __init__(self, sampler: Sampler, seed: int, rank: int = 0, world_size: int = 1):
+        self.sampler, self.seed, self.rank, self.world_size = sampler, seed, rank, world_size
+        self.epoch, self.start = 0, 0
+
+    def set_epoch(self, epoch: int, start: int = 0) -> None:
+        """Epoch to draw, and how many of its samples (on this rank) to skip when resuming."""
+        self.epoch, self.start = epoch, start
+        self.sampler.set_epoch(epoch)
+
+    def __len__(self) -> int:
+        return len(self.sampler) - self.start
+
+    def __iter__(self) -> Iterator[tuple[int, int]]:
+        for position, index in enumerate(self.sampler):
+            if position >= self.start:
+                # The position across all ranks, so one process and N processes augment alike.
+                flat = position * self.world_size + self.rank
+                yield index, (self.seed * 1_000_003 + self.epoch) * 100_000_007 + flat
+
+
+class ShardSampler(Sampler):
+    """Every world_size-th index from rank, in order, without padding: exact distributed evaluation."""
+
+    def __init__(self, length: int, rank: int = 0, world_size: int = 1):
+        self.indices = list(range(rank, length, world_size))
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def __iter__(self) -> Iterator[int]:
+        return iter(self.indices)
+
+
+def collate_skipping_bad(batch: list) -> tuple[torch.Tensor, torch.Tensor, list[BadImage]]:
+    """Collate good samples and refill the places of bad ones from the same batch.
+
+    Keeping the batch size constant keeps DDP ranks in step and mixup's even-batch rule.
+    """
+    good = [sample for sample in batch if not isinstance(sample, BadImage)]
+    bad = [sample for sample in batch if isinstance(sample, BadImage)]
+    if not good:
+        raise ValueError(f"every image of a batch is unreadable, first {bad[0].path}: {bad[0].error}")
+    good += [good[i % len(good)] for i in range(len(bad))]
+    images, targets = default_collate(good)
+    return images, targets, bad
+
+
+def train_transform(aug: dict[str, Any], data_config: dict[str, Any]) -> Callable:
+    """timm's ImageNet training pipeline: RandomResizedCrop, flip, RandAugment, colour jitter, erasing."""
+    from timm.data import create_transform
+
+    return create_transform(
+        input_size=data_config["input_size"],
+        is_training=True,
+        no_aug=not aug["enabled"],
+        scale=tuple(aug["scale"]),
+        ratio=tuple(aug["ratio"]),
+        hflip=aug["hflip"],
+        vflip=0.0,
+        color_jitter=aug["color_jitter"],
+        auto_augment=aug["auto_augment"],
+        interpolation=aug["interpolation"],
+        mean=data_config["mean"],
+        std=data_config["std"],
+        re_prob=aug["re_prob"],
+        re_mode=aug["re_mode"],
+        re_count=aug["re_count"],
+    )
+
+
+
+def write_digits(root: str | Path, size: int = DIGITS_SIZE) -> tuple[Path, Path]:
+    """Write scikit-learn's 1,797 handwritten digits once as root/{train,val}/<digit>/<n>.png.
+
+    The 8x8 images (values 0-16) are upsampled bicubically to size x size; every fifth image of
+    each digit goes to val (364 images), the rest to train (1,433). Returns the train and val folders.
+    """
+    root = Path(root)
+    if not (root / ".complete").exists():
+        from sklearn.datasets import load_digits
+
+        digits = load_digits()
+        staging = root.with_name(f"{root.name}.tmp-{os.getpid()}")
+        shutil.rmtree(staging, ignore_errors=True)
+        for label in range(10):
+            for n, i in enumerate(np.flatnonzero(digits.target == label)):
+                folder = staging / ("val" if n % 5 == 0 else "train") / str(label)
+                folder.mkdir(parents=True, exist_ok=True)
+                pixels = np.clip(digits.images[i] * (255.0 / 16.0) + 0.5, 0, 255).astype(np.uint8)
+                image = Image.fromarray(pixels, mode="L").resize((size, size), Image.BICUBIC)
+                image.save(folder / f"{i:04d}.png")
+        (staging / ".complete").touch()
+        root.parent.mkdir(parents=True, exist_ok=True)
+        shutil.rmtree(root, ignore_errors=True)
+        try:
+            os.replace(staging, root)
+        except OSError:
+            # Another process finished the same tree first; theirs is as good as ours.
+            shutil.rmtree(staging, ignore_errors=True)
+            if not (root / ".complete").exists():
+                raise
+    return root / "train", root / "val"

@@ -83,3 +83,9 @@ def cvt_21_384(pretrained: bool = False, **kwargs: Any) -> CvT:
 def cvt_w24(pretrained: bool = False, **kwargs: Any) -> CvT:
     """CvT-W24 at 384, ImageNet-22k pre-trained: 277.2M parameters, 193.2 GFLOPs, 87.7% top-1."""
     return _build("cvt_w24", pretrained, kwargs)
+
+
+@register_model
+def cvt_digits(pretrained: bool = False, **kwargs: Any) -> CvT:
+    """A small three-stage CvT for 32x32 inputs: the model `torchcvt train` fits to the embedded digits."""
+    return _build("cvt_digits", pretrained, kwargs)

@@ -1,28 +1,75 @@
 """CvT building blocks: token embedding, convolutional projection, attention, MLP, block.
 
 Attribute names follow the official implementation (microsoft/CvT, lib/models/cls_cvt.py) so that
-its checkpoints load without renaming.
+its checkpoints load without renaming. The fast paths below change how the same math is computed,
+never which parameters exist: BatchNorm is folded into the depthwise convolution in eval mode,
+attention runs through scaled_dot_product_attention, CPU inference fuses bias, activation and
+residual add into oneDNN's linear kernel, and training recomputes the MLP activation instead of
+storing it.
 """
 
 from __future__ import annotations
 
 from collections import OrderedDict
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
 from timm.layers import DropPath
 from torch import nn
+from torch.utils._python_dispatch import _get_current_dispatch_mode
+from torch.utils.checkpoint import checkpoint
+
+QUICK_GELU_ALPHA = 1.702
+_ONEDNN_LINEAR = torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
 
 
 class QuickGELU(nn.Module):
     """x * sigmoid(1.702 x): the activation the official CvT weights were trained with."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return x * torch.sigmoid(1.702 * x)
+        return x * torch.sigmoid(QUICK_GELU_ALPHA * x)
 
 
 def make_activation(name: str) -> nn.Module:
     return QuickGELU() if name == "quick_gelu" else nn.GELU()
+
+
+def _plain_ops_only() -> bool:
+    """True while tracing, compiling or under a dispatch mode (FlopCounterMode, fake tensors): those
+    must see ordinary aten ops, and the compilers fuse on their own."""
+    return (torch.jit.is_tracing() or torch.jit.is_scripting() or torch.compiler.is_compiling()
+            or _get_current_dispatch_mode() is not None)
+
+
+def _fused_dtype(x: torch.Tensor) -> torch.dtype | None:
+    """The dtype oneDNN's fused linear computes in for CPU inference, or None where plain ops must run."""
+    if not _ONEDNN_LINEAR or x.device.type != "cpu" or torch.is_grad_enabled() or _plain_ops_only():
+        return None
+    dtype = torch.get_autocast_dtype("cpu") if torch.is_autocast_enabled("cpu") else x.dtype
+    return dtype if dtype in (torch.float32, torch.bfloat16) else None
+
+
+def _fused_linear(
+    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, dtype: torch.dtype,
+    activation: str = "none", residual: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """x @ weight.T + bias, then `activation` or `+ residual`, in one oneDNN call (autocast done by hand)."""
+    x, weight = x.to(dtype), weight.to(dtype)
+    bias = None if bias is None else bias.to(dtype)
+    if residual is not None:
+        return torch.ops.mkldnn._linear_pointwise.binary(x, residual, weight, bias, "add")
+    algorithm = "none" if activation == "gelu" else ""
+    return torch.ops.mkldnn._linear_pointwise(x, weight, bias, activation, [], algorithm)
+
+
+def linear(layer: nn.Linear, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
+    """`residual + layer(x)` (or layer(x)), fused for CPU inference."""
+    dtype = _fused_dtype(x)
+    if dtype is not None and (residual is None or residual.dtype == dtype):
+        return _fused_linear(x, layer.weight, layer.bias, dtype, residual=residual)
+    out = layer(x)
+    return out if residual is None else residual + out
 
 
 class LayerNorm(nn.LayerNorm):
@@ -30,10 +77,18 @@ class LayerNorm(nn.LayerNorm):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         with torch.autocast(device_type=x.device.type, enabled=False):
+            if x.device.type == "cpu" and x.dtype == torch.bfloat16 and _is_float32(self.weight, self.bias):
+                # The CPU kernel takes bf16 input with float32 parameters and accumulates in float32:
+                # the same result without two full-size casts.
+                return F.layer_norm(x, self.normalized_shape, self.weight, self.bias, self.eps)
             weight = None if self.weight is None else self.weight.float()
             bias = None if self.bias is None else self.bias.float()
             out = F.layer_norm(x.float(), self.normalized_shape, weight, bias, self.eps)
         return out.to(x.dtype)
+
+
+def _is_float32(*tensors: torch.Tensor | None) -> bool:
+    return all(t is not None and t.dtype == torch.float32 for t in tensors)
 
 
 class ConvEmbed(nn.Module):
@@ -45,7 +100,8 @@ class ConvEmbed(nn.Module):
         self.norm = LayerNorm(embed_dim, eps=eps)
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int]]:
-        x = self.proj(x)
+        # A channels-last map gives a channels-last output, whose (B, HW, C) token view needs no copy.
+        x = self.proj(x.contiguous(memory_format=torch.channels_last))
         height, width = x.shape[-2:]
         return self.norm(x.flatten(2).transpose(1, 2)), (height, width)
 
@@ -62,6 +118,25 @@ class ConvProjection(nn.Sequential):
         else:
             layers = {"avg": nn.AvgPool2d(kernel_size, stride, padding, ceil_mode=True)}
         super().__init__(OrderedDict(layers))
+
+    def folded_conv(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Weight and bias of the one convolution equal to conv followed by BN with its running statistics."""
+        bn = self.bn
+        scale = torch.rsqrt(bn.running_var + bn.eps)
+        if bn.weight is not None:
+            scale = scale * bn.weight
+        shift = -bn.running_mean * scale
+        if bn.bias is not None:
+            shift = shift + bn.bias
+        return self.conv.weight * scale.view(-1, 1, 1, 1), shift
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if "bn" in self._modules and not self.bn.training and self.bn.running_mean is not None:
+            # Folded on every call rather than stored: nothing to undo for training, checkpoints unchanged.
+            weight, bias = self.folded_conv()
+            conv = self.conv
+            return F.conv2d(x, weight, bias, conv.stride, conv.padding, conv.dilation, conv.groups)
+        return super().forward(x)
 
 
 class Attention(nn.Module):
@@ -94,9 +169,13 @@ class Attention(nn.Module):
         self.scale = dim**-0.5
         # Pooling has nothing to learn for the query, so the official 'avg' keeps q linear.
         q_method = "linear" if method == "avg" else method
-        self.conv_proj_q = ConvProjection(dim, q_method, kernel_size, padding_q, stride_q) if q_method != "linear" else None
-        self.conv_proj_k = ConvProjection(dim, method, kernel_size, padding_kv, stride_kv) if method != "linear" else None
-        self.conv_proj_v = ConvProjection(dim, method, kernel_size, padding_kv, stride_kv) if method != "linear" else None
+
+        def projection(method: str, padding: int, stride: int) -> ConvProjection | None:
+            return None if method == "linear" else ConvProjection(dim, method, kernel_size, padding, stride)
+
+        self.conv_proj_q = projection(q_method, padding_q, stride_q)
+        self.conv_proj_k = projection(method, padding_kv, stride_kv)
+        self.conv_proj_v = projection(method, padding_kv, stride_kv)
         self.proj_q = nn.Linear(dim, dim, bias=qkv_bias)
         self.proj_k = nn.Linear(dim, dim, bias=qkv_bias)
         self.proj_v = nn.Linear(dim, dim, bias=qkv_bias)
@@ -108,23 +187,32 @@ class Attention(nn.Module):
         self.last_kv_grid: tuple[int, int] | None = None
 
     @staticmethod
-    def _project(conv: nn.Module | None, grid: torch.Tensor, tokens: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int]]:
+    def _project(
+        conv: nn.Module | None, grid: torch.Tensor, tokens: torch.Tensor
+    ) -> tuple[torch.Tensor, tuple[int, int]]:
         if conv is None:
             return tokens, tuple(grid.shape[-2:])
         out = conv(grid)
         return out.flatten(2).transpose(1, 2), tuple(out.shape[-2:])
 
-    def forward(self, x: torch.Tensor, height: int, width: int) -> torch.Tensor:
+    def forward(
+        self, x: torch.Tensor, height: int, width: int, residual: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """Attention over x (B, [1 +] HW, C); with `residual`, residual + attention (fused where it can)."""
         batch, _, dim = x.shape
         cls, tokens = (x[:, :1], x[:, 1:]) if self.with_cls_token else (None, x)
-        grid = tokens.transpose(1, 2).reshape(batch, dim, height, width)
+        # Tokens (B, HW, C) are a channels-last (B, C, H, W) map, so this is a view; behind a class
+        # token the view is not dense, and one copy here saves a copy in each of the three convs.
+        grid = tokens.transpose(1, 2).unflatten(2, (height, width))
+        if cls is not None and self.conv_proj_k is not None:
+            grid = grid.contiguous(memory_format=torch.channels_last)
         q, _ = self._project(self.conv_proj_q, grid, tokens)
         k, kv_grid = self._project(self.conv_proj_k, grid, tokens)
         v, _ = self._project(self.conv_proj_v, grid, tokens)
         if cls is not None:
             q, k, v = (torch.cat((cls, t), dim=1) for t in (q, k, v))
         q, k, v = (
-            proj(t).view(batch, t.shape[1], self.num_heads, -1).transpose(1, 2)
+            linear(proj, t).view(batch, t.shape[1], self.num_heads, -1).transpose(1, 2)
             for proj, t in ((self.proj_q, q), (self.proj_k, k), (self.proj_v, v))
         )
         if self.keep_attention:
@@ -135,7 +223,48 @@ class Attention(nn.Module):
             drop = self.attn_drop.p if self.training else 0.0
             out = F.scaled_dot_product_attention(q, k, v, dropout_p=drop, scale=self.scale)
         out = out.transpose(1, 2).reshape(batch, -1, dim)
-        return self.proj_drop(self.proj(out))
+        if self.training and self.proj_drop.p > 0:
+            out = self.proj_drop(self.proj(out))
+            return out if residual is None else residual + out
+        return linear(self.proj, out, residual)
+
+
+class _ActivationLinear(torch.autograd.Function):
+    """linear(act(h)) that keeps h but not act(h) for backward: the activation is recomputed there,
+    which saves one (tokens x hidden) tensor per block, the largest activation of a block."""
+
+    @staticmethod
+    def forward(
+        ctx, h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, quick: bool
+    ) -> torch.Tensor:
+        ctx.save_for_backward(h, weight)
+        ctx.quick, ctx.bias_dtype = quick, None if bias is None else bias.dtype
+        return F.linear(_activation(h, quick), weight, bias)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+        h, weight = ctx.saved_tensors
+        needs_h, needs_weight, needs_bias, _ = ctx.needs_input_grad
+        # Under autocast the forward ran in grad's dtype; parameter grads go back to their own dtype.
+        grad_h = grad_weight = grad_bias = None
+        flat_grad = grad.reshape(-1, grad.shape[-1])
+        if needs_h:
+            grad_act = grad @ weight.to(grad.dtype)
+            if ctx.quick:
+                gate = torch.sigmoid(QUICK_GELU_ALPHA * h)
+                grad_h = grad_act * (gate + QUICK_GELU_ALPHA * h * gate * (1 - gate))
+            else:
+                grad_h = torch.ops.aten.gelu_backward(grad_act, h)
+        if needs_weight:
+            act = _activation(h, ctx.quick).reshape(flat_grad.shape[0], -1)
+            grad_weight = (flat_grad.t() @ act).to(weight.dtype)
+        if needs_bias:
+            grad_bias = flat_grad.sum(0).to(ctx.bias_dtype)
+        return grad_h, grad_weight, grad_bias, None
+
+
+def _activation(x: torch.Tensor, quick: bool) -> torch.Tensor:
+    return x * torch.sigmoid(QUICK_GELU_ALPHA * x) if quick else F.gelu(x)
 
 
 class Mlp(nn.Module):
@@ -147,13 +276,41 @@ class Mlp(nn.Module):
         self.act = make_activation(activation)
         self.fc2 = nn.Linear(hidden_dim, dim)
         self.drop = nn.Dropout(drop)
+        self.quick = activation == "quick_gelu"
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.drop(self.fc2(self.drop(self.act(self.fc1(x)))))
+    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
+        """MLP of x; with `residual`, returns residual + MLP (fused when it can)."""
+        dropping = self.training and self.drop.p > 0
+        dtype = _fused_dtype(x)
+        if dtype is not None and not dropping and (residual is None or residual.dtype == dtype):
+            return self._fused_forward(x, residual, dtype)
+        h = self.fc1(x)
+        if dropping or not torch.is_grad_enabled() or _plain_ops_only():
+            out = self.drop(self.fc2(self.drop(self.act(h))))
+        else:
+            out = _ActivationLinear.apply(h, self.fc2.weight, self.fc2.bias, self.quick)
+        return out if residual is None else residual + out
+
+    def _fused_forward(
+        self, x: torch.Tensor, residual: torch.Tensor | None, dtype: torch.dtype
+    ) -> torch.Tensor:
+        fc1, fc2 = self.fc1, self.fc2
+        if self.quick:
+            # oneDNN's swish is y * sigmoid(y); with y = 1.702 h it is 1.702 * QuickGELU(h), so fc1 is
+            # scaled up by 1.702 and fc2 down by it: the same function, exact up to float rounding.
+            w1, b1 = fc1.weight * QUICK_GELU_ALPHA, fc1.bias * QUICK_GELU_ALPHA
+            hidden = _fused_linear(x, w1, b1, dtype, "swish")
+            return _fused_linear(hidden, fc2.weight / QUICK_GELU_ALPHA, fc2.bias, dtype, residual=residual)
+        hidden = _fused_linear(x, fc1.weight, fc1.bias, dtype, "gelu")
+        return _fused_linear(hidden, fc2.weight, fc2.bias, dtype, residual=residual)
 
 
 class Block(nn.Module):
-    """Pre-norm transformer block: x + DropPath(Attention(LN(x))), then x + DropPath(MLP(LN(x)))."""
+    """Pre-norm transformer block: x + DropPath(Attention(LN(x))), then x + DropPath(MLP(LN(x))).
+
+    With grad_checkpointing set, training keeps only the block's input and recomputes the rest
+    in backward (BatchNorm statistics are updated once, as without checkpointing).
+    """
 
     def __init__(self, dim: int, mlp_ratio: float, activation: str, eps: float, drop: float, drop_path: float,
                  **attention_args):
@@ -163,7 +320,41 @@ class Block(nn.Module):
         self.drop_path = DropPath(drop_path) if drop_path > 0 else nn.Identity()
         self.norm2 = LayerNorm(dim, eps=eps)
         self.mlp = Mlp(dim, int(dim * mlp_ratio), activation, drop)
+        self.grad_checkpointing = False
 
     def forward(self, x: torch.Tensor, height: int, width: int) -> torch.Tensor:
-        x = x + self.drop_path(self.attn(self.norm1(x), height, width))
-        return x + self.drop_path(self.mlp(self.norm2(x)))
+        if self.grad_checkpointing and torch.is_grad_enabled():
+            calls = []
+
+            def run(x: torch.Tensor) -> torch.Tensor:
+                calls.append(None)
+                return self._forward(x, height, width, recomputing=len(calls) > 1)
+
+            return checkpoint(run, x, use_reentrant=False)
+        return self._forward(x, height, width)
+
+    def _forward(self, x: torch.Tensor, height: int, width: int, recomputing: bool = False) -> torch.Tensor:
+        if recomputing:
+            return _without_running_stats(self, lambda: self._forward(x, height, width))
+        if self.training and not isinstance(self.drop_path, nn.Identity):
+            x = x + self.drop_path(self.attn(self.norm1(x), height, width))
+            return x + self.drop_path(self.mlp(self.norm2(x)))
+        x = self.attn(self.norm1(x), height, width, residual=x)
+        return self.mlp(self.norm2(x), residual=x)
+
+
+def _without_running_stats(module: nn.Module, fn: Callable[[], torch.Tensor]) -> torch.Tensor:
+    """Run fn with the BatchNorms in module leaving their running statistics as they are.
+
+    Momentum 0 keeps the statistics (and keeps the ops, and so the tensors checkpointing saves, the same).
+    """
+    norms = [m for m in module.modules() if isinstance(m, nn.BatchNorm2d) and m.track_running_stats]
+    saved = [(norm.momentum, norm.num_batches_tracked.clone()) for norm in norms]
+    for norm in norms:
+        norm.momentum = 0.0
+    try:
+        return fn()
+    finally:
+        for norm, (momentum, count) in zip(norms, saved, strict=True):
+            norm.momentum = momentum
+            norm.num_batches_tracked.copy_(count)

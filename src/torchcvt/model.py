@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from timm.layers import trunc_normal_
+from timm.models import FeatureInfo
 from torch import nn
 
 from .config import CvtConfig
@@ -45,13 +46,25 @@ class CvtStage(nn.Module):
             self.pos_embed = None
         self.cls_token = nn.Parameter(torch.zeros(1, 1, dim)) if c.cls_token[i] else None
         # Stochastic depth rises linearly over this stage's blocks, as in the official code.
-        rates = torch.linspace(0, c.drop_path_rate[i], c.depth[i]).tolist() if c.depth[i] else []
+        # Computed on the CPU so that the model can also be built on the meta device.
+        rates = torch.linspace(0, c.drop_path_rate[i], c.depth[i], device="cpu").tolist()
         self.blocks = nn.ModuleList(
             Block(
-                dim, c.mlp_ratio[i], c.activation, c.layer_norm_eps, drop=c.drop_rate[i], drop_path=rate,
-                num_heads=c.num_heads[i], qkv_bias=c.qkv_bias[i], attn_drop=c.attention_drop_rate[i],
-                method=c.qkv_projection_method[i], kernel_size=c.kernel_qkv[i], padding_kv=c.padding_kv[i],
-                stride_kv=c.stride_kv[i], padding_q=c.padding_q[i], stride_q=c.stride_q[i],
+                dim,
+                c.mlp_ratio[i],
+                c.activation,
+                c.layer_norm_eps,
+                drop=c.drop_rate[i],
+                drop_path=rate,
+                num_heads=c.num_heads[i],
+                qkv_bias=c.qkv_bias[i],
+                attn_drop=c.attention_drop_rate[i],
+                method=c.qkv_projection_method[i],
+                kernel_size=c.kernel_qkv[i],
+                padding_kv=c.padding_kv[i],
+                stride_kv=c.stride_kv[i],
+                padding_q=c.padding_q[i],
+                stride_q=c.stride_q[i],
                 with_cls_token=c.cls_token[i],
             )
             for rate in rates
@@ -91,7 +104,9 @@ class CvT(nn.Module):
         self.feature_info = []
         for i in range(config.num_stages):
             reduction *= config.patch_stride[i]
-            self.feature_info.append({"num_chs": config.embed_dim[i], "reduction": reduction, "module": f"stage{i}"})
+            self.feature_info.append(
+                {"num_chs": config.embed_dim[i], "reduction": reduction, "module": f"stage{i}"}
+            )
         self.init_weights()
 
     @property
@@ -123,6 +138,13 @@ class CvT(nn.Module):
         """Class tokens and position embeddings are exempt from weight decay."""
         return {name for name, _ in self.named_parameters() if name.endswith(("cls_token", "pos_embed"))}
 
+    @torch.jit.ignore
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        """Recompute each block in backward instead of storing its activations (timm's convention)."""
+        for module in self.modules():
+            if isinstance(module, Block):
+                module.grad_checkpointing = enable
+
     def get_classifier(self) -> nn.Module:
         return self.head
 
@@ -139,7 +161,9 @@ class CvT(nn.Module):
     def check_input(self, x: torch.Tensor) -> None:
         """Raise ValueError with a readable message for a tensor the model cannot take."""
         if x.dim() != 4:
-            raise ValueError(f"expected a batch of images (B, C, H, W), got a tensor of shape {tuple(x.shape)}")
+            raise ValueError(
+                f"expected a batch of images (B, C, H, W), got a tensor of shape {tuple(x.shape)}"
+            )
         if x.shape[1] != self.config.num_channels:
             raise ValueError(
                 f"input has {x.shape[1]} channels but the model expects {self.config.num_channels} "
@@ -202,7 +226,9 @@ class CvtFeatures(nn.Module):
         super().__init__()
         model.reset_classifier(0)
         self.model = model
-        self.feature_info = model.feature_info
+        # timm's FeatureInfo, so that backbone code can call feature_info.channels() / .reduction().
+        stages = [dict(info) for info in model.feature_info]
+        self.feature_info = FeatureInfo(stages, out_indices=tuple(range(len(stages))))
 
     def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
         return self.model.forward_intermediates(x, intermediates_only=True)

@@ -1,0 +1,206 @@
+"""Attention maps: what a query (the class token or an image position) attends to, placed on the image.
+
+Keys and values come from a strided convolution of the token map (stride_kv), so key j does not sit
+at token j: each key's centre is traced back through every convolution to a pixel position, and the
+maps are interpolated between those centres onto the input image.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+from .config import CvtConfig
+from .layers import Attention
+from .model import CvT, CvtFeatures, embedding_geometry, stage_grid
+
+
+@dataclass
+class AttentionMap:
+    """One query's softmax attention over the spatial keys of one block, per head.
+
+    weights: (B, heads, H_kv, W_kv); key_rows / key_cols: pixel centres of the key rows and columns
+    in the input image; query: the (x, y) pixel centre of the query cell, or None for the class token.
+    Attention the class token pays to itself is left out, so a map sums to at most 1.
+    """
+
+    weights: torch.Tensor
+    key_rows: torch.Tensor
+    key_cols: torch.Tensor
+    image_size: tuple[int, int]
+    stage: int
+    block: int
+    query: tuple[float, float] | None
+
+    @property
+    def mean(self) -> torch.Tensor:
+        """The map averaged over heads: (B, H_kv, W_kv)."""
+        return self.weights.mean(dim=1)
+
+    def upsample(self) -> torch.Tensor:
+        """Maps on the input image, (B, heads, H, W), linear between key centres and flat beyond them."""
+        height, width = self.image_size
+        rows = _interpolation_matrix(self.key_rows, height).to(self.weights)
+        cols = _interpolation_matrix(self.key_cols, width).to(self.weights)
+        return rows @ self.weights @ cols.T
+
+
+def _interpolation_matrix(centres: torch.Tensor, size: int) -> torch.Tensor:
+    """(size, n) matrix that linearly interpolates n values at `centres` onto pixels 0..size-1."""
+    positions = np.arange(size, dtype=np.float64)
+    xp = centres.double().numpy()
+    columns = [np.interp(positions, xp, unit) for unit in np.eye(len(xp))]
+    return torch.from_numpy(np.stack(columns, axis=1))
+
+
+def _affine(scale: float, offset: float, kernel: int, stride: int, padding: int) -> tuple[float, float]:
+    # Output cell o of a convolution is centred on input coordinate o * stride - padding + (kernel - 1) / 2.
+    return scale * stride, offset + scale * ((kernel - 1) / 2 - padding)
+
+
+def token_centres(config: CvtConfig, stage: int) -> tuple[float, float]:
+    """(scale, offset) so that token t of `stage` is centred on pixel scale * t + offset (per axis)."""
+    scale, offset = 1.0, 0.0
+    for i in range(stage + 1):
+        scale, offset = _affine(scale, offset, *embedding_geometry(config, i))
+    return scale, offset
+
+
+def key_centres(config: CvtConfig, stage: int) -> tuple[float, float]:
+    """(scale, offset) so that key k of `stage`'s attention is centred on pixel scale * k + offset."""
+    scale, offset = token_centres(config, stage)
+    if config.qkv_projection_method[stage] == "linear":
+        return scale, offset
+    return _affine(scale, offset, config.kernel_qkv[stage], config.stride_kv[stage], config.padding_kv[stage])
+
+
+def query_centres(config: CvtConfig, stage: int) -> tuple[float, float]:
+    """(scale, offset) for the query grid; only 'dw_bn' convolves (and may stride) the queries."""
+    scale, offset = token_centres(config, stage)
+    if config.qkv_projection_method[stage] != "dw_bn":
+        return scale, offset
+    return _affine(scale, offset, config.kernel_qkv[stage], config.stride_q[stage], config.padding_q[stage])
+
+
+def _query_grid(config: CvtConfig, stage: int, height: int, width: int) -> tuple[int, int]:
+    grid = stage_grid(config, stage, height, width)
+    if config.qkv_projection_method[stage] != "dw_bn":
+        return grid
+    k, s, p = config.kernel_qkv[stage], config.stride_q[stage], config.padding_q[stage]
+    return tuple((n + 2 * p - k) // s + 1 for n in grid)
+
+
+@contextmanager
+def record_attention(model: CvT | CvtFeatures) -> Iterator[list[Attention]]:
+    """Inside the block every Attention keeps its last softmax weights; forward's result is unchanged."""
+    modules = [m for m in model.modules() if isinstance(m, Attention)]
+    previous = [m.keep_attention for m in modules]
+    for module in modules:
+        module.keep_attention = True
+    try:
+        yield modules
+    finally:
+        for module, keep in zip(modules, previous, strict=True):
+            module.keep_attention = keep
+            module.last_attention = module.last_kv_grid = None
+
+
+def attention_map(
+    model: CvT | CvtFeatures,
+    x: torch.Tensor,
+    stage: int = -1,
+    block: int = -1,
+    query: Sequence[float] | None = None,
+) -> AttentionMap:
+    """Attention of one query in block `block` of stage `stage` for the input batch x (B, C, H, W).
+
+    query None means the class token (or the image centre when the stage has none); (x, y) picks the
+    query cell nearest that pixel of the input. Stages and blocks index like lists (-1: the last).
+    """
+    cvt = model.model if isinstance(model, CvtFeatures) else model
+    config = cvt.config
+    stages = cvt.stages
+    if not -len(stages) <= stage < len(stages):
+        raise ValueError(f"stage {stage} does not exist; the model has stages 0..{len(stages) - 1}")
+    stage %= len(stages)
+    blocks = stages[stage].blocks
+    if not -len(blocks) <= block < len(blocks):
+        raise ValueError(f"block {block} does not exist; stage {stage} has {len(blocks)} block(s)")
+    block %= len(blocks)
+    cvt.check_input(x)
+    height, width = x.shape[-2:]
+    has_cls = config.cls_token[stage]
+    if query is None and not has_cls:
+        query = ((width - 1) / 2, (height - 1) / 2)
+    if query is not None:
+        qx, qy = query
+        if not (0 <= qx < width and 0 <= qy < height):
+            raise ValueError(f"query ({qx}, {qy}) lies outside the {width}x{height} input")
+    attention = blocks[block].attn
+    with record_attention(cvt), torch.no_grad():
+        cvt.forward_features(x)
+        weights, (kv_h, kv_w) = attention.last_attention, attention.last_kv_grid
+    q_scale, q_offset = query_centres(config, stage)
+    if query is None:
+        row, query_pixel = 0, None
+    else:
+        q_h, q_w = _query_grid(config, stage, height, width)
+        cell_y = min(max(round((qy - q_offset) / q_scale), 0), q_h - 1)
+        cell_x = min(max(round((qx - q_offset) / q_scale), 0), q_w - 1)
+        row = int(has_cls) + cell_y * q_w + cell_x
+        query_pixel = (cell_x * q_scale + q_offset, cell_y * q_scale + q_offset)
+    spatial = weights[:, :, row, int(has_cls):]
+    k_scale, k_offset = key_centres(config, stage)
+    return AttentionMap(
+        weights=spatial.reshape(*spatial.shape[:2], kv_h, kv_w).float(),
+        key_rows=torch.arange(kv_h) * k_scale + k_offset,
+        key_cols=torch.arange(kv_w) * k_scale + k_offset,
+        image_size=(height, width),
+        stage=stage,
+        block=block,
+        query=query_pixel,
+    )
+
+
+def denormalize(x: torch.Tensor, mean: Sequence[float], std: Sequence[float]) -> np.ndarray:
+    """A preprocessed (C, H, W) tensor back to an (H, W, C) array in [0, 1] for display."""
+    mean_t, std_t = torch.tensor(mean).view(-1, 1, 1), torch.tensor(std).view(-1, 1, 1)
+    return (x.detach().cpu().float() * std_t + mean_t).clamp(0, 1).permute(1, 2, 0).numpy()
+
+
+def render_attention(
+    image: np.ndarray | Image.Image, amap: AttentionMap, path: str | Path, index: int = 0, columns: int = 4
+) -> Path:
+    """Write a PNG: the image, the head-averaged map and each head's map as overlays (batch item `index`)."""
+    from matplotlib.figure import Figure
+
+    picture = np.asarray(image)
+    maps = amap.upsample()[index]
+    panels = [("input", None), (f"mean of {maps.shape[0]} heads", maps.mean(0))]
+    panels += [(f"head {h + 1}", maps[h]) for h in range(maps.shape[0])] if maps.shape[0] > 1 else []
+    columns = min(columns, len(panels))
+    rows = -(-len(panels) // columns)
+    figure = Figure(figsize=(3 * columns, 3 * rows + 0.4), layout="constrained")
+    query = "class token" if amap.query is None else f"query at ({amap.query[0]:.0f}, {amap.query[1]:.0f})"
+    figure.suptitle(f"stage {amap.stage}, block {amap.block}: attention of the {query}")
+    for i, (title, heat) in enumerate(panels):
+        ax = figure.add_subplot(rows, columns, i + 1)
+        ax.imshow(picture)
+        if heat is not None:
+            heat = heat.numpy()
+            span = heat.max() - heat.min()
+            ax.imshow((heat - heat.min()) / span if span > 0 else heat * 0, cmap="inferno", alpha=0.6,
+                      vmin=0, vmax=1)
+        if amap.query is not None:
+            ax.plot(*amap.query, marker="+", color="cyan", markersize=14, markeredgewidth=2)
+        ax.set_title(title, fontsize=9)
+        ax.set_axis_off()
+    path = Path(path)
+    figure.savefig(path, dpi=100)
+    return path

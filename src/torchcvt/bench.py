@@ -1,0 +1,273 @@
+"""Speed and memory of torchcvt beside transformers' CvtForImageClassification on one set of weights.
+
+Timing alternates torchcvt, transformers, torchcvt, ... after warm-up so that load on a shared machine
+hits both alike; the median of each side is reported. Peak memory is the peak resident set size during
+one steady-state step above the RSS at its start, measured in a fresh process per model with glibc's
+mmap threshold fixed low, so that every freed tensor goes back to the OS and RSS follows live tensors.
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from tqdm import tqdm
+
+from .checkpoints import save_hf
+from .factory import create_model
+from .flops import count_flops
+
+MODES = ("fp32", "bf16", "train")
+
+
+@dataclass
+class Case:
+    """One measurement: mode is 'fp32' or 'bf16' (autocast) inference, or 'train' (fwd + bwd + AdamW)."""
+
+    mode: str
+    batch: int
+    img_size: int
+
+
+@dataclass
+class CaseResult:
+    case: Case
+    torchcvt_ips: float
+    hf_ips: float
+    gflop_per_image: float
+    torchcvt_mem_mb: float | None = None
+    hf_mem_mb: float | None = None
+
+    @property
+    def ratio(self) -> float:
+        return self.torchcvt_ips / self.hf_ips
+
+
+def default_cases(quick: bool) -> list[Case]:
+    if quick:
+        return [Case("fp32", 1, 64), Case("fp32", 2, 64), Case("bf16", 2, 64), Case("train", 2, 64),
+                Case("fp32", 2, 96)]
+    return [Case("fp32", 1, 224), Case("fp32", 16, 224), Case("bf16", 16, 224), Case("train", 16, 224),
+            Case("fp32", 4, 224), Case("fp32", 4, 384), Case("fp32", 4, 512)]
+
+
+def matmul_peak_gflops(dtype: torch.dtype, size: int = 2048, repeats: int = 5) -> float:
+    """Best achieved GFLOP/s (2 n^3 per product) of a square matrix product: the machine's own peak."""
+    a, b = torch.randn(size, size, dtype=dtype), torch.randn(size, size, dtype=dtype)
+    a @ b
+    best = min(_timed(lambda: a @ b) for _ in range(repeats))
+    return 2 * size**3 / best / 1e9
+
+
+def _timed(fn: Callable[[], Any]) -> float:
+    start = time.perf_counter()
+    fn()
+    return time.perf_counter() - start
+
+
+def build_pair(name: str, directory: Path, **overrides: Any) -> tuple[nn.Module, nn.Module]:
+    """torchcvt's model (exact GELU, as in transformers' port) and transformers' CvT with its weights."""
+    import warnings
+
+    from transformers import CvtForImageClassification
+
+    torch.manual_seed(0)
+    model = create_model(name, **{"activation": "gelu", **overrides})
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # layer_norm_eps notice: transformers' LayerNorms use 1e-5 as we do
+        save_hf(model, directory / "hf")
+    hf = CvtForImageClassification.from_pretrained(directory / "hf")
+    return model, hf
+
+
+def _step_fn(model: nn.Module, case: Case, hf: bool) -> Callable[[], Any]:
+    """A closure running one case on model: inference under no_grad, or a full AdamW training step."""
+    x = torch.randn(case.batch, 3, case.img_size, case.img_size, generator=torch.Generator().manual_seed(0))
+
+    def logits() -> torch.Tensor:
+        return model(x).logits if hf else model(x)
+
+    if case.mode != "train":
+        model.eval()
+        bf16 = case.mode == "bf16"
+
+        def infer() -> None:
+            with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+                logits()
+
+        return infer
+    model.train()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    labels = torch.arange(case.batch) % 10
+
+    def train() -> None:
+        optimizer.zero_grad()
+        F.cross_entropy(logits(), labels).backward()
+        optimizer.step()
+
+    return train
+
+
+def time_alternating(
+    a: Callable[[], Any], b: Callable[[], Any], warmup: int, repeats: int
+) -> tuple[float, float]:
+    """Median seconds of a and b, run a, b, a, b, ... after warm-up of each."""
+    for _ in range(warmup):
+        a()
+        b()
+    times_a, times_b = [], []
+    for _ in range(repeats):
+        times_a.append(_timed(a))
+        times_b.append(_timed(b))
+    return statistics.median(times_a), statistics.median(times_b)
+
+
+def max_logit_difference(model: nn.Module, hf: nn.Module, img_size: int) -> float:
+    """Largest |logit difference| between the two models on one random batch in fp32 eval."""
+    x = torch.randn(2, 3, img_size, img_size, generator=torch.Generator().manual_seed(1))
+    model.eval()
+    hf.eval()
+    with torch.no_grad():
+        return (model(x) - hf(x).logits).abs().max().item()
+
+
+def measure_peak_memory(directory: Path, which: str, case: Case) -> float | None:
+    """Peak RSS (MB) of one steady-state step above its starting RSS, in a fresh process; None off Linux."""
+    if not Path("/proc/self/clear_refs").exists():
+        return None
+    env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536", "MALLOC_TRIM_THRESHOLD_": "0"}
+    args = [sys.executable, "-m", "torchcvt.bench", "--memory-child", str(directory), which,
+            case.mode, str(case.batch), str(case.img_size)]
+    done = subprocess.run(args, env=env, capture_output=True, text=True, check=False)
+    if done.returncode != 0:
+        raise RuntimeError(f"memory measurement of {which} failed: {done.stderr.strip().splitlines()[-1:]}")
+    return float(done.stdout.strip().splitlines()[-1])
+
+
+def _memory_child(directory: Path, which: str, case: Case) -> float:
+    if which == "hf":
+        from transformers import CvtForImageClassification
+
+        model = CvtForImageClassification.from_pretrained(directory / "hf")
+    else:
+        model = torch.load(directory / "torchcvt.pt", weights_only=False)
+    step = _step_fn(model, case, hf=which == "hf")
+    step()
+    step()
+    start = _rss_kb("VmRSS")
+    Path("/proc/self/clear_refs").write_text("5")  # resets VmHWM, the peak RSS, to the current RSS
+    step()
+    return (_rss_kb("VmHWM") - start) / 1024
+
+
+def _rss_kb(field: str) -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1])
+    raise RuntimeError(f"/proc/self/status has no {field}")
+
+
+def run_benchmark(
+    name: str = "cvt_13", cases: list[Case] | None = None, quick: bool = False, memory: bool = True,
+    warmup: int | None = None, repeats: int | None = None, **overrides: Any,
+) -> dict[str, Any]:
+    """Run every case on both implementations; returns the results and the machine description."""
+    cases = cases or default_cases(quick)
+    warmup = warmup if warmup is not None else 1
+    repeats = repeats if repeats is not None else (1 if quick else 3)
+    with tempfile.TemporaryDirectory() as tmp:
+        directory = Path(tmp)
+        model, hf = build_pair(name, directory, **overrides)
+        torch.save(model, directory / "torchcvt.pt")
+        peaks = {"fp32": matmul_peak_gflops(torch.float32), "bf16": matmul_peak_gflops(torch.bfloat16)}
+        difference = max_logit_difference(model, hf, cases[0].img_size)
+        results = []
+        for case in tqdm(cases, desc="bench", disable=not sys.stderr.isatty()):
+            ours, theirs = _step_fn(model, case, hf=False), _step_fn(hf, case, hf=True)
+            t_ours, t_hf = time_alternating(ours, theirs, warmup, repeats)
+            result = CaseResult(case, case.batch / t_ours, case.batch / t_hf,
+                                2 * count_flops(model.config, case.img_size) / 1e9)
+            if memory and case.mode == "train":
+                result.torchcvt_mem_mb = measure_peak_memory(directory, "torchcvt", case)
+                result.hf_mem_mb = measure_peak_memory(directory, "hf", case)
+            results.append(result)
+    return {"model": name, "overrides": overrides, "results": results, "peaks": peaks,
+            "max_logit_difference": difference, "machine": machine_description()}
+
+
+def machine_description() -> str:
+    cpu = platform.processor() or platform.machine()
+    cpuinfo = Path("/proc/cpuinfo")
+    if cpuinfo.exists():
+        names = [line.split(":", 1)[1].strip() for line in cpuinfo.read_text().splitlines()
+                 if line.startswith("model name")]
+        cpu = names[0] if names else cpu
+    load = ", load average {:.1f} / {:.1f} / {:.1f}".format(*os.getloadavg())
+    return (f"{cpu}, {os.cpu_count()} CPUs, torch {torch.__version__} ({torch.get_num_threads()} threads), "
+            f"Python {platform.python_version()}{load}")
+
+
+def format_markdown(report: dict[str, Any]) -> str:
+    """The results as a markdown section: one table, the peaks and how things were measured."""
+    peaks = report["peaks"]
+    lines = [
+        f"Model: `{report['model']}` {report['overrides'] or ''} with exact GELU (transformers' port has no "
+        f"QuickGELU), same weights in both; max |logit difference| {report['max_logit_difference']:.2e}.",
+        "",
+        f"Machine: {report['machine']}. Matrix-multiply peak measured in this run: "
+        f"{peaks['fp32']:.0f} GFLOP/s fp32, {peaks['bf16']:.0f} GFLOP/s bf16.",
+        "",
+        "| case | batch | size | torchcvt img/s | transformers img/s | ratio | torchcvt GFLOP/s (% peak) "
+        "| transformers GFLOP/s (% peak) | peak mem torchcvt / transformers (MB) | mem ratio |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in report["results"]:
+        c = r.case
+        # A training step costs about three forward passes (forward, and two products per layer backward).
+        work = r.gflop_per_image * (3 if c.mode == "train" else 1)
+        peak = peaks["bf16" if c.mode == "bf16" else "fp32"]
+        mode = {"fp32": "inference fp32", "bf16": "inference bf16 autocast", "train": "train step"}[c.mode]
+        mem = mem_ratio = "-"
+        if r.torchcvt_mem_mb is not None and r.hf_mem_mb:
+            mem = f"{r.torchcvt_mem_mb:.0f} / {r.hf_mem_mb:.0f}"
+            mem_ratio = f"{r.torchcvt_mem_mb / r.hf_mem_mb:.2f}x"
+        lines.append(
+            f"| {mode} | {c.batch} | {c.img_size} | {r.torchcvt_ips:.2f} | {r.hf_ips:.2f} | {r.ratio:.2f}x "
+            f"| {work * r.torchcvt_ips:.0f} ({100 * work * r.torchcvt_ips / peak:.0f}%) "
+            f"| {work * r.hf_ips:.0f} ({100 * work * r.hf_ips / peak:.0f}%) | {mem} | {mem_ratio} |"
+        )
+    lines += [
+        "",
+        "GFLOP/s counts 2 FLOPs per multiply-add of `torchcvt.flops.count_flops` (convolutions, linears, "
+        "attention products); a training step is counted as 3 forward passes. Times are medians of "
+        "alternating torchcvt / transformers runs after warm-up. Peak memory: peak RSS during one "
+        "steady-state training step (after two warm-up steps, so AdamW state exists) above the RSS at "
+        "its start, in a fresh process per model with `MALLOC_MMAP_THRESHOLD_=65536` so freed tensors "
+        "leave the RSS; it covers activations, gradients and optimizer temporaries.",
+    ]
+    return "\n".join(lines) + "\n"
+
+
+def write_report(report: dict[str, Any], path: str | Path) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    title = "# Benchmarks: torchcvt vs transformers' CvT\n\n"
+    path.write_text(title + format_markdown(report), encoding="utf-8")
+    return path
+
+
+if __name__ == "__main__" and len(sys.argv) == 7 and sys.argv[1] == "--memory-child":
+    _, _, folder, kind, mode, batch, size = sys.argv
+    print(_memory_child(Path(folder), kind, Case(mode, int(batch), int(size))))

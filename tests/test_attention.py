@@ -1,0 +1,108 @@
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from torchcvt import attention_map, create_model
+from torchcvt.attention import key_centres, record_attention, render_attention, token_centres
+from torchcvt.cli import main
+from torchcvt.layers import Attention
+
+
+@pytest.fixture
+def model(tiny_overrides):
+    return create_model("cvt_13", **tiny_overrides).eval()
+
+
+def test_class_token_map_is_the_stored_softmax_row(model):
+    x = torch.randn(2, 3, 96, 80)
+    with torch.no_grad():
+        before = model(x)
+    amap = attention_map(model, x)
+    assert amap.stage == 2 and amap.block == 1 and amap.query is None
+    assert amap.weights.shape == (2, 3, 3, 3)  # 96x80 -> 6x5 tokens -> 3x3 keys at stride_kv 2
+    with record_attention(model) as modules, torch.no_grad():
+        after = model(x)
+        raw = modules[-1].last_attention
+    torch.testing.assert_close(after, before, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(amap.weights, raw[:, :, 0, 1:].reshape(2, 3, 3, 3))
+    sums = amap.weights.sum(dim=(-1, -2))
+    assert bool(((sums > 0) & (sums < 1)).all())  # the rest went to the class token itself
+    assert not any(m.keep_attention or m.last_attention is not None for m in model.modules()
+                   if isinstance(m, Attention))
+
+
+def test_key_centres_match_receptive_fields(tiny_overrides):
+    """Each key's receptive field in the image is centred on the pixel attention.py places it at."""
+    model = create_model("cvt_13", **{**tiny_overrides, "depth": [0, 0, 1]}).eval()
+    captured = {}
+    attn = model.stage2.blocks[0].attn
+    attn.conv_proj_k.register_forward_hook(lambda module, args, out: captured.update(k=out))
+    x = torch.randn(1, 3, 160, 160, requires_grad=True)
+    with record_attention(model):
+        model.forward_features(x)
+    keys = captured["k"]
+    scale, offset = key_centres(model.config, 2)
+    # Stage tokens sit at 4t + 1, 8t + 1, 16t + 1 pixels; keys (stride 2 over stage 2's tokens) at 32k + 1.
+    assert (scale, offset) == (32.0, 1.0)
+    for row, col in [(1, 1), (1, 2)]:
+        (grad,) = torch.autograd.grad(keys[0, :, row, col].sum(), x, retain_graph=True)
+        ys, xs = np.nonzero(grad[0].abs().sum(0).numpy())
+        assert (ys.min() + ys.max()) / 2 == row * scale + offset
+        assert (xs.min() + xs.max()) / 2 == col * scale + offset
+    assert token_centres(model.config, 0) == (4.0, 1.0)
+
+
+def test_query_position_in_a_stage_without_class_token(model):
+    x = torch.randn(1, 3, 64, 64)
+    scale, offset = token_centres(model.config, 0)
+    amap = attention_map(model, x, stage=0, query=(4 * scale + offset + 1, 9 * scale + offset - 1))
+    assert amap.query == (4 * scale + offset, 9 * scale + offset)
+    with record_attention(model), torch.no_grad():
+        model(x)
+        raw = model.stage0.blocks[0].attn.last_attention
+    assert amap.weights.shape == (1, 1, 8, 8)
+    torch.testing.assert_close(amap.weights.flatten(2), raw[:, :, 9 * 16 + 4])
+    centre = attention_map(model, x, stage=1)
+    assert centre.query is not None and centre.weights.shape == (1, 2, 4, 4)
+
+
+def test_upsampled_maps_hit_key_values_at_key_centres(model):
+    amap = attention_map(model, torch.randn(1, 3, 96, 96), stage=1)
+    full = amap.upsample()
+    assert full.shape == (1, 2, 96, 96)
+    rows, cols = amap.key_rows.long(), amap.key_cols.long()
+    torch.testing.assert_close(full[:, :, rows][:, :, :, cols], amap.weights)
+    assert torch.allclose(full[..., 0, 0], amap.weights[..., 0, 0])  # flat beyond the outermost keys
+
+
+def test_bad_arguments(model):
+    x = torch.randn(1, 3, 64, 64)
+    with pytest.raises(ValueError, match="stage 3 does not exist"):
+        attention_map(model, x, stage=3)
+    with pytest.raises(ValueError, match="block 1 does not exist; stage 0 has 1 block"):
+        attention_map(model, x, stage=0, block=1)
+    with pytest.raises(ValueError, match="outside the 64x64 input"):
+        attention_map(model, x, query=(70, 3))
+    with pytest.raises(ValueError, match="too small"):
+        attention_map(model, torch.randn(1, 3, 2, 2))
+
+
+def test_render_and_cli(tmp_path, model, tiny_overrides, capsys):
+    amap = attention_map(model, torch.randn(1, 3, 64, 64), stage=0, query=(10, 20))
+    out = render_attention(np.zeros((64, 64, 3)), amap, tmp_path / "q.png")
+    assert Image.open(out).format == "PNG"
+    photo = np.random.default_rng(0).integers(0, 255, (120, 90, 3), dtype=np.uint8)
+    Image.fromarray(photo).convert("P").save(tmp_path / "photo.gif")
+    overrides = [f"--set={k}={v}" for k, v in tiny_overrides.items()]
+    assert main(["attention", "--model", "cvt_13", *overrides, str(tmp_path / "photo.gif"),
+                 "-o", str(tmp_path / "a.png")]) == 0
+    assert "stage 2, block 1, class token, 3 head(s), 7x7 keys" in capsys.readouterr().out
+    with Image.open(tmp_path / "a.png") as image:
+        assert image.format == "PNG" and image.width > 600
+    (tmp_path / "broken.jpg").write_bytes(b"\xff\xd8\xff\xe0 not really")
+    assert main(["attention", "--model", "cvt_13", *overrides, str(tmp_path / "broken.jpg"),
+                 "-o", str(tmp_path / "b.png")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("torchcvt attention: error: ") and "Traceback" not in err
+    assert not (tmp_path / "b.png").exists()

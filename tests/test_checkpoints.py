@@ -1,0 +1,209 @@
+"""Reading and writing checkpoints: official layouts, torchcvt's format, training checkpoints, bad inputs."""
+
+import argparse
+import json
+
+import pytest
+import torch
+
+import torchcvt
+from torchcvt.checkpoints import convert_checkpoint, read_checkpoint, save_checkpoint, save_official
+from torchcvt.cli import main
+
+CLASS_NAMES = [f"class {i}" for i in range(7)]
+
+
+@pytest.fixture
+def model(tiny_overrides, perturb) -> torchcvt.CvT:
+    return perturb(torchcvt.create_model("cvt_13", num_classes=7, **tiny_overrides)).eval()
+
+
+@pytest.fixture
+def official_file(tmp_path, model):
+    return save_official(model, tmp_path / "cvt.pth")
+
+
+def assert_same_weights(loaded: torch.nn.Module, source: torch.nn.Module, skip: str = "\0") -> None:
+    expected = {k: v for k, v in source.state_dict().items() if not k.startswith(skip)}
+    actual = {k: v for k, v in loaded.state_dict().items() if not k.startswith(skip)}
+    assert actual.keys() == expected.keys()
+    for key, value in expected.items():
+        assert torch.equal(actual[key], value), key
+
+
+@torch.no_grad()
+def assert_same_outputs(loaded: torch.nn.Module, source: torch.nn.Module) -> None:
+    images = torch.randn(2, 3, 64, 64)
+    torch.testing.assert_close(loaded.eval()(images), source(images), atol=0, rtol=0)
+
+
+@pytest.mark.parametrize(
+    "wrap",
+    [
+        pytest.param(lambda sd: sd, id="plain"),
+        pytest.param(lambda sd: {f"module.{k}": v for k, v in sd.items()}, id="module-prefix"),
+        pytest.param(lambda sd: {"epoch": 30, "state_dict": sd, "optimizer": {"lr": 0.1}}, id="nested"),
+        pytest.param(lambda sd: {"model": {f"module._orig_mod.{k}": v for k, v in sd.items()}}, id="ddp"),
+    ],
+)
+def test_official_layouts_load_exactly(tmp_path, model, tiny_overrides, wrap):
+    torch.save(wrap(model.state_dict()), tmp_path / "checkpoint.pth")
+    loaded = torchcvt.create_model("cvt_13", num_classes=7, checkpoint=tmp_path / "checkpoint.pth",
+                                   **tiny_overrides)
+    assert_same_weights(loaded, model)
+    assert_same_outputs(loaded, model)
+
+
+def test_save_official_writes_a_plain_state_dict_with_official_keys(official_file, model):
+    state_dict = torch.load(official_file, weights_only=True)
+    assert type(state_dict) is dict and all(isinstance(v, torch.Tensor) for v in state_dict.values())
+    assert {"stage0.patch_embed.proj.weight", "stage0.patch_embed.norm.weight", "stage2.cls_token",
+            "stage2.blocks.1.attn.conv_proj_k.conv.weight", "stage2.blocks.1.attn.conv_proj_k.bn.running_var",
+            "stage2.blocks.1.attn.proj_k.weight", "stage2.blocks.1.attn.proj.weight",
+            "stage2.blocks.1.mlp.fc1.weight", "norm.weight", "head.weight"} <= set(state_dict)
+    assert read_checkpoint(official_file).format == "official"
+
+
+@pytest.mark.parametrize("name", ["saved", "saved.safetensors"])
+def test_torchcvt_format_round_trip_keeps_config_and_class_names(tmp_path, model, tiny_overrides, name):
+    model.pretrained_cfg = {"architecture": "cvt_13"}
+    path = save_checkpoint(model, tmp_path / name, class_names=CLASS_NAMES)
+    if path.is_dir():
+        meta = json.loads((path / "config.json").read_text())
+        assert (meta["format"], meta["architecture"]) == ("torchcvt", "cvt_13")
+        assert meta["class_names"] == CLASS_NAMES
+        assert meta["config"]["depth"] == tiny_overrides["depth"]
+    loaded = torchcvt.create_model("cvt_13", num_classes=7, checkpoint=path, **tiny_overrides)
+    assert_same_weights(loaded, model)
+    assert_same_outputs(loaded, model)
+    assert loaded.pretrained_cfg["label_names"] == tuple(CLASS_NAMES)
+    # The config inside is enough to convert without naming the variant, and class names travel along.
+    convert_checkpoint(path, tmp_path / "again", "torchcvt")
+    assert read_checkpoint(tmp_path / "again").class_names == tuple(CLASS_NAMES)
+
+
+def test_torchcvt_checkpoint_of_other_config_names_the_field(tmp_path, model, tiny_overrides):
+    save_checkpoint(model, tmp_path / "saved")
+    with pytest.raises(ValueError, match=r"num_heads is \[1, 2, 3\] there but \[1, 1, 1\] here"):
+        torchcvt.create_model("cvt_13", num_classes=7, checkpoint=tmp_path / "saved",
+                              **{**tiny_overrides, "num_heads": [1, 1, 1]})
+
+
+def test_training_checkpoint_of_torchcvt_train_loads_with_class_names(tmp_path, model, tiny_overrides):
+    torch.save({"state_dict": model.state_dict(), "model_name": "cvt_13", "config": model.config.to_dict(),
+                "class_names": CLASS_NAMES, "epoch": 3, "optimizer": {"state": {}}}, tmp_path / "last.pth")
+    loaded = torchcvt.create_model("cvt_13", num_classes=7, checkpoint=tmp_path / "last.pth",
+                                   **tiny_overrides)
+    assert_same_weights(loaded, model)
+    assert loaded.pretrained_cfg["label_names"] == tuple(CLASS_NAMES)
+
+
+def test_other_num_classes_reinitialises_the_head_with_a_warning(official_file, model, tiny_overrides):
+    with pytest.warns(UserWarning, match="head of 7 classes but the model 3: the model's head of 3 classes"):
+        loaded = torchcvt.create_model("cvt_13", num_classes=3, checkpoint=official_file, **tiny_overrides)
+    assert_same_weights(loaded, model, skip="head.")
+    assert loaded.head.weight.shape == (3, 48)
+    with pytest.warns(UserWarning, match="head of 7 classes but the model 0: the model has no head"):
+        headless = torchcvt.create_model("cvt_13", num_classes=0, checkpoint=official_file, **tiny_overrides)
+    assert_same_weights(headless, model, skip="head.")
+
+
+def test_checkpoint_of_another_depth_lists_the_keys(tmp_path, tiny_overrides):
+    deeper = torchcvt.create_model("cvt_13", num_classes=7, **{**tiny_overrides, "depth": [1, 1, 3]})
+    save_official(deeper, tmp_path / "deeper.pth")
+    with pytest.raises(ValueError) as error:
+        torchcvt.create_model("cvt_13", num_classes=7, checkpoint=tmp_path / "deeper.pth", **tiny_overrides)
+    message = str(error.value)
+    assert "looks like another variant (depth [1, 1, 3]" in message
+    assert "the model has depth [1, 1, 2]" in message
+    assert "unexpected (stage2.blocks.2.norm1.weight" in message and "\n" not in message
+
+
+def test_cvt_21_checkpoint_into_cvt_13_names_the_variant(tmp_path):
+    save_official(torchcvt.create_model("cvt_21"), tmp_path / "cvt_21.pth")
+    with pytest.raises(ValueError, match=r"another variant \(depth \[1, 4, 16\].* such as cvt_21 or cvt_21_"):
+        torchcvt.create_model("cvt_13", checkpoint=tmp_path / "cvt_21.pth")
+
+
+def truncate(path, fraction: float) -> None:
+    data = path.read_bytes()
+    path.write_bytes(data[: int(len(data) * fraction)])
+
+
+def truncated_official(path, model) -> None:
+    truncate(save_official(model, path), 0.5)
+
+
+def truncated_safetensors(fraction: float):
+    def make(path, model) -> None:
+        truncate(save_checkpoint(model, path.with_suffix(".safetensors")).rename(path), fraction)
+
+    return make
+
+
+@pytest.mark.parametrize(
+    ("make", "match"),
+    [
+        (lambda p, m: p.write_bytes(b""), "is empty, not a checkpoint"),
+        (lambda p, m: p.write_text("stage0.norm.weight 1\n"), "not a checkpoint: it is a text file"),
+        (lambda p, m: p.write_bytes(bytes(range(1, 256)) * 4), "it is unrecognised binary data"),
+        (truncated_official, "not a readable PyTorch checkpoint, truncated or damaged"),
+        (truncated_safetensors(0.9), "damaged or truncated safetensors file"),
+        (truncated_safetensors(0.01), r"truncated safetensors file \(\d+ bytes, its header alone needs"),
+        (lambda p, m: torch.save({"args": argparse.Namespace(lr=0.1)}, p),
+         r"pickled Python objects besides tensors \(argparse.Namespace\)"),
+        (lambda p, m: torch.save({"conv1.weight": torch.ones(1), "fc.bias": torch.ones(1)}, p),
+         r"2 tensors but none of a CvT .*: conv1.weight, fc.bias"),
+        (lambda p, m: torch.save([torch.ones(1)], p), "holds a list, not a state dict"),
+        (lambda p, m: torch.save({"epoch": 3}, p), r"not a state dict of tensors: non-tensor entries epoch"),
+    ],
+    ids=["empty", "text", "random-bytes", "truncated-pth", "truncated-safetensors-data",
+         "truncated-safetensors-header", "pickled-object", "not-cvt", "list", "no-tensors"],
+)
+def test_a_file_that_is_not_a_checkpoint_is_a_one_line_error(tmp_path, model, tiny_overrides, make, match):
+    path = tmp_path / "checkpoint.bin"
+    make(path, model)
+    with pytest.raises(ValueError, match=match) as error:
+        torchcvt.create_model("cvt_13", num_classes=7, checkpoint=path, **tiny_overrides)
+    assert str(path) in str(error.value) and "\n" not in str(error.value)
+
+
+def test_missing_checkpoint_and_directory_without_weights(tmp_path, tiny_overrides):
+    with pytest.raises(FileNotFoundError, match="checkpoint .*nothing.pth does not exist"):
+        torchcvt.create_model("cvt_13", checkpoint=tmp_path / "nothing.pth", **tiny_overrides)
+    with pytest.raises(ValueError, match="is a directory without model.safetensors or pytorch_model.bin"):
+        torchcvt.create_model("cvt_13", checkpoint=tmp_path, **tiny_overrides)
+
+
+def test_directory_with_a_foreign_config_is_an_error(tmp_path, model, tiny_overrides):
+    save_checkpoint(model, tmp_path / "saved")
+    (tmp_path / "saved" / "config.json").write_text(json.dumps({"model_type": "vit"}))
+    with pytest.raises(ValueError, match="neither a transformers CvT config .* nor a torchcvt config.*'vit'"):
+        torchcvt.create_model("cvt_13", num_classes=7, checkpoint=tmp_path / "saved", **tiny_overrides)
+    (tmp_path / "saved" / "config.json").write_text("{not json")
+    with pytest.raises(ValueError, match="config.json is not valid JSON"):
+        torchcvt.create_model("cvt_13", num_classes=7, checkpoint=tmp_path / "saved", **tiny_overrides)
+
+
+def test_cli_convert_reports_bad_input_in_one_line(tmp_path, official_file, capsys):
+    (tmp_path / "notes.txt").write_text("hello\n")
+    assert main(["convert", str(tmp_path / "notes.txt"), str(tmp_path / "out"), "--to", "hf"]) == 2
+    assert capsys.readouterr().err.splitlines() == [
+        f"torchcvt convert: error: {tmp_path / 'notes.txt'} is not a checkpoint: it is a text file, "
+        "neither safetensors nor a torch.save file"
+    ]
+    assert main(["convert", str(official_file), str(tmp_path / "out"), "--to", "torchcvt"]) == 2
+    err = capsys.readouterr().err
+    assert "official checkpoints carry no config): name it with --model" in err and len(err.splitlines()) == 1
+    assert not (tmp_path / "out").exists()
+
+
+def test_cli_convert_official_to_torchcvt(tmp_path, capsys):
+    save_official(torchcvt.create_model("cvt_13"), tmp_path / "cvt_13.pth")
+    assert main(["convert", str(tmp_path / "cvt_13.pth"), str(tmp_path / "out"), "--to", "torchcvt",
+                 "--model", "cvt_13"]) == 0
+    assert "wrote" in capsys.readouterr().out
+    checkpoint = read_checkpoint(tmp_path / "out")
+    assert (checkpoint.format, checkpoint.architecture) == ("torchcvt", "cvt_13")
+    assert checkpoint.num_classes == 1000
+    assert checkpoint.config["activation"] == "quick_gelu"

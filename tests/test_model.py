@@ -1,0 +1,290 @@
+"""The CvT model: shapes, exact parameter counts, config knobs, bad inputs and timm conventions."""
+
+import math
+
+import pytest
+import timm
+import torch
+import torch.nn.functional as F
+from timm.layers import DropPath
+from torch import nn
+
+import torchcvt
+from torchcvt.flops import count_params
+from torchcvt.layers import Attention, LayerNorm, QuickGELU
+
+
+def tiny(overrides: dict, **more) -> torchcvt.CvT:
+    return torchcvt.create_model("cvt_13", **{**overrides, **more}).eval()
+
+
+def blocks(model: torchcvt.CvT, stage: int) -> list[nn.Module]:
+    return list(model.stages[stage].blocks)
+
+
+def rates_of(model: torchcvt.CvT) -> list[list[float]]:
+    """Drop-path probability of every block, stage by stage (0 where the block has none)."""
+    return [[b.drop_path.drop_prob if isinstance(b.drop_path, DropPath) else 0.0 for b in s.blocks]
+            for s in model.stages]
+
+
+@pytest.mark.parametrize("size", [(224, 224), (384, 384), (256, 320), (97, 131)])
+def test_output_shapes(tiny_overrides, size):
+    model = tiny(tiny_overrides, num_classes=10)
+    with torch.no_grad():
+        logits = model(torch.randn(2, 3, *size))
+    assert logits.shape == (2, 10) and logits.dtype == torch.float32 and torch.isfinite(logits).all()
+
+
+def test_batch_of_one_matches_its_row_in_a_larger_batch(tiny_overrides):
+    model = tiny(tiny_overrides)
+    x = torch.randn(3, 3, 97, 131)
+    with torch.no_grad():
+        single, batch = model(x[1:2]), model(x)
+    assert single.shape == (1, 1000)
+    torch.testing.assert_close(single[0], batch[1], rtol=1e-4, atol=1e-5)
+
+
+def test_real_cvt_13_forward_batch_one():
+    model = torchcvt.create_model("cvt_13").eval()
+    with torch.no_grad():
+        logits = model(torch.randn(1, 3, 224, 224))
+    assert logits.shape == (1, 1000) and torch.isfinite(logits).all()
+    assert [len(s.blocks) for s in model.stages] == [1, 2, 10]
+    assert model.norm.eps == 1e-5
+
+
+@pytest.mark.parametrize(
+    ("name", "params"), [("cvt_13", 19_997_480), ("cvt_21", 31_622_696), ("cvt_w24", 277_196_392)]
+)
+def test_exact_parameter_counts(name, params):
+    with torch.device("meta"):
+        model = torchcvt.create_model(name)
+    assert sum(p.numel() for p in model.parameters()) == count_params(model) == params
+
+
+def test_bad_images_are_clear_errors(tiny_overrides):
+    model = tiny(tiny_overrides)
+    with pytest.raises(ValueError, match=r"input has 1 channels but the model expects 3 \(shape \(2, 1, 64"):
+        model(torch.randn(2, 1, 64, 64))
+    with pytest.raises(ValueError, match=r"expected a batch of images \(B, C, H, W\)"):
+        model(torch.randn(3, 64, 64))
+    smallest = model.min_input_size()
+    assert smallest == 3  # 7x7 stride-4 conv with padding 2 needs 3 pixels to leave one token
+    with torch.no_grad():
+        assert model(torch.randn(1, 3, smallest, smallest)).shape == (1, 1000)
+    with pytest.raises(ValueError, match=r"input of 2x64 pixels is too small: stage 1's .* 3 pixels a side"):
+        model(torch.randn(1, 3, 2, 64))
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        ({"depth": [1, 2]}, r"depth has 2 values but the model has 3 stages"),
+        ({"num_heads": [1.0, 3.0, 6.0]}, r"num_heads must hold int values"),
+        ({"cls_token": [0, 0, 1]}, r"cls_token must hold bool values"),
+        ({"drop_path_rate": 0.1}, r"drop_path_rate must be a list with one value per stage"),
+        ({"qkv_projection_method": ["dw_bn", "max", "dw_bn"]}, r"qkv_projection_method must be one of"),
+        ({"embed_dim": [64, 192, 380]}, r"embed_dim\[2\]=380 is not divisible by num_heads\[2\]=6"),
+        ({"stride_q": [1, 2, 1]}, r"query projection of stage 2 must keep the token grid.*stride_q\[1\]=2"),
+        ({"activation": "relu"}, r"activation must be one of \['quick_gelu', 'gelu'\]"),
+        ({"depht": [1, 1, 1]}, r"unknown config field\(s\) \['depht'\]; known fields: .*'depth'"),
+    ],
+)
+def test_bad_config_names_the_field(overrides, message):
+    with pytest.raises(ValueError, match=message):
+        torchcvt.create_model("cvt_13", **overrides)
+
+
+def test_unknown_model_lists_available():
+    with pytest.raises(ValueError, match=r"unknown model 'cvt_14'; available: .*cvt_13, cvt_13_384, cvt_21"):
+        torchcvt.create_model("cvt_14")
+    assert {"cvt_13", "cvt_13_384", "cvt_21", "cvt_21_384", "cvt_w24"} <= set(torchcvt.list_models())
+
+
+@pytest.mark.parametrize("method", ["avg", "linear"])
+def test_projection_methods(tiny_overrides, method):
+    model = tiny(tiny_overrides, qkv_projection_method=[method] * 3)
+    attn = blocks(model, 0)[0].attn
+    assert attn.conv_proj_q is None  # 'avg' pools k and v only; 'linear' has no convolution at all
+    if method == "avg":
+        assert isinstance(attn.conv_proj_k.avg, nn.AvgPool2d) and attn.conv_proj_k.avg.ceil_mode
+    else:
+        assert attn.conv_proj_k is None and attn.conv_proj_v is None
+    attn.keep_attention = True
+    with torch.no_grad():
+        assert model(torch.randn(1, 3, 97, 131)).shape == (1, 1000)
+    # 97x131 -> 24x33 tokens; ceil-mode pooling with stride 2 gives 13x17, linear keeps all of them.
+    assert attn.last_kv_grid == ((13, 17) if method == "avg" else (24, 33))
+    assert attn.last_attention.shape == (1, 1, 24 * 33, math.prod(attn.last_kv_grid))
+
+
+def test_class_token_only_where_set(tiny_overrides):
+    model = tiny(tiny_overrides, cls_token=[True, False, True])
+    assert [s.cls_token is not None for s in model.stages] == [True, False, True]
+    assert model.stages[0].cls_token.shape == (1, 1, 16)
+    features = model.forward_features(torch.randn(2, 3, 64, 64))
+    assert features.shape == (2, 1 + 4 * 4, 48)
+    assert {"stage0.cls_token", "stage2.cls_token"} == model.no_weight_decay()
+
+
+def test_without_class_token_head_takes_mean_of_normed_tokens(tiny_overrides):
+    model = tiny(tiny_overrides, cls_token=[False, False, False])
+    assert all(s.cls_token is None for s in model.stages)
+    x = torch.randn(2, 3, 97, 131)
+    with torch.no_grad():
+        last_map = model.forward_intermediates(x, intermediates_only=True)[-1]
+        tokens = last_map.flatten(2).transpose(1, 2)
+        expected = model.head(model.norm(tokens).mean(dim=1))
+        logits = model(x)
+        torch.testing.assert_close(logits, expected)
+        # The order matters: normalising the mean token gives something else.
+        assert not torch.allclose(logits, model.head(model.norm(tokens.mean(dim=1))), atol=1e-3)
+
+
+def test_stochastic_depth_rises_linearly_per_stage(tiny_overrides):
+    model = tiny(tiny_overrides, depth=[1, 2, 10], drop_path_rate=[0.0, 0.05, 0.1])
+
+    rates = rates_of(model)
+    assert isinstance(blocks(model, 2)[0].drop_path, nn.Identity)  # rate 0 costs nothing
+    assert rates[2] == pytest.approx([0.1 * i / 9 for i in range(10)])
+    assert rates[1] == pytest.approx([0.0, 0.05])
+    assert rates[0] == [0.0]
+    with torch.device("meta"):
+        assert rates_of(torchcvt.create_model("cvt_13"))[2][-1] == pytest.approx(0.1)
+
+
+def test_stage_with_fewer_blocks_than_its_index(tiny_overrides):
+    model = tiny(tiny_overrides, depth=[2, 1, 1], drop_path_rate=[0.2, 0.2, 0.3]).train()
+    assert rates_of(model) == [[0.0, pytest.approx(0.2)], [0.0], [0.0]]
+    x = torch.randn(4, 3, 64, 64)
+    first, second = model(x), model(x)
+    assert first.shape == (4, 1000) and not torch.equal(first, second)  # drop path is active in training
+    model.eval()
+    with torch.no_grad():
+        assert torch.equal(model(x), model(x))
+
+
+def test_activations(tiny_overrides):
+    act = blocks(tiny(tiny_overrides), 0)[0].mlp.act
+    assert isinstance(act, QuickGELU)
+    x = torch.linspace(-4, 4, 101)
+    torch.testing.assert_close(act(x), x * torch.sigmoid(1.702 * x))
+    exact = blocks(tiny(tiny_overrides, activation="gelu"), 2)[1].mlp.act
+    assert type(exact) is nn.GELU and exact.approximate == "none"
+
+
+def test_layer_norm_computes_in_float32_under_autocast():
+    norm = LayerNorm(64, eps=1e-5)
+    nn.init.normal_(norm.weight)
+    nn.init.normal_(norm.bias)
+    x = (torch.randn(4, 10, 64) * 50 + 300).bfloat16()  # a large mean makes bfloat16 statistics inexact
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = norm(x)
+        out_fp32 = norm(x.float())
+    expected = F.layer_norm(x.float(), (64,), norm.weight, norm.bias, 1e-5)
+    assert out.dtype == torch.bfloat16 and out_fp32.dtype == torch.float32
+    torch.testing.assert_close(out_fp32, expected)
+    # Each element is the float32 result rounded once to bfloat16 (1 ulp); statistics taken in
+    # bfloat16 miss by far more than that on about half of the elements of this input.
+    torch.testing.assert_close(out.float(), expected, rtol=2**-7, atol=1e-6)
+
+
+def test_model_under_bfloat16_autocast(tiny_overrides):
+    model = tiny(tiny_overrides)
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        reference = model(x)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            low = model(x)
+    assert low.shape == reference.shape
+    torch.testing.assert_close(low.float(), reference, rtol=0.1, atol=0.05)
+
+
+def test_position_embedding(tiny_overrides):
+    model = tiny(tiny_overrides, position_embedding=[True, False, True], img_size=64)
+    assert model.stages[0].pos_embed.shape == (1, 16, 16, 16)
+    assert model.stages[1].pos_embed is None
+    assert model.stages[2].pos_embed.shape == (1, 48, 4, 4)
+    assert {"stage0.pos_embed", "stage2.pos_embed", "stage2.cls_token"} == model.no_weight_decay()
+    x = torch.randn(1, 3, 97, 131)
+    with torch.no_grad():
+        before = model(x)
+        assert model(torch.randn(1, 3, 64, 64)).shape == (1, 1000)
+        model.stages[2].pos_embed.zero_()
+        after = model(x)  # interpolated to 6x8 tokens at this size, so it still reaches the output
+    assert before.shape == (1, 1000) and not torch.allclose(before, after)
+
+
+def test_patch_token_embedding(tiny_overrides):
+    model = tiny(tiny_overrides, token_embedding=["patch", "conv", "conv"])
+    proj = model.stage0.patch_embed.proj
+    assert (proj.kernel_size, proj.stride, proj.padding) == ((4, 4), (4, 4), (0, 0))
+    assert model.stage1.patch_embed.proj.kernel_size == (3, 3)
+    maps = model.forward_intermediates(torch.randn(1, 3, 97, 131), intermediates_only=True)
+    assert [tuple(m.shape[-2:]) for m in maps] == [(24, 32), (12, 16), (6, 8)]
+
+
+def test_timm_conventions(tiny_overrides):
+    model = timm.create_model("cvt_13", num_classes=5, **tiny_overrides).eval()
+    assert isinstance(model, torchcvt.CvT)
+    x = torch.randn(2, 3, 97, 131)
+    with torch.no_grad():
+        features = model.forward_features(x)
+        assert features.shape == (2, 1 + 6 * 9, 48)
+        assert model.forward_head(features, pre_logits=True).shape == (2, 48)
+        torch.testing.assert_close(model.forward_head(features), model(x))
+        final, maps = model.forward_intermediates(x)
+    torch.testing.assert_close(final, features)
+    assert [tuple(m.shape) for m in maps] == [(2, 16, 24, 33), (2, 32, 12, 17), (2, 48, 6, 9)]
+    assert model.get_classifier() is model.head and model.head.out_features == 5
+    model.reset_classifier(3)
+    assert model.get_classifier().out_features == 3 and model(x).shape == (2, 3)
+    model.reset_classifier(0)
+    assert isinstance(model.get_classifier(), nn.Identity) and model(x).shape == (2, 48)
+    assert model.no_weight_decay() == {"stage2.cls_token"}
+
+
+@pytest.mark.parametrize("create", [torchcvt.create_model, timm.create_model])
+def test_features_only(tiny_overrides, create):
+    backbone = create("cvt_13", features_only=True, **tiny_overrides).eval()
+    with torch.no_grad():
+        maps = backbone(torch.randn(2, 3, 128, 96))
+    assert [tuple(m.shape) for m in maps] == [(2, 16, 32, 24), (2, 32, 16, 12), (2, 48, 8, 6)]
+    assert backbone.feature_info.channels() == [16, 32, 48]
+    assert backbone.feature_info.reduction() == [4, 8, 16]
+
+
+@pytest.mark.parametrize(
+    ("name", "size", "crop_pct"),
+    [("cvt_13", 224, 0.875), ("cvt_13_384", 384, 1.0), ("cvt_21", 224, 0.875), ("cvt_21_384", 384, 1.0),
+     ("cvt_w24", 384, 1.0)],
+)
+def test_data_config(tiny_overrides, name, size, crop_pct):
+    model = timm.create_model(name, **tiny_overrides)  # the data config does not depend on the widths
+    data = timm.data.resolve_data_config(model=model)
+    assert data["input_size"] == (3, size, size) and data["crop_pct"] == crop_pct
+    assert data["interpolation"] == "bicubic"
+    assert data["mean"] == (0.485, 0.456, 0.406) and data["std"] == (0.229, 0.224, 0.225)
+
+
+@pytest.mark.parametrize("init", ["trunc_normal", "xavier"])
+def test_init(tiny_overrides, init):
+    model = tiny(tiny_overrides, init=init)
+    fc1 = model.stage2.blocks[0].mlp.fc1  # 48 -> 192
+    assert torch.count_nonzero(fc1.bias) == 0
+    if init == "trunc_normal":
+        assert fc1.weight.std().item() == pytest.approx(0.02, rel=0.05)
+    else:
+        bound = math.sqrt(6 / (48 + 192))
+        assert fc1.weight.abs().max().item() <= bound
+        assert fc1.weight.std().item() == pytest.approx(bound / math.sqrt(3), rel=0.05)
+    assert model.stage2.cls_token.std().item() == pytest.approx(0.02, rel=0.5)
+    assert torch.equal(model.norm.weight, torch.ones(48)) and torch.equal(model.stage0.blocks[0].norm1.bias,
+                                                                           torch.zeros(16))
+
+
+def test_attention_scale_is_the_stage_width(tiny_overrides):
+    model = tiny(tiny_overrides)
+    attn: Attention = blocks(model, 2)[0].attn
+    assert attn.scale == 48**-0.5  # not the head width 16 ** -0.5: the official weights depend on it

@@ -1,0 +1,251 @@
+import csv
+import json
+import struct
+import subprocess
+import sys
+import zlib
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from torchcvt import Predictor, create_model, predictor
+from torchcvt.cli import main
+from torchcvt.predict import (
+    find_images,
+    format_table,
+    imagenet_class_names,
+    read_image,
+    write_csv_report,
+    write_json_report,
+)
+
+CLASSES = ["cat", "dog", "fish", "bird"]
+SMALL = {"input_size": (3, 64, 64), "crop_pct": 0.875}
+
+
+def _photo(width: int, height: int, seed: int = 0) -> np.ndarray:
+    """A smooth colour image with some texture, so resizing and cropping do real work."""
+    rng = np.random.default_rng(seed)
+    y, x = np.mgrid[0:height, 0:width]
+    base = np.stack([x * 255 // max(width - 1, 1), y * 255 // max(height - 1, 1), (x + y) % 256], -1)
+    return np.clip(base + rng.integers(0, 40, base.shape), 0, 255).astype(np.uint8)
+
+
+def _png_header_only(path: Path, width: int, height: int) -> None:
+    """A PNG whose header claims width x height pixels but whose data stops early."""
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    header = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    data = chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(b"\0" * 64))
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + data)
+
+
+def write_images(root: Path) -> tuple[list[Path], dict[str, str]]:
+    """Readable images in many formats and modes, plus broken files and the reason each must get."""
+    (root / "nested" / "deeper").mkdir(parents=True)
+    rgb = Image.fromarray(_photo(80, 60))
+    good = {
+        "photo.jpg": (rgb, {}),
+        "rgba.png": (Image.fromarray(_photo(50, 70, 1)).convert("RGBA"), {}),
+        "palette.gif": (rgb.convert("P", palette=Image.Palette.ADAPTIVE), {}),
+        "gray.bmp": (rgb.convert("L"), {}),
+        "cmyk.tiff": (rgb.convert("CMYK"), {}),
+        "nested/still.webp": (rgb, {"lossless": True}),
+        "nested/deeper/tiny.png": (Image.fromarray(_photo(3, 2, 2)), {}),
+        "nested/deeper/sixteen.png": (Image.fromarray(_photo(40, 30)[..., 0].astype(np.uint16) * 257), {}),
+    }
+    paths = []
+    for name, (image, options) in good.items():
+        image.save(root / name, **options)
+        paths.append(root / name)
+    assert Image.open(root / "nested/deeper/sixteen.png").mode.startswith("I")
+    (root / "empty.jpg").write_bytes(b"")
+    data = (root / "photo.jpg").read_bytes()
+    (root / "truncated.jpg").write_bytes(data[: len(data) // 2])
+    (root / "notes.png").write_text("not an image at all\n")
+    _png_header_only(root / "bomb.png", 20000, 20000)
+    bad = {"empty.jpg": "empty file", "truncated.jpg": "truncated", "notes.png": "not an image file",
+           "bomb.png": "image too large"}
+    (root / "readme.txt").write_text("skipped: not an image extension")
+    (root / ".hidden.png").write_bytes(b"")
+    return paths, bad
+
+
+@pytest.fixture
+def tiny_model(tiny_overrides):
+    return create_model("cvt_13", num_classes=len(CLASSES), **tiny_overrides).eval()
+
+
+@pytest.fixture
+def tiny_checkpoint(tmp_path, tiny_model):
+    path = tmp_path / "tiny.pth"
+    torch.save({"state_dict": tiny_model.state_dict(), "class_names": CLASSES,
+                "config": tiny_model.config.to_dict(), "model_name": "cvt_13"}, path)
+    return path
+
+
+def test_imagenet_class_names_are_the_standard_list():
+    names = imagenet_class_names()
+    assert len(names) == 1000
+    assert (names[0], names[1], names[281], names[954], names[999]) == (
+        "tench", "goldfish", "tabby", "banana", "toilet tissue")
+    assert Predictor(create_model("cvt_13", embed_dim=[16, 32, 48], num_heads=[1, 2, 3],
+                                  depth=[1, 1, 1])).class_names == names
+
+
+def test_folders_are_walked_recursively(tmp_path):
+    good, bad = write_images(tmp_path)
+    found = find_images([tmp_path, tmp_path / "missing.jpg"])
+    assert sorted(found[:-1]) == sorted(good + [tmp_path / name for name in bad])
+    assert found[-1] == tmp_path / "missing.jpg"
+
+
+def test_every_format_and_mode_is_classified_and_bad_files_get_reasons(tmp_path, tiny_model):
+    good, bad = write_images(tmp_path)
+    _png_header_only(tmp_path / "hundred_mp.png", 10000, 10000)  # above PIL's own 89 MP warning
+    bad["hundred_mp.png"] = "truncated"
+    seen = []
+    model = Predictor(tiny_model, CLASSES, data_config=SMALL, batch_size=3)
+    results = model.predict_files([tmp_path, tmp_path / "gone.jpg"], top_k=3, on_error=seen.append)
+    bad["gone.jpg"] = "file not found"
+    by_name = {Path(r.path).relative_to(tmp_path).as_posix(): r for r in results}
+    assert set(by_name) == {p.relative_to(tmp_path).as_posix() for p in good} | set(bad)
+    for path in good:
+        result = by_name[path.relative_to(tmp_path).as_posix()]
+        assert result.error is None
+        probs = [p.prob for p in result.predictions]
+        assert len(probs) == 3 and probs == sorted(probs, reverse=True) and 0 < sum(probs) <= 1 + 1e-6
+        assert all(p.label == CLASSES[p.index] for p in result.predictions)
+    for name, reason in bad.items():
+        assert by_name[name].predictions is None
+        assert reason in by_name[name].error, (name, by_name[name].error)
+    assert sorted(r.path for r in seen) == sorted(str(tmp_path / name) for name in bad)
+    # Batched file results equal one-by-one classification of the same files.
+    single = model(good[0], top_k=3)
+    batched = by_name["photo.jpg"].predictions
+    assert [p.index for p in single] == [p.index for p in batched]
+    assert [p.prob for p in single] == pytest.approx([p.prob for p in batched], abs=1e-6)
+
+
+def test_large_photo_is_read(tmp_path, tiny_model):
+    path = tmp_path / "large.jpg"
+    gradient = Image.linear_gradient("L").resize((6000, 4000))
+    Image.merge("RGB", [gradient, gradient.transpose(Image.Transpose.FLIP_LEFT_RIGHT), gradient]).save(path)
+    result = Predictor(tiny_model, CLASSES, data_config=SMALL).predict_files([path])[0]
+    assert result.error is None and len(result.predictions) == 4
+
+
+def test_inputs_as_paths_pil_images_and_tensors_agree(tmp_path, tiny_model):
+    path = tmp_path / "a.png"
+    Image.fromarray(_photo(90, 70)).save(path)
+    model = Predictor(tiny_model, CLASSES, data_config=SMALL)
+    image = Image.open(path)
+    uint8 = torch.from_numpy(np.array(image)).permute(2, 0, 1)
+    ready = model.preprocess(image)
+    logits = model.logits([path, image, uint8, ready])
+    torch.testing.assert_close(logits, logits[:1].expand(4, -1), rtol=0, atol=1e-6)
+    with torch.no_grad():
+        torch.testing.assert_close(logits[0], tiny_model(ready[None])[0], rtol=1e-5, atol=1e-5)
+    assert model.logits(ready[None].repeat(5, 1, 1, 1)).shape == (5, len(CLASSES))
+    assert model(path, top_k=2) == model([path], top_k=2)[0]
+
+
+def test_exif_orientation_is_applied(tmp_path, tiny_model):
+    upright = Image.fromarray(_photo(40, 64))
+    stored = upright.transpose(Image.Transpose.ROTATE_90)  # what the camera wrote; EXIF 6 turns it back
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    stored.save(tmp_path / "rotated.png", exif=exif)
+    assert read_image(tmp_path / "rotated.png").size == upright.size
+    np.testing.assert_array_equal(np.asarray(read_image(tmp_path / "rotated.png")), np.asarray(upright))
+
+
+def test_sixteen_bit_images_are_scaled_not_clipped(tmp_path):
+    values = _photo(30, 20)[..., 0]
+    Image.fromarray(values.astype(np.uint16) * 257).save(tmp_path / "deep.png")
+    np.testing.assert_array_equal(np.asarray(read_image(tmp_path / "deep.png"))[..., 0], values)
+
+
+def test_reports_json_csv_and_table(tmp_path, tiny_model):
+    Image.fromarray(_photo(32, 32)).save(tmp_path / "ok.png")
+    (tmp_path / "bad.jpg").write_bytes(b"\xff\xd8\xff")
+    results = Predictor(tiny_model, CLASSES, data_config=SMALL).predict_files([tmp_path], top_k=2)
+    write_json_report(results, tmp_path / "r.json")
+    report = json.loads((tmp_path / "r.json").read_text())
+    assert report[0]["path"].endswith("bad.jpg") and set(report[0]) == {"path", "error"}
+    assert set(report[1]) == {"path", "predictions"}
+    assert [set(p) for p in report[1]["predictions"]] == [{"index", "label", "prob"}] * 2
+    write_csv_report(results, tmp_path / "r.csv")
+    rows = list(csv.DictReader(open(tmp_path / "r.csv")))
+    assert len(rows) == 3 and rows[0]["error"] and [r["rank"] for r in rows[1:]] == ["1", "2"]
+    table = format_table(results).splitlines()
+    assert table[0].split() == ["path", "#", "prob", "class"]
+    assert "error:" in table[1] and table[2].split()[1] == "1" and table[3].split()[0] == "2"
+
+
+def test_bad_arguments_are_clear_errors(tmp_path, tiny_model):
+    model = Predictor(tiny_model, CLASSES, data_config=SMALL)
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ValueError, match="no image files found"):
+        model.predict_files([tmp_path / "empty"])
+    with pytest.raises(ValueError, match="top_k must be at least 1"):
+        model(torch.zeros(3, 64, 64), top_k=0)
+    with pytest.raises(ValueError, match="file not found"):
+        model(tmp_path / "nope.jpg")
+    with pytest.raises(ValueError, match="cannot read a int"):
+        model([3])
+    with pytest.raises(ValueError, match="3 class names for a model with 4 outputs"):
+        Predictor(tiny_model, CLASSES[:3])
+    with pytest.raises(ValueError, match="no classifier head"):
+        Predictor(create_model("cvt_13", num_classes=0, embed_dim=[16, 32, 48], num_heads=[1, 2, 3],
+                               depth=[1, 1, 1]), data_config=SMALL)(torch.zeros(3, 64, 64))
+
+
+def test_class_names_come_from_the_checkpoint(tiny_checkpoint, tiny_overrides, tiny_model):
+    loaded = predictor("cvt_13", tiny_checkpoint, **tiny_overrides)
+    assert loaded.class_names == CLASSES and loaded.model.num_classes == 4
+    x = torch.randn(2, 3, 64, 64)
+    torch.testing.assert_close(loaded.logits(x), tiny_model(x).detach())
+
+
+def _tiny_cli(tiny_overrides):
+    return [f"--set={key}={json.dumps(value)}" for key, value in tiny_overrides.items()]
+
+
+def test_cli_predict(tmp_path, tiny_checkpoint, tiny_overrides, capsys):
+    images = tmp_path / "images"
+    images.mkdir()
+    _, bad = write_images(images)
+    args = ["predict", "--model", "cvt_13", "--checkpoint", str(tiny_checkpoint), *_tiny_cli(tiny_overrides),
+            "--top-k", "2", "--json", str(tmp_path / "r.json"), "--csv", str(tmp_path / "r.csv")]
+    assert main([*args, str(images)]) == 1
+    out, err = capsys.readouterr()
+    report = json.loads((tmp_path / "r.json").read_text())
+    assert len(report) == 12 and sum("error" in r for r in report) == len(bad)
+    for name, reason in bad.items():
+        assert f"{images / name}: " in err and reason in err
+    assert "4 of 12 file(s) could not be read" in err and "Traceback" not in err
+    assert "cat (0)" in out or "dog (1)" in out or "fish (2)" in out or "bird (3)" in out
+    assert main([*args, str(images / "photo.jpg"), str(images / "nested")]) == 0
+    assert main(["predict", "--model", "cvt_13", "--top-k", "0", str(images)]) == 2
+    assert "--top-k must be at least 1" in capsys.readouterr().err
+    assert main(["predict", "--model", "cvt_13", "--set", "depth", str(images)]) == 2
+    assert "--set expects FIELD=VALUE" in capsys.readouterr().err
+
+
+def test_cli_predict_process_exit_codes(tmp_path, tiny_checkpoint, tiny_overrides):
+    Image.fromarray(_photo(32, 32)).save(tmp_path / "ok.webp")
+    (tmp_path / "broken.gif").write_bytes(b"GIF89a")
+    run = subprocess.run(
+        [sys.executable, "-m", "torchcvt", "predict", "--model", "cvt_13",
+         "--checkpoint", str(tiny_checkpoint), *_tiny_cli(tiny_overrides),
+         str(tmp_path / "ok.webp"), str(tmp_path / "broken.gif")],
+        capture_output=True, text=True, timeout=300,
+    )
+    assert run.returncode == 1, run.stderr
+    assert "broken.gif: " in run.stderr and "Traceback" not in run.stderr
+    assert "ok.webp" in run.stdout

@@ -1,0 +1,52 @@
+"""Shared helpers for the training tests: small real ImageFolder trees and tiny run configs."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+TINY_MODEL = {"embed_dim": [16, 24, 32], "num_heads": [1, 1, 2], "depth": [1, 1, 1]}
+
+
+def digits_tree(root: Path, classes: int = 3, train_per_class: int = 8, val_per_class: int = 4) -> Path:
+    """root/{train,val}/<digit>/<n>.png from scikit-learn's digits, 32x32 grey PNGs."""
+    from sklearn.datasets import load_digits
+
+    digits = load_digits()
+    for label in range(classes):
+        indices = np.flatnonzero(digits.target == label)[: train_per_class + val_per_class]
+        for n, i in enumerate(indices):
+            folder = root / ("train" if n < train_per_class else "val") / str(label)
+            folder.mkdir(parents=True, exist_ok=True)
+            pixels = (digits.images[i] * 255 / 16).astype(np.uint8)
+            Image.fromarray(pixels, mode="L").resize((32, 32), Image.BICUBIC).save(folder / f"{i}.png")
+    return root
+
+
+def tiny_overrides(data: Path, output: Path, **extra: object) -> list[str]:
+    """KEY=VALUE overrides for a fast deterministic CPU run of a tiny cvt_digits."""
+    values = {
+        "model.name": "cvt_digits",
+        "model.overrides": TINY_MODEL,
+        "data.train": str(data / "train"),
+        "data.val": str(data / "val"),
+        "data.workers": 0,
+        "aug.auto_augment": None,
+        "aug.mixup": 0.0,
+        "aug.cutmix": 0.0,
+        "aug.re_prob": 0.0,
+        "optim.lr": 2e-3,
+        "sched.warmup_epochs": 1,
+        "sched.cooldown_epochs": 0,
+        "train.epochs": 2,
+        "train.batch_size": 4,
+        "train.output": str(output),
+        "train.quiet": True,
+        "train.log_every_steps": 2,
+        **extra,
+    }
+    import json
+
+    return [f"{key}={json.dumps(value)}" for key, value in values.items()]
