@@ -150,3 +150,12 @@ def test_bench_quick_on_tiny_model(tmp_path):
 def test_bench_cli_rejects_bad_repeats(capsys):
     assert main(["bench", "--quick", "--repeats", "0"]) == 2
     assert "torchcvt bench: error: --repeats must be at least 1, got 0" in capsys.readouterr().err
+
+
+def test_class_token_stage_stays_in_the_autocast_dtype(tiny_overrides: dict) -> None:
+    # A float32 class token would promote the last stage's residual stream to float32 under autocast,
+    # and every fused bf16 kernel there would fall back to casts.
+    model = torchcvt.create_model("cvt_13", **tiny_overrides).eval()
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        tokens = model.forward_features(torch.randn(2, 3, 64, 64))
+    assert tokens.dtype == torch.bfloat16

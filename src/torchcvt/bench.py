@@ -29,12 +29,14 @@ from .checkpoints import save_hf
 from .factory import create_model
 from .flops import count_flops
 
-MODES = ("fp32", "bf16", "train")
+MODES = ("fp32", "bf16", "train", "train_ckpt")
+TRAINING = ("train", "train_ckpt")
 
 
 @dataclass
 class Case:
-    """One measurement: mode is 'fp32' or 'bf16' (autocast) inference, or 'train' (fwd + bwd + AdamW)."""
+    """One measurement: mode is 'fp32' or 'bf16' (autocast) inference, or 'train' (fwd + bwd + AdamW);
+    'train_ckpt' is that step with torchcvt's activation checkpointing on."""
 
     mode: str
     batch: int
@@ -58,8 +60,10 @@ class CaseResult:
 def default_cases(quick: bool) -> list[Case]:
     if quick:
         return [Case("fp32", 1, 64), Case("fp32", 2, 64), Case("bf16", 2, 64), Case("train", 2, 64),
+                Case("train_ckpt", 2, 64),
                 Case("fp32", 2, 96)]
     return [Case("fp32", 1, 224), Case("fp32", 16, 224), Case("bf16", 16, 224), Case("train", 16, 224),
+            Case("train_ckpt", 16, 224),
             Case("fp32", 4, 224), Case("fp32", 4, 384), Case("fp32", 4, 512)]
 
 
@@ -99,7 +103,9 @@ def _step_fn(model: nn.Module, case: Case, hf: bool) -> Callable[[], Any]:
     def logits() -> torch.Tensor:
         return model(x).logits if hf else model(x)
 
-    if case.mode != "train":
+    if not hf:
+        model.set_grad_checkpointing(case.mode == "train_ckpt")
+    if case.mode not in TRAINING:
         model.eval()
         bf16 = case.mode == "bf16"
 
@@ -186,7 +192,7 @@ def run_benchmark(
     """Run every case on both implementations; returns the results and the machine description."""
     cases = cases or default_cases(quick)
     warmup = warmup if warmup is not None else 1
-    repeats = repeats if repeats is not None else (1 if quick else 3)
+    repeats = repeats if repeats is not None else (1 if quick else 5)
     with tempfile.TemporaryDirectory() as tmp:
         directory = Path(tmp)
         model, hf = build_pair(name, directory, **overrides)
@@ -199,7 +205,7 @@ def run_benchmark(
             t_ours, t_hf = time_alternating(ours, theirs, warmup, repeats)
             result = CaseResult(case, case.batch / t_ours, case.batch / t_hf,
                                 2 * count_flops(model.config, case.img_size) / 1e9)
-            if memory and case.mode == "train":
+            if memory and case.mode in TRAINING:
                 result.torchcvt_mem_mb = measure_peak_memory(directory, "torchcvt", case)
                 result.hf_mem_mb = measure_peak_memory(directory, "hf", case)
             results.append(result)
@@ -236,9 +242,10 @@ def format_markdown(report: dict[str, Any]) -> str:
     for r in report["results"]:
         c = r.case
         # A training step costs about three forward passes (forward, and two products per layer backward).
-        work = r.gflop_per_image * (3 if c.mode == "train" else 1)
+        work = r.gflop_per_image * (3 if c.mode in TRAINING else 1)
         peak = peaks["bf16" if c.mode == "bf16" else "fp32"]
-        mode = {"fp32": "inference fp32", "bf16": "inference bf16 autocast", "train": "train step"}[c.mode]
+        mode = {"fp32": "inference fp32", "bf16": "inference bf16 autocast", "train": "train step",
+                "train_ckpt": "train step, torchcvt checkpointing"}[c.mode]
         mem = mem_ratio = "-"
         if r.torchcvt_mem_mb is not None and r.hf_mem_mb:
             mem = f"{r.torchcvt_mem_mb:.0f} / {r.hf_mem_mb:.0f}"
@@ -251,7 +258,8 @@ def format_markdown(report: dict[str, Any]) -> str:
     lines += [
         "",
         "GFLOP/s counts 2 FLOPs per multiply-add of `torchcvt.flops.count_flops` (convolutions, linears, "
-        "attention products); a training step is counted as 3 forward passes. Times are medians of "
+        "attention products); a training step is counted as 3 forward passes "
+        "(also with checkpointing, whose recomputed forward is overhead, not work). Times are medians of "
         "alternating torchcvt / transformers runs after warm-up. Peak memory: peak RSS during one "
         "steady-state training step (after two warm-up steps, so AdamW state exists) above the RSS at "
         "its start, in a fresh process per model with `MALLOC_MMAP_THRESHOLD_=65536` so freed tensors "

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from collections.abc import Sequence
 
@@ -348,7 +349,7 @@ def add_bench_command(sub: argparse._SubParsersAction) -> None:
     parser.add_argument("--model", default="cvt_13", help="registered variant (default: cvt_13)")
     parser.add_argument("--output", default="docs/benchmarks.md", help="markdown file to write")
     parser.add_argument("--quick", action="store_true", help="small inputs and one repeat: a smoke run")
-    parser.add_argument("--repeats", type=int, help="timed runs per side (default 3, 1 with --quick)")
+    parser.add_argument("--repeats", type=int, help="timed runs per side (default 5, 1 with --quick)")
     parser.add_argument("--no-memory", action="store_true", help="skip the peak-memory measurement")
     parser.add_argument("--threads", type=int, help="torch threads (default: torch's own choice)")
     parser.set_defaults(run=_run_bench)
@@ -381,3 +382,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"torchcvt {args.command}: interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:
+        # The reader went away (`torchcvt info cvt_13 | head`): stop quietly, as Unix tools do.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 141

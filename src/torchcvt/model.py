@@ -79,7 +79,9 @@ class CvtStage(nn.Module):
                 pos = F.interpolate(pos, size=(height, width), mode="bicubic", align_corners=False)
             x = x + pos.flatten(2).transpose(1, 2)
         if self.cls_token is not None:
-            x = torch.cat((self.cls_token.expand(x.shape[0], -1, -1), x), dim=1)
+            # In the tokens' dtype: under autocast a float32 class token would promote the whole
+            # stage's residual stream to float32, unlike the stages before it.
+            x = torch.cat((self.cls_token.to(x.dtype).expand(x.shape[0], -1, -1), x), dim=1)
         x = self.pos_drop(x)
         for block in self.blocks:
             x = block(x, height, width)
