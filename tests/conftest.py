@@ -1,4 +1,5 @@
 import random
+from collections.abc import Iterator
 
 import numpy as np
 import pytest
@@ -38,3 +39,13 @@ def perturb():
         return model
 
     return perturb_
+
+
+@pytest.fixture
+def one_thread() -> Iterator[None]:
+    """One intra-op thread: tiny models gain nothing from a second, and subprocess tests that run on one
+    thread need the same float reductions here."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
