@@ -329,12 +329,12 @@ def _load_state_dict(model: CvT, checkpoint: Checkpoint) -> None:
     if checkpoint.num_classes != model.num_classes:
         state_dict = {key: value for key, value in state_dict.items() if not key.startswith("head.")}
         model.reset_classifier(model.num_classes)
-        new_head = (f"the model's head of {model.num_classes} classes is re-initialised" if model.num_classes
-                    else "the model has no head, so it is dropped")
-        warnings.warn(
-            f"{checkpoint.path} has a head of {checkpoint.num_classes} classes but the model "
-            f"{model.num_classes}: {new_head} (train it before use)", stacklevel=3,
-        )
+        if model.num_classes:  # a headless backbone (num_classes=0, features_only) drops the head by design
+            warnings.warn(
+                f"{checkpoint.path} has a head of {checkpoint.num_classes} classes but the model "
+                f"{model.num_classes}: the model's head of {model.num_classes} classes is re-initialised "
+                "(train it before use)", stacklevel=3,
+            )
     own = model.state_dict()
     if checkpoint.num_classes != model.num_classes:
         state_dict.update({key: value for key, value in own.items() if key.startswith("head.")})

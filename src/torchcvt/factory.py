@@ -35,8 +35,9 @@ def create_model(
 ) -> CvT | CvtFeatures:
     """Build a registered variant; any config field can be overridden, weights load from `checkpoint`."""
     variant = get_variant(name)
-    model = CvT(variant_config(name, num_classes=num_classes, **overrides))
-    model.pretrained_cfg = {**variant.data_config(), "architecture": name, "num_classes": num_classes}
+    # A backbone has no head, so a checkpoint's head of any size is simply left out.
+    model = CvT(variant_config(name, num_classes=0 if features_only else num_classes, **overrides))
+    model.pretrained_cfg = {**variant.data_config(), "architecture": name, "num_classes": model.num_classes}
     if checkpoint is not None:
         from .checkpoints import load_checkpoint
 
