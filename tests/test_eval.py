@@ -175,3 +175,19 @@ def test_bad_input_is_one_line(
 
     assert code == 2 and err.startswith("torchcvt eval: error: ") and err.count("\n") == 1, err
     assert re.search(pattern, err), err
+
+
+def test_eval_reads_every_checkpoint_format(
+    trained: tuple, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    """The same weights as torchcvt's safetensors (with its class list) score exactly as the training file."""
+    from torchcvt.checkpoints import convert_checkpoint
+
+    data, checkpoint, summary = trained
+    convert_checkpoint(checkpoint, tmp_path / "weights", "torchcvt")
+    argv = ["--model", "cvt_digits", "--data", str(data / "val"), "--output", str(tmp_path)]
+    code, _, _ = _eval(capsys, *argv, "--checkpoint", str(tmp_path / "weights"))
+    report = json.loads((tmp_path / "eval_val.json").read_text())
+    assert code == 0 and report["classes"] == 4
+    assert report["top1"] == pytest.approx(summary["final_val_top1"])
+    assert report["loss"] == pytest.approx(summary["final_val_loss"], rel=1e-5)

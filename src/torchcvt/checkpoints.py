@@ -288,12 +288,12 @@ def _apply_torchcvt_meta(checkpoint: Checkpoint, meta: dict[str, Any]) -> None:
     checkpoint.class_names = tuple(names) if names else None
 
 
-def load_checkpoint(model: CvT, path: str | Path) -> Checkpoint:
-    """Load an official, transformers or torchcvt checkpoint into model; the format is detected by content.
+def load_checkpoint(model: CvT, path: str | Path | Checkpoint) -> Checkpoint:
+    """Load an official, transformers or torchcvt checkpoint (or one already read) into model.
 
     A head of another size is re-initialised with a warning; any other difference is a ValueError.
     """
-    checkpoint = read_checkpoint(path)
+    checkpoint = path if isinstance(path, Checkpoint) else read_checkpoint(path)
     _check_config(model, checkpoint)
     _load_state_dict(model, checkpoint)
     names = checkpoint.class_names

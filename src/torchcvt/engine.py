@@ -26,6 +26,7 @@ import yaml
 from torch import nn
 from torch.utils.data import DataLoader, DistributedSampler
 
+from .checkpoints import read_checkpoint as read_model_checkpoint
 from .config import CvtConfig, get_variant, variant_config
 from .data import (
     ImageFolder,
@@ -670,18 +671,18 @@ def evaluate_checkpoint(
     """
     checkpoint = Path(checkpoint)
     get_variant(model_name)
-    state = read_checkpoint(checkpoint)
-    class_names = state.get("class_names") if isinstance(state, dict) else None
-    if class_names is None:
-        class_names = list_classes(data)
+    # Any format create_model loads, read once: class list, architecture and weights come from it.
+    stored = read_model_checkpoint(checkpoint)
+    class_names = list(stored.class_names) if stored.class_names else list_classes(data)
     overrides = {}
-    if isinstance(state.get("config"), dict):
-        if state.get("model_name", model_name) != model_name:
-            check_same_architecture(state, variant_config(model_name), model_name, checkpoint)
-        overrides = {k: v for k, v in state["config"].items() if k in ARCHITECTURE_FIELDS}
-    del state
+    if stored.config is not None:
+        saved = {"config": stored.config, "model_name": stored.architecture or model_name}
+        if saved["model_name"] != model_name:
+            check_same_architecture(saved, variant_config(model_name), model_name, checkpoint)
+        overrides = {k: v for k, v in stored.config.items() if k in ARCHITECTURE_FIELDS}
     runtime = init_runtime(device)
-    model = create_model(model_name, num_classes=len(class_names), checkpoint=checkpoint, **overrides)
+    model = create_model(model_name, num_classes=len(class_names), checkpoint=stored, **overrides)
+    del stored
     model.to(runtime.device)
     data_config = model.pretrained_cfg
     dataset = ImageFolder(data, eval_transform(data_config), class_names=class_names)

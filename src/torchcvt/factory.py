@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from timm.models import register_model
 
 from .config import VARIANTS, get_variant, variant_config
 from .model import CvT, CvtFeatures
+
+if TYPE_CHECKING:
+    from .checkpoints import Checkpoint
 
 # timm reads default_cfgs from the module that registers a model.
 default_cfgs = {
@@ -29,7 +32,7 @@ def create_model(
     name: str,
     *,
     num_classes: int = 1000,
-    checkpoint: str | Path | None = None,
+    checkpoint: str | Path | Checkpoint | None = None,
     features_only: bool = False,
     **overrides: Any,
 ) -> CvT | CvtFeatures:

@@ -180,15 +180,16 @@ class Predictor:
         **overrides: Any,
     ) -> Predictor:
         """Build variant `name` and load `checkpoint`; its head size and class list are used unless given."""
-        if checkpoint is not None and (num_classes is None or class_names is None):
-            stored = read_checkpoint(checkpoint)
+        # Read once: the head size and class list come from the same object the weights load from.
+        stored = None if checkpoint is None else read_checkpoint(checkpoint)
+        if stored is not None:
             class_names = checkpoint_class_names(stored) if class_names is None else class_names
             num_classes = stored.num_classes if num_classes is None else num_classes
         if num_classes is None:
             num_classes = len(class_names) if class_names else 1000
         if class_names is not None and len(class_names) != num_classes:
             raise ValueError(f"{len(class_names)} class names but num_classes is {num_classes}")
-        model = create_model(name, num_classes=num_classes, checkpoint=checkpoint, **overrides)
+        model = create_model(name, num_classes=num_classes, checkpoint=stored, **overrides)
         return cls(model, class_names, device=device, batch_size=batch_size)
 
     def preprocess(self, image: ImageInput) -> torch.Tensor:
