@@ -106,35 +106,13 @@ def test_imagenet_real_labels(trained: tuple, tmp_path: Path, capsys: pytest.Cap
     )
     everything = tmp_path / "all.json"
     everything.write_text(json.dumps([[0, 1, 2, 3]] * number))
-    code, out, _ = _eval(
-        capsys,
-        "--model",
-        "cvt_digits",
-        "--checkpoint",
-        str(checkpoint),
-        "--data",
-        str(val),
-        "--output",
-        str(tmp_path),
-        "--real-labels",
-        str(same),
-    )
+    argv = ["--model", "cvt_digits", "--checkpoint", str(checkpoint), "--data", str(val),
+            "--output", str(tmp_path)]
+    code, out, _ = _eval(capsys, *argv, "--real-labels", str(same))
     report = json.loads((tmp_path / "eval_val.json").read_text())
     assert code == 0 and "ReaL top-1" in out
     assert report["real_top1"] == pytest.approx(report["top1"])
-    _eval(
-        capsys,
-        "--model",
-        "cvt_digits",
-        "--checkpoint",
-        str(checkpoint),
-        "--data",
-        str(val),
-        "--output",
-        str(tmp_path),
-        "--real-labels",
-        str(everything),
-    )
+    _eval(capsys, *argv, "--real-labels", str(everything))
     assert json.loads((tmp_path / "eval_val.json").read_text())["real_top1"] == 1.0
 
 
