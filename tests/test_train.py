@@ -108,9 +108,9 @@ def test_config_files_reproduce_the_paper_recipe() -> None:
 
 def test_overrides_are_typed_and_unknown_keys_suggest_the_closest(tmp_path: Path) -> None:
     cfg = load_config(
-        CONFIGS / "cvt-13-224.yaml", ["optim.lr=1e-3", "train.epochs=7", "model.overrides.depth=[1,1,1]"]
+        CONFIGS / "cvt-13-224.yaml", ["optim.lr=1e-3", "train.epochs=70", "model.overrides.depth=[1,1,1]"]
     )
-    assert cfg["optim"]["lr"] == 1e-3 and cfg["train"]["epochs"] == 7
+    assert cfg["optim"]["lr"] == 1e-3 and cfg["train"]["epochs"] == 70
     assert cfg["model"]["overrides"] == {"drop_path_rate": [0.0, 0.0, 0.1], "depth": [1, 1, 1]}
     with pytest.raises(
         ValueError, match=r"unknown config key 'optim.lrr' in the command line; did you mean 'optim.lr'"

@@ -38,7 +38,7 @@ def tiny_overrides(data: Path, output: Path, **extra: object) -> list[str]:
         "aug.cutmix": 0.0,
         "aug.re_prob": 0.0,
         "optim.lr": 2e-3,
-        "sched.warmup_epochs": 1,
+        "sched.warmup_epochs": 0,
         "sched.cooldown_epochs": 0,
         "train.epochs": 2,
         "train.batch_size": 4,

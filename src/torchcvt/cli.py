@@ -6,6 +6,7 @@ import argparse
 import logging
 import os
 import sys
+import traceback
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 
@@ -34,7 +35,8 @@ def add_train_command(sub: argparse._SubParsersAction) -> None:
     )
     parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
                         help="config overrides, e.g. train.epochs=10 optim.lr=1e-3 model.freeze_stages=1")
-    parser.add_argument("--config", help="YAML experiment file")
+    parser.add_argument("--config", action="append", help="YAML experiment file (one; override its keys "
+                        "with KEY=VALUE)")
     parser.add_argument("--output", help="run folder for checkpoints, metrics and curves (train.output)")
     parser.add_argument("--data", help="ImageFolder root holding train/ and val/ (data.train, data.val)")
     parser.add_argument("--resume", help="checkpoint to resume from (default: OUTPUT/last.pth if present)")
@@ -55,11 +57,14 @@ def _run_train(args: argparse.Namespace) -> int:
         root = Path(args.data)
         values.update({"data.train": str(root / "train"), "data.val": str(root / "val")})
     values = {key: value for key, value in values.items() if value is not None}
+    if args.config and len(args.config) > 1:
+        raise CliError(f"--config given {len(args.config)} times ({', '.join(args.config)}); give one "
+                       "experiment file and change its keys with KEY=VALUE overrides")
     values.update({"train.auto_resume": False} if args.no_resume else {})
     values.update({"data.strict": True} if args.strict else {})
     values.update({"train.quiet": True} if args.quiet else {})
     try:
-        summary = train(load_config(args.config, args.overrides, values))
+        summary = train(load_config(args.config[0] if args.config else None, args.overrides, values))
     except TrainingDiverged as error:
         raise CliError(str(error)) from None
     if os.environ.get("RANK", "0") == "0":
@@ -407,7 +412,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         with _console_logging(args.command):
             return int(args.run(args) or 0)
-    except (CliError, ValueError, FileNotFoundError) as error:
+    except (CliError, ValueError, FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError,
+            FileExistsError) as error:
         print(f"torchcvt {args.command}: error: {error}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
@@ -417,3 +423,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         # The reader went away (`torchcvt info cvt_13 | head`): stop quietly, as Unix tools do.
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 141
+    except Exception:
+        # Not a user error: a bug. Show where it happened instead of hiding it behind one line.
+        traceback.print_exc()
+        print(f"torchcvt {args.command}: internal error: this is a bug in torchcvt; please report it with "
+              "the traceback above", file=sys.stderr)
+        return 1

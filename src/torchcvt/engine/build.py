@@ -27,6 +27,7 @@ from ..data import (
 )
 from ..factory import create_model
 from ..model import CvT
+from .config import validate_config
 from .optim import build_loss, build_optimizer, build_scheduler, freeze_stages, learning_rate
 from .runtime import Runtime, seed_everything
 from .state import check_same_architecture, read_training_state
@@ -135,12 +136,11 @@ def build_model(
 
 def build_components(cfg: dict[str, Any], runtime: Runtime) -> Components:
     """Build every component of a run from its config; every input is checked here, before training."""
+    validate_config(cfg)  # a config not from load_config (a dict built in Python) is checked too
     d, a, t = cfg["data"], cfg["aug"], cfg["train"]
     output = Path(t["output"])
     if runtime.is_main:
         output.mkdir(parents=True, exist_ok=True)
-    if t["amp"] not in AMP_DTYPES:
-        raise ValueError(f"train.amp must be none, bf16 or fp16, got {t['amp']!r}")
     amp_dtype = AMP_DTYPES[t["amp"]]
     seed = int(t["seed"])
     seed_everything(seed)

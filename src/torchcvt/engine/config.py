@@ -4,11 +4,15 @@ from __future__ import annotations
 
 import copy
 import difflib
-from collections.abc import Sequence
+import math
+import re
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
 import yaml
+
+from ..config import variant_config
 
 # Every key a config may set, with the paper's CvT-13 recipe as the default. Sizes are per process.
 DEFAULTS: dict[str, Any] = {
@@ -135,6 +139,8 @@ def _merge(base: dict[str, Any], update: dict[str, Any], origin: str, prefix: st
                 raise ValueError(f"config key {dotted!r} in {origin} is a section; got {value!r}")
             _merge(base[key], value, origin, dotted + ".")
         elif dotted in FREE_FORM:
+            if value is not None and not isinstance(value, dict):
+                raise ValueError(f"config key {dotted!r} in {origin} must be a mapping, got {value!r}")
             base[key] = {**base[key], **(value or {})}
         else:
             base[key] = value
@@ -152,8 +158,14 @@ def set_dotted(cfg: dict[str, Any], key: str, value: Any, origin: str = "the com
         if not isinstance(node.get(part), dict):
             raise _unknown_key(key, origin)
         node = node[part]
-    if parts[-1] not in node or (isinstance(node[parts[-1]], dict) and key not in FREE_FORM):
+    if parts[-1] not in node:
         raise _unknown_key(key, origin)
+    if isinstance(node[parts[-1]], dict) and key not in FREE_FORM:
+        example = next(iter(node[parts[-1]]))
+        raise ValueError(
+            f"config key {key!r} in {origin} is a section, not a value; set one of its keys "
+            f"(e.g. {key}.{example}=...)"
+        )
     node[parts[-1]] = value
 
 
@@ -164,24 +176,51 @@ def _lookup(cfg: dict[str, Any], dotted: str) -> Any:
     return node
 
 
+class _StrictLoader(yaml.SafeLoader):
+    """YAML with 1e-6 read as a float (as YAML 1.2 does) and a repeated key an error."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        seen = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if key in seen:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"duplicate key {key!r}", key_node.start_mark
+                )
+            seen.add(key)
+        return super().construct_mapping(node, deep)
+
+
+# YAML 1.1 wants a dot and a signed exponent in a float, so it reads 1e-6 and 5e3 as strings.
+_StrictLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:float", re.compile(r"^[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+$"), list("-+0123456789.")
+)
+
+
+def read_yaml(text: str, origin: str) -> Any:
+    """Parse YAML text strictly; a syntax error or a repeated key is a one-line ValueError naming origin."""
+    try:
+        return yaml.load(text, Loader=_StrictLoader)  # noqa: S506 - a SafeLoader subclass
+    except yaml.YAMLError as error:
+        mark = getattr(error, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+        problem = getattr(error, "problem", None) or str(error).splitlines()[0]
+        raise ValueError(f"{origin} is not valid YAML: {problem}{where}") from None
+
+
 def parse_override(text: str) -> tuple[str, Any]:
     """'optim.lr=1e-3' -> ('optim.lr', 0.001); values are read as YAML."""
     if "=" not in text:
         raise ValueError(f"override {text!r} is not KEY=VALUE (e.g. train.epochs=10)")
     key, raw = text.split("=", 1)
-    value = yaml.safe_load(raw) if raw.strip() else None
-    if isinstance(value, str):
-        try:
-            value = float(value)  # YAML 1.1 reads 1e-3 (no dot) as a string
-        except ValueError:
-            pass
+    value = read_yaml(raw, f"the value of override {text!r}") if raw.strip() else None
     return key.strip(), value
 
 
 def load_config(
     path: str | Path | None = None, overrides: Sequence[str] = (), values: dict[str, Any] | None = None
 ) -> dict[str, Any]:
-    """Defaults, the YAML file, then KEY=VALUE overrides and typed dotted `values`.
+    """Defaults, the YAML file, then KEY=VALUE overrides and typed dotted `values`; every value checked.
 
     With neither a file nor data.train, the digits recipe stands in for the file.
     """
@@ -191,7 +230,7 @@ def load_config(
         path = Path(path)
         if not path.is_file():
             raise FileNotFoundError(f"config file {path} does not exist")
-        loaded = yaml.safe_load(path.read_text()) or {}
+        loaded = read_yaml(path.read_text(), f"config file {path}") or {}
         if not isinstance(loaded, dict):
             raise ValueError(
                 f"config file {path} must hold a mapping of sections, not {type(loaded).__name__}"
@@ -201,4 +240,206 @@ def load_config(
         _merge(cfg, copy.deepcopy(DIGITS_RECIPE), "the digits recipe")
     for key, value in settings:
         set_dotted(cfg, key, value)
+    return validate_config(cfg)
+
+
+# ----------------------------------------------------------------------------- value checks
+
+Check = Callable[[str, Any], Any]
+
+
+def _number(kind: str, value: Any) -> bool:
+    if isinstance(value, bool):
+        return False
+    return isinstance(value, int) if kind == "int" else isinstance(value, (int, float))
+
+
+def integer(low: int | None = None, optional: bool = False) -> Check:
+    """An int (not a bool, float or string), at least low."""
+
+    def check(key: str, value: Any) -> Any:
+        if value is None and optional:
+            return None
+        if not _number("int", value):
+            raise ValueError(f"{key} must be an integer{' or null' if optional else ''}, got {value!r}")
+        if low is not None and value < low:
+            raise ValueError(f"{key} must be at least {low}, got {value}")
+        return value
+
+    return check
+
+
+def real(low: float | None = None, high: float | None = None, *, above: bool = False, below: bool = False,
+         optional: bool = False) -> Check:
+    """A finite number as a float, within [low, high] (`above`/`below`: the bound itself excluded)."""
+
+    def check(key: str, value: Any) -> Any:
+        if value is None and optional:
+            return None
+        if not _number("float", value) or not math.isfinite(value):
+            raise ValueError(f"{key} must be a number{' or null' if optional else ''}, got {value!r}")
+        if low is not None and (value < low or (above and value == low)):
+            raise ValueError(f"{key} must be {'above' if above else 'at least'} {low}, got {value}")
+        if high is not None and (value > high or (below and value == high)):
+            raise ValueError(f"{key} must be {'below' if below else 'at most'} {high}, got {value}")
+        return float(value)
+
+    return check
+
+
+def flag() -> Check:
+    """true or false."""
+
+    def check(key: str, value: Any) -> Any:
+        if not isinstance(value, bool):
+            raise ValueError(f"{key} must be true or false, got {value!r}")
+        return value
+
+    return check
+
+
+def text(choices: Sequence[str] | None = None, optional: bool = False) -> Check:
+    """A string (a path, a name), one of choices when given."""
+
+    def check(key: str, value: Any) -> Any:
+        if value is None and optional:
+            return None
+        if not isinstance(value, str) or (choices is None and not value):
+            null = " or null" if optional else ""
+            raise ValueError(f"{key} must be a non-empty string{null}, got {value!r}")
+        if choices is not None and value not in choices:
+            raise ValueError(f"{key} must be one of {', '.join(choices)}, got {value!r}")
+        return value
+
+    return check
+
+
+def pair(item: Check, ordered: bool = True) -> Check:
+    """A list of two numbers, each passing item (and low <= high when ordered)."""
+
+    def check(key: str, value: Any) -> Any:
+        if not isinstance(value, (list, tuple)) or len(value) != 2:
+            raise ValueError(f"{key} must be a list of two numbers, got {value!r}")
+        low, high = (item(f"{key}[{i}]", v) for i, v in enumerate(value))
+        if ordered and low > high:
+            raise ValueError(f"{key} must be [low, high] with low <= high, got {list(value)!r}")
+        return [low, high]
+
+    return check
+
+
+def mapping() -> Check:
+    """A mapping with string keys (checked further by whoever reads it)."""
+
+    def check(key: str, value: Any) -> Any:
+        if value is None:
+            return {}
+        if not isinstance(value, dict):
+            raise ValueError(f"{key} must be a mapping of model config fields, got {value!r}")
+        return value
+
+    return check
+
+
+def device() -> Check:
+    """auto, cpu, cuda, cuda:N or another device torch knows and this machine has."""
+
+    def check(key: str, value: Any) -> Any:
+        from .runtime import check_device
+
+        text()(key, value)
+        if value != "auto":
+            check_device(value, key)
+        return value
+
+    return check
+
+
+# One check per key: every value is typed and in range when load_config returns.
+SCHEMA: dict[str, Check] = {
+    "model.name": text(),
+    "model.checkpoint": text(optional=True),
+    "model.overrides": mapping(),
+    "model.freeze_stages": integer(0),
+    "model.sync_bn": flag(),
+    "data.train": text(optional=True),
+    "data.val": text(optional=True),
+    "data.digits_root": text(optional=True),
+    "data.workers": integer(0),
+    "data.pin_memory": flag(),
+    "data.persistent_workers": flag(),
+    "data.strict": flag(),
+    "data.eval_batch_size": integer(1, optional=True),
+    "aug.enabled": flag(),
+    "aug.scale": pair(real(0.0, 1.0, above=True)),
+    "aug.ratio": pair(real(0.0, above=True)),
+    "aug.hflip": real(0.0, 1.0),
+    "aug.color_jitter": real(0.0, optional=True),
+    "aug.auto_augment": text(optional=True),
+    "aug.interpolation": text(("bicubic", "bilinear", "nearest", "random")),
+    "aug.re_prob": real(0.0, 1.0),
+    "aug.re_mode": text(("const", "rand", "pixel")),
+    "aug.re_count": integer(1),
+    "aug.mixup": real(0.0),
+    "aug.cutmix": real(0.0),
+    "aug.mixup_prob": real(0.0, 1.0),
+    "aug.mixup_switch_prob": real(0.0, 1.0),
+    "aug.mixup_mode": text(("batch", "pair", "elem")),
+    "aug.label_smoothing": real(0.0, 1.0, below=True),
+    "aug.repeated_aug": integer(0),
+    "optim.opt": text(),
+    "optim.lr": real(0.0, above=True, optional=True),
+    "optim.base_lr": real(0.0, above=True),
+    "optim.base_batch_size": integer(1),
+    "optim.weight_decay": real(0.0),
+    "optim.betas": pair(real(0.0, 1.0, below=True), ordered=False),
+    "optim.eps": real(0.0, above=True),
+    "optim.momentum": real(0.0, 1.0),
+    "optim.layer_decay": real(0.0, 1.0, above=True, optional=True),
+    "optim.clip_grad": real(0.0, above=True, optional=True),
+    "sched.name": text(("cosine",)),
+    "sched.warmup_epochs": real(0.0),
+    "sched.warmup_lr": real(0.0),
+    "sched.min_lr": real(0.0),
+    "sched.cooldown_epochs": integer(0),
+    "train.epochs": integer(1),
+    "train.batch_size": integer(1),
+    "train.output": text(),
+    "train.amp": text(("none", "bf16", "fp16")),
+    "train.ema": flag(),
+    "train.ema_decay": real(0.0, 1.0, above=True, below=True),
+    "train.seed": integer(0),
+    "train.deterministic": flag(),
+    "train.device": device(),
+    "train.checkpoint_every_steps": integer(0),
+    "train.log_every_steps": integer(1),
+    "train.quiet": flag(),
+    "train.resume": text(optional=True),
+    "train.auto_resume": flag(),
+}
+
+
+def validate_config(cfg: dict[str, Any]) -> dict[str, Any]:
+    """Check (and normalise: ints as floats where a float is meant) every value of cfg in place; returns cfg.
+
+    A ValueError names the first wrong key and its value; nothing heavy (data, model) runs before this.
+    """
+    for key, check in SCHEMA.items():
+        section, name = key.split(".")
+        cfg[section][name] = check(key, cfg[section][name])
+    m, s, t = cfg["model"], cfg["sched"], cfg["train"]
+    try:
+        variant_config(m["name"], **m["overrides"])
+    except (TypeError, ValueError) as error:
+        raise ValueError(f"model.name={m['name']!r} with model.overrides {m['overrides']}: {error}") from None
+    decay_epochs = t["epochs"] - s["cooldown_epochs"]
+    if decay_epochs < 1:
+        raise ValueError(
+            f"train.epochs={t['epochs']} must exceed sched.cooldown_epochs={s['cooldown_epochs']}"
+        )
+    if s["warmup_epochs"] >= decay_epochs:
+        raise ValueError(
+            f"sched.warmup_epochs={s['warmup_epochs']} must be less than train.epochs - "
+            f"sched.cooldown_epochs = {decay_epochs}, or the learning rate never decays"
+        )
     return cfg
