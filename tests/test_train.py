@@ -259,7 +259,7 @@ def _make_bad_inputs(tmp_path: Path, data: Path) -> dict[str, tuple[list[str], s
         ),
         "resume": (
             [*tiny_overrides(data, tmp_path / "run"), f"train.resume={wrong}"],
-            "wrong.pth holds a cvt_13 whose embed_dim is",
+            "cannot resume from .*wrong.pth: model embed_dim is",
         ),
         "config": (
             ["--config", str(tmp_path / "none.yaml"), f"train.output={out}"],

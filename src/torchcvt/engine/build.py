@@ -14,7 +14,7 @@ import torch.distributed as dist
 from torch import nn
 from torch.utils.data import DataLoader, DistributedSampler
 
-from ..config import CvtConfig, get_variant
+from ..config import variant_config
 from ..data import (
     ImageFolder,
     SeededSampler,
@@ -30,7 +30,7 @@ from ..model import CvT
 from .config import validate_config
 from .optim import build_loss, build_optimizer, build_scheduler, freeze_stages, learning_rate
 from .runtime import Runtime, seed_everything
-from .state import check_same_architecture, read_training_state
+from .state import check_resumable, read_training_state
 
 logger = logging.getLogger(__name__)
 
@@ -108,23 +108,13 @@ def resume_path(cfg: dict[str, Any], output: Path) -> Path | None:
     return last if t["auto_resume"] and last.is_file() else None
 
 
-def build_model(
-    cfg: dict[str, Any], class_names: list[str], resume: dict[str, Any] | None, resume_from: Path | None,
-    train_dir: Path, runtime: Runtime,
-) -> CvT:
-    """The configured variant with its overrides, checked against the checkpoint it resumes from."""
+def build_model(cfg: dict[str, Any], class_names: list[str], resuming: bool, runtime: Runtime) -> CvT:
+    """The configured variant with its overrides (and the fine-tuning checkpoint unless resuming)."""
     m = cfg["model"]
     overrides = dict(m["overrides"] or {})
-    name = m["name"]
-    config = CvtConfig().replace(**{**get_variant(name).config, **overrides, "num_classes": len(class_names)})
-    if resume is not None:
-        check_same_architecture(resume, config, name, resume_from)
-        saved_classes = resume.get("class_names")
-        if saved_classes is not None and list(saved_classes) != class_names:
-            raise ValueError(f"checkpoint {resume_from} was trained on other classes than {train_dir}")
     # Fine-tuning: create_model's loader checks the architecture and replaces a head of another size.
-    checkpoint = m["checkpoint"] if resume is None else None
-    model = create_model(name, num_classes=len(class_names), checkpoint=checkpoint, **overrides)
+    checkpoint = None if resuming else m["checkpoint"]
+    model = create_model(m["name"], num_classes=len(class_names), checkpoint=checkpoint, **overrides)
     if checkpoint is not None and runtime.is_main:
         logger.info(f"fine-tuning from {checkpoint}")
     freeze_stages(model, int(m["freeze_stages"]))
@@ -148,7 +138,14 @@ def build_components(cfg: dict[str, Any], runtime: Runtime) -> Components:
     class_names = checked_classes(train_dir, val_dir)
     resume_from = resume_path(cfg, output)
     resume = read_training_state(resume_from) if resume_from else None
-    model = build_model(cfg, class_names, resume, resume_from, train_dir, runtime)
+    if resume is not None:
+        m = cfg["model"]
+        config = variant_config(m["name"], num_classes=len(class_names), **m["overrides"])
+        changes = check_resumable(resume, cfg, config, class_names, resume_from)
+        if changes and runtime.is_main:
+            listed = "; ".join(f"{key}: {old!r} -> {new!r}" for key, (old, new) in changes.items())
+            logger.info(f"resuming with a changed config (the schedule and optimiser follow it): {listed}")
+    model = build_model(cfg, class_names, resume is not None, runtime)
     data_config = model.pretrained_cfg
     train_set = ImageFolder(train_dir, train_transform(a, data_config), class_names)
     val_set = ImageFolder(val_dir, eval_transform(data_config), class_names)

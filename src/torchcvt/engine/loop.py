@@ -89,8 +89,13 @@ class Trainer:
     def restore(self, state: dict[str, Any]) -> None:
         """Continue from a training checkpoint."""
         self.model.load_state_dict(state["state_dict"])
+        # The optimiser's moments come from the checkpoint; its hyper-parameters (lr, weight decay, betas,
+        # ...) and the schedule from this run's config, so a run can be extended or re-tuned.
+        groups = self.optimizer.param_groups
+        configured = [{k: v for k, v in group.items() if k != "params"} for group in groups]
         self.optimizer.load_state_dict(state["optimizer"])
-        self.scheduler.load_state_dict(state["scheduler"])
+        for group, values in zip(self.optimizer.param_groups, configured, strict=True):
+            group.update(values)
         self.scaler.load_state_dict(state["scaler"])
         if self.ema is not None and state.get("ema") is not None:
             self.ema.module.load_state_dict(state["ema"])
@@ -98,6 +103,7 @@ class Trainer:
         if self.start_step >= self.steps_per_epoch:
             self.start_epoch, self.start_step = self.start_epoch + 1, 0
         self.global_step = int(state["global_step"])
+        self.scheduler.step_update(self.global_step)
         self.best_top1, self.best_top5 = float(state["best_top1"]), float(state["best_top5"])
         self.wall_before = float(state.get("wall_seconds", 0.0))
         self.train_images, self.train_seconds = int(state["train_images"]), float(state["train_seconds"])
