@@ -89,6 +89,7 @@ def add_eval_command(sub: argparse._SubParsersAction) -> None:
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--real-labels", help="ImageNet-ReaL real.json, for ReaL top-1/top-5 on ImageNet val")
     parser.add_argument("--device", default="auto", help="auto, cpu or cuda")
+    parser.add_argument("--strict", action="store_true", help="stop at the first unreadable image")
     parser.set_defaults(run=_run_eval)
 
 
@@ -97,14 +98,14 @@ def _run_eval(args: argparse.Namespace) -> int:
 
     report = evaluate_checkpoint(
         args.model, args.checkpoint, args.data, output=args.output, batch_size=args.batch_size,
-        workers=args.workers, real_labels=args.real_labels, device=args.device,
+        workers=args.workers, real_labels=args.real_labels, device=args.device, strict=args.strict,
     )
     print(f"top-1 {100 * report['top1']:.2f}%  top-5 {100 * report['top5']:.2f}%  loss {report['loss']:.4f}  "
           f"({report['images']} images, {report['classes']} classes)")
     if "real_top1" in report:
         print(f"ReaL top-1 {100 * report['real_top1']:.2f}%  ReaL top-5 {100 * report['real_top5']:.2f}%")
-    if report["skipped_images"]:
-        print(f"skipped {len(report['skipped_images'])} unreadable image(s)")
+    if report["unreadable"]:
+        print(f"{report['unreadable']} unreadable image(s) not scored (listed in the report)")
     print(f"report: {report['report_json']}")
     if "confusion_png" in report:
         print(f"confusion matrix: {report['confusion_png']}")

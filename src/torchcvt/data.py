@@ -191,16 +191,15 @@ class ShardSampler(Sampler):
         return iter(self.indices)
 
 
-def collate_skipping_bad(batch: list) -> tuple[torch.Tensor, torch.Tensor, list[BadImage]]:
-    """Collate good samples and refill the places of bad ones from the same batch.
+def collate_skipping_bad(batch: list) -> tuple[torch.Tensor | None, torch.Tensor | None, list[BadImage]]:
+    """Collate the readable samples of a batch; the unreadable ones come back as a list, never scored.
 
-    Keeping the batch size constant keeps DDP ranks in step and mixup's even-batch rule.
+    A batch with nothing readable gives (None, None, bad): the caller skips it and counts it.
     """
     good = [sample for sample in batch if not isinstance(sample, BadImage)]
     bad = [sample for sample in batch if isinstance(sample, BadImage)]
     if not good:
-        raise ValueError(f"every image of a batch is unreadable, first {bad[0].path}: {bad[0].error}")
-    good += [good[i % len(good)] for i in range(len(bad))]
+        return None, None, bad
     images, targets = default_collate(good)
     return images, targets, bad
 

@@ -13,11 +13,16 @@ from torch.utils.data import DataLoader
 
 from ..checkpoints import read_checkpoint
 from ..config import ARCHITECTURE_FIELDS, get_variant, variant_config
-from ..data import ImageFolder, eval_transform, list_classes, loader_options
+from ..data import BadImage, ImageFolder, eval_transform, list_classes, loader_options
 from ..factory import create_model
 from .reporting import plot_confusion
 from .runtime import Runtime, all_reduce, init_runtime
 from .state import check_same_architecture
+
+
+def unreadable_error(sample: BadImage, where: str) -> ValueError:
+    """The error strict mode stops with at an unreadable image."""
+    return ValueError(f"unreadable image {sample.path} ({sample.error}); {where} stops at the first one")
 
 
 @torch.no_grad()
@@ -30,49 +35,70 @@ def evaluate(
     amp_dtype: torch.dtype | None = None,
     real_labels: Any = None,
     confusion: bool = False,
+    strict: bool = False,
 ) -> dict[str, Any]:
-    """Top-1, top-5 and mean cross-entropy over the loader, summed over ranks; optional confusion matrix."""
+    """Top-1, top-5 and mean cross-entropy over the readable images, summed over ranks.
+
+    Unreadable images are never scored: they are counted (`unreadable`, summed over ranks) and listed
+    (`unreadable_images`, this rank's); with strict the first one is a ValueError. One host sync in all.
+    """
     model.eval()
-    totals = torch.zeros(4, dtype=torch.float64)  # correct@1, correct@5, loss sum, count
-    matrix = torch.zeros(num_classes, num_classes, dtype=torch.int64) if confusion else None
-    skipped: list[str] = []
+    totals = torch.zeros(3, dtype=torch.float64, device=device)  # correct@1, correct@5, loss sum
+    count = 0
+    matrix = torch.zeros(num_classes * num_classes, dtype=torch.int64, device=device) if confusion else None
+    unreadable: list[str] = []
     for images, targets, bad in loader:
-        skipped += [b.path for b in bad]
+        if bad and strict:
+            raise unreadable_error(bad[0], "strict evaluation")
+        unreadable += [b.path for b in bad]
+        if images is None:
+            if real_labels is not None:
+                _add_real_results(real_labels, torch.empty(0, num_classes), {b.path for b in bad})
+            continue
         images, targets = images.to(device, non_blocking=True), targets.to(device, non_blocking=True)
         with torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
             logits = model(images)
         logits = logits.float()
         top = logits.topk(min(5, logits.shape[1]), dim=1).indices
         hits = top.eq(targets[:, None])
-        totals += torch.tensor(
-            [
-                hits[:, 0].sum().item(),
-                hits.any(1).sum().item(),
-                nn.functional.cross_entropy(logits, targets, reduction="sum").item(),
-                len(targets),
-            ],
-            dtype=torch.float64,
-        )
+        loss = nn.functional.cross_entropy(logits, targets, reduction="sum")
+        totals += torch.stack([hits[:, 0].sum().double(), hits.any(1).sum().double(), loss.double()])
+        count += len(targets)
         if matrix is not None:
-            matrix += torch.bincount(
-                targets.cpu() * num_classes + top[:, 0].cpu(), minlength=num_classes**2
-            ).view(num_classes, num_classes)
+            matrix += torch.bincount(targets * num_classes + top[:, 0], minlength=num_classes**2)
         if real_labels is not None:
-            real_labels.add_result(logits.cpu())
-    correct1, correct5, loss_sum, count = all_reduce(totals.tolist(), runtime or Runtime(0, 1, device))
+            _add_real_results(real_labels, logits.cpu(), {b.path for b in bad})
+    correct1, correct5, loss_sum, count, bad_count = all_reduce(
+        [*totals.tolist(), count, len(unreadable)], runtime or Runtime(0, 1, device)
+    )
+    if not count:
+        raise ValueError(f"no image could be read ({int(bad_count)} unreadable): nothing to evaluate")
     result = {
         "top1": correct1 / count,
         "top5": correct5 / count,
         "loss": loss_sum / count,
         "images": int(count),
-        "skipped_images": skipped,
+        "unreadable": int(bad_count),
+        "unreadable_images": unreadable,
     }
     if matrix is not None:
-        result["confusion"] = matrix
+        result["confusion"] = matrix.view(num_classes, num_classes).cpu()
     if real_labels is not None:
         result["real_top1"] = real_labels.get_accuracy(1) / 100
         result["real_top5"] = real_labels.get_accuracy(max(real_labels.topk)) / 100
     return result
+
+
+def _add_real_results(real: Any, logits: torch.Tensor, unreadable: set[str]) -> None:
+    # timm's ReaL scorer pairs results with its file list by position: step over files never scored.
+    def skip() -> None:
+        while real.sample_idx < len(real.filenames) and real.filenames[real.sample_idx] in unreadable:
+            real.sample_idx += 1
+
+    for row in logits.split(1):
+        skip()
+        real.add_result(row)
+    skip()
 
 
 def evaluate_checkpoint(
@@ -85,11 +111,13 @@ def evaluate_checkpoint(
     workers: int = 2,
     real_labels: str | Path | None = None,
     device: str = "auto",
+    strict: bool = False,
 ) -> dict[str, Any]:
     """Score a checkpoint on an ImageFolder tree with the checkpoint's own class list; write a JSON report.
 
     The report goes to output (default: next to the checkpoint) as eval_<data>.json, with a
-    confusion-matrix PNG for up to 100 classes.
+    confusion-matrix PNG for up to 100 classes. Unreadable images are counted and listed, never scored;
+    with strict the first one is an error.
     """
     checkpoint = Path(checkpoint)
     get_variant(model_name)
@@ -126,7 +154,9 @@ def evaluate_checkpoint(
             topk=(1, min(5, len(class_names))),
         )
     confusion = len(class_names) <= 100
-    result = evaluate(model, loader, runtime.device, len(class_names), real_labels=real, confusion=confusion)
+    result = evaluate(
+        model, loader, runtime.device, len(class_names), real_labels=real, confusion=confusion, strict=strict
+    )
     out_dir = Path(output) if output is not None else checkpoint.parent
     out_dir.mkdir(parents=True, exist_ok=True)
     stem = f"eval_{Path(data).resolve().name}"

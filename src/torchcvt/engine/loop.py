@@ -41,6 +41,8 @@ class Trainer:
         self.best_top1 = self.best_top5 = -1.0
         self.wall_before, self.train_images, self.train_seconds = 0.0, 0, 0.0
         self.skipped = 0
+        # The last batch this rank trained on: a stand-in (weight 0) for an unreadable batch under DDP.
+        self._previous_batch: tuple[torch.Tensor, torch.Tensor] | None = None
         self.started = time.perf_counter()
         self.metrics: MetricsLog | None = None
 
@@ -160,6 +162,8 @@ class Trainer:
                 for step, (images, targets, bad) in enumerate(parts.train_loader, start=start + 1):
                     self._report_bad(bad)
                     loss = self.train_step(images, targets)
+                    if loss is None:
+                        continue
                     self.global_step += 1
                     self.scheduler.step_update(self.global_step)
                     window_loss, window_steps = window_loss + loss, window_steps + 1
@@ -210,15 +214,30 @@ class Trainer:
                     f"skipped unreadable image {sample.path} ({sample.error}); {self.skipped} skipped so far"
                 )
 
-    def train_step(self, images: torch.Tensor, targets: torch.Tensor) -> float:
-        """One optimiser step; the loss, or TrainingDiverged when it is not finite on any rank."""
+    def train_step(self, images: torch.Tensor | None, targets: torch.Tensor | None) -> float | None:
+        """One optimiser step; the loss, or TrainingDiverged when it is not finite on any rank.
+
+        A batch with nothing readable is skipped (None). Under DDP every rank must take part in every
+        step, so such a rank steps on its previous batch with weight 0 (it adds no gradient).
+        """
         device = self.runtime.device
+        if images is not None and targets is not None and self.parts.mixup is not None and len(images) % 2:
+            # Mixup pairs images, so it needs an even batch; a single readable image cannot be paired.
+            images, targets = (images[:-1], targets[:-1]) if len(images) > 1 else (None, None)
+        weight = 1.0
+        if images is None or targets is None:
+            if not self.runtime.distributed:
+                return None
+            images, targets = self._previous_batch or self._blank_batch()
+            weight = 0.0
+        else:
+            self._previous_batch = (images, targets)
         images, targets = images.to(device, non_blocking=True), targets.to(device, non_blocking=True)
         if self.parts.mixup is not None:
             images, targets = self.parts.mixup(images, targets)
         amp_dtype = self.parts.amp_dtype
         with torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
-            loss = self.parts.criterion(self.ddp(images), targets)
+            loss = self.parts.criterion(self.ddp(images), targets) * weight
         value = loss.detach().float()
         finite = torch.isfinite(value)
         if self.runtime.distributed:
@@ -241,11 +260,15 @@ class Trainer:
             self.ema.update(self.model, step=self.global_step)
         return value.item()
 
+    def _blank_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
+        return torch.zeros(2, *self.model.pretrained_cfg["input_size"]), torch.zeros(2, dtype=torch.long)
+
     def validate(self, epoch: int) -> dict[str, Any]:
         """Score the model (and its EMA) on the validation set; logged and written to metrics.jsonl."""
         parts = self.parts
         args = (parts.val_loader, self.runtime.device, len(self.class_names), self.runtime, parts.amp_dtype)
-        result = evaluate(self.model, *args)
+        strict = bool(self.cfg["data"]["strict"])
+        result = evaluate(self.model, *args, strict=strict)
         record = {
             "kind": "val",
             "step": self.global_step,
@@ -253,9 +276,11 @@ class Trainer:
             "top1": result["top1"],
             "top5": result["top5"],
             "loss": result["loss"],
+            "images": result["images"],
+            "unreadable": result["unreadable"],
         }
         if self.ema is not None:
-            ema = evaluate(self.ema.module, *args)
+            ema = evaluate(self.ema.module, *args, strict=strict)
             record.update(ema_top1=ema["top1"], ema_top5=ema["top5"], ema_loss=ema["loss"])
         if self.metrics is not None:
             self.metrics.write(record)

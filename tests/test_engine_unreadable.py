@@ -1,0 +1,87 @@
+"""Unreadable images: never scored, counted and listed; a batch with none readable is skipped; --strict."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from trainkit import digits_tree, tiny_overrides
+
+from torchcvt.cli import main
+from torchcvt.engine import load_config, train
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+def _break(folder: Path, name: str) -> Path:
+    """A truncated PNG: the header reads, the pixels do not."""
+    good = next(p for p in sorted(folder.glob("*.png")) if not p.name.startswith("!"))
+    path = folder / name
+    path.write_bytes(good.read_bytes()[:60])
+    return path
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    root = tmp_path_factory.mktemp("unreadable")
+    data = digits_tree(root / "data")
+    torch.set_num_threads(1)
+    train(load_config(None, tiny_overrides(data, root / "run", **{"train.epochs": 1})))
+    return data, root / "run" / "last.pth"
+
+
+def test_eval_scores_only_readable_images_and_reports_the_others(
+    run: tuple[Path, Path], tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    data, checkpoint = run
+    val = tmp_path / "val"
+    shutil.copytree(data / "val", val)  # 3 classes x 4 images
+    # Sorted first in class 0, so with --batch-size 2 the first batch holds nothing readable.
+    broken = [_break(val / "0", "!a.png"), _break(val / "0", "!b.png"), _break(val / "2", "!c.png")]
+    argv = ["eval", "--model", "cvt_digits", "--checkpoint", str(checkpoint), "--data", str(val),
+            "--output", str(tmp_path), "--batch-size", "2"]
+    assert main([*argv, "--workers", "2"]) == 0
+    captured = capsys.readouterr()
+    assert "Traceback" not in captured.err and "3 unreadable image(s) not scored" in captured.out
+    report = json.loads((tmp_path / "eval_val.json").read_text())
+    assert report["images"] == 12 and report["unreadable"] == 3
+    assert sorted(report["unreadable_images"]) == sorted(map(str, broken))
+    # Scores are those of the 12 readable images alone.
+    clean = tmp_path / "clean"
+    shutil.copytree(data / "val", clean / "val")
+    assert main(["eval", "--model", "cvt_digits", "--checkpoint", str(checkpoint),
+                 "--data", str(clean / "val"), "--output", str(clean), "--workers", "0"]) == 0
+    expected = json.loads((clean / "eval_val.json").read_text())
+    assert expected["images"] == 12 and expected["unreadable"] == 0
+    assert report["top1"] == pytest.approx(expected["top1"])
+    assert report["loss"] == pytest.approx(expected["loss"])
+    capsys.readouterr()
+    assert main([*argv, "--workers", "0", "--strict"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and "!a.png" in err and "strict evaluation stops at the first one" in err
+
+
+def test_training_skips_batches_with_nothing_readable_and_strict_validation_stops(
+    tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    data = digits_tree(tmp_path / "data")
+    _break(data / "train" / "1", "!t.png")  # batch size 1: a training batch with nothing readable
+    _break(data / "val" / "0", "!a.png")
+    _break(data / "val" / "0", "!b.png")  # eval batch size 2: the first val batch is all unreadable
+    # Batches of one image: projections without BatchNorm, which needs two values per channel.
+    model = {"embed_dim": [16, 24, 32], "num_heads": [1, 1, 2], "depth": [1, 1, 1],
+             "qkv_projection_method": ["avg", "avg", "avg"]}
+    extra = {"train.epochs": 1, "train.batch_size": 1, "data.eval_batch_size": 2, "model.overrides": model}
+    summary = train(load_config(None, tiny_overrides(data, tmp_path / "run", **extra)))
+    assert summary["skipped_images"] == 1 and summary["steps"] == 24  # 25 batches, one skipped
+    records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    val = [r for r in records if r["kind"] == "val"]
+    assert [(r["epoch"], r["images"], r["unreadable"]) for r in val] == [(1, 12, 2)]
+    (data / "train" / "1" / "!t.png").unlink()
+    argv = ["train", "--strict", *tiny_overrides(data, tmp_path / "strict", **extra)]
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert err.startswith("torchcvt train: error: unreadable image") and "!a.png" in err, err
