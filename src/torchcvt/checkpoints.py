@@ -21,8 +21,8 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from .config import VARIANTS, CvtConfig, get_variant, variant_config
-from .model import CvT
+from .config import ARCHITECTURE_FIELDS, VARIANTS, CvtConfig, get_variant, variant_config
+from .model import CvT, CvtFeatures
 
 FORMATS = ("official", "hf", "torchcvt")
 WEIGHTS_NAME = "model.safetensors"
@@ -38,7 +38,8 @@ HF_ARCH_FIELDS = (
 )
 HF_CONFIG_FIELDS = HF_ARCH_FIELDS + ("attention_drop_rate", "drop_rate", "drop_path_rate",
                                      "initializer_range")
-TORCHCVT_ARCH_FIELDS = HF_ARCH_FIELDS + ("position_embedding", "token_embedding", "layer_norm_eps")
+# A torchcvt checkpoint records them all; a different activation only warns (the weights still fit).
+TORCHCVT_ARCH_FIELDS = tuple(field for field in ARCHITECTURE_FIELDS if field != "activation")
 # transformers builds every LayerNorm with PyTorch's default eps and ignores its config's layer_norm_eps.
 HF_LAYER_NORM_EPS = 1e-5
 
@@ -541,3 +542,45 @@ def convert_checkpoint(
     _load_state_dict(model, checkpoint)
     export_checkpoint(model.eval(), dst, to, checkpoint.class_names)
     return model
+
+
+def model_from_checkpoint(
+    name: str | None,
+    checkpoint: str | Path | Checkpoint,
+    *,
+    num_classes: int | None = None,
+    features_only: bool = False,
+    **overrides: Any,
+) -> CvT | CvtFeatures:
+    """The model a checkpoint of any format holds, with its weights.
+
+    Variant `name` (default: the one the checkpoint records) with every architecture field the
+    checkpoint's config sets (a run's `model.overrides` included), then `overrides`; the head size is
+    the checkpoint's unless num_classes is given (then a head of another size is re-initialised).
+    """
+    stored = checkpoint if isinstance(checkpoint, Checkpoint) else read_checkpoint(checkpoint)
+    name = name or stored.architecture
+    if name is None:
+        raise ValueError(
+            f"{stored.path} does not say which variant it holds: name it "
+            f"(one of {', '.join(sorted(VARIANTS))})"
+        )
+    saved = {key: value for key, value in (stored.config or {}).items() if key in ARCHITECTURE_FIELDS}
+    if stored.architecture and stored.architecture != name:
+        variant = variant_config(name).to_dict()
+        for field, value in saved.items():
+            if _as_list(value) != _as_list(variant[field]) and field not in overrides:
+                raise ValueError(
+                    f"checkpoint {stored.path} holds a {stored.architecture} whose {field} is "
+                    f"{_as_list(value)} but {name} has {field} {_as_list(variant[field])}"
+                )
+    from .factory import create_model
+
+    head = (stored.num_classes or 1000) if num_classes is None else num_classes
+    return create_model(
+        name, num_classes=head, checkpoint=stored, features_only=features_only, **{**saved, **overrides}
+    )
+
+
+def _as_list(value: Any) -> Any:
+    return list(value) if isinstance(value, tuple) else value

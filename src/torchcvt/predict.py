@@ -17,7 +17,7 @@ import torch
 from PIL import Image, UnidentifiedImageError
 from tqdm import tqdm
 
-from .checkpoints import Checkpoint, read_checkpoint
+from .checkpoints import Checkpoint, model_from_checkpoint, read_checkpoint
 from .config import IMAGENET_MEAN, IMAGENET_STD
 from .data import IMAGE_EXTENSIONS, eval_transform, load_image, to_rgb
 from .factory import create_model
@@ -189,7 +189,11 @@ class Predictor:
             num_classes = len(class_names) if class_names else 1000
         if class_names is not None and len(class_names) != num_classes:
             raise ValueError(f"{len(class_names)} class names but num_classes is {num_classes}")
-        model = create_model(name, num_classes=num_classes, checkpoint=stored, **overrides)
+        model = (
+            create_model(name, num_classes=num_classes, **overrides)
+            if stored is None
+            else model_from_checkpoint(name, stored, num_classes=num_classes, **overrides)
+        )
         return cls(model, class_names, device=device, batch_size=batch_size)
 
     def preprocess(self, image: ImageInput) -> torch.Tensor:

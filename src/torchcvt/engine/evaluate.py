@@ -11,13 +11,11 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader
 
-from ..checkpoints import read_checkpoint
-from ..config import ARCHITECTURE_FIELDS, get_variant, variant_config
+from ..checkpoints import model_from_checkpoint, read_checkpoint
+from ..config import get_variant
 from ..data import BadImage, ImageFolder, eval_transform, list_classes, loader_options
-from ..factory import create_model
 from .reporting import plot_confusion
 from .runtime import Runtime, all_reduce, init_runtime
-from .state import check_same_architecture
 
 
 def unreadable_error(sample: BadImage, where: str) -> ValueError:
@@ -121,17 +119,18 @@ def evaluate_checkpoint(
     """
     checkpoint = Path(checkpoint)
     get_variant(model_name)
-    # Any format create_model loads, read once: class list, architecture and weights come from it.
+    # Any format, read once: class list, architecture and weights come from it.
     stored = read_checkpoint(checkpoint)
     class_names = list(stored.class_names) if stored.class_names else list_classes(data)
-    overrides = {}
-    if stored.config is not None:
-        saved = {"config": stored.config, "model_name": stored.architecture or model_name}
-        if saved["model_name"] != model_name:
-            check_same_architecture(saved, variant_config(model_name), model_name, checkpoint)
-        overrides = {k: v for k, v in stored.config.items() if k in ARCHITECTURE_FIELDS}
+    if stored.num_classes != len(class_names):
+        raise ValueError(
+            f"checkpoint {checkpoint} has a {stored.num_classes}-class head but {data} has "
+            f"{len(class_names)} class folders and the checkpoint names no classes; evaluating never "
+            "re-initialises a head: "
+            "evaluate on data with the checkpoint's classes"
+        )
     runtime = init_runtime(device)
-    model = create_model(model_name, num_classes=len(class_names), checkpoint=stored, **overrides)
+    model = model_from_checkpoint(model_name, stored)
     del stored
     model.to(runtime.device)
     data_config = model.pretrained_cfg

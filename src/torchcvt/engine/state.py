@@ -49,23 +49,6 @@ def read_training_state(path: str | Path) -> dict[str, Any]:
     return state
 
 
-def check_same_architecture(
-    checkpoint: dict[str, Any], config: CvtConfig, name: str, path: str | Path
-) -> None:
-    """One-line error when a torchcvt checkpoint holds another architecture than the model being built."""
-    saved = checkpoint.get("config")
-    if not isinstance(saved, dict):
-        return
-    ours = config.to_dict()
-    differing = [f for f in ARCHITECTURE_FIELDS if f in saved and _plain(saved[f]) != _plain(ours[f])]
-    if differing:
-        field = differing[0]
-        raise ValueError(
-            f"checkpoint {path} holds a {checkpoint.get('model_name', 'different model')} whose {field} is "
-            f"{saved[field]} but this run builds {name} with {field} {ours[field]}"
-        )
-
-
 def _plain(value: Any) -> Any:
     return list(value) if isinstance(value, tuple) else value
 
