@@ -31,6 +31,7 @@ DEFAULTS: dict[str, Any] = {
     },
     "aug": {
         "enabled": True,
+        "pipeline": "timm",  # timm: create_transform; torchvision: crop, flip, normalize (CvT-21-224)
         "scale": [0.08, 1.0],
         "ratio": [0.75, 1.3333333333],
         "hflip": 0.5,
@@ -61,6 +62,7 @@ DEFAULTS: dict[str, Any] = {
         "clip_grad": None,
     },
     "sched": {
+        "interval": "step",  # step: the LR moves every optimizer step; epoch: once per epoch (official)
         "name": "cosine",
         "warmup_epochs": 5,
         "warmup_lr": 1e-6,
@@ -72,6 +74,7 @@ DEFAULTS: dict[str, Any] = {
         "batch_size": 256,
         "output": "runs/cvt",
         "amp": "none",  # none, bf16, or fp16 (with loss scaling)
+        "val_amp": None,  # validation precision: none, bf16 or fp16; None: as train.amp
         "ema": False,
         "ema_decay": 0.99996,
         "seed": 0,
@@ -201,4 +204,30 @@ def load_config(
         _merge(cfg, copy.deepcopy(DIGITS_RECIPE), "the digits recipe")
     for key, value in settings:
         set_dotted(cfg, key, value)
+    check_recipe(cfg)
     return cfg
+
+
+def _one_of(key: str, value: Any, choices: Sequence[str], note: str = "") -> None:
+    if value not in choices:
+        raise ValueError(f"{key} must be one of {', '.join(choices)}{note}, got {value!r}")
+
+
+def check_recipe(cfg: dict[str, Any]) -> None:
+    """One-line errors for the schedule interval, augmentation pipeline and validation precision."""
+    a = cfg["aug"]
+    _one_of("sched.interval", cfg["sched"]["interval"], ("epoch", "step"))
+    _one_of("aug.pipeline", a["pipeline"], ("timm", "torchvision"))
+    if cfg["train"]["val_amp"] is not None:
+        precisions = ("none", "bf16", "fp16")
+        _one_of("train.val_amp", cfg["train"]["val_amp"], precisions, " (or null: as train.amp)")
+    if a["pipeline"] == "torchvision":
+        # The plain pipeline crops, flips and normalizes; a timm-only setting would be silently dropped.
+        for key in ("auto_augment", "color_jitter", "re_prob"):
+            if a[key]:
+                raise ValueError(
+                    f"aug.{key}={a[key]!r} needs aug.pipeline=timm (the torchvision pipeline only crops, "
+                    "flips and normalizes)"
+                )
+        modes = ("bilinear", "bicubic", "nearest")
+        _one_of("aug.interpolation", a["interpolation"], modes, " with aug.pipeline=torchvision")
