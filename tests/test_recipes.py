@@ -271,6 +271,7 @@ def test_torchvision_pipeline_is_the_plain_official_one() -> None:
             "albumentations",
             r"aug.pipeline must be one of timm, torchvision, got 'albumentations'",
         ),
+        ("train.amp", "fp32", r"train.amp must be one of none, bf16, fp16, got 'fp32'"),
         ("sched.interval", "batch", r"sched.interval must be one of epoch, step, got 'batch'"),
         ("train.val_amp", "fp8", r"train.val_amp must be one of none, bf16, fp16 \(or null"),
         ("aug.auto_augment", "rand-m9", r"aug.auto_augment='rand-m9' needs aug.pipeline=timm"),
@@ -321,3 +322,17 @@ def test_head_bias_keeps_pytorch_default_init_as_official() -> None:
     bias, bound = model.head.bias.detach(), model.head.in_features**-0.5
     assert bias.abs().max() <= bound and bias.abs().min() > 0 and bias.std() > bound / 4
     assert model.head.weight.std().item() == pytest.approx(0.02, rel=0.2)
+
+
+@pytest.mark.parametrize(
+    ("val_amp", "want"), [("none", None), (None, torch.bfloat16), ("fp16", torch.float16)]
+)
+def test_validation_precision_is_set_apart_from_training(tmp_path: Path, val_amp: str | None, want) -> None:
+    from torchcvt.engine import Runtime, build_components
+
+    data = digits_tree(tmp_path / "data", classes=2, train_per_class=4, val_per_class=2)
+    cfg = load_config(
+        None, tiny_overrides(data, tmp_path / "run", **{"train.amp": "bf16", "train.val_amp": val_amp})
+    )
+    parts = build_components(cfg, Runtime(0, 1, torch.device("cpu")))
+    assert parts.amp_dtype is torch.bfloat16 and parts.val_amp_dtype is want

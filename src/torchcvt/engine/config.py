@@ -214,12 +214,13 @@ def _one_of(key: str, value: Any, choices: Sequence[str], note: str = "") -> Non
 
 
 def check_recipe(cfg: dict[str, Any]) -> None:
-    """One-line errors for the schedule interval, augmentation pipeline and validation precision."""
+    """One-line errors for the schedule interval, augmentation pipeline and training/validation precision."""
     a = cfg["aug"]
     _one_of("sched.interval", cfg["sched"]["interval"], ("epoch", "step"))
     _one_of("aug.pipeline", a["pipeline"], ("timm", "torchvision"))
+    precisions = ("none", "bf16", "fp16")
+    _one_of("train.amp", cfg["train"]["amp"], precisions)
     if cfg["train"]["val_amp"] is not None:
-        precisions = ("none", "bf16", "fp16")
         _one_of("train.val_amp", cfg["train"]["val_amp"], precisions, " (or null: as train.amp)")
     if a["pipeline"] == "torchvision":
         # The plain pipeline crops, flips and normalizes; a timm-only setting would be silently dropped.

@@ -8,6 +8,7 @@ import torch
 
 from ..config import get_variant, variant_config
 from ..data import eval_transform, train_transform
+from .config import check_recipe
 from .optim import build_scheduler, learning_rate, update_lr
 
 # The per-step schedule's LR at an epoch's first step does not depend on the number of steps per epoch
@@ -40,6 +41,7 @@ def dry_run(cfg: dict[str, Any], world_size: int = 1) -> dict[str, Any]:
 
     Reads no images and builds no model or dataset.
     """
+    check_recipe(cfg)
     if world_size < 1:
         raise ValueError(f"world_size must be a positive number of processes, got {world_size}")
     m, a, o, s, t = cfg["model"], cfg["aug"], cfg["optim"], cfg["sched"], cfg["train"]
