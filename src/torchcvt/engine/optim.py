@@ -105,7 +105,8 @@ def build_scheduler(
 
 
 def update_lr(scheduler: Any, interval: str, epoch: int, global_step: int) -> None:
-    """Put in force the LR for the step after global_step, which belongs to epoch (0-based)."""
+    """Put in force the schedule's LR at (epoch, global_step): per-epoch schedules read the epoch (0-based),
+    per-step ones the number of optimizer steps taken."""
     if interval == "epoch":
         scheduler.step(epoch)
     else:
