@@ -69,40 +69,10 @@ def test_embedded_digits_train_a_shortened_demo(tmp_path: Path) -> None:
     torch.testing.assert_close(model.state_dict()["head.weight"], best["state_dict"]["head.weight"])
 
 
-def test_config_files_reproduce_the_paper_recipe() -> None:
-    files = sorted(CONFIGS.glob("*.yaml"))
-    assert {
-        "cvt-13-224.yaml",
-        "cvt-13-384.yaml",
-        "cvt-21-224.yaml",
-        "cvt-21-384.yaml",
-        "cvt-w24-384.yaml",
-    } <= {f.name for f in files}
-    configs = {f.stem: load_config(f) for f in files}
-    for name in ("cvt-13-224", "cvt-13-384"):
-        c = configs[name]
-        assert c["optim"]["base_lr"] == 2.5e-4 and c["optim"]["weight_decay"] == 0.05
-        assert c["aug"]["repeated_aug"] == 0
-    for name in ("cvt-21-224", "cvt-21-384"):
-        c = configs[name]
-        assert (
-            c["optim"]["base_lr"] == 1.25e-4
-            and c["optim"]["weight_decay"] == 0.1
-            and c["aug"]["repeated_aug"] == 3
-        )
-    assert configs["cvt-w24-384"]["optim"]["weight_decay"] == 0.1
-    for name in ("cvt-13-224", "cvt-21-384"):
-        c = configs[name]
-        assert (c["sched"]["warmup_epochs"], c["sched"]["warmup_lr"], c["sched"]["min_lr"]) == (5, 1e-6, 1e-5)
-        assert (c["sched"]["cooldown_epochs"], c["train"]["epochs"]) == (10, 300)
-        assert (c["aug"]["auto_augment"], c["aug"]["re_prob"], c["aug"]["re_mode"]) == (
-            "rand-m9-mstd0.5-inc1",
-            0.25,
-            "pixel",
-        )
-        assert (c["aug"]["mixup"], c["aug"]["cutmix"], c["aug"]["label_smoothing"]) == (0.8, 1.0, 0.1)
-    assert configs["cvt-13-384"]["model"]["name"] == "cvt_13_384"
-    # The embedded recipe and configs/digits.yaml are the same experiment.
+def test_every_config_file_loads_and_digits_is_the_embedded_recipe() -> None:
+    # The official recipes are checked field by field in test_recipes.py.
+    configs = {f.stem: load_config(f) for f in sorted(CONFIGS.glob("*.yaml"))}
+    assert {"cvt-13-224", "cvt-13-384", "cvt-21-224", "cvt-21-384", "cvt-w24-384"} <= set(configs)
     assert configs["digits"] == load_config(None)
 
 

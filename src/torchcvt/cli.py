@@ -43,6 +43,11 @@ def add_train_command(sub: argparse._SubParsersAction) -> None:
     parser.add_argument("--no-resume", action="store_true", help="ignore OUTPUT/last.pth")
     parser.add_argument("--strict", action="store_true", help="stop at the first unreadable image")
     parser.add_argument("--quiet", action="store_true", help="plain log lines instead of progress bars")
+    parser.add_argument("--dry-run", action="store_true",
+                        help="read no images, train nothing: print the resolved config, then one JSON line "
+                        "with the batch, LR per epoch, precision and transforms")
+    parser.add_argument("--world-size", type=int,
+                        help="with --dry-run: the number of processes to plan for (default 1)")
     parser.set_defaults(run=_run_train)
 
 
@@ -50,7 +55,10 @@ def _run_train(args: argparse.Namespace) -> int:
     import os
     from pathlib import Path
 
-    from .engine import TrainingDiverged, load_config, train
+    from .engine import TrainingDiverged, dry_run, load_config, train
+
+    if args.world_size is not None and not args.dry_run:
+        raise CliError("--world-size only applies to --dry-run (torchrun sets the real one)")
 
     values = {"train.output": args.output, "train.resume": args.resume}
     if args.data:
@@ -63,8 +71,19 @@ def _run_train(args: argparse.Namespace) -> int:
     values.update({"train.auto_resume": False} if args.no_resume else {})
     values.update({"data.strict": True} if args.strict else {})
     values.update({"train.quiet": True} if args.quiet else {})
+    config = args.config[0] if args.config else None
+    if args.dry_run:
+        import json
+
+        import yaml
+
+        cfg = load_config(config, args.overrides, values)
+        plan = dry_run(cfg, 1 if args.world_size is None else args.world_size)
+        print(yaml.safe_dump(cfg, sort_keys=False).rstrip())
+        print(json.dumps(plan))
+        return 0
     try:
-        summary = train(load_config(args.config[0] if args.config else None, args.overrides, values))
+        summary = train(load_config(config, args.overrides, values))
     except TrainingDiverged as error:
         raise CliError(str(error)) from None
     if os.environ.get("RANK", "0") == "0":

@@ -215,7 +215,19 @@ def loader_options(workers: int, pin_memory: bool, persistent_workers: bool, dev
 
 
 def train_transform(aug: dict[str, Any], data_config: dict[str, Any]) -> Callable:
-    """timm's ImageNet training pipeline: RandomResizedCrop, flip, RandAugment, colour jitter, erasing."""
+    """Training augmentation: timm's ImageNet pipeline (crop, flip, RandAugment, colour jitter, erasing)
+    or, with aug.pipeline 'torchvision', the official code's plain one without timm's loader (CvT-21-224).
+    """
+    if aug["enabled"] and aug["pipeline"] == "torchvision":
+        _, height, width = data_config["input_size"]
+        crop = T.RandomResizedCrop(
+            (height, width),
+            scale=tuple(aug["scale"]),
+            ratio=tuple(aug["ratio"]),
+            interpolation=InterpolationMode(aug["interpolation"]),
+        )
+        flip = T.RandomHorizontalFlip(aug["hflip"])
+        return T.Compose([crop, flip, T.ToTensor(), T.Normalize(data_config["mean"], data_config["std"])])
     from timm.data import create_transform
 
     return create_transform(

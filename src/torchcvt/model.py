@@ -124,7 +124,8 @@ class CvT(nn.Module):
                     nn.init.xavier_uniform_(module.weight)
                 else:
                     trunc_normal_(module.weight, std=std)
-                if module.bias is not None:
+                # The official code leaves the head's bias at PyTorch's default (uniform) initialisation.
+                if module.bias is not None and module is not self.head:
                     nn.init.zeros_(module.bias)
             elif isinstance(module, (nn.LayerNorm, nn.BatchNorm2d)):
                 nn.init.ones_(module.weight)

@@ -5,7 +5,8 @@ an ImageFolder tree. Under torchrun every process runs the same code; rank 0 alo
 """
 
 from .build import Components, build_components
-from .config import DEFAULTS, DIGITS_RECIPE, load_config, parse_override, set_dotted
+from .config import DEFAULTS, DIGITS_RECIPE, check_recipe, load_config, parse_override, set_dotted
+from .dryrun import dry_run
 from .evaluate import evaluate, evaluate_checkpoint
 from .loop import Trainer, TrainingDiverged, train
 from .optim import freeze_stages, param_groups
@@ -22,6 +23,8 @@ __all__ = [
     "Trainer",
     "TrainingDiverged",
     "build_components",
+    "check_recipe",
+    "dry_run",
     "evaluate",
     "evaluate_checkpoint",
     "freeze_stages",

@@ -64,6 +64,7 @@ class Components:
     ema: Any
     scaler: torch.amp.GradScaler
     amp_dtype: torch.dtype | None
+    val_amp_dtype: torch.dtype | None  # validation's autocast dtype (None: fp32)
     resume_path: Path | None
     resume_state: dict[str, Any] | None
 
@@ -132,6 +133,7 @@ def build_components(cfg: dict[str, Any], runtime: Runtime) -> Components:
     if runtime.is_main:
         output.mkdir(parents=True, exist_ok=True)
     amp_dtype = AMP_DTYPES[t["amp"]]
+    val_amp_dtype = amp_dtype if t["val_amp"] is None else AMP_DTYPES[t["val_amp"]]
     seed = int(t["seed"])
     seed_everything(seed)
     train_dir, val_dir = data_folders(cfg, runtime)
@@ -211,5 +213,5 @@ def build_components(cfg: dict[str, Any], runtime: Runtime) -> Components:
         val_loader=val_loader, batch_size=batch_size, global_batch=global_batch,
         steps_per_epoch=steps_per_epoch, epochs=epochs, lr=lr, optimizer=optimizer, scheduler=scheduler,
         mixup=mixup, criterion=criterion, ema=ema, scaler=scaler, amp_dtype=amp_dtype,
-        resume_path=resume_from, resume_state=resume,
+        val_amp_dtype=val_amp_dtype, resume_path=resume_from, resume_state=resume,
     )

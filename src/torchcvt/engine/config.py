@@ -35,6 +35,7 @@ DEFAULTS: dict[str, Any] = {
     },
     "aug": {
         "enabled": True,
+        "pipeline": "timm",  # timm: create_transform; torchvision: crop, flip, normalize (CvT-21-224)
         "scale": [0.08, 1.0],
         "ratio": [0.75, 1.3333333333],
         "hflip": 0.5,
@@ -65,6 +66,7 @@ DEFAULTS: dict[str, Any] = {
         "clip_grad": None,
     },
     "sched": {
+        "interval": "step",  # step: the LR moves every optimizer step; epoch: once per epoch (official)
         "name": "cosine",
         "warmup_epochs": 5,
         "warmup_lr": 1e-6,
@@ -76,6 +78,7 @@ DEFAULTS: dict[str, Any] = {
         "batch_size": 256,
         "output": "runs/cvt",
         "amp": "none",  # none, bf16, or fp16 (with loss scaling)
+        "val_amp": None,  # validation precision: none, bf16 or fp16; None: as train.amp
         "ema": False,
         "ema_decay": 0.99996,
         "seed": 0,
@@ -308,7 +311,8 @@ def text(choices: Sequence[str] | None = None, optional: bool = False) -> Check:
             null = " or null" if optional else ""
             raise ValueError(f"{key} must be a non-empty string{null}, got {value!r}")
         if choices is not None and value not in choices:
-            raise ValueError(f"{key} must be one of {', '.join(choices)}, got {value!r}")
+            null = " or null" if optional else ""
+            raise ValueError(f"{key} must be one of {', '.join(choices)}{null}, got {value!r}")
         return value
 
     return check
@@ -387,6 +391,7 @@ SCHEMA: dict[str, Check] = {
     "aug.mixup_mode": text(("batch", "pair", "elem")),
     "aug.label_smoothing": real(0.0, 1.0, below=True),
     "aug.repeated_aug": integer(0),
+    "aug.pipeline": text(("timm", "torchvision")),
     "optim.opt": text(),
     "optim.lr": real(0.0, above=True, optional=True),
     "optim.base_lr": real(0.0, above=True),
@@ -402,10 +407,12 @@ SCHEMA: dict[str, Check] = {
     "sched.warmup_lr": real(0.0),
     "sched.min_lr": real(0.0),
     "sched.cooldown_epochs": integer(0),
+    "sched.interval": text(("epoch", "step")),
     "train.epochs": integer(1),
     "train.batch_size": integer(1),
     "train.output": text(),
     "train.amp": text(("none", "bf16", "fp16")),
+    "train.val_amp": text(("none", "bf16", "fp16"), optional=True),
     "train.ema": flag(),
     "train.ema_decay": real(0.0, 1.0, above=True, below=True),
     "train.seed": integer(0),
@@ -442,4 +449,25 @@ def validate_config(cfg: dict[str, Any]) -> dict[str, Any]:
             f"sched.warmup_epochs={s['warmup_epochs']} must be less than train.epochs - "
             f"sched.cooldown_epochs = {decay_epochs}, or the learning rate never decays"
         )
+    check_recipe(cfg)
     return cfg
+
+
+def _one_of(key: str, value: Any, choices: Sequence[str], note: str = "") -> None:
+    if value not in choices:
+        raise ValueError(f"{key} must be one of {', '.join(choices)}{note}, got {value!r}")
+
+
+def check_recipe(cfg: dict[str, Any]) -> None:
+    """One-line errors for settings the torchvision augmentation pipeline would silently drop."""
+    a = cfg["aug"]
+    if a["pipeline"] == "torchvision":
+        # The plain pipeline crops, flips and normalizes; a timm-only setting would be silently dropped.
+        for key in ("auto_augment", "color_jitter", "re_prob"):
+            if a[key]:
+                raise ValueError(
+                    f"aug.{key}={a[key]!r} needs aug.pipeline=timm (the torchvision pipeline only crops, "
+                    "flips and normalizes)"
+                )
+        modes = ("bilinear", "bicubic", "nearest")
+        _one_of("aug.interpolation", a["interpolation"], modes, " with aug.pipeline=torchvision")

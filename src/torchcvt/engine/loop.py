@@ -13,6 +13,7 @@ from torch import nn
 
 from .build import Components, build_components
 from .evaluate import evaluate
+from .optim import update_lr
 from .reporting import MetricsLog, Progress, plot_curves
 from .runtime import Runtime, init_runtime, rng_state, set_rng_state, torch_settings
 from .state import save_training_state
@@ -151,11 +152,13 @@ class Trainer:
             f"{self.epochs} epochs; output {self.output}"
         )
         every = int(t["checkpoint_every_steps"])
+        interval = self.cfg["sched"]["interval"]
         last_val: dict[str, Any] = {}
         try:
             for epoch in range(self.start_epoch, self.epochs):
                 start = self.start_step if epoch == self.start_epoch else 0
                 parts.sampler.set_epoch(epoch, start * parts.batch_size)
+                update_lr(self.scheduler, interval, epoch, self.global_step)
                 self.set_train_mode()
                 progress.start(epoch, self.epochs, self.steps_per_epoch, start)
                 window_loss, window_steps, tick = 0.0, 0, time.perf_counter()
@@ -165,7 +168,7 @@ class Trainer:
                     if loss is None:
                         continue
                     self.global_step += 1
-                    self.scheduler.step_update(self.global_step)
+                    update_lr(self.scheduler, interval, epoch, self.global_step)
                     window_loss, window_steps = window_loss + loss, window_steps + 1
                     elapsed = time.perf_counter() - tick
                     self.train_images += self.global_batch
@@ -266,7 +269,8 @@ class Trainer:
     def validate(self, epoch: int) -> dict[str, Any]:
         """Score the model (and its EMA) on the validation set; logged and written to metrics.jsonl."""
         parts = self.parts
-        args = (parts.val_loader, self.runtime.device, len(self.class_names), self.runtime, parts.amp_dtype)
+        val_amp = parts.val_amp_dtype
+        args = (parts.val_loader, self.runtime.device, len(self.class_names), self.runtime, val_amp)
         strict = bool(self.cfg["data"]["strict"])
         result = evaluate(self.model, *args, strict=strict)
         record = {

@@ -80,18 +80,33 @@ def optimizer_extras(optim: dict[str, Any]) -> dict[str, Any]:
 def build_scheduler(
     optimizer: torch.optim.Optimizer, sched: dict[str, Any], epochs: int, steps_per_epoch: int
 ) -> Any:
-    """Per-step cosine over epochs - cooldown (warm-up included), then min_lr to the end."""
+    """Cosine over epochs - cooldown (warm-up included), then min_lr to the end.
+
+    sched.interval 'step' moves the LR every optimizer step; 'epoch' once per epoch, as the official
+    code's timm scheduler (t_initial in epochs, epoch 0 entirely at warmup_lr). Drive it with update_lr.
+    """
     from timm.scheduler import CosineLRScheduler
 
     cooldown = int(sched["cooldown_epochs"])
+    per_epoch = sched["interval"] == "epoch"
+    unit = 1 if per_epoch else steps_per_epoch
     return CosineLRScheduler(
         optimizer,
-        t_initial=(epochs - cooldown) * steps_per_epoch,
+        t_initial=(epochs - cooldown) * unit,
         lr_min=float(sched["min_lr"]),
-        warmup_t=int(sched["warmup_epochs"] * steps_per_epoch),
+        warmup_t=sched["warmup_epochs"] if per_epoch else int(sched["warmup_epochs"] * unit),
         warmup_lr_init=float(sched["warmup_lr"]),
-        t_in_epochs=False,
+        t_in_epochs=per_epoch,
     )
+
+
+def update_lr(scheduler: Any, interval: str, epoch: int, global_step: int) -> None:
+    """Put in force the schedule's LR at (epoch, global_step): per-epoch schedules read the epoch (0-based),
+    per-step ones the number of optimizer steps taken."""
+    if interval == "epoch":
+        scheduler.step(epoch)
+    else:
+        scheduler.step_update(global_step)
 
 
 def build_loss(aug: dict[str, Any], num_classes: int) -> tuple[Any, nn.Module]:
