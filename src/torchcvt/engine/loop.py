@@ -14,7 +14,7 @@ from torch import nn
 from .build import Components, build_components
 from .evaluate import evaluate
 from .reporting import MetricsLog, Progress, plot_curves
-from .runtime import Runtime, init_runtime, rng_state, set_rng_state, torch_settings
+from .runtime import Runtime, agree_on_failure, init_runtime, rng_state, set_rng_state, torch_settings
 from .state import save_training_state
 
 logger = logging.getLogger(__name__)
@@ -160,7 +160,12 @@ class Trainer:
                 progress.start(epoch, self.epochs, self.steps_per_epoch, start)
                 window_loss, window_steps, tick = 0.0, 0, time.perf_counter()
                 for step, (images, targets, bad) in enumerate(parts.train_loader, start=start + 1):
-                    self._report_bad(bad)
+                    error = None
+                    try:
+                        self._report_bad(bad)
+                    except ValueError as raised:
+                        error = raised
+                    agree_on_failure(self.runtime, error)
                     loss = self.train_step(images, targets)
                     if loss is None:
                         continue
