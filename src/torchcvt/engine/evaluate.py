@@ -66,8 +66,9 @@ def evaluate(
             matrix += torch.bincount(targets * num_classes + top[:, 0], minlength=num_classes**2)
         if real_labels is not None:
             _add_real_results(real_labels, logits.cpu(), {b.path for b in bad})
+    counts = torch.tensor([count, len(unreadable)], dtype=torch.float64, device=device)
     correct1, correct5, loss_sum, count, bad_count = all_reduce(
-        [*totals.tolist(), count, len(unreadable)], runtime or Runtime(0, 1, device)
+        torch.cat([totals, counts]), runtime or Runtime(0, 1, device)
     )
     if not count:
         raise ValueError(f"no image could be read ({int(bad_count)} unreadable): nothing to evaluate")

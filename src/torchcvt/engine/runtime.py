@@ -53,13 +53,14 @@ def init_runtime(device: str = "auto") -> Runtime:
     return Runtime(rank, world_size, chosen, control)
 
 
-def all_reduce(values: Sequence[float], runtime: Runtime) -> list[float]:
-    """Sum a few numbers over all processes (one collective)."""
-    tensor = torch.tensor(list(values), dtype=torch.float64)
+def all_reduce(values: Sequence[float] | torch.Tensor, runtime: Runtime) -> list[float]:
+    """Sum a few numbers (host floats or a tensor on the device) over all processes: one collective,
+    one read back to the host."""
+    tensor = values if isinstance(values, torch.Tensor) else torch.tensor(list(values), dtype=torch.float64)
     if runtime.distributed:
         tensor = tensor.to(runtime.device)
         dist.all_reduce(tensor)
-    return tensor.cpu().tolist()
+    return tensor.tolist()
 
 
 def agree_on_failure(runtime: Runtime, error: ValueError | None) -> None:
