@@ -9,6 +9,7 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
 import torch
 from trainkit import digits_tree, tiny_overrides
 
@@ -81,6 +82,7 @@ def test_two_gloo_processes_match_one_process(tmp_path: Path) -> None:
     assert summary["world_size"] == 2
 
 
+@pytest.mark.slow
 def test_a_failure_on_one_rank_stops_every_rank_with_its_message(tmp_path: Path) -> None:
     """A strict-mode unreadable image that only one rank reads: the run ends at once, naming the file."""
     data = digits_tree(tmp_path / "data")

@@ -124,11 +124,11 @@ def evaluate_checkpoint(
     stored = read_checkpoint(checkpoint)
     class_names = list(stored.class_names) if stored.class_names else list_classes(data)
     if stored.num_classes != len(class_names):
+        n = len(class_names)
+        source = f"it names {n} classes" if stored.class_names else f"{data} has {n} class folders"
         raise ValueError(
-            f"checkpoint {checkpoint} has a {stored.num_classes}-class head but {data} has "
-            f"{len(class_names)} class folders and the checkpoint names no classes; evaluating never "
-            "re-initialises a head: "
-            "evaluate on data with the checkpoint's classes"
+            f"checkpoint {checkpoint} has a {stored.num_classes}-class head but {source}; evaluating "
+            "never re-initialises a head"
         )
     runtime = init_runtime(device)
     model = model_from_checkpoint(model_name, stored)
