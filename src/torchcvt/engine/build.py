@@ -135,7 +135,9 @@ def build_components(cfg: dict[str, Any], runtime: Runtime) -> Components:
     amp_dtype = AMP_DTYPES[t["amp"]]
     val_amp_dtype = amp_dtype if t["val_amp"] is None else AMP_DTYPES[t["val_amp"]]
     seed = int(t["seed"])
-    seed_everything(seed)
+    # Per-rank streams (as timm's random_seed(seed, rank)): DropPath masks and mixup differ across ranks.
+    # Rank 0 draws what a single process draws; DDP gives every rank rank 0's initial weights.
+    seed_everything(seed + runtime.rank)
     train_dir, val_dir = data_folders(cfg, runtime)
     class_names = checked_classes(train_dir, val_dir)
     resume_from = resume_path(cfg, output)
@@ -195,18 +197,18 @@ def build_components(cfg: dict[str, Any], runtime: Runtime) -> Components:
     epochs = int(t["epochs"])
     scheduler = build_scheduler(optimizer, cfg["sched"], epochs, steps_per_epoch)
     mixup, criterion = build_loss(a, len(class_names))
-    ema = None
-    if t["ema"]:
-        from timm.utils import ModelEmaV3
-
-        ema = ModelEmaV3(model, decay=float(t["ema_decay"]))
-    scaler = torch.amp.GradScaler(
-        runtime.device.type, enabled=amp_dtype is torch.float16 and runtime.device.type == "cuda"
-    )
+    # fp16 needs loss scaling on every device (torch's GradScaler runs on CPU too); bf16 does not.
+    scaler = torch.amp.GradScaler(runtime.device.type, enabled=amp_dtype is torch.float16)
     ddp: nn.Module = model
     if runtime.distributed:
         device_ids = [runtime.device.index] if runtime.device.type == "cuda" else None
         ddp = nn.parallel.DistributedDataParallel(model, device_ids=device_ids)
+    ema = None
+    if t["ema"]:
+        from timm.utils import ModelEmaV3
+
+        # After DDP's broadcast of rank 0's weights: every rank's average starts from the same model.
+        ema = ModelEmaV3(model, decay=float(t["ema_decay"]))
     return Components(
         output=output, train_dir=train_dir, val_dir=val_dir, class_names=class_names, model=model, ddp=ddp,
         train_set=train_set, val_set=val_set, sampler=sampler, train_loader=train_loader,

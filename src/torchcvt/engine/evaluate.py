@@ -66,8 +66,9 @@ def evaluate(
             matrix += torch.bincount(targets * num_classes + top[:, 0], minlength=num_classes**2)
         if real_labels is not None:
             _add_real_results(real_labels, logits.cpu(), {b.path for b in bad})
+    counts = torch.tensor([count, len(unreadable)], dtype=torch.float64, device=device)
     correct1, correct5, loss_sum, count, bad_count = all_reduce(
-        [*totals.tolist(), count, len(unreadable)], runtime or Runtime(0, 1, device)
+        torch.cat([totals, counts]), runtime or Runtime(0, 1, device)
     )
     if not count:
         raise ValueError(f"no image could be read ({int(bad_count)} unreadable): nothing to evaluate")
@@ -123,11 +124,11 @@ def evaluate_checkpoint(
     stored = read_checkpoint(checkpoint)
     class_names = list(stored.class_names) if stored.class_names else list_classes(data)
     if stored.num_classes != len(class_names):
+        n = len(class_names)
+        source = f"it names {n} classes" if stored.class_names else f"{data} has {n} class folders"
         raise ValueError(
-            f"checkpoint {checkpoint} has a {stored.num_classes}-class head but {data} has "
-            f"{len(class_names)} class folders and the checkpoint names no classes; evaluating never "
-            "re-initialises a head: "
-            "evaluate on data with the checkpoint's classes"
+            f"checkpoint {checkpoint} has a {stored.num_classes}-class head but {source}; evaluating "
+            "never re-initialises a head"
         )
     runtime = init_runtime(device)
     model = model_from_checkpoint(model_name, stored)

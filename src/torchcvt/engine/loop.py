@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import time
 from typing import Any
 
@@ -15,7 +16,7 @@ from .build import Components, build_components
 from .evaluate import evaluate
 from .optim import update_lr
 from .reporting import MetricsLog, Progress, plot_curves
-from .runtime import Runtime, init_runtime, rng_state, set_rng_state, torch_settings
+from .runtime import Runtime, agree_on_failure, init_runtime, rng_state, set_rng_state, torch_settings
 from .state import save_training_state
 
 logger = logging.getLogger(__name__)
@@ -42,6 +43,8 @@ class Trainer:
         self.best_top1 = self.best_top5 = -1.0
         self.wall_before, self.train_images, self.train_seconds = 0.0, 0, 0.0
         self.skipped = 0
+        # The first step whose loss was not finite and that loss, kept on the device ([-1, 0]: none yet).
+        self._diverged = torch.tensor([-1.0, 0.0], dtype=torch.float64, device=runtime.device)
         # The last batch this rank trained on: a stand-in (weight 0) for an unreadable batch under DDP.
         self._previous_batch: tuple[torch.Tensor, torch.Tensor] | None = None
         self.started = time.perf_counter()
@@ -161,35 +164,48 @@ class Trainer:
                 update_lr(self.scheduler, interval, epoch, self.global_step)
                 self.set_train_mode()
                 progress.start(epoch, self.epochs, self.steps_per_epoch, start)
-                window_loss, window_steps, tick = 0.0, 0, time.perf_counter()
+                window_loss, window_steps, tick = self._zero(), 0, time.perf_counter()
                 for step, (images, targets, bad) in enumerate(parts.train_loader, start=start + 1):
-                    self._report_bad(bad)
+                    error = None
+                    try:
+                        self._report_bad(bad)
+                    except ValueError as raised:
+                        error = raised
+                    agree_on_failure(self.runtime, error)
                     loss = self.train_step(images, targets)
                     if loss is None:
                         continue
                     self.global_step += 1
                     update_lr(self.scheduler, interval, epoch, self.global_step)
                     window_loss, window_steps = window_loss + loss, window_steps + 1
-                    elapsed = time.perf_counter() - tick
                     self.train_images += self.global_batch
+                    log = self.global_step % progress.every == 0 or step == self.steps_per_epoch
+                    saving = bool(every) and self.global_step % every == 0
+                    mean_loss = None
+                    if log or saving:
+                        # The one host sync of a logging interval: divergence check and the window's loss.
+                        mean_loss = self._check_finite(window_loss) / window_steps
+                    elapsed = time.perf_counter() - tick
                     lr = self.optimizer.param_groups[-1]["lr"]
                     speed = window_steps * self.global_batch / max(elapsed, 1e-9)
-                    progress.update(step, loss, lr, speed)
-                    if main and (self.global_step % progress.every == 0 or step == self.steps_per_epoch):
-                        self.metrics.write(
-                            {
-                                "kind": "train",
-                                "step": self.global_step,
-                                "epoch": epoch + step / self.steps_per_epoch,
-                                "loss": window_loss / window_steps,
-                                "lr": lr,
-                                "images_per_second": speed,
-                            }
-                        )
+                    progress.update(step, mean_loss if log else None, lr, speed)
+                    if log:
+                        if main:
+                            self.metrics.write(
+                                {
+                                    "kind": "train",
+                                    "step": self.global_step,
+                                    "epoch": epoch + step / self.steps_per_epoch,
+                                    "loss": mean_loss,
+                                    "lr": lr,
+                                    "images_per_second": speed,
+                                }
+                            )
                         self.train_seconds += elapsed
-                        window_loss, window_steps, tick = 0.0, 0, time.perf_counter()
-                    if every and self.global_step % every == 0:
+                        window_loss, window_steps, tick = self._zero(), 0, time.perf_counter()
+                    if saving:
                         self.save("last.pth", epoch, step)
+                self._check_finite(window_loss)
                 self.train_seconds += time.perf_counter() - tick if window_steps else 0.0
                 progress.close()
                 last_val = self.validate(epoch)
@@ -241,16 +257,11 @@ class Trainer:
         amp_dtype = self.parts.amp_dtype
         with torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
             loss = self.parts.criterion(self.ddp(images), targets) * weight
-        value = loss.detach().float()
-        finite = torch.isfinite(value)
-        if self.runtime.distributed:
-            flag = finite.to(torch.float32).to(device)
-            dist.all_reduce(flag, op=dist.ReduceOp.MIN)
-            finite = flag.bool()
-        if not finite:
-            last = self.output / "last.pth"
-            kept = f"the last good checkpoint is {last}" if last.exists() else "no checkpoint was written yet"
-            raise TrainingDiverged(f"loss is {value.item()} at step {self.global_step + 1}; stopped, {kept}")
+        value = loss.detach().double()
+        # Remembered on the device, read at the next check: no host sync per step.
+        first = (~torch.isfinite(value)) & (self._diverged[0] < 0)
+        at = torch.stack([torch.full_like(value, self.global_step + 1), value])
+        self._diverged = torch.where(first, at, self._diverged)
         self.optimizer.zero_grad(set_to_none=True)
         self.scaler.scale(loss).backward()
         clip = self.cfg["optim"]["clip_grad"]
@@ -261,7 +272,27 @@ class Trainer:
         self.scaler.update()
         if self.ema is not None:
             self.ema.update(self.model, step=self.global_step)
-        return value.item()
+        return value
+
+    def _zero(self) -> torch.Tensor:
+        return torch.zeros((), dtype=torch.float64, device=self.runtime.device)
+
+    def _check_finite(self, window_loss: torch.Tensor) -> float:
+        """TrainingDiverged if any rank's loss was not finite since the run (re)started; else the window's
+        summed loss. One host sync (and one collective when distributed)."""
+        numbers = torch.cat([self._diverged, window_loss.reshape(1)])
+        if self.runtime.distributed:
+            # The first diverged step over all ranks: MIN over steps, with "none" as +inf.
+            key = torch.where(numbers[0] < 0, torch.full_like(numbers[0], math.inf), numbers[0]).reshape(1)
+            dist.all_reduce(key, op=dist.ReduceOp.MIN)
+            numbers = torch.cat([key, numbers[1:]])
+        step, value, total = numbers.tolist()
+        if 0 <= step < math.inf:
+            last = self.output / "last.pth"
+            kept = f"the last good checkpoint is {last}" if last.exists() else "no checkpoint was written yet"
+            shown = value if not math.isfinite(value) else "not finite"
+            raise TrainingDiverged(f"loss is {shown} at step {int(step)}; stopped, {kept}")
+        return total
 
     def _blank_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
         return torch.zeros(2, *self.model.pretrained_cfg["input_size"]), torch.zeros(2, dtype=torch.long)

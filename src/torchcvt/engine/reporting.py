@@ -41,15 +41,17 @@ class Progress:
                 leave=False,
             )
 
-    def update(self, step: int, loss: float, lr: float, images_per_second: float) -> None:
+    def update(self, step: int, loss: float | None, lr: float, images_per_second: float) -> None:
+        """One step done; loss (the mean over the logging interval) is given at logging steps only."""
         if not self.enabled:
             return
         if self.bar is not None:
             self.bar.update(1)
-            self.bar.set_postfix(
-                loss=f"{loss:.4f}", lr=f"{lr:.2e}", img_s=f"{images_per_second:.0f}", refresh=False
-            )
-        elif step % self.every == 0 or step == self.total:
+            if loss is not None:
+                self.bar.set_postfix(
+                    loss=f"{loss:.4f}", lr=f"{lr:.2e}", img_s=f"{images_per_second:.0f}", refresh=False
+                )
+        elif loss is not None:
             done = step - self.initial
             eta = (time.perf_counter() - self.started) / max(done, 1) * (self.total - step)
             logger.info(

@@ -21,6 +21,7 @@ class Runtime:
     rank: int
     world_size: int
     device: torch.device
+    control: Any = None  # a Gloo group for host-side agreements when the default group is NCCL
 
     @property
     def is_main(self) -> bool:
@@ -48,16 +49,38 @@ def init_runtime(device: str = "auto") -> Runtime:
         if chosen.type == "cuda":
             torch.cuda.set_device(chosen)
         dist.init_process_group("nccl" if chosen.type == "cuda" else "gloo")
-    return Runtime(rank, world_size, chosen)
+    control = dist.new_group(backend="gloo") if world_size > 1 and dist.get_backend() != "gloo" else None
+    return Runtime(rank, world_size, chosen, control)
 
 
-def all_reduce(values: Sequence[float], runtime: Runtime) -> list[float]:
-    """Sum a few numbers over all processes (one collective)."""
-    tensor = torch.tensor(list(values), dtype=torch.float64)
+def all_reduce(values: Sequence[float] | torch.Tensor, runtime: Runtime) -> list[float]:
+    """Sum a few numbers (host floats or a tensor on the device) over all processes: one collective,
+    one read back to the host."""
+    tensor = values if isinstance(values, torch.Tensor) else torch.tensor(list(values), dtype=torch.float64)
     if runtime.distributed:
         tensor = tensor.to(runtime.device)
         dist.all_reduce(tensor)
-    return tensor.cpu().tolist()
+    return tensor.tolist()
+
+
+def agree_on_failure(runtime: Runtime, error: ValueError | None) -> None:
+    """Every rank calls this at the same point; if any rank brings an error, every rank raises it.
+
+    So a user error one rank meets (a strict-mode unreadable image) stops all ranks with the same
+    one-line message, instead of one rank leaving the others waiting in the next collective.
+    """
+    if not runtime.distributed:
+        if error is not None:
+            raise error
+        return
+    # On a CPU (Gloo) group: a GPU run pays no device sync for this check.
+    flag = torch.tensor([0 if error is None else 1], dtype=torch.int32)
+    dist.all_reduce(flag, group=runtime.control)
+    if flag.item():
+        messages: list[Any] = [None] * runtime.world_size
+        dist.all_gather_object(messages, None if error is None else str(error), group=runtime.control)
+        rank, message = next((r, m) for r, m in enumerate(messages) if m is not None)
+        raise ValueError(message if rank == runtime.rank else f"{message} (on rank {rank})")
 
 
 def seed_everything(seed: int) -> None:
