@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import signal
 import subprocess
@@ -44,7 +45,7 @@ def _overrides(data: Path, output: Path) -> list[str]:
 
 
 def test_sigkill_mid_epoch_then_resume_matches_an_uninterrupted_run(
-    tmp_path: Path, capsys: pytest.CaptureFixture
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     data = digits_tree(tmp_path / "data")
     reference = train(load_config(None, _overrides(data, tmp_path / "reference")))
@@ -72,8 +73,9 @@ def test_sigkill_mid_epoch_then_resume_matches_an_uninterrupted_run(
     assert 2 <= killed["global_step"] < expected["global_step"]
     assert killed["step_in_epoch"] > 0  # mid-epoch: the sampler and RNG states carry the rest
 
-    resumed = train(load_config(None, _overrides(data, run)))
-    assert f"resuming from {run / 'last.pth'}" in capsys.readouterr().out
+    with caplog.at_level(logging.INFO, logger="torchcvt"):
+        resumed = train(load_config(None, _overrides(data, run)))
+    assert f"resuming from {run / 'last.pth'}" in caplog.text
     final = torch.load(run / "last.pth", weights_only=True)
     assert final["global_step"] == expected["global_step"]
     for key in ("state_dict", "ema"):

@@ -12,7 +12,7 @@ from trainkit import TINY_MODEL, digits_tree, tiny_overrides
 
 from torchcvt import create_model
 from torchcvt.cli import main
-from torchcvt.engine import DEFAULTS, load_config, param_groups, save_checkpoint, train
+from torchcvt.engine import DEFAULTS, load_config, param_groups, save_training_state, train
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 
@@ -156,7 +156,7 @@ def test_lr_scales_with_global_batch_and_frozen_stages_stay(tmp_path: Path, data
             **{"optim.lr": None, "optim.base_lr": 2.5e-4, "train.batch_size": 8, "model.freeze_stages": 1},
         ),
     )
-    trainer = Trainer(cfg, init_runtime("cpu"))
+    trainer = Trainer.from_config(cfg, init_runtime("cpu"))
     assert math.isclose(trainer.lr, 2.5e-4 * 8 / 256)
     before = {k: v.clone() for k, v in trainer.model.state_dict().items()}
     trainer.run()
@@ -166,7 +166,7 @@ def test_lr_scales_with_global_batch_and_frozen_stages_stay(tmp_path: Path, data
 
 
 def test_unreadable_images_are_skipped_and_counted_or_stop_with_strict(
-    tmp_path: Path, data: Path, capsys: pytest.CaptureFixture
+    tmp_path: Path, data: Path, capsys: pytest.CaptureFixture, caplog: pytest.LogCaptureFixture
 ) -> None:
     import shutil
 
@@ -176,7 +176,7 @@ def test_unreadable_images_are_skipped_and_counted_or_stop_with_strict(
     (tree / "train" / "1" / "broken.png").write_bytes(good.read_bytes()[:60])  # truncated PNG
     summary = train(load_config(None, tiny_overrides(tree, tmp_path / "run", **{"train.epochs": 1})))
     assert summary["skipped_images"] == 1
-    assert "skipped unreadable image" in capsys.readouterr().err
+    assert "skipped unreadable image" in caplog.text
     argv = [
         "train",
         "--strict",
@@ -210,9 +210,9 @@ def test_non_finite_loss_stops_naming_the_step(
 
 def test_failed_checkpoint_write_leaves_the_previous_one(tmp_path: Path) -> None:
     path = tmp_path / "last.pth"
-    save_checkpoint({"step": 1, "w": torch.ones(3)}, path)
+    save_training_state({"step": 1, "w": torch.ones(3)}, path)
     with pytest.raises(Exception):  # noqa: B017 - whatever pickling raises, the old file must survive
-        save_checkpoint({"step": 2, "w": torch.zeros(3), "bad": lambda: None}, path)
+        save_training_state({"step": 2, "w": torch.zeros(3), "bad": lambda: None}, path)
     assert torch.load(path, weights_only=True)["step"] == 1
     assert [p.name for p in tmp_path.iterdir()] == ["last.pth"]
 
@@ -230,7 +230,7 @@ def _make_bad_inputs(tmp_path: Path, data: Path) -> dict[str, tuple[list[str], s
     other_model = create_model(
         "cvt_13", num_classes=3, embed_dim=[16, 32, 48], num_heads=[1, 2, 3], depth=[1, 1, 2]
     )
-    save_checkpoint(
+    save_training_state(
         {
             "state_dict": other_model.state_dict(),
             "model_name": "cvt_13",

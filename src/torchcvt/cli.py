@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 import sys
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 
 
 class CliError(Exception):
@@ -372,10 +374,39 @@ def _run_bench(args: argparse.Namespace) -> int:
     return 0
 
 
+class _Console(logging.Handler):
+    """The library's log records as the command's output: notices on stdout, warnings on stderr."""
+
+    def __init__(self, command: str):
+        super().__init__(logging.INFO)
+        self.command = command
+
+    def emit(self, record: logging.LogRecord) -> None:
+        # sys.stdout/sys.stderr looked up per record: they may be replaced (tests, tqdm) while running.
+        if record.levelno >= logging.WARNING:
+            print(f"torchcvt {self.command}: warning: {record.getMessage()}", file=sys.stderr, flush=True)
+        else:
+            print(record.getMessage(), flush=True)
+
+
+@contextmanager
+def _console_logging(command: str) -> Iterator[None]:
+    logger = logging.getLogger("torchcvt")
+    handler, level = _Console(command), logger.level
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
+    try:
+        yield
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(level)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        return int(args.run(args) or 0)
+        with _console_logging(args.command):
+            return int(args.run(args) or 0)
     except (CliError, ValueError, FileNotFoundError) as error:
         print(f"torchcvt {args.command}: error: {error}", file=sys.stderr)
         return 2

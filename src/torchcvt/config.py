@@ -40,6 +40,15 @@ STAGE_FIELDS: dict[str, type] = {
 }
 
 
+# The fields that fix a model's weights and function (the drop rates, init and head size do not): a
+# checkpoint reloads, and a run resumes, only into a model with the same values of every one of them.
+ARCHITECTURE_FIELDS = (
+    "num_channels", "patch_sizes", "patch_stride", "patch_padding", "embed_dim", "num_heads", "depth",
+    "mlp_ratio", "qkv_bias", "cls_token", "qkv_projection_method", "kernel_qkv", "padding_kv", "stride_kv",
+    "padding_q", "stride_q", "position_embedding", "token_embedding", "activation", "layer_norm_eps",
+)
+
+
 @dataclass
 class CvtConfig:
     """Every hyper-parameter of a CvT; per-stage fields are tuples with one entry per stage."""

@@ -205,6 +205,16 @@ def collate_skipping_bad(batch: list) -> tuple[torch.Tensor, torch.Tensor, list[
     return images, targets, bad
 
 
+def loader_options(workers: int, pin_memory: bool, persistent_workers: bool, device: torch.device) -> dict:
+    """DataLoader keyword arguments shared by training, validation and evaluation."""
+    return {
+        "num_workers": workers,
+        "pin_memory": pin_memory and device.type == "cuda",
+        "persistent_workers": persistent_workers and workers > 0,
+        "collate_fn": collate_skipping_bad,
+    }
+
+
 def train_transform(aug: dict[str, Any], data_config: dict[str, Any]) -> Callable:
     """timm's ImageNet training pipeline: RandomResizedCrop, flip, RandAugment, colour jitter, erasing."""
     from timm.data import create_transform
@@ -226,7 +236,6 @@ def train_transform(aug: dict[str, Any], data_config: dict[str, Any]) -> Callabl
         re_mode=aug["re_mode"],
         re_count=aug["re_count"],
     )
-
 
 
 def write_digits(root: str | Path, size: int = DIGITS_SIZE) -> tuple[Path, Path]:

@@ -1,0 +1,218 @@
+"""Assembling a run from its config: data folders, datasets and loaders, model, optimiser, schedule, loss."""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.utils.data import DataLoader, DistributedSampler
+
+from ..config import CvtConfig, get_variant
+from ..data import (
+    ImageFolder,
+    SeededSampler,
+    ShardSampler,
+    eval_transform,
+    list_classes,
+    loader_options,
+    train_transform,
+    write_digits,
+)
+from ..factory import create_model
+from ..model import CvT
+from .optim import build_loss, build_optimizer, build_scheduler, freeze_stages, learning_rate
+from .runtime import Runtime, seed_everything
+from .state import check_same_architecture, read_training_state
+
+logger = logging.getLogger(__name__)
+
+AMP_DTYPES = {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+@dataclass
+class Components:
+    """Everything a training loop runs on, built and checked before the first step."""
+
+    output: Path
+    train_dir: Path
+    val_dir: Path
+    class_names: list[str]
+    model: CvT
+    ddp: nn.Module  # the model as the forward pass calls it (DistributedDataParallel when distributed)
+    train_set: ImageFolder
+    val_set: ImageFolder
+    sampler: SeededSampler
+    train_loader: DataLoader
+    val_loader: DataLoader
+    batch_size: int
+    global_batch: int
+    steps_per_epoch: int
+    epochs: int
+    lr: float
+    optimizer: torch.optim.Optimizer
+    scheduler: Any
+    mixup: Any
+    criterion: nn.Module
+    ema: Any
+    scaler: torch.amp.GradScaler
+    amp_dtype: torch.dtype | None
+    resume_path: Path | None
+    resume_state: dict[str, Any] | None
+
+
+def data_folders(cfg: dict[str, Any], runtime: Runtime) -> tuple[Path, Path]:
+    """The train and val ImageFolder trees; the embedded digits (written once) when none is given."""
+    d = cfg["data"]
+    if d["train"] is None:
+        cache = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache"))
+        root = Path(d["digits_root"]) if d["digits_root"] else cache / "torchcvt" / "digits"
+        if runtime.is_main:
+            write_digits(root)
+        if runtime.distributed:
+            dist.barrier()
+        return write_digits(root)
+    train = Path(d["train"])
+    if d["val"] is None:
+        raise ValueError(f"data.val is not set (data.train is {train}); give the validation ImageFolder tree")
+    return train, Path(d["val"])
+
+
+def checked_classes(train_dir: Path, val_dir: Path) -> list[str]:
+    """The class list of the training tree; a one-line error when the validation tree's differs."""
+    class_names = list_classes(train_dir)
+    val_classes = list_classes(val_dir)
+    if val_classes != class_names:
+        missing = sorted(set(class_names) - set(val_classes))
+        extra = sorted(set(val_classes) - set(class_names))
+        raise ValueError(
+            f"val classes differ from train's ({len(val_classes)} in {val_dir}, {len(class_names)} "
+            f"in {train_dir}): missing from val {missing[:5]}, not in train {extra[:5]}"
+        )
+    return class_names
+
+
+def resume_path(cfg: dict[str, Any], output: Path) -> Path | None:
+    """train.resume, else OUTPUT/last.pth when present and auto_resume is on."""
+    t = cfg["train"]
+    if t["resume"]:
+        return Path(t["resume"])
+    last = output / "last.pth"
+    return last if t["auto_resume"] and last.is_file() else None
+
+
+def build_model(
+    cfg: dict[str, Any], class_names: list[str], resume: dict[str, Any] | None, resume_from: Path | None,
+    train_dir: Path, runtime: Runtime,
+) -> CvT:
+    """The configured variant with its overrides, checked against the checkpoint it resumes from."""
+    m = cfg["model"]
+    overrides = dict(m["overrides"] or {})
+    name = m["name"]
+    config = CvtConfig().replace(**{**get_variant(name).config, **overrides, "num_classes": len(class_names)})
+    if resume is not None:
+        check_same_architecture(resume, config, name, resume_from)
+        saved_classes = resume.get("class_names")
+        if saved_classes is not None and list(saved_classes) != class_names:
+            raise ValueError(f"checkpoint {resume_from} was trained on other classes than {train_dir}")
+    # Fine-tuning: create_model's loader checks the architecture and replaces a head of another size.
+    checkpoint = m["checkpoint"] if resume is None else None
+    model = create_model(name, num_classes=len(class_names), checkpoint=checkpoint, **overrides)
+    if checkpoint is not None and runtime.is_main:
+        logger.info(f"fine-tuning from {checkpoint}")
+    freeze_stages(model, int(m["freeze_stages"]))
+    model.to(runtime.device)
+    if m["sync_bn"] and runtime.distributed:
+        model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    return model
+
+
+def build_components(cfg: dict[str, Any], runtime: Runtime) -> Components:
+    """Build every component of a run from its config; every input is checked here, before training."""
+    d, a, t = cfg["data"], cfg["aug"], cfg["train"]
+    output = Path(t["output"])
+    if runtime.is_main:
+        output.mkdir(parents=True, exist_ok=True)
+    if t["amp"] not in AMP_DTYPES:
+        raise ValueError(f"train.amp must be none, bf16 or fp16, got {t['amp']!r}")
+    amp_dtype = AMP_DTYPES[t["amp"]]
+    seed = int(t["seed"])
+    seed_everything(seed)
+    train_dir, val_dir = data_folders(cfg, runtime)
+    class_names = checked_classes(train_dir, val_dir)
+    resume_from = resume_path(cfg, output)
+    resume = read_training_state(resume_from) if resume_from else None
+    model = build_model(cfg, class_names, resume, resume_from, train_dir, runtime)
+    data_config = model.pretrained_cfg
+    train_set = ImageFolder(train_dir, train_transform(a, data_config), class_names)
+    val_set = ImageFolder(val_dir, eval_transform(data_config), class_names)
+    batch_size = int(t["batch_size"])
+    per_rank = math.ceil(len(train_set) / runtime.world_size)
+    if batch_size < 1:
+        raise ValueError(f"train.batch_size must be positive, got {batch_size}")
+    if batch_size > per_rank:
+        raise ValueError(
+            f"train.batch_size={batch_size} is larger than the {per_rank} training images each of "
+            f"{runtime.world_size} process(es) gets from {train_dir} ({len(train_set)} in all)"
+        )
+    global_batch = batch_size * runtime.world_size
+
+    if a["repeated_aug"]:
+        from timm.data.distributed_sampler import RepeatAugSampler
+
+        base = RepeatAugSampler(
+            train_set, num_replicas=runtime.world_size, rank=runtime.rank, num_repeats=int(a["repeated_aug"])
+        )
+    else:
+        base = DistributedSampler(
+            train_set, num_replicas=runtime.world_size, rank=runtime.rank, shuffle=True, seed=seed,
+            drop_last=False,
+        )
+    sampler = SeededSampler(base, seed, runtime.rank, runtime.world_size)
+    options = loader_options(
+        int(d["workers"]), bool(d["pin_memory"]), bool(d["persistent_workers"]), runtime.device
+    )
+    # A private generator: creating loader iterators must not consume the global RNG.
+    train_loader = DataLoader(
+        train_set, batch_size=batch_size, sampler=sampler, drop_last=True,
+        generator=torch.Generator().manual_seed(seed), **options,
+    )
+    val_loader = DataLoader(
+        val_set,
+        batch_size=int(d["eval_batch_size"] or batch_size),
+        sampler=ShardSampler(len(val_set), runtime.rank, runtime.world_size),
+        **options,
+    )
+    steps_per_epoch = len(base) // batch_size
+
+    lr = learning_rate(cfg["optim"], global_batch)
+    optimizer = build_optimizer(model, cfg["optim"], lr)
+    epochs = int(t["epochs"])
+    scheduler = build_scheduler(optimizer, cfg["sched"], epochs, steps_per_epoch)
+    mixup, criterion = build_loss(a, len(class_names))
+    ema = None
+    if t["ema"]:
+        from timm.utils import ModelEmaV3
+
+        ema = ModelEmaV3(model, decay=float(t["ema_decay"]))
+    scaler = torch.amp.GradScaler(
+        runtime.device.type, enabled=amp_dtype is torch.float16 and runtime.device.type == "cuda"
+    )
+    ddp: nn.Module = model
+    if runtime.distributed:
+        device_ids = [runtime.device.index] if runtime.device.type == "cuda" else None
+        ddp = nn.parallel.DistributedDataParallel(model, device_ids=device_ids)
+    return Components(
+        output=output, train_dir=train_dir, val_dir=val_dir, class_names=class_names, model=model, ddp=ddp,
+        train_set=train_set, val_set=val_set, sampler=sampler, train_loader=train_loader,
+        val_loader=val_loader, batch_size=batch_size, global_batch=global_batch,
+        steps_per_epoch=steps_per_epoch, epochs=epochs, lr=lr, optimizer=optimizer, scheduler=scheduler,
+        mixup=mixup, criterion=criterion, ema=ema, scaler=scaler, amp_dtype=amp_dtype,
+        resume_path=resume_from, resume_state=resume,
+    )

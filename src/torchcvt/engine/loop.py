@@ -1,0 +1,299 @@
+"""The training loop: a Trainer runs epochs of steps on built components, validates, checkpoints, reports."""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from .build import Components, build_components
+from .evaluate import evaluate
+from .reporting import MetricsLog, Progress, plot_curves
+from .runtime import Runtime, init_runtime, rng_state, set_rng_state, torch_settings
+from .state import save_training_state
+
+logger = logging.getLogger(__name__)
+
+
+class TrainingDiverged(RuntimeError):
+    """The loss became NaN or infinite; the last good checkpoint is kept."""
+
+
+class Trainer:
+    """Runs one training run on components built by build_components; rank 0 alone logs and saves."""
+
+    def __init__(self, cfg: dict[str, Any], runtime: Runtime, parts: Components):
+        self.cfg, self.runtime, self.parts = cfg, runtime, parts
+        self.model, self.ddp = parts.model, parts.ddp
+        self.optimizer, self.scheduler, self.scaler, self.ema = (
+            parts.optimizer, parts.scheduler, parts.scaler, parts.ema,
+        )
+        self.output, self.class_names = parts.output, parts.class_names
+        self.lr, self.epochs, self.steps_per_epoch = parts.lr, parts.epochs, parts.steps_per_epoch
+        self.global_batch = parts.global_batch
+        # Loop state: where the run stands; restore() replaces it from a checkpoint.
+        self.global_step, self.start_epoch, self.start_step = 0, 0, 0
+        self.best_top1 = self.best_top5 = -1.0
+        self.wall_before, self.train_images, self.train_seconds = 0.0, 0, 0.0
+        self.skipped = 0
+        self.started = time.perf_counter()
+        self.metrics: MetricsLog | None = None
+
+    @classmethod
+    def from_config(cls, cfg: dict[str, Any], runtime: Runtime) -> Trainer:
+        """Build every component from cfg (checking every input) and hand them to a Trainer."""
+        return cls(cfg, runtime, build_components(cfg, runtime))
+
+    # -- state
+
+    def state(self, epoch: int, step_in_epoch: int) -> dict[str, Any]:
+        """The training checkpoint: weights, optimiser, schedule, EMA, RNG of every rank and loop state."""
+        rng = rng_state()
+        if self.runtime.distributed:
+            gathered: list[Any] = [None] * self.runtime.world_size
+            dist.all_gather_object(gathered, rng)
+        else:
+            gathered = [rng]
+        return {
+            "state_dict": self.model.state_dict(),
+            "model_name": self.cfg["model"]["name"],
+            "config": self.model.config.to_dict(),
+            "class_names": list(self.class_names),
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "scaler": self.scaler.state_dict(),
+            "ema": self.ema.module.state_dict() if self.ema is not None else None,
+            "epoch": epoch,
+            "step_in_epoch": step_in_epoch,
+            "global_step": self.global_step,
+            "best_top1": self.best_top1,
+            "best_top5": self.best_top5,
+            "world_size": self.runtime.world_size,
+            "rng": gathered,
+            "train_config": self.cfg,
+            "wall_seconds": self.wall_before + time.perf_counter() - self.started,
+            "train_images": self.train_images,
+            "train_seconds": self.train_seconds,
+        }
+
+    def save(self, name: str, epoch: int, step_in_epoch: int) -> None:
+        state = self.state(epoch, step_in_epoch)
+        if self.runtime.is_main:
+            save_training_state(state, self.output / name)
+
+    def restore(self, state: dict[str, Any]) -> None:
+        """Continue from a training checkpoint."""
+        self.model.load_state_dict(state["state_dict"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.scaler.load_state_dict(state["scaler"])
+        if self.ema is not None and state.get("ema") is not None:
+            self.ema.module.load_state_dict(state["ema"])
+        self.start_epoch, self.start_step = int(state["epoch"]), int(state["step_in_epoch"])
+        if self.start_step >= self.steps_per_epoch:
+            self.start_epoch, self.start_step = self.start_epoch + 1, 0
+        self.global_step = int(state["global_step"])
+        self.best_top1, self.best_top5 = float(state["best_top1"]), float(state["best_top5"])
+        self.wall_before = float(state.get("wall_seconds", 0.0))
+        self.train_images, self.train_seconds = int(state["train_images"]), float(state["train_seconds"])
+        rng = state["rng"]
+        if len(rng) == self.runtime.world_size:
+            set_rng_state(rng[self.runtime.rank])
+        else:
+            self._log(
+                f"checkpoint was written by {len(rng)} process(es), this run has {self.runtime.world_size}: "
+                "random streams restart, so results will differ from an uninterrupted run"
+            )
+
+    def _log(self, text: str) -> None:
+        if self.runtime.is_main:
+            logger.info(text)
+
+    # -- loop
+
+    def set_train_mode(self) -> None:
+        self.ddp.train()
+        for stage in self.model.stages[: int(self.cfg["model"]["freeze_stages"])]:
+            stage.eval()
+
+    def run(self) -> dict[str, Any]:
+        """Train from where the run stands to the last epoch; returns the summary."""
+        t, parts = self.cfg["train"], self.parts
+        self.started = time.perf_counter()
+        if parts.resume_state is not None:
+            self.restore(parts.resume_state)
+            self._log(
+                f"resuming from {parts.resume_path} at epoch {self.start_epoch + 1}, step {self.global_step}"
+            )
+            parts.resume_state = None
+        main = self.runtime.is_main
+        self.metrics = (
+            MetricsLog(self.output, self.global_step if parts.resume_path else None) if main else None
+        )
+        progress = Progress(main, bool(t["quiet"]), int(t["log_every_steps"]))
+        self._log(
+            f"training {self.cfg['model']['name']} on {len(parts.train_set)} images of "
+            f"{len(self.class_names)} classes ({parts.train_dir}), {self.runtime.world_size} process(es) on "
+            f"{self.runtime.device}, global batch {self.global_batch}, lr {self.lr:.3g}, "
+            f"{self.epochs} epochs; output {self.output}"
+        )
+        every = int(t["checkpoint_every_steps"])
+        last_val: dict[str, Any] = {}
+        try:
+            for epoch in range(self.start_epoch, self.epochs):
+                start = self.start_step if epoch == self.start_epoch else 0
+                parts.sampler.set_epoch(epoch, start * parts.batch_size)
+                self.set_train_mode()
+                progress.start(epoch, self.epochs, self.steps_per_epoch, start)
+                window_loss, window_steps, tick = 0.0, 0, time.perf_counter()
+                for step, (images, targets, bad) in enumerate(parts.train_loader, start=start + 1):
+                    self._report_bad(bad)
+                    loss = self.train_step(images, targets)
+                    self.global_step += 1
+                    self.scheduler.step_update(self.global_step)
+                    window_loss, window_steps = window_loss + loss, window_steps + 1
+                    elapsed = time.perf_counter() - tick
+                    self.train_images += self.global_batch
+                    lr = self.optimizer.param_groups[-1]["lr"]
+                    speed = window_steps * self.global_batch / max(elapsed, 1e-9)
+                    progress.update(step, loss, lr, speed)
+                    if main and (self.global_step % progress.every == 0 or step == self.steps_per_epoch):
+                        self.metrics.write(
+                            {
+                                "kind": "train",
+                                "step": self.global_step,
+                                "epoch": epoch + step / self.steps_per_epoch,
+                                "loss": window_loss / window_steps,
+                                "lr": lr,
+                                "images_per_second": speed,
+                            }
+                        )
+                        self.train_seconds += elapsed
+                        window_loss, window_steps, tick = 0.0, 0, time.perf_counter()
+                    if every and self.global_step % every == 0:
+                        self.save("last.pth", epoch, step)
+                self.train_seconds += time.perf_counter() - tick if window_steps else 0.0
+                progress.close()
+                last_val = self.validate(epoch)
+                self.save("last.pth", epoch + 1, 0)
+                if last_val["top1"] > self.best_top1:
+                    self.best_top1, self.best_top5 = last_val["top1"], last_val["top5"]
+                    self.save("best.pth", epoch + 1, 0)
+        finally:
+            progress.close()
+            if self.metrics is not None:
+                self.metrics.close()
+        if not last_val:
+            last_val = self.validate(self.epochs - 1)
+        return self.finish(last_val)
+
+    def _report_bad(self, bad: list) -> None:
+        for sample in bad:
+            if self.cfg["data"]["strict"]:
+                raise ValueError(
+                    f"unreadable image {sample.path} ({sample.error}); data.strict stops the run"
+                )
+            self.skipped += 1
+            if self.runtime.is_main:
+                logger.warning(
+                    f"skipped unreadable image {sample.path} ({sample.error}); {self.skipped} skipped so far"
+                )
+
+    def train_step(self, images: torch.Tensor, targets: torch.Tensor) -> float:
+        """One optimiser step; the loss, or TrainingDiverged when it is not finite on any rank."""
+        device = self.runtime.device
+        images, targets = images.to(device, non_blocking=True), targets.to(device, non_blocking=True)
+        if self.parts.mixup is not None:
+            images, targets = self.parts.mixup(images, targets)
+        amp_dtype = self.parts.amp_dtype
+        with torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
+            loss = self.parts.criterion(self.ddp(images), targets)
+        value = loss.detach().float()
+        finite = torch.isfinite(value)
+        if self.runtime.distributed:
+            flag = finite.to(torch.float32).to(device)
+            dist.all_reduce(flag, op=dist.ReduceOp.MIN)
+            finite = flag.bool()
+        if not finite:
+            last = self.output / "last.pth"
+            kept = f"the last good checkpoint is {last}" if last.exists() else "no checkpoint was written yet"
+            raise TrainingDiverged(f"loss is {value.item()} at step {self.global_step + 1}; stopped, {kept}")
+        self.optimizer.zero_grad(set_to_none=True)
+        self.scaler.scale(loss).backward()
+        clip = self.cfg["optim"]["clip_grad"]
+        if clip:
+            self.scaler.unscale_(self.optimizer)
+            nn.utils.clip_grad_norm_(self.model.parameters(), float(clip))
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        if self.ema is not None:
+            self.ema.update(self.model, step=self.global_step)
+        return value.item()
+
+    def validate(self, epoch: int) -> dict[str, Any]:
+        """Score the model (and its EMA) on the validation set; logged and written to metrics.jsonl."""
+        parts = self.parts
+        args = (parts.val_loader, self.runtime.device, len(self.class_names), self.runtime, parts.amp_dtype)
+        result = evaluate(self.model, *args)
+        record = {
+            "kind": "val",
+            "step": self.global_step,
+            "epoch": epoch + 1,
+            "top1": result["top1"],
+            "top5": result["top5"],
+            "loss": result["loss"],
+        }
+        if self.ema is not None:
+            ema = evaluate(self.ema.module, *args)
+            record.update(ema_top1=ema["top1"], ema_top5=ema["top5"], ema_loss=ema["loss"])
+        if self.metrics is not None:
+            self.metrics.write(record)
+        self._log(
+            f"epoch {epoch + 1}/{self.epochs}: val top-1 {100 * result['top1']:.2f}% "
+            f"top-5 {100 * result['top5']:.2f}% loss {result['loss']:.4f}"
+        )
+        return result
+
+    def finish(self, last_val: dict[str, Any]) -> dict[str, Any]:
+        """Write summary.json and curves.png (rank 0); returns the summary."""
+        wall = self.wall_before + time.perf_counter() - self.started
+        summary = {
+            "model": self.cfg["model"]["name"],
+            "best_val_top1": max(self.best_top1, last_val["top1"]),
+            "best_val_top5": self.best_top5 if self.best_top1 >= last_val["top1"] else last_val["top5"],
+            "final_val_top1": last_val["top1"],
+            "final_val_top5": last_val["top5"],
+            "final_val_loss": last_val["loss"],
+            "epochs": self.epochs,
+            "steps": self.global_step,
+            "wall_seconds": wall,
+            "images_per_second": self.train_images / max(self.train_seconds, 1e-9),
+            "world_size": self.runtime.world_size,
+            "skipped_images": self.skipped,
+            "checkpoint": str(self.output / "best.pth"),
+            "last_checkpoint": str(self.output / "last.pth"),
+            "curves": str(self.output / "curves.png"),
+            "metrics": str(self.output / "metrics.jsonl"),
+            "summary": str(self.output / "summary.json"),
+        }
+        if self.runtime.is_main:
+            (self.output / "summary.json").write_text(json.dumps(summary, indent=2))
+            plot_curves(self.output / "metrics.jsonl", self.output / "curves.png")
+        return summary
+
+
+def train(cfg: dict[str, Any]) -> dict[str, Any]:
+    """Run one experiment from a config (see load_config); returns the summary written to summary.json."""
+    runtime = init_runtime(cfg["train"]["device"])
+    try:
+        with torch_settings(bool(cfg["train"]["deterministic"]), runtime.device):
+            return Trainer.from_config(cfg, runtime).run()
+    finally:
+        if runtime.distributed and dist.is_initialized():
+            dist.destroy_process_group()
+

@@ -1,0 +1,158 @@
+"""What a run tells its user: progress bars or log lines, metrics.jsonl, TensorBoard scalars, PNG plots."""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+
+logger = logging.getLogger("torchcvt.engine")
+
+
+class Progress:
+    """A tqdm bar per epoch on a terminal; plain log lines otherwise or with quiet."""
+
+    def __init__(self, enabled: bool, quiet: bool, every: int):
+        self.enabled = enabled
+        self.bar_mode = enabled and not quiet and sys.stderr.isatty()
+        self.every = max(1, every)
+        self.bar = None
+        self.epoch = self.epochs = self.total = self.initial = 0
+        self.started = time.perf_counter()
+
+    def start(self, epoch: int, epochs: int, total: int, initial: int) -> None:
+        self.epoch, self.epochs, self.total, self.started = epoch, epochs, total, time.perf_counter()
+        self.initial = initial
+        if self.bar_mode:
+            from tqdm import tqdm
+
+            self.bar = tqdm(
+                total=total,
+                initial=initial,
+                desc=f"epoch {epoch + 1}/{epochs}",
+                unit="step",
+                dynamic_ncols=True,
+                leave=False,
+            )
+
+    def update(self, step: int, loss: float, lr: float, images_per_second: float) -> None:
+        if not self.enabled:
+            return
+        if self.bar is not None:
+            self.bar.update(1)
+            self.bar.set_postfix(
+                loss=f"{loss:.4f}", lr=f"{lr:.2e}", img_s=f"{images_per_second:.0f}", refresh=False
+            )
+        elif step % self.every == 0 or step == self.total:
+            done = step - self.initial
+            eta = (time.perf_counter() - self.started) / max(done, 1) * (self.total - step)
+            logger.info(
+                f"epoch {self.epoch + 1}/{self.epochs} step {step}/{self.total} loss {loss:.4f} lr {lr:.3e} "
+                f"{images_per_second:.0f} img/s eta {clock(eta)}"
+            )
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None
+
+
+def clock(seconds: float) -> str:
+    """Seconds as H:MM:SS."""
+    seconds = int(seconds)
+    return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"
+
+
+class MetricsLog:
+    """metrics.jsonl plus TensorBoard scalars; on resume, records after the checkpoint's step are dropped."""
+
+    def __init__(self, output: Path, resume_step: int | None):
+        self.path = output / "metrics.jsonl"
+        records = self.read(self.path) if resume_step is not None and self.path.exists() else []
+        kept = [r for r in records if r["step"] <= resume_step] if resume_step is not None else []
+        self.path.write_text("".join(json.dumps(r) + "\n" for r in kept))
+        from torch.utils.tensorboard import SummaryWriter
+
+        self.writer = SummaryWriter(str(output / "tensorboard"), purge_step=resume_step)
+
+    @staticmethod
+    def read(path: Path) -> list[dict[str, Any]]:
+        return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+    def write(self, record: dict[str, Any]) -> None:
+        with open(self.path, "a") as handle:
+            handle.write(json.dumps(record) + "\n")
+        for key, value in record.items():
+            if key not in ("step", "epoch", "kind") and isinstance(value, (int, float)):
+                self.writer.add_scalar(f"{record['kind']}/{key}", value, record["step"])
+
+    def close(self) -> None:
+        self.writer.close()
+
+
+def _figure(width: float, height: float) -> Any:
+    # A Figure with its own Agg canvas: no pyplot, so no global backend is chosen or changed.
+    from matplotlib.figure import Figure
+
+    return Figure(figsize=(width, height))
+
+
+def plot_curves(metrics_path: Path, out_path: Path) -> None:
+    """Training loss and LR per step, validation top-1 and loss per epoch, as one PNG."""
+    records = MetricsLog.read(metrics_path)
+    train = [r for r in records if r["kind"] == "train"]
+    val = [r for r in records if r["kind"] == "val"]
+    fig = _figure(14, 4)
+    axes = fig.subplots(1, 3)
+    axes[0].plot([r["step"] for r in train], [r["loss"] for r in train], label="train")
+    axes[0].plot([r["step"] for r in val], [r["loss"] for r in val], "o-", label="val")
+    axes[0].set(title="loss", xlabel="step")
+    axes[0].legend()
+    axes[1].plot([r["epoch"] for r in val], [100 * r["top1"] for r in val], "o-", label="top-1")
+    axes[1].plot([r["epoch"] for r in val], [100 * r["top5"] for r in val], "o-", label="top-5")
+    axes[1].set(title="validation accuracy (%)", xlabel="epoch")
+    axes[1].legend()
+    axes[2].plot([r["step"] for r in train], [r["lr"] for r in train])
+    axes[2].set(title="learning rate", xlabel="step")
+    fig.tight_layout()
+    fig.savefig(out_path, dpi=100)
+
+
+def plot_confusion(matrix: torch.Tensor, class_names: Sequence[str], out_path: Path) -> None:
+    """A row-normalised confusion matrix as a PNG, with counts written in for up to 20 classes."""
+    n = len(class_names)
+    size = max(5.0, min(30.0, 0.3 * n + 3))
+    fig = _figure(size, size)
+    ax = fig.subplots()
+    rows = matrix.float() / matrix.sum(1, keepdim=True).clamp(min=1)
+    ax.imshow(rows.numpy(), cmap="Blues", vmin=0, vmax=1)
+    ax.set(
+        xticks=range(n),
+        yticks=range(n),
+        xlabel="predicted",
+        ylabel="true",
+        title="confusion (row-normalised)",
+    )
+    ax.set_xticklabels(class_names, rotation=90, fontsize=max(4, 10 - n // 15))
+    ax.set_yticklabels(class_names, fontsize=max(4, 10 - n // 15))
+    if n <= 20:
+        for i in range(n):
+            for j in range(n):
+                if matrix[i, j]:
+                    ax.text(
+                        j,
+                        i,
+                        int(matrix[i, j]),
+                        ha="center",
+                        va="center",
+                        fontsize=8,
+                        color="white" if rows[i, j] > 0.5 else "black",
+                    )
+    fig.tight_layout()
+    fig.savefig(out_path, dpi=100)
