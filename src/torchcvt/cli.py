@@ -5,7 +5,9 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import signal
 import sys
+import threading
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 
@@ -402,9 +404,27 @@ def _console_logging(command: str) -> Iterator[None]:
         logger.setLevel(level)
 
 
+@contextmanager
+def _interrupt_after() -> Iterator[None]:
+    """Hold a Ctrl-C until the block is done: some libraries swallow KeyboardInterrupt while importing."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    caught: list[int] = []
+    previous = signal.signal(signal.SIGINT, lambda signum, frame: caught.append(signum))
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    if caught:
+        raise KeyboardInterrupt
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
+        with _interrupt_after():
+            import torch  # noqa: F401 - every command needs it; importing it takes seconds
         with _console_logging(args.command):
             return int(args.run(args) or 0)
     except (CliError, ValueError, FileNotFoundError) as error:
