@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import pickle
 import shutil
 import signal
@@ -177,6 +178,14 @@ def test_output_that_is_a_file_is_one_line(data: Path, tmp_path: Path, capsys: p
     for output in (taken, taken / "sub"):
         err = _cli_error(capsys, ["--output", str(output), *_overrides(data, tmp_path / "unused")])
         assert str(output) in err
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root writes to read-only folders")
+def test_read_only_output_is_one_line(data: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    locked = tmp_path / "locked"
+    locked.mkdir(mode=0o555)
+    err = _cli_error(capsys, ["--output", str(locked), *_overrides(data, tmp_path / "unused")])
+    assert str(locked) in err and "not writable" in err
 
 
 def _official_pth(path: Path) -> Path:

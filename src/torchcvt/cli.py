@@ -39,8 +39,10 @@ def add_train_command(sub: argparse._SubParsersAction) -> None:
     parser.add_argument("--config", help="YAML experiment file")
     parser.add_argument("--output", help="run folder for checkpoints, metrics and curves (train.output)")
     parser.add_argument("--data", help="ImageFolder root holding train/ and val/ (data.train, data.val)")
-    parser.add_argument("--resume", help="checkpoint to resume from (default: OUTPUT/last.pth if present)")
-    parser.add_argument("--no-resume", action="store_true", help="ignore OUTPUT/last.pth")
+    parser.add_argument("--resume", help="checkpoint or run folder to resume from (default: OUTPUT/last.pth "
+                        "if present)")
+    parser.add_argument("--no-resume", action="store_true", help="start afresh: a previous run in OUTPUT is "
+                        "moved to OUTPUT/previous-N")
     parser.add_argument("--strict", action="store_true", help="stop at the first unreadable image")
     parser.add_argument("--quiet", action="store_true", help="plain log lines instead of progress bars")
     parser.set_defaults(run=_run_train)
