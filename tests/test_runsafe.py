@@ -10,6 +10,7 @@ import pickle
 import shutil
 import signal
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -251,3 +252,22 @@ def test_ctrl_c_during_start_up_is_one_line_and_exit_130(data: Path, tmp_path: P
     # Only the skipped-image warnings of the data and the one line of the interruption.
     assert lines[-1] == "torchcvt train: interrupted", err.decode()
     assert all(line.startswith("torchcvt train: warning: skipped") for line in lines[:-1]), err.decode()
+
+
+def test_skipped_images_are_counted_once_across_two_processes(tmp_path: Path) -> None:
+    data = digits_tree(tmp_path / "data")
+    for label in ("0", "1"):
+        add_unreadable_image(data / "train" / label)
+    command = [
+        sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
+        # 26 images, 13 a process: one batch each, so every image is read in both epochs.
+        "-m", "torchcvt", "train", *_overrides(data, tmp_path / "run", **{"train.batch_size": 13}),
+    ]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(__file__).parents[1] / "src")}
+    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=400)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert summary["world_size"] == 2 and summary["skipped_images"] == 2
+    assert sorted(torch.load(tmp_path / "run" / "last.pth", weights_only=True)["skipped_images"]) == sorted(
+        str(data / "train" / label / "broken.png") for label in ("0", "1")
+    )
