@@ -205,6 +205,8 @@ def _make_bad_inputs(tmp_path: Path, data: Path) -> dict[str, tuple[list[str], s
             "state_dict": other_model.state_dict(),
             "model_name": "cvt_13",
             "config": other_model.config.to_dict(),
+            # The rest of a training checkpoint, so resuming reaches the architecture check.
+            **{"optimizer": {}, "scheduler": {}, "epoch": 1, "step_in_epoch": 0, "global_step": 3, "rng": []},
         },
         wrong,
     )

@@ -50,3 +50,26 @@ def tiny_overrides(data: Path, output: Path, **extra: object) -> list[str]:
     import json
 
     return [f"{key}={json.dumps(value)}" for key, value in values.items()]
+
+
+def add_unreadable_image(folder: Path, name: str = "broken.png") -> Path:
+    """A PNG cut short after its header: ImageFolder lists it, decoding it fails."""
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / name
+    Image.new("L", (32, 32), 128).save(path)
+    path.write_bytes(path.read_bytes()[:40])
+    return path
+
+
+def train_process(overrides: list[str], *args: str, **popen: object):
+    """`python -m torchcvt train` on one thread as a real subprocess, with this checkout's src first."""
+    import os
+    import subprocess
+    import sys
+
+    env = {
+        **os.environ,
+        "OMP_NUM_THREADS": "1",
+        "PYTHONPATH": str(Path(__file__).resolve().parents[1] / "src"),
+    }
+    return subprocess.Popen([sys.executable, "-m", "torchcvt", "train", *args, *overrides], env=env, **popen)

@@ -5,7 +5,9 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import signal
 import sys
+import threading
 import traceback
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
@@ -39,8 +41,10 @@ def add_train_command(sub: argparse._SubParsersAction) -> None:
                         "with KEY=VALUE)")
     parser.add_argument("--output", help="run folder for checkpoints, metrics and curves (train.output)")
     parser.add_argument("--data", help="ImageFolder root holding train/ and val/ (data.train, data.val)")
-    parser.add_argument("--resume", help="checkpoint to resume from (default: OUTPUT/last.pth if present)")
-    parser.add_argument("--no-resume", action="store_true", help="ignore OUTPUT/last.pth")
+    parser.add_argument("--resume", help="checkpoint or run folder to resume from (default: OUTPUT/last.pth "
+                        "if present)")
+    parser.add_argument("--no-resume", action="store_true", help="start afresh: a previous run in OUTPUT is "
+                        "moved to OUTPUT/previous-N")
     parser.add_argument("--strict", action="store_true", help="stop at the first unreadable image")
     parser.add_argument("--quiet", action="store_true", help="plain log lines instead of progress bars")
     parser.add_argument("--dry-run", action="store_true",
@@ -427,9 +431,27 @@ def _console_logging(command: str) -> Iterator[None]:
         logger.setLevel(level)
 
 
+@contextmanager
+def _interrupt_after() -> Iterator[None]:
+    """Hold a Ctrl-C until the block is done: some libraries swallow KeyboardInterrupt while importing."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    caught: list[int] = []
+    previous = signal.signal(signal.SIGINT, lambda signum, frame: caught.append(signum))
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    if caught:
+        raise KeyboardInterrupt
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
+        with _interrupt_after():
+            import torch  # noqa: F401 - every command needs it; importing it takes seconds
         with _console_logging(args.command):
             return int(args.run(args) or 0)
     except (CliError, ValueError, FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError,

@@ -30,7 +30,13 @@ from ..model import CvT
 from .config import validate_config
 from .optim import build_loss, build_optimizer, build_scheduler, freeze_stages, learning_rate
 from .runtime import Runtime, seed_everything
-from .state import check_resumable, read_training_state
+from .state import (
+    check_resumable,
+    check_training_state,
+    read_training_state,
+    remove_leftover_temporaries,
+    set_aside_previous_run,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -89,6 +95,11 @@ def data_folders(cfg: dict[str, Any], runtime: Runtime) -> tuple[Path, Path]:
 def checked_classes(train_dir: Path, val_dir: Path) -> list[str]:
     """The class list of the training tree; a one-line error when the validation tree's differs."""
     class_names = list_classes(train_dir)
+    if len(class_names) < 2:
+        raise ValueError(
+            f"data folder {train_dir} holds 1 class ({class_names[0]}): a classifier needs at least 2 "
+            "class folders"
+        )
     val_classes = list_classes(val_dir)
     if val_classes != class_names:
         missing = sorted(set(class_names) - set(val_classes))
@@ -100,11 +111,25 @@ def checked_classes(train_dir: Path, val_dir: Path) -> list[str]:
     return class_names
 
 
+def make_run_folder(output: Path) -> None:
+    """Create the run folder; a one-line error when it is a file or cannot be written."""
+    if output.exists() and not output.is_dir():
+        raise ValueError(f"train.output {output} is a file, not a folder")
+    try:
+        output.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise ValueError(f"train.output {output} cannot be created: {error.strerror}") from None
+    if not os.access(output, os.W_OK | os.X_OK):
+        raise ValueError(f"train.output {output} is not writable")
+
+
 def resume_path(cfg: dict[str, Any], output: Path) -> Path | None:
     """train.resume, else OUTPUT/last.pth when present and auto_resume is on."""
     t = cfg["train"]
     if t["resume"]:
-        return Path(t["resume"])
+        path = Path(t["resume"])
+        # A run folder stands for its last checkpoint.
+        return path / "last.pth" if path.is_dir() and (path / "last.pth").is_file() else path
     last = output / "last.pth"
     return last if t["auto_resume"] and last.is_file() else None
 
@@ -131,7 +156,7 @@ def build_components(cfg: dict[str, Any], runtime: Runtime) -> Components:
     d, a, t = cfg["data"], cfg["aug"], cfg["train"]
     output = Path(t["output"])
     if runtime.is_main:
-        output.mkdir(parents=True, exist_ok=True)
+        make_run_folder(output)
     amp_dtype = AMP_DTYPES[t["amp"]]
     val_amp_dtype = amp_dtype if t["val_amp"] is None else AMP_DTYPES[t["val_amp"]]
     seed = int(t["seed"])
@@ -141,8 +166,13 @@ def build_components(cfg: dict[str, Any], runtime: Runtime) -> Components:
     train_dir, val_dir = data_folders(cfg, runtime)
     class_names = checked_classes(train_dir, val_dir)
     resume_from = resume_path(cfg, output)
+    if runtime.is_main:
+        remove_leftover_temporaries(output)
+        if resume_from is None:
+            set_aside_previous_run(output)
     resume = read_training_state(resume_from) if resume_from else None
     if resume is not None:
+        check_training_state(resume, resume_from)
         m = cfg["model"]
         config = variant_config(m["name"], num_classes=len(class_names), **m["overrides"])
         changes = check_resumable(resume, cfg, config, class_names, resume_from)

@@ -17,13 +17,13 @@ from .evaluate import evaluate
 from .optim import update_lr
 from .reporting import MetricsLog, Progress, plot_curves
 from .runtime import Runtime, agree_on_failure, init_runtime, rng_state, set_rng_state, torch_settings
-from .state import save_training_state
+from .state import read_training_state, save_training_state
 
 logger = logging.getLogger(__name__)
 
 
 class TrainingDiverged(RuntimeError):
-    """The loss became NaN or infinite; the last good checkpoint is kept."""
+    """The loss or the weights became NaN or infinite; the last good checkpoint is kept."""
 
 
 class Trainer:
@@ -42,11 +42,13 @@ class Trainer:
         self.global_step, self.start_epoch, self.start_step = 0, 0, 0
         self.best_top1 = self.best_top5 = -1.0
         self.wall_before, self.train_images, self.train_seconds = 0.0, 0, 0.0
-        self.skipped = 0
+        self.skipped: set[str] = set()  # paths of unreadable training images, on this rank
+        self.last_val: dict[str, float] | None = None  # the latest validation, so a finished run can report
         # The first step whose loss was not finite and that loss, kept on the device ([-1, 0]: none yet).
         self._diverged = torch.tensor([-1.0, 0.0], dtype=torch.float64, device=runtime.device)
         # The last batch this rank trained on: a stand-in (weight 0) for an unreadable batch under DDP.
         self._previous_batch: tuple[torch.Tensor, torch.Tensor] | None = None
+        self._checked_finite_at = -1  # the step whose weights save() last found finite
         self.started = time.perf_counter()
         self.metrics: MetricsLog | None = None
 
@@ -57,14 +59,17 @@ class Trainer:
 
     # -- state
 
+    def _gather(self, value: Any) -> list[Any]:
+        """value from every rank, in rank order."""
+        if not self.runtime.distributed:
+            return [value]
+        gathered: list[Any] = [None] * self.runtime.world_size
+        dist.all_gather_object(gathered, value)
+        return gathered
+
     def state(self, epoch: int, step_in_epoch: int) -> dict[str, Any]:
         """The training checkpoint: weights, optimiser, schedule, EMA, RNG of every rank and loop state."""
-        rng = rng_state()
-        if self.runtime.distributed:
-            gathered: list[Any] = [None] * self.runtime.world_size
-            dist.all_gather_object(gathered, rng)
-        else:
-            gathered = [rng]
+        gathered = self._gather({"rng": rng_state(), "skipped": sorted(self.skipped)})
         return {
             "state_dict": self.model.state_dict(),
             "model_name": self.cfg["model"]["name"],
@@ -80,7 +85,9 @@ class Trainer:
             "best_top1": self.best_top1,
             "best_top5": self.best_top5,
             "world_size": self.runtime.world_size,
-            "rng": gathered,
+            "rng": [rank["rng"] for rank in gathered],
+            "skipped_images": sorted(set().union(*(rank["skipped"] for rank in gathered))),
+            "last_val": self.last_val,
             "train_config": self.cfg,
             "wall_seconds": self.wall_before + time.perf_counter() - self.started,
             "train_images": self.train_images,
@@ -88,9 +95,31 @@ class Trainer:
         }
 
     def save(self, name: str, epoch: int, step_in_epoch: int) -> None:
+        """Write OUTPUT/name (rank 0); non-finite weights are never written, the run stops instead."""
+        # best.pth and last.pth are written at the same step: one check (one host sync) serves both.
+        if self._checked_finite_at != self.global_step and not self._weights_finite():
+            raise TrainingDiverged(
+                f"weights are not finite after step {self.global_step}; stopped without writing {name}, "
+                f"{self._kept()}"
+            )
+        self._checked_finite_at = self.global_step
         state = self.state(epoch, step_in_epoch)
         if self.runtime.is_main:
-            save_training_state(state, self.output / name)
+            save_training_state(state, self.output / name, keep_previous=name == "last.pth")
+
+    def _weights_finite(self) -> bool:
+        modules = [self.model] + ([self.ema.module] if self.ema is not None else [])
+        tensors = [t for m in modules for t in m.state_dict().values() if t.is_floating_point()]
+        # One host sync for all tensors, not one per tensor.
+        finite = torch.stack([torch.isfinite(t).all() for t in tensors]).all().to(torch.float32)
+        if self.runtime.distributed:
+            finite = finite.to(self.runtime.device)
+            dist.all_reduce(finite, op=dist.ReduceOp.MIN)
+        return bool(finite)
+
+    def _kept(self) -> str:
+        last = self.output / "last.pth"
+        return f"the last good checkpoint is {last}" if last.exists() else "no checkpoint was written yet"
 
     def restore(self, state: dict[str, Any]) -> None:
         """Continue from a training checkpoint."""
@@ -111,6 +140,9 @@ class Trainer:
         self.global_step = int(state["global_step"])
         self.scheduler.step_update(self.global_step)
         self.best_top1, self.best_top5 = float(state["best_top1"]), float(state["best_top5"])
+        self._adopt_best_score()
+        self.skipped = set(state.get("skipped_images", []))
+        self.last_val = state.get("last_val")
         self.wall_before = float(state.get("wall_seconds", 0.0))
         self.train_images, self.train_seconds = int(state["train_images"]), float(state["train_seconds"])
         rng = state["rng"]
@@ -121,6 +153,19 @@ class Trainer:
                 f"checkpoint was written by {len(rng)} process(es), this run has {self.runtime.world_size}: "
                 "random streams restart, so results will differ from an uninterrupted run"
             )
+
+    def _adopt_best_score(self) -> None:
+        # best.pth is written before last.pth: after a kill between the two it holds a newer best score.
+        best = self.output / "best.pth"
+        if not best.is_file():
+            return
+        try:
+            saved = read_training_state(best)
+        except ValueError as error:
+            logger.warning(f"{error}; the next epoch that improves on {self.best_top1:.4f} replaces it")
+            return
+        if float(saved.get("best_top1", -1.0)) > self.best_top1:
+            self.best_top1, self.best_top5 = float(saved["best_top1"]), float(saved["best_top5"])
 
     def _log(self, text: str) -> None:
         if self.runtime.is_main:
@@ -143,6 +188,8 @@ class Trainer:
                 f"resuming from {parts.resume_path} at epoch {self.start_epoch + 1}, step {self.global_step}"
             )
             parts.resume_state = None
+        if self.start_epoch >= self.epochs:
+            return self._finished()
         main = self.runtime.is_main
         self.metrics = (
             MetricsLog(self.output, self.global_step if parts.resume_path else None) if main else None
@@ -209,17 +256,27 @@ class Trainer:
                 self.train_seconds += time.perf_counter() - tick if window_steps else 0.0
                 progress.close()
                 last_val = self.validate(epoch)
-                self.save("last.pth", epoch + 1, 0)
+                self.last_val = {key: last_val[key] for key in ("top1", "top5", "loss")}
+                # best.pth first: last.pth then records a best score that best.pth already holds.
                 if last_val["top1"] > self.best_top1:
                     self.best_top1, self.best_top5 = last_val["top1"], last_val["top5"]
                     self.save("best.pth", epoch + 1, 0)
+                self.save("last.pth", epoch + 1, 0)
         finally:
             progress.close()
             if self.metrics is not None:
                 self.metrics.close()
-        if not last_val:
-            last_val = self.validate(self.epochs - 1)
         return self.finish(last_val)
+
+    def _finished(self) -> dict[str, Any]:
+        """A run resumed after its last epoch: its summary, unchanged (written now if a kill prevented it)."""
+        self._log(f"the run in {self.output} is already finished ({self.epochs} epochs); nothing to do")
+        summary = self.output / "summary.json"
+        if summary.is_file():
+            return json.loads(summary.read_text())
+        if self.last_val is None:
+            self.last_val = self.validate(self.epochs - 1)
+        return self.finish(self.last_val)
 
     def _report_bad(self, bad: list) -> None:
         for sample in bad:
@@ -227,10 +284,11 @@ class Trainer:
                 raise ValueError(
                     f"unreadable image {sample.path} ({sample.error}); data.strict stops the run"
                 )
-            self.skipped += 1
+            self.skipped.add(sample.path)
             if self.runtime.is_main:
                 logger.warning(
-                    f"skipped unreadable image {sample.path} ({sample.error}); {self.skipped} skipped so far"
+                    f"skipped unreadable image {sample.path} ({sample.error}); "
+                    f"{len(self.skipped)} skipped so far"
                 )
 
     def train_step(self, images: torch.Tensor | None, targets: torch.Tensor | None) -> float | None:
@@ -288,10 +346,8 @@ class Trainer:
             numbers = torch.cat([key, numbers[1:]])
         step, value, total = numbers.tolist()
         if 0 <= step < math.inf:
-            last = self.output / "last.pth"
-            kept = f"the last good checkpoint is {last}" if last.exists() else "no checkpoint was written yet"
             shown = value if not math.isfinite(value) else "not finite"
-            raise TrainingDiverged(f"loss is {shown} at step {int(step)}; stopped, {kept}")
+            raise TrainingDiverged(f"loss is {shown} at step {int(step)}; stopped, {self._kept()}")
         return total
 
     def _blank_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
@@ -327,6 +383,7 @@ class Trainer:
 
     def finish(self, last_val: dict[str, Any]) -> dict[str, Any]:
         """Write summary.json and curves.png (rank 0); returns the summary."""
+        skipped = set().union(*self._gather(self.skipped))
         wall = self.wall_before + time.perf_counter() - self.started
         summary = {
             "model": self.cfg["model"]["name"],
@@ -340,7 +397,7 @@ class Trainer:
             "wall_seconds": wall,
             "images_per_second": self.train_images / max(self.train_seconds, 1e-9),
             "world_size": self.runtime.world_size,
-            "skipped_images": self.skipped,
+            "skipped_images": len(skipped),
             "checkpoint": str(self.output / "best.pth"),
             "last_checkpoint": str(self.output / "last.pth"),
             "curves": str(self.output / "curves.png"),

@@ -85,7 +85,17 @@ class MetricsLog:
 
     @staticmethod
     def read(path: Path) -> list[dict[str, Any]]:
-        return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+        """The records of a metrics.jsonl; a last line torn by a kill mid-write is dropped with a notice."""
+        lines = [line for line in path.read_text().splitlines() if line.strip()]
+        records = []
+        for number, line in enumerate(lines, start=1):
+            try:
+                records.append(json.loads(line))
+            except json.JSONDecodeError as error:
+                if number < len(lines):
+                    raise ValueError(f"{path} line {number} is not a JSON record ({error})") from None
+                logger.warning(f"{path}: dropped its torn last line (a write cut short): {line[:60]!r}")
+        return records
 
     def write(self, record: dict[str, Any]) -> None:
         with open(self.path, "a") as handle:
