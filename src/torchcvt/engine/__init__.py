@@ -5,7 +5,7 @@ an ImageFolder tree. Under torchrun every process runs the same code; rank 0 alo
 """
 
 from .build import Components, build_components
-from .config import DEFAULTS, DIGITS_RECIPE, load_config, parse_override, set_dotted
+from .config import DEFAULTS, DIGITS_RECIPE, load_config, parse_override, set_dotted, validate_config
 from .evaluate import evaluate, evaluate_checkpoint
 from .loop import Trainer, TrainingDiverged, train
 from .optim import freeze_stages, param_groups
@@ -34,4 +34,5 @@ __all__ = [
     "save_training_state",
     "set_dotted",
     "train",
+    "validate_config",
 ]
