@@ -97,3 +97,15 @@ def test_a_failure_on_one_rank_stops_every_rank_with_its_message(tmp_path: Path)
     assert all("broken.png" in line and "data.strict stops the run" in line for line in errors), (
         result.stderr[-3000:]
     )
+
+
+@pytest.mark.slow
+def test_a_rank_with_nothing_readable_steps_in_time_with_the_others(tmp_path: Path) -> None:
+    """Batches of one image: the rank that draws the unreadable one steps with weight 0, nobody waits."""
+    data = digits_tree(tmp_path / "data")
+    good = next((data / "train" / "1").glob("*.png"))
+    (data / "train" / "1" / "broken.png").write_bytes(good.read_bytes()[:60])
+    _torchrun(2, _overrides(data, tmp_path / "run", batch=1))
+    state = torch.load(tmp_path / "run" / "last.pth", weights_only=True)
+    assert state["global_step"] == 2 * 13  # 25 images padded to 26: 13 steps per epoch on each rank
+    assert all(torch.isfinite(v).all() for v in state["state_dict"].values() if v.is_floating_point())

@@ -123,3 +123,14 @@ def test_an_internal_bug_shows_its_traceback(
     err = capsys.readouterr().err
     assert "Traceback" in err and "KeyError: 'no such section'" in err
     assert "internal error: this is a bug in torchcvt" in err
+
+
+@pytest.mark.parametrize("device", ["foo", "cuda"])
+def test_eval_device_is_checked_first(device: str, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    if device == "cuda" and torch.cuda.is_available():
+        pytest.skip("needs a machine without CUDA")
+    argv = ["eval", "--model", "cvt_digits", "--checkpoint", str(tmp_path / "x.pth"), "--data", str(tmp_path),
+            "--device", device]
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith(f"torchcvt eval: error: device={device!r}") and "\n" not in err, err

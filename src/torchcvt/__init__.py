@@ -1,48 +1,35 @@
-"""torchcvt: the Convolutional vision Transformer (CvT, Wu et al. 2021) in PyTorch."""
+"""torchcvt: the Convolutional vision Transformer (CvT, Wu et al. 2021) in PyTorch.
 
-from __future__ import annotations
+Importing it registers every variant with timm, so `timm.create_model("cvt_13")` works afterwards.
+"""
 
-import importlib
-from typing import TYPE_CHECKING, Any
+import os
+import sys
+from contextlib import nullcontext
 
-if TYPE_CHECKING:
-    from .attention import attention_map
-    from .checkpoints import convert_checkpoint, load_checkpoint, save_checkpoint
-    from .config import VARIANTS, CvtConfig, get_variant, variant_config
-    from .export import export_model
-    from .factory import create_model, list_models
-    from .flops import count_flops, count_params, model_info
-    from .model import CvT, CvtFeatures
-    from .predict import Predictor, predictor
+from .cli import hold_interrupt
+
+# The torchcvt command (its script, or `python -m torchcvt`, during whose package import argv[0] is "-m"):
+# a Ctrl-C while torch loads is held until the import ends, then reported as one line, not a traceback.
+_COMMAND = bool(sys.argv) and (sys.argv[0] == "-m" or os.path.basename(sys.argv[0]) == "torchcvt")
+
+try:
+    with hold_interrupt() if _COMMAND else nullcontext():
+        from .attention import attention_map
+        from .checkpoints import convert_checkpoint, load_checkpoint, save_checkpoint
+        from .config import VARIANTS, CvtConfig, get_variant, variant_config
+        from .export import export_model
+        from .factory import create_model, list_models
+        from .flops import count_flops, count_params, model_info
+        from .model import CvT, CvtFeatures
+        from .predict import Predictor, predictor
+except KeyboardInterrupt:
+    if not _COMMAND:
+        raise
+    print(f"torchcvt {sys.argv[1] if len(sys.argv) > 1 else ''}".rstrip() + ": interrupted", file=sys.stderr)
+    raise SystemExit(130) from None
 
 __version__ = "0.1.0"
-
-# Public names load on first use: `import torchcvt` (and so `python -m torchcvt`) does not import torch, so
-# the command answers --help at once and turns a Ctrl-C during its start-up into one line.
-_HOMES = {
-    "attention": ("attention_map",),
-    "checkpoints": ("convert_checkpoint", "load_checkpoint", "save_checkpoint"),
-    "config": ("VARIANTS", "CvtConfig", "get_variant", "variant_config"),
-    "export": ("export_model",),
-    "factory": ("create_model", "list_models"),
-    "flops": ("count_flops", "count_params", "model_info"),
-    "model": ("CvT", "CvtFeatures"),
-    "predict": ("Predictor", "predictor"),
-}
-_HOME = {name: module for module, names in _HOMES.items() for name in names}
-
-
-def __getattr__(name: str) -> Any:
-    if name not in _HOME:
-        raise AttributeError(f"module 'torchcvt' has no attribute {name!r}")
-    value = getattr(importlib.import_module(f".{_HOME[name]}", __name__), name)
-    globals()[name] = value
-    return value
-
-
-def __dir__() -> list[str]:
-    return sorted({*globals(), *_HOME})
-
 
 __all__ = [
     "VARIANTS",

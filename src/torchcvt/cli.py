@@ -432,7 +432,7 @@ def _console_logging(command: str) -> Iterator[None]:
 
 
 @contextmanager
-def _interrupt_after() -> Iterator[None]:
+def hold_interrupt() -> Iterator[None]:
     """Hold a Ctrl-C until the block is done: some libraries swallow KeyboardInterrupt while importing."""
     if threading.current_thread() is not threading.main_thread():
         yield
@@ -450,8 +450,6 @@ def _interrupt_after() -> Iterator[None]:
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        with _interrupt_after():
-            import torch  # noqa: F401 - every command needs it; importing it takes seconds
         with _console_logging(args.command):
             return int(args.run(args) or 0)
     except (CliError, ValueError, FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError,

@@ -5,7 +5,15 @@ an ImageFolder tree. Under torchrun every process runs the same code; rank 0 alo
 """
 
 from .build import Components, build_components
-from .config import DEFAULTS, DIGITS_RECIPE, check_recipe, load_config, parse_override, set_dotted
+from .config import (
+    DEFAULTS,
+    DIGITS_RECIPE,
+    check_recipe,
+    load_config,
+    parse_override,
+    set_dotted,
+    validate_config,
+)
 from .dryrun import dry_run
 from .evaluate import evaluate, evaluate_checkpoint
 from .loop import Trainer, TrainingDiverged, train
@@ -37,4 +45,5 @@ __all__ = [
     "save_training_state",
     "set_dotted",
     "train",
+    "validate_config",
 ]

@@ -120,6 +120,7 @@ def evaluate_checkpoint(
     """
     checkpoint = Path(checkpoint)
     get_variant(model_name)
+    runtime = init_runtime(device)  # a device this machine lacks is an error before any reading
     # Any format, read once: class list, architecture and weights come from it.
     stored = read_checkpoint(checkpoint)
     class_names = list(stored.class_names) if stored.class_names else list_classes(data)
@@ -130,7 +131,6 @@ def evaluate_checkpoint(
             f"checkpoint {checkpoint} has a {stored.num_classes}-class head but {source}; evaluating "
             "never re-initialises a head"
         )
-    runtime = init_runtime(device)
     model = model_from_checkpoint(model_name, stored)
     del stored
     model.to(runtime.device)
