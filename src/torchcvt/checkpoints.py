@@ -511,16 +511,40 @@ def export_checkpoint(model: CvT, path: str | Path, to: str, class_names: ClassN
     raise ValueError(f"unknown checkpoint format {to!r}; choose one of {', '.join(FORMATS)}")
 
 
+def check_destination(src: str | Path, dst: str | Path, overwrite: bool = False) -> None:
+    """Refuse a destination that is (or holds) the source, and an existing one unless overwrite is set."""
+    src, dst = Path(src), Path(dst)
+    if not dst.exists():
+        return
+    # samefile compares inodes, so a hard link or a symlink to the source is caught too.
+    if src.exists() and (dst.samefile(src) or (dst.is_dir() and _inside(src, dst))):
+        raise ValueError(f"destination {dst} is the source checkpoint {src} or holds it: "
+                         "choose another destination")
+    if not overwrite and (not dst.is_dir() or any(dst.iterdir())):
+        raise ValueError(f"destination {dst} already exists: pass --overwrite (overwrite=True) to replace it")
+
+
+def _inside(path: Path, folder: Path) -> bool:
+    return any(parent.samefile(folder) for parent in path.resolve().parents)
+
+
 def convert_checkpoint(
-    src: str | Path, dst: str | Path, to: str, model_name: str | None = None, activation: str | None = None
+    src: str | Path,
+    dst: str | Path,
+    to: str,
+    model_name: str | None = None,
+    activation: str | None = None,
+    overwrite: bool = False,
 ) -> CvT:
     """Read src in any supported format and write it to dst in format `to`; returns the model in between.
 
     The architecture comes from the checkpoint's config when it has one, else from the variant model_name.
     Without `activation`, a transformers source keeps its exact GELU and others their own activation.
+    dst must not be the source; an existing dst is replaced only with overwrite=True.
     """
     if to not in FORMATS:
         raise ValueError(f"unknown checkpoint format {to!r}; choose one of {', '.join(FORMATS)}")
+    check_destination(src, dst, overwrite)
     checkpoint = read_checkpoint(src)
     name = model_name or checkpoint.architecture
     if name is None:

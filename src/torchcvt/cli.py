@@ -120,6 +120,7 @@ def add_convert_command(sub: argparse._SubParsersAction) -> None:
                         "checkpoint, which records its variant")
     parser.add_argument("--activation", choices=("quick_gelu", "gelu"),
                         help="activation of the converted model (default: the source's, gelu for hf)")
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing DST (never SRC)")
     parser.set_defaults(run=_run_convert)
 
 
@@ -130,7 +131,7 @@ def _run_convert(args: argparse.Namespace) -> int:
 
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        model = convert_checkpoint(args.src, args.dst, args.to, args.model, args.activation)
+        model = convert_checkpoint(args.src, args.dst, args.to, args.model, args.activation, args.overwrite)
     for warning in caught:
         print(f"torchcvt convert: warning: {warning.message}", file=sys.stderr)
     print(f"wrote {args.dst} ({args.to} format, {model.pretrained_cfg['architecture']}, "
