@@ -249,3 +249,25 @@ def test_cli_predict_process_exit_codes(tmp_path, tiny_checkpoint, tiny_override
     assert run.returncode == 1, run.stderr
     assert "broken.gif: " in run.stderr and "Traceback" not in run.stderr
     assert "ok.webp" in run.stdout
+
+
+def test_non_finite_outputs_are_errors_never_nan_in_reports(tmp_path, tiny_model, tiny_overrides, capsys):
+    Image.fromarray(_photo(32, 32)).save(tmp_path / "a.png")
+    Image.fromarray(_photo(40, 30, 1)).save(tmp_path / "b.png")
+    with torch.no_grad():
+        tiny_model.head.bias[1] = float("nan")  # weights gone bad, as after a diverged run
+    torch.save({"state_dict": tiny_model.state_dict(), "class_names": CLASSES,
+                "config": tiny_model.config.to_dict(), "model_name": "cvt_13"}, tmp_path / "nan.pth")
+    assert main(["predict", "--model", "cvt_13", "--checkpoint", str(tmp_path / "nan.pth"),
+                 *_tiny_cli(tiny_overrides), "--json", str(tmp_path / "r.json"), "--quiet",
+                 str(tmp_path)]) == 1
+    err = capsys.readouterr().err
+    assert f"{tmp_path / 'a.png'}: the output of model cvt_13 is NaN or infinite for this image" in err
+    assert "2 of 2 file(s) could not be read or classified" in err
+    def strict(constant: str):
+        raise AssertionError(f"{constant} is not JSON")
+
+    report = json.loads((tmp_path / "r.json").read_text(), parse_constant=strict)
+    assert [set(r) for r in report] == [{"path", "error"}] * 2
+    features, results = Predictor(tiny_model, CLASSES, data_config=SMALL).embed_files([tmp_path])
+    assert features.shape[0] == 2 and all(r.error is None for r in results)  # features do not use the head

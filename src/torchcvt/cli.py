@@ -213,7 +213,8 @@ def _report_unreadable(command: str):
 def _unreadable_summary(command: str, results: Sequence) -> int:
     failed = sum(result.error is not None for result in results)
     if failed:
-        print(f"torchcvt {command}: {failed} of {len(results)} file(s) could not be read", file=sys.stderr)
+        print(f"torchcvt {command}: {failed} of {len(results)} file(s) could not be read or classified",
+              file=sys.stderr)
     return 1 if failed else 0
 
 

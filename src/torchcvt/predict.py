@@ -267,8 +267,23 @@ class Predictor:
                     except UnreadableImageError as error:
                         result.error = str(error)
                     results.append(result)
-                yield results, self._run(torch.stack(tensors), embed) if tensors else None
+                yield results, self._finite_outputs(results, tensors, embed)
                 bar.update(len(results))
+
+    def _finite_outputs(self, results: list[FileResult], tensors: list[torch.Tensor], embed: bool
+                        ) -> torch.Tensor | None:
+        """The model's outputs for the readable files; a file whose output holds NaN or inf gets an error."""
+        if not tensors:
+            return None
+        outputs = self._run(torch.stack(tensors), embed)
+        finite = outputs.isfinite().all(dim=1)
+        readable = [result for result in results if result.error is None]
+        for result, ok in zip(readable, finite.tolist(), strict=True):
+            if not ok:
+                name = getattr(self.model, "pretrained_cfg", {}).get("architecture", "CvT")
+                result.error = (f"the output of model {name} "
+                                "is NaN or infinite for this image: check its weights and config")
+        return outputs[finite] if finite.any() else None
 
     def predict_files(
         self,
@@ -348,7 +363,8 @@ def _input_files(paths: Sequence[str | Path]) -> list[Path]:
 
 def write_json_report(results: Sequence[FileResult], path: str | Path) -> None:
     """A JSON list, per file {"path", "predictions": [{"index", "label", "prob"}]} or {"path", "error"}."""
-    Path(path).write_text(json.dumps([r.to_dict() for r in results], indent=2) + "\n")
+    # allow_nan=False: NaN is not JSON, so a report can never hold it.
+    Path(path).write_text(json.dumps([r.to_dict() for r in results], indent=2, allow_nan=False) + "\n")
 
 
 def write_csv_report(results: Sequence[FileResult], path: str | Path) -> None:
