@@ -271,3 +271,42 @@ def test_non_finite_outputs_are_errors_never_nan_in_reports(tmp_path, tiny_model
     assert [set(r) for r in report] == [{"path", "error"}] * 2
     features, results = Predictor(tiny_model, CLASSES, data_config=SMALL).embed_files([tmp_path])
     assert features.shape[0] == 2 and all(r.error is None for r in results)  # features do not use the head
+
+
+def test_eval_transform_is_torchvision_resize_and_crop_for_ordinary_images():
+    from torchvision import transforms as T
+
+    from torchcvt.data import eval_transform
+
+    config = {"input_size": (3, 64, 64), "crop_pct": 0.875, "interpolation": "bicubic",
+              "mean": (0.5,) * 3, "std": (0.25,) * 3}
+    reference = T.Compose([T.Resize(73, interpolation=T.InterpolationMode.BICUBIC, antialias=True),
+                           T.CenterCrop(64), T.ToTensor(), T.Normalize((0.5,) * 3, (0.25,) * 3)])
+    for width, height in [(80, 60), (60, 80), (73, 73), (3, 2), (640, 41), (41, 656)]:
+        image = Image.fromarray(_photo(width, height))
+        torch.testing.assert_close(eval_transform(config)(image), reference(image), rtol=0, atol=0)
+    # Beyond the bound only the crop is resampled: the same pixels up to PIL's rounding.
+    image = Image.fromarray(_photo(6000, 20))
+    crop = np.asarray(eval_transform({**config, "mean": (0,) * 3, "std": (1,) * 3})(image)) * 255
+    full = np.asarray(reference.transforms[1](reference.transforms[0](image))).transpose(2, 0, 1)
+    assert np.abs(crop - full).max() <= 2
+
+
+def test_extreme_aspect_ratios_take_little_memory(tmp_path):
+    Image.fromarray(np.random.default_rng(0).integers(0, 256, (4, 100000, 3), dtype=np.uint8)).save(
+        tmp_path / "wide.png")
+    Image.new("RGB", (1, 1000000), (10, 200, 30)).save(tmp_path / "tall.png")
+    script = (
+        "import resource, sys\n"
+        "from torchcvt import Predictor, create_model\n"
+        "model = create_model('cvt_13', embed_dim=[16, 32, 48], num_heads=[1, 2, 3], depth=[1, 1, 1])\n"
+        "predictor = Predictor(model)\n"
+        "before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss\n"
+        "results = predictor.predict_files(sys.argv[1:], top_k=1, progress=False)\n"
+        "assert all(r.error is None for r in results), results\n"
+        "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before)\n"
+    )
+    files = [str(tmp_path / "wide.png"), str(tmp_path / "tall.png")]
+    run = subprocess.run([sys.executable, "-c", script, *files], capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr
+    assert int(run.stdout) < 1024 * 1024  # kilobytes on Linux: under 1 GB on top of the loaded model

@@ -19,6 +19,12 @@ from torchvision.transforms import InterpolationMode
 
 from .config import DIGITS_SIZE
 
+# Images more elongated than this are resized crop-only by ResizeCenterCrop (bounded memory); the
+# others exactly as torchvision's Resize + CenterCrop do it.
+MAX_RESIZE_ASPECT = 16
+_PIL_RESAMPLE = {InterpolationMode.NEAREST: Image.NEAREST, InterpolationMode.BILINEAR: Image.BILINEAR,
+                 InterpolationMode.BICUBIC: Image.BICUBIC, InterpolationMode.LANCZOS: Image.LANCZOS,
+                 InterpolationMode.BOX: Image.BOX, InterpolationMode.HAMMING: Image.HAMMING}
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff", ".ppm", ".pgm")
 
 
@@ -49,6 +55,35 @@ def load_image(path: str | Path) -> Image.Image:
         return to_rgb(image)
 
 
+class ResizeCenterCrop:
+    """Resize the shorter side to `size` and centre-crop `crop` pixels a side, as T.Resize + T.CenterCrop do.
+
+    Beyond an aspect ratio of MAX_RESIZE_ASPECT only the crop is resampled (PIL's resize with a box):
+    a 4 x 100000 image would otherwise become 256 x 6.4M pixels (gigabytes) to keep 224 x 224 of them.
+    """
+
+    def __init__(self, size: int, crop: int, interpolation: InterpolationMode = InterpolationMode.BICUBIC):
+        self.size, self.crop = size, crop
+        self.resize = T.Resize(size, interpolation=interpolation, antialias=True)
+        self.center_crop = T.CenterCrop(crop)
+        self.resample = _PIL_RESAMPLE[interpolation]
+
+    def __call__(self, image: Image.Image) -> Image.Image:
+        width, height = image.size
+        if max(width, height) <= MAX_RESIZE_ASPECT * min(width, height):
+            return self.center_crop(self.resize(image))
+        # torchvision's arithmetic for the resized size and the crop's corner, then the crop's box in
+        # source pixels: PIL resamples just that box at the same scale.
+        if width <= height:
+            new_width, new_height = self.size, int(self.size * height / width)
+        else:
+            new_width, new_height = int(self.size * width / height), self.size
+        top, left = int(round((new_height - self.crop) / 2.0)), int(round((new_width - self.crop) / 2.0))
+        sx, sy = width / new_width, height / new_height
+        box = (left * sx, top * sy, (left + self.crop) * sx, (top + self.crop) * sy)
+        return image.resize((self.crop, self.crop), self.resample, box=box)
+
+
 def eval_transform(data_config: dict[str, Any]) -> T.Compose:
     """Evaluation preprocessing: resize by crop_pct and centre-crop (crop_pct 1.0: resize to the size)."""
     _, height, width = data_config["input_size"]
@@ -56,11 +91,12 @@ def eval_transform(data_config: dict[str, Any]) -> T.Compose:
     crop_pct = data_config.get("crop_pct", 0.875)
     if crop_pct >= 1.0:
         resize = [T.Resize((height, width), interpolation=interpolation, antialias=True)]
+    elif height == width:
+        resize = [ResizeCenterCrop(int(height / crop_pct), height, interpolation)]
     else:
-        scale = (int(height / crop_pct), int(width / crop_pct))
-        shorter = scale[0] if height == width else scale
         resize = [
-            T.Resize(shorter, interpolation=interpolation, antialias=True),
+            T.Resize((int(height / crop_pct), int(width / crop_pct)), interpolation=interpolation,
+                     antialias=True),
             T.CenterCrop((height, width)),
         ]
     return T.Compose([*resize, T.ToTensor(), T.Normalize(data_config["mean"], data_config["std"])])
