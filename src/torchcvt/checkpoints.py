@@ -21,6 +21,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from .checks import check_output_folder
 from .config import VARIANTS, CvtConfig, get_variant, variant_config
 from .model import CvT
 
@@ -511,16 +512,19 @@ def export_checkpoint(model: CvT, path: str | Path, to: str, class_names: ClassN
     raise ValueError(f"unknown checkpoint format {to!r}; choose one of {', '.join(FORMATS)}")
 
 
-def check_destination(src: str | Path, dst: str | Path, overwrite: bool = False) -> None:
-    """Refuse a destination that is (or holds) the source, and an existing one unless overwrite is set."""
+def check_destination(src: str | Path, dst: str | Path, to: str, overwrite: bool = False) -> None:
+    """Refuse a destination that is (or holds) the source, an existing one unless overwrite is set, and one
+    that cannot be written as format `to` needs (a file for official and .safetensors, else a folder)."""
     src, dst = Path(src), Path(dst)
-    if not dst.exists():
-        return
     # samefile compares inodes, so a hard link or a symlink to the source is caught too.
-    if src.exists() and (dst.samefile(src) or (dst.is_dir() and _inside(src, dst))):
+    if dst.exists() and src.exists() and (dst.samefile(src) or (dst.is_dir() and _inside(src, dst))):
         raise ValueError(f"destination {dst} is the source checkpoint {src} or holds it: "
                          "choose another destination")
-    if not overwrite and (not dst.is_dir() or any(dst.iterdir())):
+    as_file = to == "official" or (to == "torchcvt" and dst.suffix == ".safetensors")
+    if as_file and dst.is_dir():
+        raise ValueError(f"destination {dst} is a folder: {to} writes a file, give a file name")
+    check_output_folder(dst.parent if as_file else dst, "destination")
+    if dst.exists() and not overwrite and (not dst.is_dir() or any(dst.iterdir())):
         raise ValueError(f"destination {dst} already exists: pass --overwrite (overwrite=True) to replace it")
 
 
@@ -544,7 +548,7 @@ def convert_checkpoint(
     """
     if to not in FORMATS:
         raise ValueError(f"unknown checkpoint format {to!r}; choose one of {', '.join(FORMATS)}")
-    check_destination(src, dst, overwrite)
+    check_destination(src, dst, to, overwrite)
     checkpoint = read_checkpoint(src)
     name = model_name or checkpoint.architecture
     if name is None:

@@ -86,8 +86,12 @@ def add_eval_command(sub: argparse._SubParsersAction) -> None:
 
 
 def _run_eval(args: argparse.Namespace) -> int:
+    from .checks import check_output_folder, resolve_device
     from .engine import evaluate_checkpoint
 
+    resolve_device(args.device)
+    if args.output is not None:
+        check_output_folder(args.output, "--output")
     report = evaluate_checkpoint(
         args.model, args.checkpoint, args.data, output=args.output, batch_size=args.batch_size,
         workers=args.workers, real_labels=args.real_labels, device=args.device,
@@ -195,8 +199,10 @@ def _model_overrides(items: Sequence[str]) -> dict:
 
 
 def _predictor(args: argparse.Namespace, batch_size: int = 32):
+    from .checks import resolve_device
     from .predict import Predictor
 
+    resolve_device(args.device)
     return Predictor.create(args.model, args.checkpoint, num_classes=args.num_classes, device=args.device,
                             batch_size=batch_size, **_model_overrides(args.model_overrides))
 
@@ -236,10 +242,14 @@ def add_predict_command(sub: argparse._SubParsersAction) -> None:
 
 
 def _run_predict(args: argparse.Namespace) -> int:
+    from .checks import check_output_file
     from .predict import format_table, write_csv_report, write_json_report
 
     if args.top_k < 1:
         raise CliError(f"--top-k must be at least 1, got {args.top_k}")
+    for option, path in (("--json", args.json), ("--csv", args.csv)):
+        if path is not None:
+            check_output_file(path, option)
     predictor = _predictor(args, args.batch_size)
     results = predictor.predict_files(args.paths, top_k=args.top_k, progress=False if args.quiet else None,
                                       on_error=_report_unreadable("predict"))
@@ -270,15 +280,17 @@ def add_attention_command(sub: argparse._SubParsersAction) -> None:
 
 
 def _run_attention(args: argparse.Namespace) -> int:
-    from .attention import attention_map, denormalize, render_attention
+    from .attention import attention_map, denormalize, png_path, render_attention
+    from .checks import check_output_file
 
+    check_output_file(png_path(args.output), "-o")
     predictor = _predictor(args, 1)
     x = predictor.preprocess(args.image)
     amap = attention_map(predictor.model, x[None].to(predictor.device), args.stage, args.block, args.query)
     picture = denormalize(x, predictor.data_config["mean"], predictor.data_config["std"])
-    render_attention(picture, amap, args.output)
+    written = render_attention(picture, amap, args.output)
     what = "class token" if amap.query is None else f"query at ({amap.query[0]:.0f}, {amap.query[1]:.0f})"
-    print(f"wrote {args.output} (stage {amap.stage}, block {amap.block}, {what}, "
+    print(f"wrote {written} (stage {amap.stage}, block {amap.block}, {what}, "
           f"{amap.weights.shape[1]} head(s), {amap.weights.shape[2]}x{amap.weights.shape[3]} keys)")
     return 0
 
@@ -298,12 +310,10 @@ def add_export_command(sub: argparse._SubParsersAction) -> None:
 
 
 def _run_export(args: argparse.Namespace) -> int:
-    from pathlib import Path
-
+    from .checks import check_output_file
     from .export import export_model
 
-    if not Path(args.output).parent.is_dir():
-        raise CliError(f"output folder {Path(args.output).parent} does not exist")
+    check_output_file(args.output, "-o")
     model = _predictor(args).model
     size = args.img_size if isinstance(args.img_size, tuple) else (args.img_size, args.img_size)
     path = export_model(model, args.output, args.format, *size)
@@ -329,10 +339,12 @@ def add_embed_command(sub: argparse._SubParsersAction) -> None:
 def _run_embed(args: argparse.Namespace) -> int:
     from pathlib import Path
 
+    from .checks import check_output_file
     from .predict import save_embeddings
 
     if Path(args.output).suffix not in (".safetensors", ".npy"):
         raise CliError(f"-o must end in .safetensors or .npy, got {args.output!r}")
+    check_output_file(args.output, "-o")
     predictor = _predictor(args, args.batch_size)
     features, results = predictor.embed_files(args.paths, progress=False if args.quiet else None,
                                               on_error=_report_unreadable("embed"))

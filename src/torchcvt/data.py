@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import random
 import shutil
@@ -100,6 +101,35 @@ def eval_transform(data_config: dict[str, Any]) -> T.Compose:
             T.CenterCrop((height, width)),
         ]
     return T.Compose([*resize, T.ToTensor(), T.Normalize(data_config["mean"], data_config["std"])])
+
+
+def check_real_labels(path: str | Path, filenames: Sequence[str | Path], num_classes: int) -> None:
+    """One-line error unless path is an ImageNet-ReaL real.json for these files: one list of class indices
+    per file, the files named ILSVRC2012_val_<n>.JPEG as timm's RealLabelsImagenet looks them up."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"ImageNet-ReaL labels file {path} does not exist")
+    try:
+        labels = json.loads(path.read_text())
+    except (UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise ValueError(f"ImageNet-ReaL labels file {path} is not valid JSON ({error})") from None
+    expected = (f"ImageNet-ReaL labels file {path} must hold a list with one list of class indices "
+                f"(0 to {num_classes - 1}) per image")
+    if not isinstance(labels, list) or not all(isinstance(row, list) for row in labels):
+        raise ValueError(f"{expected}, got a JSON {type(labels).__name__} of another shape")
+    bad = next((row for row in labels for i in row
+                if not isinstance(i, int) or isinstance(i, bool) or not 0 <= i < num_classes), None)
+    if bad is not None:
+        raise ValueError(f"{expected}, got {json.dumps(bad)[:60]}")
+    if len(labels) != len(filenames):
+        raise ValueError(f"ImageNet-ReaL labels file {path} labels {len(labels)} images but the data folder "
+                         f"holds {len(filenames)}: ReaL needs the whole ImageNet validation set")
+    names = {f"ILSVRC2012_val_{i + 1:08d}.JPEG" for i in range(len(labels))}
+    stray = [name for name in map(str, filenames) if Path(name).name not in names]
+    if stray:
+        raise ValueError(f"ImageNet-ReaL labels file {path} is looked up by file name, but {len(stray)} "
+                         f"image(s) are not named ILSVRC2012_val_<n>.JPEG (n up to {len(labels)}), "
+                         f"e.g. {stray[0]}")
 
 
 class BadImage(NamedTuple):

@@ -18,6 +18,7 @@ from PIL import Image, UnidentifiedImageError
 from tqdm import tqdm
 
 from .checkpoints import Checkpoint, read_checkpoint
+from .checks import resolve_device
 from .config import IMAGENET_MEAN, IMAGENET_STD
 from .data import IMAGE_EXTENSIONS, eval_transform, load_image, to_rgb
 from .factory import create_model
@@ -154,8 +155,8 @@ class Predictor:
     ):
         if batch_size < 1:
             raise ValueError(f"batch_size must be at least 1, got {batch_size}")
-        self.model = model.eval().to(device)
-        self.device = torch.device(device)
+        self.device = resolve_device(device)
+        self.model = model.eval().to(self.device)
         self.batch_size = batch_size
         self.data_config = {**model_data_config(model), **(data_config or {})}
         self.transform = eval_transform(self.data_config)
