@@ -1,5 +1,6 @@
 import csv
 import json
+import os
 import struct
 import subprocess
 import sys
@@ -310,3 +311,29 @@ def test_extreme_aspect_ratios_take_little_memory(tmp_path):
     run = subprocess.run([sys.executable, "-c", script, *files], capture_output=True, text=True, timeout=300)
     assert run.returncode == 0, run.stderr
     assert int(run.stdout) < 1024 * 1024  # kilobytes on Linux: under 1 GB on top of the loaded model
+
+
+def test_symlinked_folders_are_followed_and_broken_entries_reported(tmp_path, tiny_checkpoint, tiny_overrides,
+                                                                    capsys):
+    images, elsewhere = tmp_path / "images", tmp_path / "elsewhere"
+    (images / "sub").mkdir(parents=True)
+    elsewhere.mkdir()
+    Image.fromarray(_photo(32, 32)).save(images / "a.png")
+    Image.fromarray(_photo(32, 32, 1)).save(elsewhere / "b.png")
+    (images / "linked").symlink_to(elsewhere, target_is_directory=True)
+    (images / "sub" / "loop").symlink_to(images, target_is_directory=True)  # walking it would never end
+    (images / "dangling.png").symlink_to(tmp_path / "gone.png")
+    expected = [images / "a.png", images / "dangling.png", images / "linked" / "b.png"]
+    if os.geteuid() != 0:  # root lists any folder, whatever its mode
+        (images / "locked").mkdir(mode=0o000)
+        expected.insert(2, images / "locked")
+    assert find_images([images, images / "linked"]) == expected  # each folder once
+    args = ["predict", "--model", "cvt_13", "--checkpoint", str(tiny_checkpoint), *_tiny_cli(tiny_overrides),
+            "--json", str(tmp_path / "r.json"), "--quiet", str(images)]
+    assert main(args) == 1
+    err = capsys.readouterr().err
+    assert f"{images / 'dangling.png'}: broken symbolic link (its target {tmp_path / 'gone.png'}" in err
+    if os.geteuid() != 0:
+        assert f"{images / 'locked'}: folder cannot be listed (permission denied)" in err
+    report = {Path(r["path"]).name: r for r in json.loads((tmp_path / "r.json").read_text())}
+    assert "predictions" in report["b.png"] and "predictions" in report["a.png"]

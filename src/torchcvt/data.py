@@ -56,6 +56,32 @@ def load_image(path: str | Path) -> Image.Image:
         return to_rgb(image)
 
 
+def walk_images(root: str | Path, seen: set[tuple[int, int]] | None = None) -> list[Path]:
+    """Image files under root, recursively and sorted, following symlinked folders (each folder once).
+
+    Hidden files and folders are skipped. Also listed, so that reading them reports why: image-named
+    entries that are not files (broken symlinks) and folders that cannot be listed. seen holds the
+    (device, inode) of folders already walked; share one set across roots to list each folder once.
+    """
+    root = Path(root)
+    seen = set() if seen is None else seen
+    found: list[Path] = []
+
+    def unreadable(error: OSError) -> None:
+        found.append(Path(error.filename))
+
+    for folder, subfolders, files in os.walk(root, onerror=unreadable, followlinks=True):
+        info = os.stat(folder)
+        if (info.st_dev, info.st_ino) in seen:  # a symlink loop, or a folder reached twice
+            subfolders.clear()
+            continue
+        seen.add((info.st_dev, info.st_ino))
+        subfolders[:] = [name for name in subfolders if not name.startswith(".")]
+        found += [Path(folder, name) for name in files
+                  if not name.startswith(".") and Path(name).suffix.lower() in IMAGE_EXTENSIONS]
+    return sorted(found)
+
+
 class ResizeCenterCrop:
     """Resize the shorter side to `size` and centre-crop `crop` pixels a side, as T.Resize + T.CenterCrop do.
 

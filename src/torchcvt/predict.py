@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+import os
 import warnings
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
@@ -20,7 +21,7 @@ from tqdm import tqdm
 from .checkpoints import Checkpoint, read_checkpoint
 from .checks import resolve_device
 from .config import IMAGENET_MEAN, IMAGENET_STD
-from .data import IMAGE_EXTENSIONS, eval_transform, load_image, to_rgb
+from .data import eval_transform, load_image, to_rgb, walk_images
 from .factory import create_model
 from .model import CvT
 
@@ -89,9 +90,13 @@ def _large_images_allowed() -> Iterator[None]:
 def read_image(path: str | Path) -> Image.Image:
     """Load an image file as upright 8-bit RGB, or raise UnreadableImageError with a one-line reason."""
     path = Path(path)
+    if path.is_symlink() and not path.exists():
+        raise UnreadableImageError(f"broken symbolic link (its target {os.readlink(path)} does not exist)")
     if not path.exists():
         raise UnreadableImageError("file not found")
     if path.is_dir():
+        if not os.access(path, os.R_OK | os.X_OK):
+            raise UnreadableImageError("folder cannot be listed (permission denied)")
         raise UnreadableImageError("is a directory, not an image file")
     if path.stat().st_size == 0:
         raise UnreadableImageError("empty file (0 bytes)")
@@ -114,18 +119,14 @@ def read_image(path: str | Path) -> Image.Image:
 def find_images(paths: Sequence[str | Path]) -> list[Path]:
     """Files named directly (whatever their extension) plus image files found under folders, recursively.
 
-    Missing paths are kept, so that they are reported rather than silently dropped; hidden files and
+    Symlinked folders are followed, each folder once. Missing paths, broken symlinks and folders that
+    cannot be listed are kept, so that they are reported rather than silently dropped; hidden files and
     folders inside a walked folder are skipped.
     """
     found: list[Path] = []
+    seen: set[tuple[int, int]] = set()
     for path in map(Path, paths):
-        if not path.is_dir():
-            found.append(path)
-            continue
-        for file in sorted(path.rglob("*")):
-            hidden = any(part.startswith(".") for part in file.relative_to(path).parts)
-            if not hidden and file.suffix.lower() in IMAGE_EXTENSIONS and file.is_file():
-                found.append(file)
+        found += walk_images(path, seen) if path.is_dir() else [path]
     return found
 
 
