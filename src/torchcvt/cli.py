@@ -311,13 +311,15 @@ def add_export_command(sub: argparse._SubParsersAction) -> None:
 
 def _run_export(args: argparse.Namespace) -> int:
     from .checks import check_output_file
-    from .export import export_model
+    from .export import describe_sizes, example_size, export_model, supported_sizes
 
     check_output_file(args.output, "-o")
     model = _predictor(args).model
     size = args.img_size if isinstance(args.img_size, tuple) else (args.img_size, args.img_size)
     path = export_model(model, args.output, args.format, *size)
-    print(f"wrote {path} ({args.format}, dynamic batch, height and width)")
+    sizes = "height and width" if args.format == "torchscript" else describe_sizes(
+        supported_sizes(model, *example_size(model, *size)))
+    print(f"wrote {path} ({args.format}, dynamic batch, {sizes})")
     return 0
 
 
