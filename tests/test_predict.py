@@ -337,3 +337,16 @@ def test_symlinked_folders_are_followed_and_broken_entries_reported(tmp_path, ti
         assert f"{images / 'locked'}: folder cannot be listed (permission denied)" in err
     report = {Path(r["path"]).name: r for r in json.loads((tmp_path / "r.json").read_text())}
     assert "predictions" in report["b.png"] and "predictions" in report["a.png"]
+
+
+def test_empty_images_are_errors_and_empty_batches_empty_results(tiny_model):
+    from torchcvt.predict import UnreadableImageError
+
+    model = Predictor(tiny_model, CLASSES, data_config=SMALL)
+    with pytest.raises(UnreadableImageError, match=r"^image has no pixels \(0x0\)$"):
+        model(Image.new("RGB", (0, 0)))
+    with pytest.raises(UnreadableImageError, match=r"^image has no pixels \(7x0\)$"):
+        model([torch.zeros(3, 0, 7, dtype=torch.uint8)])
+    assert model(torch.zeros(0, 3, 64, 64)) == [] and model([]) == []
+    assert model.logits([]).shape == (0, len(CLASSES))
+    assert model.embed(torch.zeros(0, 3, 64, 64)).shape == (0, tiny_model.num_features)

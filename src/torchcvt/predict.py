@@ -210,6 +210,8 @@ class Predictor:
             image = to_rgb(image)
         else:
             raise ValueError(f"cannot read a {type(image).__name__}; give a PIL image, a path or a tensor")
+        if not image.width or not image.height:
+            raise UnreadableImageError(f"image has no pixels ({image.width}x{image.height})")
         return self.transform(image)
 
     def _check_head(self) -> None:
@@ -229,14 +231,19 @@ class Predictor:
         features = self.model.forward_features(batch.to(self.device))
         return self.model.forward_head(features, pre_logits=embed).float().cpu()
 
+    def _outputs(self, inputs: ImageInput | Sequence[ImageInput], embed: bool) -> torch.Tensor:
+        rows = [self._run(batch, embed) for batch in self._batches(inputs) if len(batch)]
+        width = self.model.num_features if embed else self.model.num_classes
+        return torch.cat(rows) if rows else torch.empty(0, width)
+
     def logits(self, inputs: ImageInput | Sequence[ImageInput]) -> torch.Tensor:
-        """Logits (N, num_classes) for one input or many."""
+        """Logits (N, num_classes) for one input or many; (0, num_classes) for an empty batch."""
         self._check_head()
-        return torch.cat([self._run(batch, embed=False) for batch in self._batches(inputs)])
+        return self._outputs(inputs, embed=False)
 
     def embed(self, inputs: ImageInput | Sequence[ImageInput]) -> torch.Tensor:
         """Pre-logits features (N, num_features): the normalised class token, or the mean token."""
-        return torch.cat([self._run(batch, embed=True) for batch in self._batches(inputs)])
+        return self._outputs(inputs, embed=True)
 
     def top_k(self, logits: torch.Tensor, k: int = 5) -> list[list[Prediction]]:
         """The k most probable classes of each row of logits."""
@@ -348,10 +355,7 @@ def _as_list(inputs: Any) -> list[Any]:
         return [inputs]
     if isinstance(inputs, torch.Tensor):
         return list(inputs)
-    items = list(inputs)
-    if not items:
-        raise ValueError("no inputs given")
-    return items
+    return list(inputs)
 
 
 def _input_files(paths: Sequence[str | Path]) -> list[Path]:
