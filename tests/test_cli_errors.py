@@ -161,3 +161,17 @@ def test_real_labels_must_fit_the_data(tmp_path):
         check_real_labels(path, [*files[:3], "/val/x.png"], 10)
     with pytest.raises(FileNotFoundError, match="ImageNet-ReaL labels file .*gone.json does not exist"):
         check_real_labels(tmp_path / "gone.json", files, 10)
+
+
+def test_convert_set_gives_the_architecture_of_an_official_file(tmp_path, capsys):
+    tiny = {"embed_dim": [16, 32, 48], "num_heads": [1, 2, 3], "depth": [1, 1, 2]}
+    model = torchcvt.create_model("cvt_13", num_classes=5, **tiny)
+    torchcvt.checkpoints.save_official(model, tmp_path / "tiny.pth")
+    argv = ["convert", str(tmp_path / "tiny.pth"), str(tmp_path / "out"), "--to", "torchcvt",
+            "--model", "cvt_13"]
+    assert main(argv) == 2
+    assert "tiny.pth" in _one_error(capsys, "convert")  # cvt_13's shapes do not fit
+    sets = [f"--set={key}={value}" for key, value in tiny.items()]
+    assert main([*argv, *sets]) == 0
+    assert "wrote" in capsys.readouterr().out
+    assert torchcvt.checkpoints.read_checkpoint(tmp_path / "out").config["depth"] == [1, 1, 2]

@@ -539,12 +539,14 @@ def convert_checkpoint(
     model_name: str | None = None,
     activation: str | None = None,
     overwrite: bool = False,
+    config_overrides: dict[str, Any] | None = None,
 ) -> CvT:
     """Read src in any supported format and write it to dst in format `to`; returns the model in between.
 
     The architecture comes from the checkpoint's config when it has one, else from the variant model_name.
     Without `activation`, a transformers source keeps its exact GELU and others their own activation.
-    dst must not be the source; an existing dst is replaced only with overwrite=True.
+    dst must not be the source; an existing dst is replaced only with overwrite=True. config_overrides
+    set config fields (e.g. depth) of a source that does not record them, such as an official .pth.
     """
     if to not in FORMATS:
         raise ValueError(f"unknown checkpoint format {to!r}; choose one of {', '.join(FORMATS)}")
@@ -558,7 +560,8 @@ def convert_checkpoint(
             f"{src} does not say which variant it holds ({why}): name it with --model "
             f"(one of {', '.join(sorted(VARIANTS))})"
         )
-    overrides = {**(checkpoint.config or {}), "num_classes": checkpoint.num_classes}
+    overrides = {**(checkpoint.config or {}), **(config_overrides or {})}
+    overrides["num_classes"] = checkpoint.num_classes
     if activation is not None:
         overrides["activation"] = activation
     elif checkpoint.format == "hf":

@@ -125,6 +125,8 @@ def add_convert_command(sub: argparse._SubParsersAction) -> None:
     parser.add_argument("--activation", choices=("quick_gelu", "gelu"),
                         help="activation of the converted model (default: the source's, gelu for hf)")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing DST (never SRC)")
+    parser.add_argument("--set", dest="model_overrides", action="append", default=[], metavar="FIELD=VALUE",
+                        help="model config override for a source without a config, e.g. --set depth=[1,2,4]")
     parser.set_defaults(run=_run_convert)
 
 
@@ -135,7 +137,8 @@ def _run_convert(args: argparse.Namespace) -> int:
 
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        model = convert_checkpoint(args.src, args.dst, args.to, args.model, args.activation, args.overwrite)
+        model = convert_checkpoint(args.src, args.dst, args.to, args.model, args.activation, args.overwrite,
+                                   _model_overrides(args.model_overrides))
     for warning in caught:
         print(f"torchcvt convert: warning: {warning.message}", file=sys.stderr)
     print(f"wrote {args.dst} ({args.to} format, {model.pretrained_cfg['architecture']}, "
