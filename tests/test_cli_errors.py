@@ -175,3 +175,10 @@ def test_convert_set_gives_the_architecture_of_an_official_file(tmp_path, capsys
     assert main([*argv, *sets]) == 0
     assert "wrote" in capsys.readouterr().out
     assert torchcvt.checkpoints.read_checkpoint(tmp_path / "out").config["depth"] == [1, 1, 2]
+
+
+@pytest.mark.parametrize("command", ["predict", "embed"])
+def test_negative_workers_is_one_line(command, tmp_path, image, capsys):
+    extra = ["-o", str(tmp_path / "e.npy")] if command == "embed" else []
+    assert main([command, "--model", "cvt_digits", str(image), *extra, "--workers", "-1"]) == 2
+    assert "--workers must be 0 or more, got -1" in _one_error(capsys, command)

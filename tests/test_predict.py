@@ -243,12 +243,14 @@ def test_cli_predict_process_exit_codes(tmp_path, tiny_checkpoint, tiny_override
     (tmp_path / "broken.gif").write_bytes(b"GIF89a")
     run = subprocess.run(
         [sys.executable, "-m", "torchcvt", "predict", "--model", "cvt_13",
-         "--checkpoint", str(tiny_checkpoint), *_tiny_cli(tiny_overrides),
+         "--checkpoint", str(tiny_checkpoint), *_tiny_cli(tiny_overrides), "--workers", "2",
          str(tmp_path / "ok.webp"), str(tmp_path / "broken.gif")],
         capture_output=True, text=True, timeout=300,
     )
     assert run.returncode == 1, run.stderr
     assert "broken.gif: " in run.stderr and "Traceback" not in run.stderr
+    # stderr is a pipe, not a terminal: progress comes as log lines, not a bar.
+    assert "torchcvt predict: 2/2 images (" in run.stderr
     assert "ok.webp" in run.stdout
 
 
@@ -350,3 +352,12 @@ def test_empty_images_are_errors_and_empty_batches_empty_results(tiny_model):
     assert model(torch.zeros(0, 3, 64, 64)) == [] and model([]) == []
     assert model.logits([]).shape == (0, len(CLASSES))
     assert model.embed(torch.zeros(0, 3, 64, 64)).shape == (0, tiny_model.num_features)
+
+
+def test_worker_processes_decode_the_same(tmp_path, tiny_model):
+    write_images(tmp_path)
+    model = Predictor(tiny_model, CLASSES, data_config=SMALL, batch_size=3)
+    alone = model.predict_files([tmp_path], top_k=2, progress=False)
+    assert model.predict_files([tmp_path], top_k=2, progress=False, workers=2) == alone
+    with pytest.raises(ValueError, match="workers must be 0 or more, got -1"):
+        model.predict_files([tmp_path], workers=-1)

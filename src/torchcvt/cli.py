@@ -5,7 +5,8 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 
 
 class CliError(Exception):
@@ -210,6 +211,24 @@ def _predictor(args: argparse.Namespace, batch_size: int = 32):
                             batch_size=batch_size, **_model_overrides(args.model_overrides))
 
 
+@contextmanager
+def _logging_to_stderr(command: str) -> Iterator[None]:
+    """Show torchcvt's INFO lines (progress where stderr is not a terminal) on stderr while inside."""
+    import logging
+
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter(f"torchcvt {command}: %(message)s"))
+    package = logging.getLogger("torchcvt")
+    level = package.level
+    package.addHandler(handler)
+    package.setLevel(logging.INFO)
+    try:
+        yield
+    finally:
+        package.removeHandler(handler)
+        package.setLevel(level)
+
+
 def _report_unreadable(command: str):
     from tqdm import tqdm
 
@@ -240,6 +259,7 @@ def add_predict_command(sub: argparse._SubParsersAction) -> None:
     parser.add_argument("--json", help="write the JSON report here")
     parser.add_argument("--csv", help="write a CSV report here (one row per prediction)")
     parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--workers", type=int, default=2, help="processes decoding images (0: the main one)")
     parser.add_argument("--quiet", action="store_true", help="no table on stdout and no progress bar")
     parser.set_defaults(run=_run_predict)
 
@@ -250,12 +270,16 @@ def _run_predict(args: argparse.Namespace) -> int:
 
     if args.top_k < 1:
         raise CliError(f"--top-k must be at least 1, got {args.top_k}")
+    if args.workers < 0:
+        raise CliError(f"--workers must be 0 or more, got {args.workers}")
     for option, path in (("--json", args.json), ("--csv", args.csv)):
         if path is not None:
             check_output_file(path, option)
     predictor = _predictor(args, args.batch_size)
-    results = predictor.predict_files(args.paths, top_k=args.top_k, progress=False if args.quiet else None,
-                                      on_error=_report_unreadable("predict"))
+    with _logging_to_stderr("predict"):
+        results = predictor.predict_files(args.paths, top_k=args.top_k,
+                                          progress=False if args.quiet else None,
+                                          on_error=_report_unreadable("predict"), workers=args.workers)
     if args.json:
         write_json_report(results, args.json)
     if args.csv:
@@ -337,6 +361,7 @@ def add_embed_command(sub: argparse._SubParsersAction) -> None:
     parser.add_argument("paths", nargs="+", metavar="PATH", help="image files or folders")
     parser.add_argument("-o", "--output", required=True, help="OUT.safetensors or OUT.npy")
     parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--workers", type=int, default=2, help="processes decoding images (0: the main one)")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
     parser.set_defaults(run=_run_embed)
 
@@ -347,12 +372,15 @@ def _run_embed(args: argparse.Namespace) -> int:
     from .checks import check_output_file
     from .predict import save_embeddings
 
+    if args.workers < 0:
+        raise CliError(f"--workers must be 0 or more, got {args.workers}")
     if Path(args.output).suffix not in (".safetensors", ".npy"):
         raise CliError(f"-o must end in .safetensors or .npy, got {args.output!r}")
     check_output_file(args.output, "-o")
     predictor = _predictor(args, args.batch_size)
-    features, results = predictor.embed_files(args.paths, progress=False if args.quiet else None,
-                                              on_error=_report_unreadable("embed"))
+    with _logging_to_stderr("embed"):
+        features, results = predictor.embed_files(args.paths, progress=False if args.quiet else None,
+                                                  on_error=_report_unreadable("embed"), workers=args.workers)
     files = [result.path for result in results if result.error is None]
     written = save_embeddings(args.output, features, files)
     print(f"wrote {', '.join(map(str, written))} ({features.shape[0]} x {features.shape[1]} features)")

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import csv
 import json
+import logging
 import os
+import time
 import warnings
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
@@ -16,6 +18,7 @@ from typing import Any, NamedTuple
 import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
+from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
 from .checkpoints import Checkpoint, read_checkpoint
@@ -30,6 +33,7 @@ from .model import CvT
 MAX_IMAGE_PIXELS = 2**28
 
 ImageInput = Image.Image | str | Path | torch.Tensor
+logger = logging.getLogger(__name__)
 
 
 class UnreadableImageError(ValueError):
@@ -210,9 +214,7 @@ class Predictor:
             image = to_rgb(image)
         else:
             raise ValueError(f"cannot read a {type(image).__name__}; give a PIL image, a path or a tensor")
-        if not image.width or not image.height:
-            raise UnreadableImageError(f"image has no pixels ({image.width}x{image.height})")
-        return self.transform(image)
+        return _transformed(image, self.transform)
 
     def _check_head(self) -> None:
         if not self.model.num_classes:
@@ -263,19 +265,18 @@ class Predictor:
         return results[0] if _is_single(inputs) else results
 
     def _over_files(
-        self, paths: Sequence[str | Path], embed: bool, progress: bool | None
+        self, paths: Sequence[str | Path], embed: bool, progress: bool | None, workers: int = 0
     ) -> Iterator[tuple[list[FileResult], torch.Tensor | None]]:
-        """Read files in batches; yield each batch's results (errors filled in) and the others' outputs."""
-        with tqdm(total=len(paths), unit="img", disable=None if progress is None else not progress) as bar:
-            for start in range(0, len(paths), self.batch_size):
-                results, tensors = [], []
-                for path in paths[start : start + self.batch_size]:
-                    result = FileResult(str(path))
-                    try:
-                        tensors.append(self.preprocess(path))
-                    except UnreadableImageError as error:
-                        result.error = str(error)
-                    results.append(result)
+        """Decode files in a DataLoader (workers > 0: in that many processes) and yield each batch's results
+        (errors filled in) with the outputs of its readable files."""
+        if workers < 0:
+            raise ValueError(f"workers must be 0 or more, got {workers}")
+        loader = DataLoader(_Files(paths, self.transform), batch_size=self.batch_size, num_workers=workers,
+                            collate_fn=list, pin_memory=self.device.type == "cuda")
+        with _Progress(len(paths), progress) as bar:
+            for batch in loader:
+                results = [FileResult(path, error=error) for path, _, error in batch]
+                tensors = [tensor for _, tensor, _ in batch if tensor is not None]
                 yield results, self._finite_outputs(results, tensors, embed)
                 bar.update(len(results))
 
@@ -300,15 +301,17 @@ class Predictor:
         top_k: int = 5,
         progress: bool | None = None,
         on_error: Callable[[FileResult], None] | None = None,
+        workers: int = 0,
     ) -> list[FileResult]:
         """Classify files and folders (walked recursively); unreadable files get their reason, the rest go on.
 
-        progress=None shows a bar only on a terminal; on_error is called for each unreadable file.
+        progress=None shows a bar on a terminal and a log line every 30 s otherwise; on_error is called
+        for each unreadable file; workers > 0 decodes images in that many processes.
         """
         self._check_head()
         files = _input_files(paths)
         results = []
-        for batch, logits in self._over_files(files, embed=False, progress=progress):
+        for batch, logits in self._over_files(files, embed=False, progress=progress, workers=workers):
             readable = [r for r in batch if r.error is None]
             if readable:
                 for result, predictions in zip(readable, self.top_k(logits, top_k), strict=True):
@@ -324,11 +327,12 @@ class Predictor:
         paths: Sequence[str | Path],
         progress: bool | None = None,
         on_error: Callable[[FileResult], None] | None = None,
+        workers: int = 0,
     ) -> tuple[torch.Tensor, list[FileResult]]:
         """Pre-logits features of every readable file (one row each, in order) and a result per file."""
         files = _input_files(paths)
         results, rows = [], []
-        for batch, features in self._over_files(files, embed=True, progress=progress):
+        for batch, features in self._over_files(files, embed=True, progress=progress, workers=workers):
             if features is not None:
                 rows.append(features)
             for result in batch:
@@ -337,6 +341,54 @@ class Predictor:
             results.extend(batch)
         features = torch.cat(rows) if rows else torch.empty(0, self.model.num_features)
         return features, results
+
+
+def _transformed(image: Image.Image, transform: Callable[[Image.Image], torch.Tensor]) -> torch.Tensor:
+    if not image.width or not image.height:
+        raise UnreadableImageError(f"image has no pixels ({image.width}x{image.height})")
+    return transform(image)
+
+
+class _Files(Dataset):
+    """Files as (path, model input or None, reason it is unreadable or None); module-level so it pickles."""
+
+    def __init__(self, paths: Sequence[str | Path], transform: Callable[[Image.Image], torch.Tensor]):
+        self.paths, self.transform = [str(path) for path in paths], transform
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, index: int) -> tuple[str, torch.Tensor | None, str | None]:
+        path = self.paths[index]
+        try:
+            return path, _transformed(read_image(path), self.transform), None
+        except UnreadableImageError as error:
+            return path, None, str(error)
+
+
+class _Progress:
+    """A tqdm bar on a terminal; where stderr is a log, an INFO line every `interval` seconds instead."""
+
+    def __init__(self, total: int, progress: bool | None, interval: float = 30.0):
+        self.total, self.done, self.interval = total, 0, interval
+        self.bar = tqdm(total=total, unit="img", disable=None if progress is None else not progress)
+        self.log = progress is None and self.bar.disable
+        self.start = self.last = time.monotonic()
+
+    def update(self, count: int) -> None:
+        self.bar.update(count)
+        self.done += count
+        now = time.monotonic()
+        if self.log and (now - self.last >= self.interval or self.done == self.total):
+            self.last = now
+            rate = self.done / max(now - self.start, 1e-9)
+            logger.info("%d/%d images (%.1f img/s)", self.done, self.total, rate)
+
+    def __enter__(self) -> _Progress:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.bar.close()
 
 
 def predictor(name: str, checkpoint: str | Path | None = None, **kwargs: Any) -> Predictor:
