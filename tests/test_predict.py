@@ -1,5 +1,6 @@
 import csv
 import json
+import os
 import struct
 import subprocess
 import sys
@@ -242,10 +243,121 @@ def test_cli_predict_process_exit_codes(tmp_path, tiny_checkpoint, tiny_override
     (tmp_path / "broken.gif").write_bytes(b"GIF89a")
     run = subprocess.run(
         [sys.executable, "-m", "torchcvt", "predict", "--model", "cvt_13",
-         "--checkpoint", str(tiny_checkpoint), *_tiny_cli(tiny_overrides),
+         "--checkpoint", str(tiny_checkpoint), *_tiny_cli(tiny_overrides), "--workers", "2",
          str(tmp_path / "ok.webp"), str(tmp_path / "broken.gif")],
         capture_output=True, text=True, timeout=300,
     )
     assert run.returncode == 1, run.stderr
     assert "broken.gif: " in run.stderr and "Traceback" not in run.stderr
+    # stderr is a pipe, not a terminal: progress comes as log lines, not a bar.
+    assert "torchcvt predict: 2/2 images (" in run.stderr
     assert "ok.webp" in run.stdout
+
+
+def test_non_finite_outputs_are_errors_never_nan_in_reports(tmp_path, tiny_model, tiny_overrides, capsys):
+    Image.fromarray(_photo(32, 32)).save(tmp_path / "a.png")
+    Image.fromarray(_photo(40, 30, 1)).save(tmp_path / "b.png")
+    with torch.no_grad():
+        tiny_model.head.bias[1] = float("nan")  # weights gone bad, as after a diverged run
+    torch.save({"state_dict": tiny_model.state_dict(), "class_names": CLASSES,
+                "config": tiny_model.config.to_dict(), "model_name": "cvt_13"}, tmp_path / "nan.pth")
+    assert main(["predict", "--model", "cvt_13", "--checkpoint", str(tmp_path / "nan.pth"),
+                 *_tiny_cli(tiny_overrides), "--json", str(tmp_path / "r.json"), "--quiet",
+                 str(tmp_path)]) == 1
+    err = capsys.readouterr().err
+    assert f"{tmp_path / 'a.png'}: the output of model cvt_13 is NaN or infinite for this image" in err
+    assert "2 of 2 file(s) could not be read or classified" in err
+    def strict(constant: str):
+        raise AssertionError(f"{constant} is not JSON")
+
+    report = json.loads((tmp_path / "r.json").read_text(), parse_constant=strict)
+    assert [set(r) for r in report] == [{"path", "error"}] * 2
+    features, results = Predictor(tiny_model, CLASSES, data_config=SMALL).embed_files([tmp_path])
+    assert features.shape[0] == 2 and all(r.error is None for r in results)  # features do not use the head
+
+
+def test_eval_transform_is_torchvision_resize_and_crop_for_ordinary_images():
+    from torchvision import transforms as T
+
+    from torchcvt.data import eval_transform
+
+    config = {"input_size": (3, 64, 64), "crop_pct": 0.875, "interpolation": "bicubic",
+              "mean": (0.5,) * 3, "std": (0.25,) * 3}
+    reference = T.Compose([T.Resize(73, interpolation=T.InterpolationMode.BICUBIC, antialias=True),
+                           T.CenterCrop(64), T.ToTensor(), T.Normalize((0.5,) * 3, (0.25,) * 3)])
+    for width, height in [(80, 60), (60, 80), (73, 73), (3, 2), (640, 41), (41, 656)]:
+        image = Image.fromarray(_photo(width, height))
+        torch.testing.assert_close(eval_transform(config)(image), reference(image), rtol=0, atol=0)
+    # Beyond the bound only the crop is resampled: the same pixels up to PIL's rounding.
+    image = Image.fromarray(_photo(6000, 20))
+    crop = np.asarray(eval_transform({**config, "mean": (0,) * 3, "std": (1,) * 3})(image)) * 255
+    full = np.asarray(reference.transforms[1](reference.transforms[0](image))).transpose(2, 0, 1)
+    assert np.abs(crop - full).max() <= 2
+
+
+def test_extreme_aspect_ratios_take_little_memory(tmp_path):
+    Image.fromarray(np.random.default_rng(0).integers(0, 256, (4, 100000, 3), dtype=np.uint8)).save(
+        tmp_path / "wide.png")
+    Image.new("RGB", (1, 1000000), (10, 200, 30)).save(tmp_path / "tall.png")
+    script = (
+        "import resource, sys\n"
+        "from torchcvt import Predictor, create_model\n"
+        "model = create_model('cvt_13', embed_dim=[16, 32, 48], num_heads=[1, 2, 3], depth=[1, 1, 1])\n"
+        "predictor = Predictor(model)\n"
+        "before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss\n"
+        "results = predictor.predict_files(sys.argv[1:], top_k=1, progress=False)\n"
+        "assert all(r.error is None for r in results), results\n"
+        "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before)\n"
+    )
+    files = [str(tmp_path / "wide.png"), str(tmp_path / "tall.png")]
+    run = subprocess.run([sys.executable, "-c", script, *files], capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr
+    assert int(run.stdout) < 1024 * 1024  # kilobytes on Linux: under 1 GB on top of the loaded model
+
+
+def test_symlinked_folders_are_followed_and_broken_entries_reported(tmp_path, tiny_checkpoint, tiny_overrides,
+                                                                    capsys):
+    images, elsewhere = tmp_path / "images", tmp_path / "elsewhere"
+    (images / "sub").mkdir(parents=True)
+    elsewhere.mkdir()
+    Image.fromarray(_photo(32, 32)).save(images / "a.png")
+    Image.fromarray(_photo(32, 32, 1)).save(elsewhere / "b.png")
+    (images / "linked").symlink_to(elsewhere, target_is_directory=True)
+    (images / "sub" / "loop").symlink_to(images, target_is_directory=True)  # walking it would never end
+    (images / "dangling.png").symlink_to(tmp_path / "gone.png")
+    expected = [images / "a.png", images / "dangling.png", images / "linked" / "b.png"]
+    if os.geteuid() != 0:  # root lists any folder, whatever its mode
+        (images / "locked").mkdir(mode=0o000)
+        expected.insert(2, images / "locked")
+    assert find_images([images, images / "linked"]) == expected  # each folder once
+    args = ["predict", "--model", "cvt_13", "--checkpoint", str(tiny_checkpoint), *_tiny_cli(tiny_overrides),
+            "--json", str(tmp_path / "r.json"), "--quiet", str(images)]
+    assert main(args) == 1
+    err = capsys.readouterr().err
+    assert f"{images / 'dangling.png'}: broken symbolic link (its target {tmp_path / 'gone.png'}" in err
+    if os.geteuid() != 0:
+        assert f"{images / 'locked'}: folder cannot be listed (permission denied)" in err
+    report = {Path(r["path"]).name: r for r in json.loads((tmp_path / "r.json").read_text())}
+    assert "predictions" in report["b.png"] and "predictions" in report["a.png"]
+
+
+def test_empty_images_are_errors_and_empty_batches_empty_results(tiny_model):
+    from torchcvt.predict import UnreadableImageError
+
+    model = Predictor(tiny_model, CLASSES, data_config=SMALL)
+    with pytest.raises(UnreadableImageError, match=r"^image has no pixels \(0x0\)$"):
+        model(Image.new("RGB", (0, 0)))
+    with pytest.raises(UnreadableImageError, match=r"^image has no pixels \(7x0\)$"):
+        model([torch.zeros(3, 0, 7, dtype=torch.uint8)])
+    assert model(torch.zeros(0, 3, 64, 64)) == [] and model([]) == []
+    assert model.logits([]).shape == (0, len(CLASSES))
+    assert model.embed(torch.zeros(0, 3, 64, 64)).shape == (0, tiny_model.num_features)
+
+
+def test_worker_processes_decode_the_same(tmp_path, tiny_model):
+    write_images(tmp_path)
+    model = Predictor(tiny_model, CLASSES, data_config=SMALL, batch_size=3)
+    alone = model.predict_files([tmp_path], top_k=2, progress=False)
+    assert model.predict_files([tmp_path], top_k=2, progress=False, workers=2) == alone
+    with pytest.raises(ValueError, match="workers must be 0 or more, got -1"):
+        model.predict_files([tmp_path], workers=-1)

@@ -201,6 +201,13 @@ def render_attention(
             ax.plot(*amap.query, marker="+", color="cyan", markersize=14, markeredgewidth=2)
         ax.set_title(title, fontsize=9)
         ax.set_axis_off()
-    path = Path(path)
+    path = png_path(path)
     figure.savefig(path, dpi=100)
     return path
+
+
+def png_path(path: str | Path) -> Path:
+    """The file render_attention writes for path: path itself, with ".png" added when it has no suffix."""
+    # matplotlib would add the suffix itself; naming the file here lets callers report the real name.
+    path = Path(path)
+    return path if path.suffix else path.with_suffix(".png")

@@ -89,6 +89,11 @@ def build_pair(name: str, directory: Path, **overrides: Any) -> tuple[nn.Module,
 
     torch.manual_seed(0)
     model = create_model(name, **{"activation": "gelu", **overrides})
+    short = [i for i, depth in enumerate(model.config.depth) if depth <= i]
+    if short:
+        # transformers' CvtStage indexes its drop-path rates by stage and fails unless depth[i] > i.
+        raise ValueError(f"transformers' CvT cannot build {name}: stage {short[0]} has depth "
+                         f"{model.config.depth[short[0]]} and it needs depth[i] > i; bench another model")
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # layer_norm_eps notice: transformers' LayerNorms use 1e-5 as we do
         save_hf(model, directory / "hf")

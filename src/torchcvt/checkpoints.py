@@ -21,6 +21,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from .checks import check_output_folder
 from .config import ARCHITECTURE_FIELDS, VARIANTS, CvtConfig, get_variant, variant_config
 from .model import CvT, CvtFeatures
 
@@ -512,16 +513,45 @@ def export_checkpoint(model: CvT, path: str | Path, to: str, class_names: ClassN
     raise ValueError(f"unknown checkpoint format {to!r}; choose one of {', '.join(FORMATS)}")
 
 
+def check_destination(src: str | Path, dst: str | Path, to: str, overwrite: bool = False) -> None:
+    """Refuse a destination that is (or holds) the source, an existing one unless overwrite is set, and one
+    that cannot be written as format `to` needs (a file for official and .safetensors, else a folder)."""
+    src, dst = Path(src), Path(dst)
+    # samefile compares inodes, so a hard link or a symlink to the source is caught too.
+    if dst.exists() and src.exists() and (dst.samefile(src) or (dst.is_dir() and _inside(src, dst))):
+        raise ValueError(f"destination {dst} is the source checkpoint {src} or holds it: "
+                         "choose another destination")
+    as_file = to == "official" or (to == "torchcvt" and dst.suffix == ".safetensors")
+    if as_file and dst.is_dir():
+        raise ValueError(f"destination {dst} is a folder: {to} writes a file, give a file name")
+    check_output_folder(dst.parent if as_file else dst, "destination")
+    if dst.exists() and not overwrite and (not dst.is_dir() or any(dst.iterdir())):
+        raise ValueError(f"destination {dst} already exists: pass --overwrite (overwrite=True) to replace it")
+
+
+def _inside(path: Path, folder: Path) -> bool:
+    return any(parent.samefile(folder) for parent in path.resolve().parents)
+
+
 def convert_checkpoint(
-    src: str | Path, dst: str | Path, to: str, model_name: str | None = None, activation: str | None = None
+    src: str | Path,
+    dst: str | Path,
+    to: str,
+    model_name: str | None = None,
+    activation: str | None = None,
+    overwrite: bool = False,
+    config_overrides: dict[str, Any] | None = None,
 ) -> CvT:
     """Read src in any supported format and write it to dst in format `to`; returns the model in between.
 
     The architecture comes from the checkpoint's config when it has one, else from the variant model_name.
     Without `activation`, a transformers source keeps its exact GELU and others their own activation.
+    dst must not be the source; an existing dst is replaced only with overwrite=True. config_overrides
+    set config fields (e.g. depth) of a source that does not record them, such as an official .pth.
     """
     if to not in FORMATS:
         raise ValueError(f"unknown checkpoint format {to!r}; choose one of {', '.join(FORMATS)}")
+    check_destination(src, dst, to, overwrite)
     checkpoint = read_checkpoint(src)
     name = model_name or checkpoint.architecture
     if name is None:
@@ -531,7 +561,8 @@ def convert_checkpoint(
             f"{src} does not say which variant it holds ({why}): name it with --model "
             f"(one of {', '.join(sorted(VARIANTS))})"
         )
-    overrides = {**(checkpoint.config or {}), "num_classes": checkpoint.num_classes}
+    overrides = {**(checkpoint.config or {}), **(config_overrides or {})}
+    overrides["num_classes"] = checkpoint.num_classes
     if activation is not None:
         overrides["activation"] = activation
     elif checkpoint.format == "hf":

@@ -113,6 +113,8 @@ def add_eval_command(sub: argparse._SubParsersAction) -> None:
     parser.add_argument("--real-labels", help="ImageNet-ReaL real.json, for ReaL top-1/top-5 on ImageNet val")
     parser.add_argument("--device", default="auto", help="auto, cpu or cuda")
     parser.add_argument("--strict", action="store_true", help="stop at the first unreadable image")
+    parser.add_argument("--set", dest="model_overrides", action="append", default=[], metavar="FIELD=VALUE",
+                        help="model config field the checkpoint does not record, e.g. --set depth=[1,2,4]")
     parser.set_defaults(run=_run_eval)
 
 
@@ -122,6 +124,7 @@ def _run_eval(args: argparse.Namespace) -> int:
     report = evaluate_checkpoint(
         args.model, args.checkpoint, args.data, output=args.output, batch_size=args.batch_size,
         workers=args.workers, real_labels=args.real_labels, device=args.device, strict=args.strict,
+        overrides=_model_overrides(args.model_overrides),
     )
     print(f"top-1 {100 * report['top1']:.2f}%  top-5 {100 * report['top5']:.2f}%  loss {report['loss']:.4f}  "
           f"({report['images']} images, {report['classes']} classes)")
@@ -151,6 +154,9 @@ def add_convert_command(sub: argparse._SubParsersAction) -> None:
                         "checkpoint, which records its variant")
     parser.add_argument("--activation", choices=("quick_gelu", "gelu"),
                         help="activation of the converted model (default: the source's, gelu for hf)")
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing DST (never SRC)")
+    parser.add_argument("--set", dest="model_overrides", action="append", default=[], metavar="FIELD=VALUE",
+                        help="model config override for a source without a config, e.g. --set depth=[1,2,4]")
     parser.set_defaults(run=_run_convert)
 
 
@@ -161,7 +167,8 @@ def _run_convert(args: argparse.Namespace) -> int:
 
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        model = convert_checkpoint(args.src, args.dst, args.to, args.model, args.activation)
+        model = convert_checkpoint(args.src, args.dst, args.to, args.model, args.activation, args.overwrite,
+                                   _model_overrides(args.model_overrides))
     for warning in caught:
         print(f"torchcvt convert: warning: {warning.message}", file=sys.stderr)
     print(f"wrote {args.dst} ({args.to} format, {model.pretrained_cfg['architecture']}, "
@@ -225,10 +232,30 @@ def _model_overrides(items: Sequence[str]) -> dict:
 
 
 def _predictor(args: argparse.Namespace, batch_size: int = 32):
+    from .checks import resolve_device
     from .predict import Predictor
 
+    resolve_device(args.device)
     return Predictor.create(args.model, args.checkpoint, num_classes=args.num_classes, device=args.device,
                             batch_size=batch_size, **_model_overrides(args.model_overrides))
+
+
+@contextmanager
+def _logging_to_stderr(command: str) -> Iterator[None]:
+    """Show torchcvt's INFO lines (progress where stderr is not a terminal) on stderr while inside."""
+    import logging
+
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter(f"torchcvt {command}: %(message)s"))
+    package = logging.getLogger("torchcvt")
+    level = package.level
+    package.addHandler(handler)
+    package.setLevel(logging.INFO)
+    try:
+        yield
+    finally:
+        package.removeHandler(handler)
+        package.setLevel(level)
 
 
 def _report_unreadable(command: str):
@@ -243,7 +270,8 @@ def _report_unreadable(command: str):
 def _unreadable_summary(command: str, results: Sequence) -> int:
     failed = sum(result.error is not None for result in results)
     if failed:
-        print(f"torchcvt {command}: {failed} of {len(results)} file(s) could not be read", file=sys.stderr)
+        print(f"torchcvt {command}: {failed} of {len(results)} file(s) could not be read or classified",
+              file=sys.stderr)
     return 1 if failed else 0
 
 
@@ -260,18 +288,27 @@ def add_predict_command(sub: argparse._SubParsersAction) -> None:
     parser.add_argument("--json", help="write the JSON report here")
     parser.add_argument("--csv", help="write a CSV report here (one row per prediction)")
     parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--workers", type=int, default=2, help="processes decoding images (0: the main one)")
     parser.add_argument("--quiet", action="store_true", help="no table on stdout and no progress bar")
     parser.set_defaults(run=_run_predict)
 
 
 def _run_predict(args: argparse.Namespace) -> int:
+    from .checks import check_output_file
     from .predict import format_table, write_csv_report, write_json_report
 
     if args.top_k < 1:
         raise CliError(f"--top-k must be at least 1, got {args.top_k}")
+    if args.workers < 0:
+        raise CliError(f"--workers must be 0 or more, got {args.workers}")
+    for option, path in (("--json", args.json), ("--csv", args.csv)):
+        if path is not None:
+            check_output_file(path, option)
     predictor = _predictor(args, args.batch_size)
-    results = predictor.predict_files(args.paths, top_k=args.top_k, progress=False if args.quiet else None,
-                                      on_error=_report_unreadable("predict"))
+    with _logging_to_stderr("predict"):
+        results = predictor.predict_files(args.paths, top_k=args.top_k,
+                                          progress=False if args.quiet else None,
+                                          on_error=_report_unreadable("predict"), workers=args.workers)
     if args.json:
         write_json_report(results, args.json)
     if args.csv:
@@ -299,15 +336,17 @@ def add_attention_command(sub: argparse._SubParsersAction) -> None:
 
 
 def _run_attention(args: argparse.Namespace) -> int:
-    from .attention import attention_map, denormalize, render_attention
+    from .attention import attention_map, denormalize, png_path, render_attention
+    from .checks import check_output_file
 
+    check_output_file(png_path(args.output), "-o")
     predictor = _predictor(args, 1)
     x = predictor.preprocess(args.image)
     amap = attention_map(predictor.model, x[None].to(predictor.device), args.stage, args.block, args.query)
     picture = denormalize(x, predictor.data_config["mean"], predictor.data_config["std"])
-    render_attention(picture, amap, args.output)
+    written = render_attention(picture, amap, args.output)
     what = "class token" if amap.query is None else f"query at ({amap.query[0]:.0f}, {amap.query[1]:.0f})"
-    print(f"wrote {args.output} (stage {amap.stage}, block {amap.block}, {what}, "
+    print(f"wrote {written} (stage {amap.stage}, block {amap.block}, {what}, "
           f"{amap.weights.shape[1]} head(s), {amap.weights.shape[2]}x{amap.weights.shape[3]} keys)")
     return 0
 
@@ -327,16 +366,16 @@ def add_export_command(sub: argparse._SubParsersAction) -> None:
 
 
 def _run_export(args: argparse.Namespace) -> int:
-    from pathlib import Path
+    from .checks import check_output_file
+    from .export import describe_sizes, example_size, export_model, supported_sizes
 
-    from .export import export_model
-
-    if not Path(args.output).parent.is_dir():
-        raise CliError(f"output folder {Path(args.output).parent} does not exist")
+    check_output_file(args.output, "-o")
     model = _predictor(args).model
     size = args.img_size if isinstance(args.img_size, tuple) else (args.img_size, args.img_size)
     path = export_model(model, args.output, args.format, *size)
-    print(f"wrote {path} ({args.format}, dynamic batch, height and width)")
+    sizes = "height and width" if args.format == "torchscript" else describe_sizes(
+        supported_sizes(model, *example_size(model, *size)))
+    print(f"wrote {path} ({args.format}, dynamic batch, {sizes})")
     return 0
 
 
@@ -351,6 +390,7 @@ def add_embed_command(sub: argparse._SubParsersAction) -> None:
     parser.add_argument("paths", nargs="+", metavar="PATH", help="image files or folders")
     parser.add_argument("-o", "--output", required=True, help="OUT.safetensors or OUT.npy")
     parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--workers", type=int, default=2, help="processes decoding images (0: the main one)")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
     parser.set_defaults(run=_run_embed)
 
@@ -358,13 +398,18 @@ def add_embed_command(sub: argparse._SubParsersAction) -> None:
 def _run_embed(args: argparse.Namespace) -> int:
     from pathlib import Path
 
+    from .checks import check_output_file
     from .predict import save_embeddings
 
+    if args.workers < 0:
+        raise CliError(f"--workers must be 0 or more, got {args.workers}")
     if Path(args.output).suffix not in (".safetensors", ".npy"):
         raise CliError(f"-o must end in .safetensors or .npy, got {args.output!r}")
+    check_output_file(args.output, "-o")
     predictor = _predictor(args, args.batch_size)
-    features, results = predictor.embed_files(args.paths, progress=False if args.quiet else None,
-                                              on_error=_report_unreadable("embed"))
+    with _logging_to_stderr("embed"):
+        features, results = predictor.embed_files(args.paths, progress=False if args.quiet else None,
+                                                  on_error=_report_unreadable("embed"), workers=args.workers)
     files = [result.path for result in results if result.error is None]
     written = save_embeddings(args.output, features, files)
     print(f"wrote {', '.join(map(str, written))} ({features.shape[0]} x {features.shape[1]} features)")

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -133,6 +135,11 @@ class CvtConfig:
         for name in ("attention_drop_rate", "drop_rate", "drop_path_rate"):
             if any(not 0.0 <= v < 1.0 for v in getattr(self, name)):
                 raise ValueError(f"{name} must lie in [0, 1), got {list(getattr(self, name))!r}")
+        for i, (dim, ratio) in enumerate(zip(self.embed_dim, self.mlp_ratio, strict=True)):
+            # The MLP's hidden width is int(embed_dim * mlp_ratio): it must be a finite width of at least 1.
+            if not math.isfinite(ratio) or int(dim * ratio) < 1:
+                raise ValueError(f"mlp_ratio[{i}] must be finite with embed_dim[{i}] * mlp_ratio[{i}] >= 1 "
+                                 f"(the MLP's hidden width), got {ratio!r}")
         for i, (dim, heads) in enumerate(zip(self.embed_dim, self.num_heads, strict=True)):
             if dim % heads:
                 raise ValueError(f"embed_dim[{i}]={dim} is not divisible by num_heads[{i}]={heads}")
@@ -149,6 +156,12 @@ class CvtConfig:
         _check_choice("token_embedding", self.token_embedding, TOKEN_EMBEDDINGS)
         _check_choice("activation", (self.activation,), ACTIVATIONS)
         _check_choice("init", (self.init,), INITS)
+        _check_float("layer_norm_eps", self.layer_norm_eps, "a finite float > 0", lambda v: v > 0)
+        _check_float("initializer_range", self.initializer_range, "a finite float >= 0", lambda v: v >= 0)
+        _check_float("head_drop_rate", self.head_drop_rate, "a float in [0, 1)", lambda v: 0 <= v < 1)
+        self.layer_norm_eps = float(self.layer_norm_eps)
+        self.initializer_range = float(self.initializer_range)
+        self.head_drop_rate = float(self.head_drop_rate)
         for name in ("num_channels", "img_size"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
@@ -180,6 +193,13 @@ class CvtConfig:
     def replace(self, **overrides: Any) -> CvtConfig:
         """A copy with some fields changed; unknown names are an error."""
         return CvtConfig.from_dict({**self.to_dict(), **overrides})
+
+
+def _check_float(name: str, value: Any, wanted: str, valid: Callable[[float], bool]) -> None:
+    # bool is an int to Python, and NaN compares false to everything, so both need their own test.
+    number = isinstance(value, (int, float)) and not isinstance(value, bool)
+    if not number or not math.isfinite(value) or not valid(value):
+        raise ValueError(f"{name} must be {wanted}, got {value!r}")
 
 
 def _check_choice(name: str, values: tuple[str, ...], choices: tuple[str, ...]) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import random
 import shutil
@@ -19,6 +20,12 @@ from torchvision.transforms import InterpolationMode
 
 from .config import DIGITS_SIZE
 
+# Images more elongated than this are resized crop-only by ResizeCenterCrop (bounded memory); the
+# others exactly as torchvision's Resize + CenterCrop do it.
+MAX_RESIZE_ASPECT = 16
+_PIL_RESAMPLE = {InterpolationMode.NEAREST: Image.NEAREST, InterpolationMode.BILINEAR: Image.BILINEAR,
+                 InterpolationMode.BICUBIC: Image.BICUBIC, InterpolationMode.LANCZOS: Image.LANCZOS,
+                 InterpolationMode.BOX: Image.BOX, InterpolationMode.HAMMING: Image.HAMMING}
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff", ".ppm", ".pgm")
 
 
@@ -49,6 +56,61 @@ def load_image(path: str | Path) -> Image.Image:
         return to_rgb(image)
 
 
+def walk_images(root: str | Path, seen: set[tuple[int, int]] | None = None) -> list[Path]:
+    """Image files under root, recursively and sorted, following symlinked folders (each folder once).
+
+    Hidden files and folders are skipped. Also listed, so that reading them reports why: image-named
+    entries that are not files (broken symlinks) and folders that cannot be listed. seen holds the
+    (device, inode) of folders already walked; share one set across roots to list each folder once.
+    """
+    root = Path(root)
+    seen = set() if seen is None else seen
+    found: list[Path] = []
+
+    def unreadable(error: OSError) -> None:
+        found.append(Path(error.filename))
+
+    for folder, subfolders, files in os.walk(root, onerror=unreadable, followlinks=True):
+        info = os.stat(folder)
+        if (info.st_dev, info.st_ino) in seen:  # a symlink loop, or a folder reached twice
+            subfolders.clear()
+            continue
+        seen.add((info.st_dev, info.st_ino))
+        subfolders[:] = [name for name in subfolders if not name.startswith(".")]
+        found += [Path(folder, name) for name in files
+                  if not name.startswith(".") and Path(name).suffix.lower() in IMAGE_EXTENSIONS]
+    return sorted(found)
+
+
+class ResizeCenterCrop:
+    """Resize the shorter side to `size` and centre-crop `crop` pixels a side, as T.Resize + T.CenterCrop do.
+
+    Beyond an aspect ratio of MAX_RESIZE_ASPECT only the crop is resampled (PIL's resize with a box):
+    a 4 x 100000 image would otherwise become 256 x 6.4M pixels (gigabytes) to keep 224 x 224 of them.
+    """
+
+    def __init__(self, size: int, crop: int, interpolation: InterpolationMode = InterpolationMode.BICUBIC):
+        self.size, self.crop = size, crop
+        self.resize = T.Resize(size, interpolation=interpolation, antialias=True)
+        self.center_crop = T.CenterCrop(crop)
+        self.resample = _PIL_RESAMPLE[interpolation]
+
+    def __call__(self, image: Image.Image) -> Image.Image:
+        width, height = image.size
+        if max(width, height) <= MAX_RESIZE_ASPECT * min(width, height):
+            return self.center_crop(self.resize(image))
+        # torchvision's arithmetic for the resized size and the crop's corner, then the crop's box in
+        # source pixels: PIL resamples just that box at the same scale.
+        if width <= height:
+            new_width, new_height = self.size, int(self.size * height / width)
+        else:
+            new_width, new_height = int(self.size * width / height), self.size
+        top, left = int(round((new_height - self.crop) / 2.0)), int(round((new_width - self.crop) / 2.0))
+        sx, sy = width / new_width, height / new_height
+        box = (left * sx, top * sy, (left + self.crop) * sx, (top + self.crop) * sy)
+        return image.resize((self.crop, self.crop), self.resample, box=box)
+
+
 def eval_transform(data_config: dict[str, Any]) -> T.Compose:
     """Evaluation preprocessing: resize by crop_pct and centre-crop (crop_pct 1.0: resize to the size)."""
     _, height, width = data_config["input_size"]
@@ -56,14 +118,44 @@ def eval_transform(data_config: dict[str, Any]) -> T.Compose:
     crop_pct = data_config.get("crop_pct", 0.875)
     if crop_pct >= 1.0:
         resize = [T.Resize((height, width), interpolation=interpolation, antialias=True)]
+    elif height == width:
+        resize = [ResizeCenterCrop(int(height / crop_pct), height, interpolation)]
     else:
-        scale = (int(height / crop_pct), int(width / crop_pct))
-        shorter = scale[0] if height == width else scale
         resize = [
-            T.Resize(shorter, interpolation=interpolation, antialias=True),
+            T.Resize((int(height / crop_pct), int(width / crop_pct)), interpolation=interpolation,
+                     antialias=True),
             T.CenterCrop((height, width)),
         ]
     return T.Compose([*resize, T.ToTensor(), T.Normalize(data_config["mean"], data_config["std"])])
+
+
+def check_real_labels(path: str | Path, filenames: Sequence[str | Path], num_classes: int) -> None:
+    """One-line error unless path is an ImageNet-ReaL real.json for these files: one list of class indices
+    per file, the files named ILSVRC2012_val_<n>.JPEG as timm's RealLabelsImagenet looks them up."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"ImageNet-ReaL labels file {path} does not exist")
+    try:
+        labels = json.loads(path.read_text())
+    except (UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise ValueError(f"ImageNet-ReaL labels file {path} is not valid JSON ({error})") from None
+    expected = (f"ImageNet-ReaL labels file {path} must hold a list with one list of class indices "
+                f"(0 to {num_classes - 1}) per image")
+    if not isinstance(labels, list) or not all(isinstance(row, list) for row in labels):
+        raise ValueError(f"{expected}, got a JSON {type(labels).__name__} of another shape")
+    bad = next((row for row in labels for i in row
+                if not isinstance(i, int) or isinstance(i, bool) or not 0 <= i < num_classes), None)
+    if bad is not None:
+        raise ValueError(f"{expected}, got {json.dumps(bad)[:60]}")
+    if len(labels) != len(filenames):
+        raise ValueError(f"ImageNet-ReaL labels file {path} labels {len(labels)} images but the data folder "
+                         f"holds {len(filenames)}: ReaL needs the whole ImageNet validation set")
+    names = {f"ILSVRC2012_val_{i + 1:08d}.JPEG" for i in range(len(labels))}
+    stray = [name for name in map(str, filenames) if Path(name).name not in names]
+    if stray:
+        raise ValueError(f"ImageNet-ReaL labels file {path} is looked up by file name, but {len(stray)} "
+                         f"image(s) are not named ILSVRC2012_val_<n>.JPEG (n up to {len(labels)}), "
+                         f"e.g. {stray[0]}")
 
 
 class BadImage(NamedTuple):

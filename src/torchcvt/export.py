@@ -2,25 +2,89 @@
 
 from __future__ import annotations
 
+import logging
 import warnings
 from pathlib import Path
 
 import torch
 from torch.export import Dim, ExportedProgram
 
+from .flops import stage_costs
 from .model import CvT
 
 FORMATS = ("onnx", "torchscript", "exported")
 SUFFIXES = {"onnx": ".onnx", "torchscript": ".pt", "exported": ".pt2"}
+logger = logging.getLogger(__name__)
+
+
+def example_size(model: CvT, height: int | None = None, width: int | None = None) -> tuple[int, int]:
+    """height and width, each defaulting to the model's input size."""
+    default = (model.config.num_channels, model.config.img_size, model.config.img_size)
+    size = getattr(model, "pretrained_cfg", {}).get("input_size", default)
+    return height or size[1], width or size[2]
 
 
 def example_input(model: CvT, height: int | None = None, width: int | None = None) -> torch.Tensor:
     """A random batch of two (so the batch dimension stays symbolic) at the model's input size by default."""
-    default = (model.config.num_channels, model.config.img_size, model.config.img_size)
-    size = getattr(model, "pretrained_cfg", {}).get("input_size", default)
-    height, width = height or size[1], width or size[2]
+    height, width = example_size(model, height, width)
     device = next(model.parameters()).device
     return torch.randn(2, model.config.num_channels, height, width, device=device)
+
+
+SizeRange = tuple[int, int | None]
+
+
+def _unit_grids(model: CvT, height: int, width: int) -> tuple[tuple[bool, ...], tuple[bool, ...]] | None:
+    """Which token and key/value grids are one token high, and which one wide; None if a stage has none."""
+    try:
+        costs = stage_costs(model.config, (height, width))
+    except ValueError:
+        return None
+    grids = [grid for cost in costs for grid in (cost.grid, cost.q_grid, cost.kv_grid)]
+    return tuple(g[0] == 1 for g in grids), tuple(g[1] == 1 for g in grids)
+
+
+def supported_sizes(model: CvT, height: int, width: int) -> tuple[SizeRange, SizeRange]:
+    """The heights and widths a graph exported from a height x width example runs at: (min, max or None).
+
+    The tracer specialises every token or key/value grid that is 1 token high (or wide) at the example:
+    such a graph is right only while that grid stays 1. Grids grow with the input, so each range is an
+    interval; with no such grid it is unbounded above.
+    """
+    example = _unit_grids(model, height, width)
+    if example is None:
+        raise ValueError(f"a {height}x{width} input is too small for this model")
+    ranges = []
+    for axis, size in enumerate((height, width)):
+        def same(n: int, axis: int = axis) -> bool:
+            grids = _unit_grids(model, *((n, width) if axis == 0 else (height, n)))
+            return grids is not None and grids[axis] == example[axis]
+
+        low = size
+        while low > 1 and same(low - 1):
+            low -= 1
+        high = size
+        # Once no grid along this axis is 1, none becomes 1 again: the range is open above.
+        while any(example[axis]) and same(high + 1):
+            high += 1
+        ranges.append((low, high if any(example[axis]) else None))
+    return ranges[0], ranges[1]
+
+
+def unbounded_size(model: CvT) -> int:
+    """The smallest square example size whose exported graph runs at every larger size too."""
+    size = 1
+    while (grids := _unit_grids(model, size, size)) is None or any(grids[0]) or any(grids[1]):
+        size += 1
+    return size
+
+
+def describe_sizes(sizes: tuple[SizeRange, SizeRange]) -> str:
+    """'heights 19-34 and widths 19-34', or 'heights from 35 and widths from 35'."""
+    def one(name: str, low: int, high: int | None) -> str:
+        return f"{name} from {low}" if high is None else f"{name} {low}-{high}"
+
+    return f"{one('heights', *sizes[0])} and {one('widths', *sizes[1])}"
 
 
 def export_program(model: CvT, example: torch.Tensor | None = None) -> ExportedProgram:
@@ -69,6 +133,13 @@ def export_model(
     if not path.parent.is_dir():
         raise FileNotFoundError(f"output folder {path.parent} does not exist")
     example = example_input(model, height, width)
+    if format != "torchscript":
+        sizes = supported_sizes(model, *example.shape[2:])
+        if sizes[0][1] is not None or sizes[1][1] is not None:
+            logger.warning(
+                "the %s graph exported at %dx%d runs only at %s: a grid one token high or wide is "
+                "specialised by the tracer; export at %d x %d or more for every larger size",
+                format, *example.shape[2:], describe_sizes(sizes), *[unbounded_size(model)] * 2)
     if format == "torchscript":
         return export_torchscript(model, path, example)
     program = export_program(model, example)

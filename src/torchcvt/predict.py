@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import csv
 import json
+import logging
+import os
+import time
 import warnings
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
@@ -15,11 +18,13 @@ from typing import Any, NamedTuple
 import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
+from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
 from .checkpoints import Checkpoint, model_from_checkpoint, read_checkpoint
+from .checks import resolve_device
 from .config import IMAGENET_MEAN, IMAGENET_STD
-from .data import IMAGE_EXTENSIONS, eval_transform, load_image, to_rgb
+from .data import eval_transform, load_image, to_rgb, walk_images
 from .factory import create_model
 from .model import CvT
 
@@ -28,6 +33,7 @@ from .model import CvT
 MAX_IMAGE_PIXELS = 2**28
 
 ImageInput = Image.Image | str | Path | torch.Tensor
+logger = logging.getLogger(__name__)
 
 
 class UnreadableImageError(ValueError):
@@ -88,9 +94,13 @@ def _large_images_allowed() -> Iterator[None]:
 def read_image(path: str | Path) -> Image.Image:
     """Load an image file as upright 8-bit RGB, or raise UnreadableImageError with a one-line reason."""
     path = Path(path)
+    if path.is_symlink() and not path.exists():
+        raise UnreadableImageError(f"broken symbolic link (its target {os.readlink(path)} does not exist)")
     if not path.exists():
         raise UnreadableImageError("file not found")
     if path.is_dir():
+        if not os.access(path, os.R_OK | os.X_OK):
+            raise UnreadableImageError("folder cannot be listed (permission denied)")
         raise UnreadableImageError("is a directory, not an image file")
     if path.stat().st_size == 0:
         raise UnreadableImageError("empty file (0 bytes)")
@@ -113,18 +123,14 @@ def read_image(path: str | Path) -> Image.Image:
 def find_images(paths: Sequence[str | Path]) -> list[Path]:
     """Files named directly (whatever their extension) plus image files found under folders, recursively.
 
-    Missing paths are kept, so that they are reported rather than silently dropped; hidden files and
+    Symlinked folders are followed, each folder once. Missing paths, broken symlinks and folders that
+    cannot be listed are kept, so that they are reported rather than silently dropped; hidden files and
     folders inside a walked folder are skipped.
     """
     found: list[Path] = []
+    seen: set[tuple[int, int]] = set()
     for path in map(Path, paths):
-        if not path.is_dir():
-            found.append(path)
-            continue
-        for file in sorted(path.rglob("*")):
-            hidden = any(part.startswith(".") for part in file.relative_to(path).parts)
-            if not hidden and file.suffix.lower() in IMAGE_EXTENSIONS and file.is_file():
-                found.append(file)
+        found += walk_images(path, seen) if path.is_dir() else [path]
     return found
 
 
@@ -154,8 +160,8 @@ class Predictor:
     ):
         if batch_size < 1:
             raise ValueError(f"batch_size must be at least 1, got {batch_size}")
-        self.model = model.eval().to(device)
-        self.device = torch.device(device)
+        self.device = resolve_device(device)
+        self.model = model.eval().to(self.device)
         self.batch_size = batch_size
         self.data_config = {**model_data_config(model), **(data_config or {})}
         self.transform = eval_transform(self.data_config)
@@ -212,7 +218,7 @@ class Predictor:
             image = to_rgb(image)
         else:
             raise ValueError(f"cannot read a {type(image).__name__}; give a PIL image, a path or a tensor")
-        return self.transform(image)
+        return _transformed(image, self.transform)
 
     def _check_head(self) -> None:
         if not self.model.num_classes:
@@ -231,14 +237,19 @@ class Predictor:
         features = self.model.forward_features(batch.to(self.device))
         return self.model.forward_head(features, pre_logits=embed).float().cpu()
 
+    def _outputs(self, inputs: ImageInput | Sequence[ImageInput], embed: bool) -> torch.Tensor:
+        rows = [self._run(batch, embed) for batch in self._batches(inputs) if len(batch)]
+        width = self.model.num_features if embed else self.model.num_classes
+        return torch.cat(rows) if rows else torch.empty(0, width)
+
     def logits(self, inputs: ImageInput | Sequence[ImageInput]) -> torch.Tensor:
-        """Logits (N, num_classes) for one input or many."""
+        """Logits (N, num_classes) for one input or many; (0, num_classes) for an empty batch."""
         self._check_head()
-        return torch.cat([self._run(batch, embed=False) for batch in self._batches(inputs)])
+        return self._outputs(inputs, embed=False)
 
     def embed(self, inputs: ImageInput | Sequence[ImageInput]) -> torch.Tensor:
         """Pre-logits features (N, num_features): the normalised class token, or the mean token."""
-        return torch.cat([self._run(batch, embed=True) for batch in self._batches(inputs)])
+        return self._outputs(inputs, embed=True)
 
     def top_k(self, logits: torch.Tensor, k: int = 5) -> list[list[Prediction]]:
         """The k most probable classes of each row of logits."""
@@ -258,21 +269,35 @@ class Predictor:
         return results[0] if _is_single(inputs) else results
 
     def _over_files(
-        self, paths: Sequence[str | Path], embed: bool, progress: bool | None
+        self, paths: Sequence[str | Path], embed: bool, progress: bool | None, workers: int = 0
     ) -> Iterator[tuple[list[FileResult], torch.Tensor | None]]:
-        """Read files in batches; yield each batch's results (errors filled in) and the others' outputs."""
-        with tqdm(total=len(paths), unit="img", disable=None if progress is None else not progress) as bar:
-            for start in range(0, len(paths), self.batch_size):
-                results, tensors = [], []
-                for path in paths[start : start + self.batch_size]:
-                    result = FileResult(str(path))
-                    try:
-                        tensors.append(self.preprocess(path))
-                    except UnreadableImageError as error:
-                        result.error = str(error)
-                    results.append(result)
-                yield results, self._run(torch.stack(tensors), embed) if tensors else None
+        """Decode files in a DataLoader (workers > 0: in that many processes) and yield each batch's results
+        (errors filled in) with the outputs of its readable files."""
+        if workers < 0:
+            raise ValueError(f"workers must be 0 or more, got {workers}")
+        loader = DataLoader(_Files(paths, self.transform), batch_size=self.batch_size, num_workers=workers,
+                            collate_fn=list, pin_memory=self.device.type == "cuda")
+        with _Progress(len(paths), progress) as bar:
+            for batch in loader:
+                results = [FileResult(path, error=error) for path, _, error in batch]
+                tensors = [tensor for _, tensor, _ in batch if tensor is not None]
+                yield results, self._finite_outputs(results, tensors, embed)
                 bar.update(len(results))
+
+    def _finite_outputs(self, results: list[FileResult], tensors: list[torch.Tensor], embed: bool
+                        ) -> torch.Tensor | None:
+        """The model's outputs for the readable files; a file whose output holds NaN or inf gets an error."""
+        if not tensors:
+            return None
+        outputs = self._run(torch.stack(tensors), embed)
+        finite = outputs.isfinite().all(dim=1)
+        readable = [result for result in results if result.error is None]
+        for result, ok in zip(readable, finite.tolist(), strict=True):
+            if not ok:
+                name = getattr(self.model, "pretrained_cfg", {}).get("architecture", "CvT")
+                result.error = (f"the output of model {name} "
+                                "is NaN or infinite for this image: check its weights and config")
+        return outputs[finite] if finite.any() else None
 
     def predict_files(
         self,
@@ -280,15 +305,17 @@ class Predictor:
         top_k: int = 5,
         progress: bool | None = None,
         on_error: Callable[[FileResult], None] | None = None,
+        workers: int = 0,
     ) -> list[FileResult]:
         """Classify files and folders (walked recursively); unreadable files get their reason, the rest go on.
 
-        progress=None shows a bar only on a terminal; on_error is called for each unreadable file.
+        progress=None shows a bar on a terminal and a log line every 30 s otherwise; on_error is called
+        for each unreadable file; workers > 0 decodes images in that many processes.
         """
         self._check_head()
         files = _input_files(paths)
         results = []
-        for batch, logits in self._over_files(files, embed=False, progress=progress):
+        for batch, logits in self._over_files(files, embed=False, progress=progress, workers=workers):
             readable = [r for r in batch if r.error is None]
             if readable:
                 for result, predictions in zip(readable, self.top_k(logits, top_k), strict=True):
@@ -304,11 +331,12 @@ class Predictor:
         paths: Sequence[str | Path],
         progress: bool | None = None,
         on_error: Callable[[FileResult], None] | None = None,
+        workers: int = 0,
     ) -> tuple[torch.Tensor, list[FileResult]]:
         """Pre-logits features of every readable file (one row each, in order) and a result per file."""
         files = _input_files(paths)
         results, rows = [], []
-        for batch, features in self._over_files(files, embed=True, progress=progress):
+        for batch, features in self._over_files(files, embed=True, progress=progress, workers=workers):
             if features is not None:
                 rows.append(features)
             for result in batch:
@@ -317,6 +345,54 @@ class Predictor:
             results.extend(batch)
         features = torch.cat(rows) if rows else torch.empty(0, self.model.num_features)
         return features, results
+
+
+def _transformed(image: Image.Image, transform: Callable[[Image.Image], torch.Tensor]) -> torch.Tensor:
+    if not image.width or not image.height:
+        raise UnreadableImageError(f"image has no pixels ({image.width}x{image.height})")
+    return transform(image)
+
+
+class _Files(Dataset):
+    """Files as (path, model input or None, reason it is unreadable or None); module-level so it pickles."""
+
+    def __init__(self, paths: Sequence[str | Path], transform: Callable[[Image.Image], torch.Tensor]):
+        self.paths, self.transform = [str(path) for path in paths], transform
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, index: int) -> tuple[str, torch.Tensor | None, str | None]:
+        path = self.paths[index]
+        try:
+            return path, _transformed(read_image(path), self.transform), None
+        except UnreadableImageError as error:
+            return path, None, str(error)
+
+
+class _Progress:
+    """A tqdm bar on a terminal; where stderr is a log, an INFO line every `interval` seconds instead."""
+
+    def __init__(self, total: int, progress: bool | None, interval: float = 30.0):
+        self.total, self.done, self.interval = total, 0, interval
+        self.bar = tqdm(total=total, unit="img", disable=None if progress is None else not progress)
+        self.log = progress is None and self.bar.disable
+        self.start = self.last = time.monotonic()
+
+    def update(self, count: int) -> None:
+        self.bar.update(count)
+        self.done += count
+        now = time.monotonic()
+        if self.log and (now - self.last >= self.interval or self.done == self.total):
+            self.last = now
+            rate = self.done / max(now - self.start, 1e-9)
+            logger.info("%d/%d images (%.1f img/s)", self.done, self.total, rate)
+
+    def __enter__(self) -> _Progress:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.bar.close()
 
 
 def predictor(name: str, checkpoint: str | Path | None = None, **kwargs: Any) -> Predictor:
@@ -335,10 +411,7 @@ def _as_list(inputs: Any) -> list[Any]:
         return [inputs]
     if isinstance(inputs, torch.Tensor):
         return list(inputs)
-    items = list(inputs)
-    if not items:
-        raise ValueError("no inputs given")
-    return items
+    return list(inputs)
 
 
 def _input_files(paths: Sequence[str | Path]) -> list[Path]:
@@ -352,7 +425,8 @@ def _input_files(paths: Sequence[str | Path]) -> list[Path]:
 
 def write_json_report(results: Sequence[FileResult], path: str | Path) -> None:
     """A JSON list, per file {"path", "predictions": [{"index", "label", "prob"}]} or {"path", "error"}."""
-    Path(path).write_text(json.dumps([r.to_dict() for r in results], indent=2) + "\n")
+    # allow_nan=False: NaN is not JSON, so a report can never hold it.
+    Path(path).write_text(json.dumps([r.to_dict() for r in results], indent=2, allow_nan=False) + "\n")
 
 
 def write_csv_report(results: Sequence[FileResult], path: str | Path) -> None:

@@ -349,11 +349,10 @@ def device() -> Check:
     """auto, cpu, cuda, cuda:N or another device torch knows and this machine has."""
 
     def check(key: str, value: Any) -> Any:
-        from .runtime import check_device
+        from ..checks import resolve_device
 
         text()(key, value)
-        if value != "auto":
-            check_device(value, key)
+        resolve_device(value, key)
         return value
 
     return check

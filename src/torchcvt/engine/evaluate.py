@@ -12,8 +12,9 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from ..checkpoints import model_from_checkpoint, read_checkpoint
+from ..checks import check_output_folder
 from ..config import get_variant
-from ..data import BadImage, ImageFolder, eval_transform, list_classes, loader_options
+from ..data import BadImage, ImageFolder, check_real_labels, eval_transform, list_classes, loader_options
 from .reporting import plot_confusion
 from .runtime import Runtime, all_reduce, init_runtime
 
@@ -111,16 +112,19 @@ def evaluate_checkpoint(
     real_labels: str | Path | None = None,
     device: str = "auto",
     strict: bool = False,
+    overrides: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Score a checkpoint on an ImageFolder tree with the checkpoint's own class list; write a JSON report.
 
     The report goes to output (default: next to the checkpoint) as eval_<data>.json, with a
     confusion-matrix PNG for up to 100 classes. Unreadable images are counted and listed, never scored;
-    with strict the first one is an error.
+    with strict the first one is an error. `overrides` sets model config fields a checkpoint does not
+    record (an official .pth of a non-default architecture).
     """
     checkpoint = Path(checkpoint)
     get_variant(model_name)
     runtime = init_runtime(device)  # a device this machine lacks is an error before any reading
+    out_dir = check_output_folder(output if output is not None else checkpoint.parent, "output")
     # Any format, read once: class list, architecture and weights come from it.
     stored = read_checkpoint(checkpoint)
     class_names = list(stored.class_names) if stored.class_names else list_classes(data)
@@ -131,7 +135,7 @@ def evaluate_checkpoint(
             f"checkpoint {checkpoint} has a {stored.num_classes}-class head but {source}; evaluating "
             "never re-initialises a head"
         )
-    model = model_from_checkpoint(model_name, stored)
+    model = model_from_checkpoint(model_name, stored, **(overrides or {}))
     del stored
     model.to(runtime.device)
     data_config = model.pretrained_cfg
@@ -144,8 +148,7 @@ def evaluate_checkpoint(
     )
     real = None
     if real_labels is not None:
-        if not Path(real_labels).is_file():
-            raise FileNotFoundError(f"ImageNet-ReaL labels file {real_labels} does not exist")
+        check_real_labels(real_labels, [path for path, _ in dataset.samples], len(class_names))
         from timm.data import RealLabelsImagenet
 
         real = RealLabelsImagenet(
@@ -157,7 +160,6 @@ def evaluate_checkpoint(
     result = evaluate(
         model, loader, runtime.device, len(class_names), real_labels=real, confusion=confusion, strict=strict
     )
-    out_dir = Path(output) if output is not None else checkpoint.parent
     out_dir.mkdir(parents=True, exist_ok=True)
     stem = f"eval_{Path(data).resolve().name}"
     report = {

@@ -13,6 +13,8 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from ..checks import resolve_device
+
 
 @dataclass
 class Runtime:
@@ -34,8 +36,7 @@ class Runtime:
 
 def init_runtime(device: str = "auto") -> Runtime:
     """Join the torchrun process group when launched by torchrun (NCCL on GPUs, Gloo on CPU)."""
-    if device != "auto":
-        check_device(device)
+    resolve_device(device)  # a device this machine lacks is a one-line error
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
@@ -138,23 +139,3 @@ def torch_settings(deterministic: bool, device: torch.device) -> Iterator[None]:
     finally:
         torch.use_deterministic_algorithms(saved[0], warn_only=saved[1])
         torch.backends.cudnn.benchmark = saved[2]
-
-
-def check_device(name: str, what: str = "device") -> torch.device:
-    """The torch.device called name; a one-line ValueError if torch does not know it or it is absent."""
-    try:
-        chosen = torch.device(name)
-    except RuntimeError:
-        raise ValueError(f"{what}={name!r} is not a device (auto, cpu, cuda, cuda:N, ...)") from None
-    if chosen.type == "cuda":
-        if not torch.cuda.is_available():
-            raise ValueError(f"{what}={name!r} but CUDA is not available on this machine")
-        if chosen.index is not None and chosen.index >= torch.cuda.device_count():
-            count = torch.cuda.device_count()
-            raise ValueError(f"{what}={name!r} but this machine has {count} CUDA device(s)")
-    elif chosen.type in ("mps", "xpu"):
-        if not getattr(torch, chosen.type).is_available():
-            raise ValueError(f"{what}={name!r} but no {chosen.type} device is available on this machine")
-    elif chosen.type != "cpu":
-        raise ValueError(f"{what}={name!r}: torchcvt runs on cpu, cuda, mps or xpu")
-    return chosen
