@@ -17,7 +17,7 @@ from timm.models import (
 )
 
 from .config import VARIANTS, Variant, get_variant, variant_config
-from .hub import LICENSE, ORIGIN_URL, PAPER, PAPER_ID, PRETRAINED_TAGS, read_pretrained
+from .hub import LICENSE, ORIGIN_URL, PAPER, PAPER_ID, PRETRAINED_TAGS, download_weights, read_pretrained
 from .model import CvT, CvtFeatures
 
 if TYPE_CHECKING:
@@ -132,6 +132,14 @@ def create_model(
     features = CvtFeatures(model, out_indices)
     features.pretrained_cfg = model.pretrained_cfg
     return features
+
+
+def pretrained_weights(name: str, cache_dir: str | Path | None = None) -> tuple[str, Path]:
+    """The architecture of a tagged (or untagged) name and the local file of its released weights."""
+    architecture, cfg = resolve_pretrained(name)
+    if not cfg.has_weights:
+        raise ValueError(f"{name} has no released weights; models with weights: {', '.join(TOP1)}")
+    return architecture, Path(cfg.file) if cfg.file else download_weights(cfg.hf_hub_id, cache_dir)
 
 
 def _fit_pretrained(checkpoint: Checkpoint, model: CvT) -> Checkpoint:
