@@ -183,6 +183,7 @@ def test_cli_pretrained_predicts_with_imagenet_names(offline_home, hf_model, tmp
          "--pretrained and --checkpoint exclude each other"),
         (["eval", "--model", "cvt_13", "--data", "."], "give --checkpoint CKPT or --pretrained"),
         (["convert", "--model", "cvt_13", "--pretrained", "a", "b", "--to", "hf"], "without SRC"),
+        (["convert", "b", "--to", "hf"], "give SRC and DST, or --pretrained --model NAME and DST"),
         (["export", "--model", "cvt_digits", "--pretrained", "--format", "onnx", "-o", "x.onnx"],
          "cvt_digits has no released weights"),
     ],

@@ -135,17 +135,15 @@ def _run_convert(args: argparse.Namespace) -> int:
     import warnings
 
     from .checkpoints import convert_checkpoint
+    from .factory import pretrained_weights
 
     if args.pretrained:
-        if args.dst is None:
-            # argparse gave the one positional to src.
-            args.src, args.dst = None, args.src
         if args.src is not None or args.model is None:
             raise CliError("--pretrained takes --model NAME and DST, without SRC")
-        args.model, args.src = _pretrained_weights(args.model)
+        args.model, args.src = pretrained_weights(args.model)
         # The Hub mirrors the official weights, trained with QuickGELU, in transformers' format.
         args.activation = args.activation or "quick_gelu"
-    elif args.src is None or args.dst is None:
+    elif args.src is None:
         raise CliError("give SRC and DST, or --pretrained --model NAME and DST")
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
@@ -207,20 +205,16 @@ def _add_pretrained_argument(parser: argparse.ArgumentParser) -> None:
                         "HF_HUB_OFFLINE apply), with the ImageNet class names")
 
 
-def _pretrained_weights(name: str):
-    from .factory import pretrained_weights
-
-    return pretrained_weights(name)
-
-
 def _resolve_weights(args: argparse.Namespace, required: bool = False) -> None:
     """--pretrained becomes --checkpoint (the local weights file) and --model its architecture."""
     from timm.models import split_model_name_tag
 
+    from .factory import pretrained_weights
+
     if args.pretrained:
         if args.checkpoint:
             raise CliError("--pretrained and --checkpoint exclude each other")
-        args.model, args.checkpoint = _pretrained_weights(args.model)
+        args.model, args.checkpoint = pretrained_weights(args.model)
     elif required and not args.checkpoint:
         raise CliError("give --checkpoint CKPT or --pretrained")
     args.model = split_model_name_tag(args.model)[0]
