@@ -85,6 +85,13 @@ def test_tags_and_timm_entry_points(offline_home, hf_model):
     assert reference.config.activation == "quick_gelu"  # official weights keep their activation
     via_timm = timm.create_model("cvt_13.ms_in1k", pretrained=True, **HF_TINY).eval()
     torch.testing.assert_close(via_timm.state_dict(), reference.state_dict(), atol=0, rtol=0)
+    pin = {"hf_hub_id": f"{REPO}@{REVISION}"}  # timm's way of pinning a revision
+    pinned = timm.create_model("cvt_13", pretrained=True, pretrained_cfg_overlay=pin, **HF_TINY)
+    torch.testing.assert_close(pinned.state_dict(), reference.state_dict(), atol=0, rtol=0)
+    other = "0" * 40
+    with pytest.raises(FileNotFoundError, match=f"https://huggingface.co/{REPO}/tree/{other}"):
+        overlay = {"hf_hub_id": f"{REPO}@{other}"}
+        torchcvt.create_model("cvt_13", pretrained=True, pretrained_cfg_overlay=overlay, **HF_TINY)
     assert timm.list_pretrained("cvt*") == [
         "cvt_13.ms_in1k", "cvt_13_384.ms_in1k", "cvt_13_384.ms_in22k_ft_in1k", "cvt_21.ms_in1k",
         "cvt_21_384.ms_in1k", "cvt_21_384.ms_in22k_ft_in1k", "cvt_w24.ms_in22k_ft_in1k",
