@@ -83,7 +83,7 @@ def test_bad_images_are_clear_errors(tiny_overrides):
         ({"depth": [1, 2]}, r"depth has 2 values but the model has 3 stages"),
         ({"num_heads": [1.0, 3.0, 6.0]}, r"num_heads must hold int values"),
         ({"cls_token": [0, 0, 1]}, r"cls_token must hold bool values"),
-        ({"drop_path_rate": 0.1}, r"drop_path_rate must be a list with one value per stage"),
+        ({"mlp_ratio": 4.0}, r"mlp_ratio must be a list with one value per stage"),
         ({"qkv_projection_method": ["dw_bn", "max", "dw_bn"]}, r"qkv_projection_method must be one of"),
         ({"embed_dim": [64, 192, 380]}, r"embed_dim\[2\]=380 is not divisible by num_heads\[2\]=6"),
         ({"stride_q": [1, 2, 1]}, r"query projection of stage 2 must keep the token grid.*stride_q\[1\]=2"),
@@ -235,7 +235,7 @@ def test_patch_token_embedding(tiny_overrides):
     assert (proj.kernel_size, proj.stride, proj.padding) == ((4, 4), (4, 4), (0, 0))
     assert model.stage1.patch_embed.proj.kernel_size == (3, 3)
     maps = model.forward_intermediates(torch.randn(1, 3, 97, 131), intermediates_only=True)
-    assert [tuple(m.shape[-2:]) for m in maps] == [(24, 32), (12, 16), (6, 8)]
+    assert [tuple(m.shape[-2:]) for m in maps] == [(24, 32), (24, 32), (12, 16), (6, 8)]  # stem, stages
 
 
 def test_timm_conventions(tiny_overrides):
@@ -249,7 +249,8 @@ def test_timm_conventions(tiny_overrides):
         torch.testing.assert_close(model.forward_head(features), model(x))
         final, maps = model.forward_intermediates(x)
     torch.testing.assert_close(final, features)
-    assert [tuple(m.shape) for m in maps] == [(2, 16, 24, 33), (2, 32, 12, 17), (2, 48, 6, 9)]
+    stem_and_stages = [(2, 16, 24, 33), (2, 16, 24, 33), (2, 32, 12, 17), (2, 48, 6, 9)]
+    assert [tuple(m.shape) for m in maps] == stem_and_stages
     assert model.get_classifier() is model.head and model.head.out_features == 5
     model.reset_classifier(3)
     assert model.get_classifier().out_features == 3 and model(x).shape == (2, 3)

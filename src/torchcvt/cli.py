@@ -104,10 +104,12 @@ def add_eval_command(sub: argparse._SubParsersAction) -> None:
     parser = sub.add_parser("eval", help="top-1, top-5 and loss of a checkpoint on an ImageFolder tree",
                             description="Evaluate with the checkpoint's class list; writes a JSON "
                             "report and, for up to 100 classes, a confusion-matrix PNG.")
-    parser.add_argument("--model", required=True, help="registered variant, e.g. cvt_13")
-    parser.add_argument("--checkpoint", required=True, help="official, transformers or torchcvt checkpoint")
+    parser.add_argument("--model", required=True, help="registered variant, e.g. cvt_13 (or cvt_13.ms_in1k)")
+    parser.add_argument("--checkpoint", help="official, transformers or torchcvt checkpoint")
+    _add_pretrained_argument(parser)
     parser.add_argument("--data", required=True, help="ImageFolder tree: DIR/<class>/<image>")
-    parser.add_argument("--output", help="folder for the report (default: the checkpoint's folder)")
+    parser.add_argument("--output", help="folder for the report (default: the checkpoint's folder; with "
+                        "--pretrained the current one)")
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--real-labels", help="ImageNet-ReaL real.json, for ReaL top-1/top-5 on ImageNet val")
@@ -121,6 +123,9 @@ def add_eval_command(sub: argparse._SubParsersAction) -> None:
 def _run_eval(args: argparse.Namespace) -> int:
     from .engine import evaluate_checkpoint
 
+    if args.pretrained and args.output is None:
+        args.output = "."  # not next to the weights, inside the Hugging Face cache
+    _resolve_weights(args, required=True)
     report = evaluate_checkpoint(
         args.model, args.checkpoint, args.data, output=args.output, batch_size=args.batch_size,
         workers=args.workers, real_labels=args.real_labels, device=args.device, strict=args.strict,
@@ -146,9 +151,9 @@ def add_convert_command(sub: argparse._SubParsersAction) -> None:
         "CvtForImageClassification.from_pretrained, 'torchcvt' a directory (or a .safetensors file) with "
         "model.safetensors and config.json.",
     )
-    parser.add_argument("src", help="checkpoint file or directory")
-    parser.add_argument("dst", help="a .pth file (official), a directory (hf, torchcvt) or a .safetensors "
-                        "file (torchcvt)")
+    parser.add_argument("paths", nargs="+", metavar="[SRC] DST",
+                        help="SRC: checkpoint file or directory (not with --pretrained); DST: a .pth file "
+                        "(official), a directory (hf, torchcvt) or a .safetensors file (torchcvt)")
     parser.add_argument("--to", required=True, choices=("hf", "official", "torchcvt"), help="output format")
     parser.add_argument("--model", help="registered variant, e.g. cvt_13; required unless SRC is a torchcvt "
                         "checkpoint, which records its variant")
@@ -157,6 +162,9 @@ def add_convert_command(sub: argparse._SubParsersAction) -> None:
     parser.add_argument("--overwrite", action="store_true", help="replace an existing DST (never SRC)")
     parser.add_argument("--set", dest="model_overrides", action="append", default=[], metavar="FIELD=VALUE",
                         help="model config override for a source without a config, e.g. --set depth=[1,2,4]")
+    parser.add_argument("--pretrained", action="store_true",
+                        help="convert the released weights of --model (e.g. cvt_13.ms_in1k) from the Hugging "
+                        "Face Hub instead of SRC; as QuickGELU weights unless --activation says otherwise")
     parser.set_defaults(run=_run_convert)
 
 
@@ -164,7 +172,21 @@ def _run_convert(args: argparse.Namespace) -> int:
     import warnings
 
     from .checkpoints import convert_checkpoint
+    from .factory import pretrained_weights
 
+    if len(args.paths) > 2:
+        raise CliError(f"convert takes SRC and DST, got {len(args.paths)} paths: {' '.join(args.paths)}")
+    if args.pretrained:
+        if len(args.paths) != 1 or args.model is None:
+            raise CliError("--pretrained takes --model NAME and DST, without SRC")
+        args.model, args.src = pretrained_weights(args.model)
+        # The Hub mirrors the official weights, trained with QuickGELU, in transformers' format.
+        args.activation = args.activation or "quick_gelu"
+    elif len(args.paths) != 2:
+        raise CliError("give SRC and DST, or --pretrained --model NAME and DST")
+    else:
+        args.src = args.paths[0]
+    args.dst = args.paths[-1]
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         model = convert_checkpoint(args.src, args.dst, args.to, args.model, args.activation, args.overwrite,
@@ -210,13 +232,35 @@ def _run_info(args: argparse.Namespace) -> int:
 
 
 def _add_model_arguments(parser: argparse.ArgumentParser, checkpoint_required: bool = False) -> None:
-    parser.add_argument("--model", required=True, help="registered variant, e.g. cvt_13")
+    parser.add_argument("--model", required=True, help="registered variant, e.g. cvt_13 (or cvt_13.ms_in1k)")
     parser.add_argument("--checkpoint", required=checkpoint_required,
                         help="official, transformers or torchcvt checkpoint (its class list is used)")
+    _add_pretrained_argument(parser)
     parser.add_argument("--num-classes", type=int, help="head size (default: the checkpoint's, else 1000)")
     parser.add_argument("--set", dest="model_overrides", action="append", default=[], metavar="FIELD=VALUE",
                         help="model config override, e.g. --set depth=[1,2,4] (repeatable)")
     parser.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ...")
+
+
+def _add_pretrained_argument(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--pretrained", action="store_true",
+                        help="the released weights of --model from the Hugging Face Hub (cache, HF_HOME and "
+                        "HF_HUB_OFFLINE apply), with the ImageNet class names")
+
+
+def _resolve_weights(args: argparse.Namespace, required: bool = False) -> None:
+    """--pretrained becomes --checkpoint (the local weights file) and --model its architecture."""
+    from timm.models import split_model_name_tag
+
+    from .factory import pretrained_weights
+
+    if args.pretrained:
+        if args.checkpoint:
+            raise CliError("--pretrained and --checkpoint exclude each other")
+        args.model, args.checkpoint = pretrained_weights(args.model)
+    elif required and not args.checkpoint:
+        raise CliError("give --checkpoint CKPT or --pretrained")
+    args.model = split_model_name_tag(args.model)[0]
 
 
 def _model_overrides(items: Sequence[str]) -> dict:
@@ -236,6 +280,7 @@ def _predictor(args: argparse.Namespace, batch_size: int = 32):
     from .predict import Predictor
 
     resolve_device(args.device)
+    _resolve_weights(args)
     return Predictor.create(args.model, args.checkpoint, num_classes=args.num_classes, device=args.device,
                             batch_size=batch_size, **_model_overrides(args.model_overrides))
 
@@ -493,7 +538,12 @@ def hold_interrupt() -> Iterator[None]:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    if extra and hasattr(args, "paths") and not any(item.startswith("-") for item in extra):
+        args.paths += extra  # `convert SRC --to hf DST`: argparse takes positionals in one run only
+    elif extra:
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
     try:
         with _console_logging(args.command):
             return int(args.run(args) or 0)
