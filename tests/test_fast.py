@@ -7,6 +7,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import torchcvt
+from torchcvt import fused
 from torchcvt.bench import Case, format_markdown, run_benchmark
 from torchcvt.cli import main
 from torchcvt.layers import Attention, ConvProjection
@@ -159,3 +160,81 @@ def test_class_token_stage_stays_in_the_autocast_dtype(tiny_overrides: dict) -> 
     with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
         tokens = model.forward_features(torch.randn(2, 3, 64, 64))
     assert tokens.dtype == torch.bfloat16
+
+
+def _fused_calls(fn) -> int:
+    """How many times fn runs oneDNN's fused linear kernel, counted by the profiler."""
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        fn()
+    return sum(e.count for e in prof.key_averages() if e.key.startswith("mkldnn::_linear_pointwise"))
+
+
+@pytest.fixture
+def fused_state(monkeypatch):
+    """The switch and the first-use check results as they were before the test, restored after it."""
+    monkeypatch.setattr(fused, "_enabled", fused._enabled)
+    monkeypatch.setattr(fused, "_working", dict(fused._working))
+    return fused
+
+
+@pytest.mark.skipif(not fused._AVAILABLE, reason="no oneDNN")
+def test_switch_turns_the_fused_kernel_off_and_on(tiny_overrides, fused_state):
+    model = _model(tiny_overrides).eval()
+    x = torch.randn(2, 3, 64, 64)
+    outputs = {}
+
+    @torch.no_grad()
+    def run(enable: bool) -> None:
+        torchcvt.set_fused_linear(enable)
+        outputs[enable] = model(x)
+
+    assert _fused_calls(lambda: run(True)) > 0
+    assert _fused_calls(lambda: run(False)) == 0
+    assert not torchcvt.fused_linear_enabled()
+    torch.testing.assert_close(outputs[True], outputs[False], rtol=0, atol=1e-4)
+
+
+@pytest.mark.parametrize(("value", "enabled"), [("0", False), ("off", False), ("1", True), (" True ", True)])
+def test_environment_variable_sets_the_switch(monkeypatch, fused_state, value, enabled):
+    monkeypatch.setenv("TORCHCVT_FUSED", value)
+    monkeypatch.setattr(fused, "_enabled", None)
+    assert fused.fused_linear_enabled() is enabled
+    with torch.no_grad():
+        assert (fused.fused_dtype(torch.zeros(2, 3)) is not None) is (enabled and fused._AVAILABLE)
+
+
+def test_bad_environment_variable_is_a_one_line_error(monkeypatch, fused_state):
+    monkeypatch.setenv("TORCHCVT_FUSED", "maybe")
+    monkeypatch.setattr(fused, "_enabled", None)
+    message = r"^TORCHCVT_FUSED must be 0 or 1 \(or true/false, on/off\), got 'maybe'$"
+    with pytest.raises(ValueError, match=message):
+        fused.fused_linear_enabled()
+
+
+@pytest.mark.skipif(not fused._AVAILABLE, reason="no oneDNN")
+def test_kernel_failure_falls_back_to_plain_ops_with_one_warning(tiny_overrides, fused_state, caplog):
+    model = _model(tiny_overrides).eval()
+    x = torch.randn(1, 3, 64, 64)
+    with torch.no_grad():
+        expected = model(x)
+        assert fused.fused_dtype(x) == torch.float32
+        # A weight of the wrong width makes the real kernel raise: the error is caught and fp32 turned off.
+        assert fused.linear(torch.randn(2, 8), torch.randn(4, 5), None, torch.float32) is None
+        assert fused.fused_dtype(x) is None
+        assert _fused_calls(lambda: torch.testing.assert_close(model(x), expected, rtol=0, atol=1e-4)) == 0
+    warnings = [r.getMessage() for r in caplog.records if r.name == "torchcvt.fused"]
+    assert len(warnings) == 1 and "oneDNN fused linear failed in torch.float32" in warnings[0]
+
+
+def test_bf16_autocast_gives_plain_results_whether_or_not_the_cpu_runs_fused_bf16(tiny_overrides):
+    """On CPUs whose oneDNN has no bfloat16 inner product (no AVX-512) the first-use check falls back."""
+    model = _model(tiny_overrides).eval()
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        works = fused.fused_dtype(x) == torch.bfloat16  # runs the first-use check, if not yet run
+        calls = _fused_calls(lambda: model(x))
+        fast = model(x)
+        with PlainOps():
+            plain = model(x)
+    assert (calls > 0) is works
+    torch.testing.assert_close(fast.float(), plain.float(), rtol=0.05, atol=0.05)
