@@ -238,3 +238,19 @@ def test_bf16_autocast_gives_plain_results_whether_or_not_the_cpu_runs_fused_bf1
             plain = model(x)
     assert (calls > 0) is works
     torch.testing.assert_close(fast.float(), plain.float(), rtol=0.05, atol=0.05)
+
+
+def test_grad_checkpointing_updates_syncbatchnorm_statistics_once(tiny_overrides):
+    # Without a process group SyncBatchNorm normalises like BatchNorm2d; the statistics it keeps must
+    # still be updated once per step, not again in checkpointing's recomputation.
+    model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(_model(tiny_overrides)).train()
+    assert any(isinstance(m, torch.nn.SyncBatchNorm) for m in model.modules())
+    checkpointed = copy.deepcopy(model)
+    checkpointed.set_grad_checkpointing(True)
+    x = torch.randn(2, 3, 48, 48)
+    for m in (model, checkpointed):
+        m(x).square().sum().backward()
+    counts = {name: int(b) for name, b in checkpointed.named_buffers() if name.endswith("num_batches_tracked")}
+    assert counts and set(counts.values()) == {1}
+    for (name, a), b in zip(model.state_dict().items(), checkpointed.state_dict().values(), strict=True):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-6, msg=name)
