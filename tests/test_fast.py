@@ -8,7 +8,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 import torchcvt
 from torchcvt import fused
-from torchcvt.bench import Case, format_markdown, run_benchmark
+from torchcvt.bench import Case, format_markdown, op_kind, op_shares, run_benchmark
 from torchcvt.cli import main
 from torchcvt.layers import Attention, ConvProjection
 
@@ -144,8 +144,23 @@ def test_bench_quick_on_tiny_model(tmp_path):
     assert all(r.torchcvt_ips > 0 and r.hf_ips > 0 for r in report["results"])
     train = report["results"][-1]
     assert train.torchcvt_mem_mb is not None and train.hf_mem_mb > 0
+    for result in report["results"][:2]:  # inference: profiled; the products are most of the time
+        assert result.op_shares.keys() == {"matmul", "attention", "convolution", "other"}
+        assert sum(result.op_shares.values()) == pytest.approx(1.0)
+        assert result.op_shares["matmul"] > 0 and result.op_shares["convolution"] > 0
+    assert train.op_shares is None
     table = format_markdown(report)
     assert "| train step | 2 | 32 |" in table and "GFLOP/s" in table
+    assert f"| {100 * report['results'][0].op_shares['other']:.1f}% |" in table
+
+
+def test_op_kinds_of_the_profiled_ops():
+    assert op_kind("mkldnn::_linear_pointwise") == op_kind("aten::addmm") == "matmul"
+    assert op_kind("aten::_scaled_dot_product_flash_attention_for_cpu") == "attention"
+    assert op_kind("aten::mkldnn_convolution") == op_kind("aten::_slow_conv2d_forward") == "convolution"
+    assert op_kind("aten::copy_") == op_kind("aten::native_layer_norm") == "other"
+    shares = op_shares([("aten::addmm", 3.0, 2), ("aten::cat", 1.0, 4)])
+    assert shares == {"matmul": 0.75, "attention": 0.0, "convolution": 0.0, "other": 0.25}
 
 
 def test_bench_cli_rejects_bad_repeats(capsys):
@@ -250,7 +265,7 @@ def test_grad_checkpointing_updates_syncbatchnorm_statistics_once(tiny_overrides
     x = torch.randn(2, 3, 48, 48)
     for m in (model, checkpointed):
         m(x).square().sum().backward()
-    counts = {name: int(b) for name, b in checkpointed.named_buffers() if name.endswith("num_batches_tracked")}
+    counts = {name: int(b) for name, b in checkpointed.named_buffers() if name.endswith("batches_tracked")}
     assert counts and set(counts.values()) == {1}
     for (name, a), b in zip(model.state_dict().items(), checkpointed.state_dict().values(), strict=True):
         torch.testing.assert_close(a, b, rtol=0, atol=1e-6, msg=name)

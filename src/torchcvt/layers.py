@@ -161,15 +161,6 @@ class Attention(nn.Module):
         self.last_attention: torch.Tensor | None = None
         self.last_kv_grid: tuple[int, int] | None = None
 
-    @staticmethod
-    def _project(
-        conv: nn.Module | None, grid: torch.Tensor, tokens: torch.Tensor
-    ) -> tuple[torch.Tensor, tuple[int, int]]:
-        if conv is None:
-            return tokens, tuple(grid.shape[-2:])
-        out = conv(grid)
-        return out.flatten(2).transpose(1, 2), tuple(out.shape[-2:])
-
     def forward(
         self, x: torch.Tensor, height: int, width: int, residual: torch.Tensor | None = None
     ) -> torch.Tensor:
@@ -181,11 +172,17 @@ class Attention(nn.Module):
         grid = tokens.transpose(1, 2).unflatten(2, (height, width))
         if cls is not None and self.conv_proj_k is not None:
             grid = grid.contiguous(memory_format=torch.channels_last)
-        q, _ = self._project(self.conv_proj_q, grid, tokens)
-        k, kv_grid = self._project(self.conv_proj_k, grid, tokens)
-        v, _ = self._project(self.conv_proj_v, grid, tokens)
-        if cls is not None:
-            q, k, v = (torch.cat((cls, t), dim=1) for t in (q, k, v))
+        inputs, kv_grid = [], (height, width)
+        for conv in (self.conv_proj_q, self.conv_proj_k, self.conv_proj_v):
+            if conv is None:
+                # A linear projection takes x as it is, class token included: no split and rejoin.
+                inputs.append(x)
+                continue
+            out = conv(grid)
+            kv_grid = tuple(out.shape[-2:])  # v comes last, and its grid is k's
+            out = out.flatten(2).transpose(1, 2)
+            inputs.append(out if cls is None else torch.cat((cls, out), dim=1))
+        q, k, v = inputs
         q, k, v = (
             linear(proj, t).view(batch, t.shape[1], self.num_heads, -1).transpose(1, 2)
             for proj, t in ((self.proj_q, q), (self.proj_k, k), (self.proj_v, v))
