@@ -269,3 +269,34 @@ def test_grad_checkpointing_updates_syncbatchnorm_statistics_once(tiny_overrides
     assert counts and set(counts.values()) == {1}
     for (name, a), b in zip(model.state_dict().items(), checkpointed.state_dict().values(), strict=True):
         torch.testing.assert_close(a, b, rtol=0, atol=1e-6, msg=name)
+
+
+def test_cached_fused_weights_follow_training_and_loading(tiny_overrides):
+    """Scaled QuickGELU weights are cached between inference calls; a training step or a
+    load_state_dict changes the parameters in place, and the next inference must use the new values."""
+    model = _model(tiny_overrides, activation="quick_gelu")
+    x = torch.randn(2, 3, 64, 64)
+
+    def fast_and_plain() -> tuple[torch.Tensor, torch.Tensor]:
+        model.eval()
+        with torch.no_grad():
+            fast = model(x)
+            with PlainOps():
+                return fast, model(x)
+
+    first, _ = fast_and_plain()
+    fc1 = model.stage2.blocks[0].mlp.fc1.weight
+    if fused.fused_dtype(x) is not None:
+        assert fused._prepared.get(fc1)  # the scaled fc1 weight is kept for the next call
+    original = copy.deepcopy(model.state_dict())
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.5)
+    model.train()
+    model(x).square().mean().backward()
+    optimizer.step()
+    fast, plain = fast_and_plain()
+    torch.testing.assert_close(fast, plain, rtol=0, atol=1e-4)
+    assert (fast - first).abs().max() > 1e-3  # the step changed the outputs, so stale weights would show
+    model.load_state_dict(original)
+    fast, plain = fast_and_plain()
+    torch.testing.assert_close(fast, plain, rtol=0, atol=1e-4)
+    torch.testing.assert_close(fast, first, rtol=0, atol=1e-5)
