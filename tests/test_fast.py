@@ -152,6 +152,8 @@ def test_bench_quick_on_tiny_model(tmp_path):
     table = format_markdown(report)
     assert "| train step | 2 | 32 |" in table and "GFLOP/s" in table
     assert f"| {100 * report['results'][0].op_shares['other']:.1f}% |" in table
+    header, rule = table.splitlines()[4:6]
+    assert header.count("|") == rule.count("|") == table.splitlines()[6].count("|")
 
 
 def test_op_kinds_of_the_profiled_ops():
