@@ -7,7 +7,8 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import torchcvt
-from torchcvt.bench import Case, format_markdown, run_benchmark
+from torchcvt import fused
+from torchcvt.bench import Case, format_markdown, op_kind, op_shares, run_benchmark
 from torchcvt.cli import main
 from torchcvt.layers import Attention, ConvProjection
 
@@ -143,8 +144,25 @@ def test_bench_quick_on_tiny_model(tmp_path):
     assert all(r.torchcvt_ips > 0 and r.hf_ips > 0 for r in report["results"])
     train = report["results"][-1]
     assert train.torchcvt_mem_mb is not None and train.hf_mem_mb > 0
+    for result in report["results"][:2]:  # inference: profiled; the products are most of the time
+        assert result.op_shares.keys() == {"matmul", "attention", "convolution", "other"}
+        assert sum(result.op_shares.values()) == pytest.approx(1.0)
+        assert result.op_shares["matmul"] > 0 and result.op_shares["convolution"] > 0
+    assert train.op_shares is None
     table = format_markdown(report)
     assert "| train step | 2 | 32 |" in table and "GFLOP/s" in table
+    assert f"| {100 * report['results'][0].op_shares['other']:.1f}% |" in table
+    header, rule = table.splitlines()[4:6]
+    assert header.count("|") == rule.count("|") == table.splitlines()[6].count("|")
+
+
+def test_op_kinds_of_the_profiled_ops():
+    assert op_kind("mkldnn::_linear_pointwise") == op_kind("aten::addmm") == "matmul"
+    assert op_kind("aten::_scaled_dot_product_flash_attention_for_cpu") == "attention"
+    assert op_kind("aten::mkldnn_convolution") == op_kind("aten::_slow_conv2d_forward") == "convolution"
+    assert op_kind("aten::copy_") == op_kind("aten::native_layer_norm") == "other"
+    shares = op_shares([("aten::addmm", 3.0, 2), ("aten::cat", 1.0, 4)])
+    assert shares == {"matmul": 0.75, "attention": 0.0, "convolution": 0.0, "other": 0.25}
 
 
 def test_bench_cli_rejects_bad_repeats(capsys):
@@ -159,3 +177,128 @@ def test_class_token_stage_stays_in_the_autocast_dtype(tiny_overrides: dict) -> 
     with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
         tokens = model.forward_features(torch.randn(2, 3, 64, 64))
     assert tokens.dtype == torch.bfloat16
+
+
+def _fused_calls(fn) -> int:
+    """How many times fn runs oneDNN's fused linear kernel, counted by the profiler."""
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        fn()
+    return sum(e.count for e in prof.key_averages() if e.key.startswith("mkldnn::_linear_pointwise"))
+
+
+@pytest.fixture
+def fused_state(monkeypatch):
+    """The switch and the first-use check results as they were before the test, restored after it."""
+    monkeypatch.setattr(fused, "_enabled", fused._enabled)
+    monkeypatch.setattr(fused, "_working", dict(fused._working))
+    return fused
+
+
+@pytest.mark.skipif(not fused._AVAILABLE, reason="no oneDNN")
+def test_switch_turns_the_fused_kernel_off_and_on(tiny_overrides, fused_state):
+    model = _model(tiny_overrides).eval()
+    x = torch.randn(2, 3, 64, 64)
+    outputs = {}
+
+    @torch.no_grad()
+    def run(enable: bool) -> None:
+        torchcvt.set_fused_linear(enable)
+        outputs[enable] = model(x)
+
+    assert _fused_calls(lambda: run(True)) > 0
+    assert _fused_calls(lambda: run(False)) == 0
+    assert not torchcvt.fused_linear_enabled()
+    torch.testing.assert_close(outputs[True], outputs[False], rtol=0, atol=1e-4)
+
+
+@pytest.mark.parametrize(("value", "enabled"), [("0", False), ("off", False), ("1", True), (" True ", True)])
+def test_environment_variable_sets_the_switch(monkeypatch, fused_state, value, enabled):
+    monkeypatch.setenv("TORCHCVT_FUSED", value)
+    monkeypatch.setattr(fused, "_enabled", None)
+    assert fused.fused_linear_enabled() is enabled
+    with torch.no_grad():
+        assert (fused.fused_dtype(torch.zeros(2, 3)) is not None) is (enabled and fused._AVAILABLE)
+
+
+def test_bad_environment_variable_is_a_one_line_error(monkeypatch, fused_state):
+    monkeypatch.setenv("TORCHCVT_FUSED", "maybe")
+    monkeypatch.setattr(fused, "_enabled", None)
+    message = r"^TORCHCVT_FUSED must be 0 or 1 \(or true/false, on/off\), got 'maybe'$"
+    with pytest.raises(ValueError, match=message):
+        fused.fused_linear_enabled()
+
+
+@pytest.mark.skipif(not fused._AVAILABLE, reason="no oneDNN")
+def test_kernel_failure_falls_back_to_plain_ops_with_one_warning(tiny_overrides, fused_state, caplog):
+    model = _model(tiny_overrides).eval()
+    x = torch.randn(1, 3, 64, 64)
+    with torch.no_grad():
+        expected = model(x)
+        assert fused.fused_dtype(x) == torch.float32
+        # A weight of the wrong width makes the real kernel raise: the error is caught and fp32 turned off.
+        assert fused.linear(torch.randn(2, 8), torch.randn(4, 5), None, torch.float32) is None
+        assert fused.fused_dtype(x) is None
+        assert _fused_calls(lambda: torch.testing.assert_close(model(x), expected, rtol=0, atol=1e-4)) == 0
+    warnings = [r.getMessage() for r in caplog.records if r.name == "torchcvt.fused"]
+    assert len(warnings) == 1 and "oneDNN fused linear failed in torch.float32" in warnings[0]
+
+
+def test_bf16_autocast_gives_plain_results_whether_or_not_the_cpu_runs_fused_bf16(tiny_overrides):
+    """On CPUs whose oneDNN has no bfloat16 inner product (no AVX-512) the first-use check falls back."""
+    model = _model(tiny_overrides).eval()
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        works = fused.fused_dtype(x) == torch.bfloat16  # runs the first-use check, if not yet run
+        calls = _fused_calls(lambda: model(x))
+        fast = model(x)
+        with PlainOps():
+            plain = model(x)
+    assert (calls > 0) is works
+    torch.testing.assert_close(fast.float(), plain.float(), rtol=0.05, atol=0.05)
+
+
+def test_grad_checkpointing_updates_syncbatchnorm_statistics_once(tiny_overrides):
+    # Without a process group SyncBatchNorm normalises like BatchNorm2d; the statistics it keeps must
+    # still be updated once per step, not again in checkpointing's recomputation.
+    model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(_model(tiny_overrides)).train()
+    assert any(isinstance(m, torch.nn.SyncBatchNorm) for m in model.modules())
+    checkpointed = copy.deepcopy(model)
+    checkpointed.set_grad_checkpointing(True)
+    x = torch.randn(2, 3, 48, 48)
+    for m in (model, checkpointed):
+        m(x).square().sum().backward()
+    counts = {name: int(b) for name, b in checkpointed.named_buffers() if name.endswith("batches_tracked")}
+    assert counts and set(counts.values()) == {1}
+    for (name, a), b in zip(model.state_dict().items(), checkpointed.state_dict().values(), strict=True):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-6, msg=name)
+
+
+def test_cached_fused_weights_follow_training_and_loading(tiny_overrides):
+    """Scaled QuickGELU weights are cached between inference calls; a training step or a
+    load_state_dict changes the parameters in place, and the next inference must use the new values."""
+    model = _model(tiny_overrides, activation="quick_gelu")
+    x = torch.randn(2, 3, 64, 64)
+
+    def fast_and_plain() -> tuple[torch.Tensor, torch.Tensor]:
+        model.eval()
+        with torch.no_grad():
+            fast = model(x)
+            with PlainOps():
+                return fast, model(x)
+
+    first, _ = fast_and_plain()
+    fc1 = model.stage2.blocks[0].mlp.fc1.weight
+    if fused.fused_dtype(x) is not None:
+        assert fused._prepared.get(fc1)  # the scaled fc1 weight is kept for the next call
+    original = copy.deepcopy(model.state_dict())
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.5)
+    model.train()
+    model(x).square().mean().backward()
+    optimizer.step()
+    fast, plain = fast_and_plain()
+    torch.testing.assert_close(fast, plain, rtol=0, atol=1e-4)
+    assert (fast - first).abs().max() > 1e-3  # the step changed the outputs, so stale weights would show
+    model.load_state_dict(original)
+    fast, plain = fast_and_plain()
+    torch.testing.assert_close(fast, plain, rtol=0, atol=1e-4)
+    torch.testing.assert_close(fast, first, rtol=0, atol=1e-5)

@@ -21,6 +21,7 @@ try:
         from .export import export_model
         from .factory import create_model, list_models
         from .flops import count_flops, count_params, model_info
+        from .fused import fused_linear_enabled, set_fused_linear
         from .model import CvT, CvtFeatures
         from .predict import Predictor, predictor
 except KeyboardInterrupt:
@@ -43,11 +44,13 @@ __all__ = [
     "count_params",
     "create_model",
     "export_model",
+    "fused_linear_enabled",
     "get_variant",
     "list_models",
     "load_checkpoint",
     "model_info",
     "predictor",
     "save_checkpoint",
+    "set_fused_linear",
     "variant_config",
 ]

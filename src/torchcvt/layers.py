@@ -4,8 +4,8 @@ Attribute names follow the official implementation (microsoft/CvT, lib/models/cl
 its checkpoints load without renaming. The fast paths below change how the same math is computed,
 never which parameters exist: BatchNorm is folded into the depthwise convolution in eval mode,
 attention runs through scaled_dot_product_attention, CPU inference fuses bias, activation and
-residual add into oneDNN's linear kernel, and training recomputes the MLP activation instead of
-storing it.
+residual add into oneDNN's linear kernel (torchcvt.fused, which has the switch to turn it off), and
+training recomputes the MLP activation instead of storing it.
 """
 
 from __future__ import annotations
@@ -17,11 +17,11 @@ import torch
 import torch.nn.functional as F
 from timm.layers import DropPath
 from torch import nn
-from torch.utils._python_dispatch import _get_current_dispatch_mode
 from torch.utils.checkpoint import checkpoint
 
+from . import fused
+
 QUICK_GELU_ALPHA = 1.702
-_ONEDNN_LINEAR = torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
 
 
 class QuickGELU(nn.Module):
@@ -35,39 +35,14 @@ def make_activation(name: str) -> nn.Module:
     return QuickGELU() if name == "quick_gelu" else nn.GELU()
 
 
-def _plain_ops_only() -> bool:
-    """True while tracing, compiling or under a dispatch mode (FlopCounterMode, fake tensors): those
-    must see ordinary aten ops, and the compilers fuse on their own."""
-    return (torch.jit.is_tracing() or torch.jit.is_scripting() or torch.compiler.is_compiling()
-            or _get_current_dispatch_mode() is not None)
-
-
-def _fused_dtype(x: torch.Tensor) -> torch.dtype | None:
-    """The dtype oneDNN's fused linear computes in for CPU inference, or None where plain ops must run."""
-    if not _ONEDNN_LINEAR or x.device.type != "cpu" or torch.is_grad_enabled() or _plain_ops_only():
-        return None
-    dtype = torch.get_autocast_dtype("cpu") if torch.is_autocast_enabled("cpu") else x.dtype
-    return dtype if dtype in (torch.float32, torch.bfloat16) else None
-
-
-def _fused_linear(
-    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, dtype: torch.dtype,
-    activation: str = "none", residual: torch.Tensor | None = None,
-) -> torch.Tensor:
-    """x @ weight.T + bias, then `activation` or `+ residual`, in one oneDNN call (autocast done by hand)."""
-    x, weight = x.to(dtype), weight.to(dtype)
-    bias = None if bias is None else bias.to(dtype)
-    if residual is not None:
-        return torch.ops.mkldnn._linear_pointwise.binary(x, residual, weight, bias, "add")
-    algorithm = "none" if activation == "gelu" else ""
-    return torch.ops.mkldnn._linear_pointwise(x, weight, bias, activation, [], algorithm)
-
-
 def linear(layer: nn.Linear, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
-    """`residual + layer(x)` (or layer(x)), fused for CPU inference."""
-    dtype = _fused_dtype(x)
+    """`residual + layer(x)` (or layer(x)), fused for CPU inference when layer is a plain nn.Linear."""
+    # A subclass or a replacement (quantize_dynamic's Linear) may compute something else: call it.
+    dtype = fused.fused_dtype(x) if type(layer) is nn.Linear else None
     if dtype is not None and (residual is None or residual.dtype == dtype):
-        return _fused_linear(x, layer.weight, layer.bias, dtype, residual=residual)
+        out = fused.linear(x, layer.weight, layer.bias, dtype, residual=residual)
+        if out is not None:
+            return out
     out = layer(x)
     return out if residual is None else residual + out
 
@@ -186,15 +161,6 @@ class Attention(nn.Module):
         self.last_attention: torch.Tensor | None = None
         self.last_kv_grid: tuple[int, int] | None = None
 
-    @staticmethod
-    def _project(
-        conv: nn.Module | None, grid: torch.Tensor, tokens: torch.Tensor
-    ) -> tuple[torch.Tensor, tuple[int, int]]:
-        if conv is None:
-            return tokens, tuple(grid.shape[-2:])
-        out = conv(grid)
-        return out.flatten(2).transpose(1, 2), tuple(out.shape[-2:])
-
     def forward(
         self, x: torch.Tensor, height: int, width: int, residual: torch.Tensor | None = None
     ) -> torch.Tensor:
@@ -206,11 +172,17 @@ class Attention(nn.Module):
         grid = tokens.transpose(1, 2).unflatten(2, (height, width))
         if cls is not None and self.conv_proj_k is not None:
             grid = grid.contiguous(memory_format=torch.channels_last)
-        q, _ = self._project(self.conv_proj_q, grid, tokens)
-        k, kv_grid = self._project(self.conv_proj_k, grid, tokens)
-        v, _ = self._project(self.conv_proj_v, grid, tokens)
-        if cls is not None:
-            q, k, v = (torch.cat((cls, t), dim=1) for t in (q, k, v))
+        inputs, kv_grid = [], (height, width)
+        for conv in (self.conv_proj_q, self.conv_proj_k, self.conv_proj_v):
+            if conv is None:
+                # A linear projection takes x as it is, class token included: no split and rejoin.
+                inputs.append(x)
+                continue
+            out = conv(grid)
+            kv_grid = tuple(out.shape[-2:])  # v comes last, and its grid is k's
+            out = out.flatten(2).transpose(1, 2)
+            inputs.append(out if cls is None else torch.cat((cls, out), dim=1))
+        q, k, v = inputs
         q, k, v = (
             linear(proj, t).view(batch, t.shape[1], self.num_heads, -1).transpose(1, 2)
             for proj, t in ((self.proj_q, q), (self.proj_k, k), (self.proj_v, v))
@@ -281,11 +253,14 @@ class Mlp(nn.Module):
     def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
         """MLP of x; with `residual`, returns residual + MLP (fused when it can)."""
         dropping = self.training and self.drop.p > 0
-        dtype = _fused_dtype(x)
+        plain_linears = type(self.fc1) is nn.Linear and type(self.fc2) is nn.Linear
+        dtype = fused.fused_dtype(x) if plain_linears else None
         if dtype is not None and not dropping and (residual is None or residual.dtype == dtype):
-            return self._fused_forward(x, residual, dtype)
+            out = self._fused_forward(x, residual, dtype)
+            if out is not None:
+                return out
         h = self.fc1(x)
-        if dropping or not torch.is_grad_enabled() or _plain_ops_only():
+        if dropping or not plain_linears or not torch.is_grad_enabled() or fused.plain_ops_only():
             out = self.drop(self.fc2(self.drop(self.act(h))))
         else:
             out = _ActivationLinear.apply(h, self.fc2.weight, self.fc2.bias, self.quick)
@@ -293,16 +268,21 @@ class Mlp(nn.Module):
 
     def _fused_forward(
         self, x: torch.Tensor, residual: torch.Tensor | None, dtype: torch.dtype
-    ) -> torch.Tensor:
+    ) -> torch.Tensor | None:
         fc1, fc2 = self.fc1, self.fc2
         if self.quick:
             # oneDNN's swish is y * sigmoid(y); with y = 1.702 h it is 1.702 * QuickGELU(h), so fc1 is
             # scaled up by 1.702 and fc2 down by it: the same function, exact up to float rounding.
-            w1, b1 = fc1.weight * QUICK_GELU_ALPHA, fc1.bias * QUICK_GELU_ALPHA
-            hidden = _fused_linear(x, w1, b1, dtype, "swish")
-            return _fused_linear(hidden, fc2.weight / QUICK_GELU_ALPHA, fc2.bias, dtype, residual=residual)
-        hidden = _fused_linear(x, fc1.weight, fc1.bias, dtype, "gelu")
-        return _fused_linear(hidden, fc2.weight, fc2.bias, dtype, residual=residual)
+            # The scaled weights are made once (fused.prepared_weight), not on every call.
+            hidden = fused.linear(x, fc1.weight, fc1.bias, dtype, "swish",
+                                  weight_scale=QUICK_GELU_ALPHA, bias_scale=QUICK_GELU_ALPHA)
+            scale = 1 / QUICK_GELU_ALPHA
+        else:
+            hidden = fused.linear(x, fc1.weight, fc1.bias, dtype, "gelu")
+            scale = None
+        if hidden is None:
+            return None
+        return fused.linear(hidden, fc2.weight, fc2.bias, dtype, residual=residual, weight_scale=scale)
 
 
 class Block(nn.Module):
@@ -348,7 +328,9 @@ def _without_running_stats(module: nn.Module, fn: Callable[[], torch.Tensor]) ->
 
     Momentum 0 keeps the statistics (and keeps the ops, and so the tensors checkpointing saves, the same).
     """
-    norms = [m for m in module.modules() if isinstance(m, nn.BatchNorm2d) and m.track_running_stats]
+    # _BatchNorm: every BatchNorm, SyncBatchNorm and BatchNorm1d/3d included (convert_sync_batchnorm).
+    norms = [m for m in module.modules()
+             if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats]
     saved = [(norm.momentum, norm.num_batches_tracked.clone()) for norm in norms]
     for norm in norms:
         norm.momentum = 0.0

@@ -1,0 +1,152 @@
+"""oneDNN's fused linear for CPU inference: bias, activation or residual add in the matmul kernel.
+
+The kernel, torch.ops.mkldnn._linear_pointwise, is a private PyTorch op. It is used only for inference
+on the CPU in float32 or bfloat16, only after a check at its first use in each dtype that it gives what
+F.linear gives, and never while tracing, compiling or under a dispatch mode. Turn it off with the
+environment variable TORCHCVT_FUSED=0 or set_fused_linear(False); callers then run plain PyTorch ops.
+Weights the kernel needs in another form (cast to bfloat16, scaled for QuickGELU) are made once and
+kept until the parameter changes (its in-place version counter or its storage).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+from torch.utils._python_dispatch import _get_current_dispatch_mode
+from torch.utils.weak import WeakIdKeyDictionary
+
+logger = logging.getLogger(__name__)
+
+ENV_VAR = "TORCHCVT_FUSED"
+_ON, _OFF = ("1", "true", "on", "yes"), ("0", "false", "off", "no")
+_AVAILABLE = torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
+
+_enabled: bool | None = None  # None: not yet read from the environment
+_working: dict[torch.dtype, bool] = {}  # result of the first-use check, per dtype
+# weight -> {(dtype, scale): (version, data_ptr, prepared weight)}; entries die with their parameter.
+_prepared: WeakIdKeyDictionary = WeakIdKeyDictionary()
+
+
+def set_fused_linear(enable: bool = True) -> None:
+    """Turn oneDNN's fused linear for CPU inference on or off (overrides TORCHCVT_FUSED)."""
+    global _enabled
+    _enabled = bool(enable)
+    if not enable:
+        _prepared.clear()
+
+
+def fused_linear_enabled() -> bool:
+    """Whether the fused linear is switched on (TORCHCVT_FUSED, default on, or set_fused_linear)."""
+    global _enabled
+    if _enabled is None:
+        value = os.environ.get(ENV_VAR, "1").strip().lower()
+        if value not in _ON + _OFF:
+            raise ValueError(f"{ENV_VAR} must be 0 or 1 (or true/false, on/off), got {value!r}")
+        _enabled = value in _ON
+    return _enabled
+
+
+def plain_ops_only() -> bool:
+    """True while tracing, compiling or under a dispatch mode (FlopCounterMode, fake tensors): those
+    must see ordinary aten ops, and the compilers fuse on their own."""
+    return (torch.jit.is_tracing() or torch.jit.is_scripting() or torch.compiler.is_compiling()
+            or _get_current_dispatch_mode() is not None)
+
+
+def fused_dtype(x: torch.Tensor) -> torch.dtype | None:
+    """The dtype the fused linear would compute in for input x, or None where plain ops must run."""
+    if not _AVAILABLE or x.device.type != "cpu" or torch.is_grad_enabled() or plain_ops_only():
+        return None
+    if not fused_linear_enabled():
+        return None
+    dtype = torch.get_autocast_dtype("cpu") if torch.is_autocast_enabled("cpu") else x.dtype
+    if dtype not in (torch.float32, torch.bfloat16):
+        return None
+    if dtype not in _working:
+        _working[dtype] = _check(dtype)
+    return dtype if _working[dtype] else None
+
+
+def prepared_weight(weight: torch.Tensor, dtype: torch.dtype, scale: float | None = None) -> torch.Tensor:
+    """weight cast to dtype (and times scale), computed once for as long as the parameter is unchanged."""
+    if weight.dtype == dtype and scale is None:
+        return weight
+    entries = _prepared.get(weight)
+    if entries is None:
+        entries = _prepared[weight] = {}
+    stamp = (weight._version, weight.data_ptr())
+    cached = entries.get((dtype, scale))
+    if cached is not None and cached[:2] == stamp:
+        return cached[2]
+    with torch.no_grad():
+        # Scaled in the parameter's own precision, then cast: one rounding, as for the plain path's cast.
+        value = (weight if scale is None else weight * scale).to(dtype)
+    entries[(dtype, scale)] = (*stamp, value)
+    return value
+
+
+def linear(
+    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, dtype: torch.dtype,
+    activation: str = "none", residual: torch.Tensor | None = None,
+    weight_scale: float | None = None, bias_scale: float | None = None,
+) -> torch.Tensor | None:
+    """act(x @ (weight * weight_scale).T + bias * bias_scale) or that plus residual, in one oneDNN call.
+
+    activation is "none", "gelu" (exact) or "swish" (y * sigmoid(y)). Returns None if the kernel fails;
+    it is then switched off for dtype (with one warning) and the caller runs the plain path.
+    """
+    weight = prepared_weight(weight, dtype, weight_scale)
+    bias = None if bias is None else prepared_weight(bias, dtype, bias_scale)
+    return _guarded(dtype, lambda: _call(x.to(dtype), weight, bias, activation, residual))
+
+
+def _call(
+    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, activation: str,
+    residual: torch.Tensor | None,
+) -> torch.Tensor:
+    if residual is not None:
+        return torch.ops.mkldnn._linear_pointwise.binary(x, residual, weight, bias, "add")
+    algorithm = "none" if activation == "gelu" else ""
+    return torch.ops.mkldnn._linear_pointwise(x, weight, bias, activation, [], algorithm)
+
+
+def _guarded(dtype: torch.dtype, fn: Callable[[], torch.Tensor]) -> torch.Tensor | None:
+    try:
+        return fn()
+    except (RuntimeError, NotImplementedError) as error:
+        # oneDNN refuses some dtypes on some CPUs (bfloat16 without AVX-512), and a private op may change.
+        _working[dtype] = False
+        logger.warning("oneDNN fused linear failed in %s (%s); using plain PyTorch ops",
+                       dtype, str(error).splitlines()[0])
+        return None
+
+
+def _check(dtype: torch.dtype) -> bool:
+    """Whether every form of the fused kernel matches F.linear on a small random case in dtype."""
+    # The first use may be inside autocast, which would compute the float32 reference in bfloat16.
+    with torch.autocast("cpu", enabled=False):
+        return _matches_plain(dtype)
+
+
+def _matches_plain(dtype: torch.dtype) -> bool:
+    generator = torch.Generator().manual_seed(0)
+    x, weight, bias, residual = (torch.randn(*shape, generator=generator) / 2
+                                 for shape in ((2, 5, 24), (40, 24), (40,), (2, 5, 40)))
+    x, weight, bias, residual = (t.to(dtype) for t in (x, weight, bias, residual))
+    plain = F.linear(x.float(), weight.float(), bias.float())
+    expected = {"none": plain, "gelu": F.gelu(plain), "swish": F.silu(plain), "add": plain + residual.float()}
+    tolerance = 1e-4 if dtype == torch.float32 else 3e-2
+    for form, want in expected.items():
+        add = residual if form == "add" else None
+        got = _guarded(dtype, lambda form=form, add=add: _call(x, weight, bias, form, add))
+        if got is None:
+            return False
+        if got.dtype != dtype or not torch.allclose(got.float(), want, rtol=tolerance, atol=tolerance):
+            logger.warning("oneDNN fused linear (%s, %s) differs from F.linear by %.2e; using plain ops",
+                           form, dtype, (got.float() - want).abs().max().item())
+            return False
+    return True
