@@ -21,7 +21,8 @@ test: install lint
 
 demo: install
 	$(PY) -m torchcvt info cvt_digits
-	$(PY) -m torchcvt train --output runs/demo --no-resume
+	rm -rf runs/demo  # the demo starts afresh; --no-resume would keep each old run as runs/demo/previous-N
+	$(PY) -m torchcvt train --output runs/demo
 
 bench: install
 	$(PY) benchmarks/bench.py
