@@ -95,6 +95,9 @@ class ResizeCenterCrop:
         self.center_crop = T.CenterCrop(crop)
         self.resample = _PIL_RESAMPLE[interpolation]
 
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self.resize}, {self.center_crop}, max_aspect={MAX_RESIZE_ASPECT})"
+
     def __call__(self, image: Image.Image) -> Image.Image:
         width, height = image.size
         if max(width, height) <= MAX_RESIZE_ASPECT * min(width, height):

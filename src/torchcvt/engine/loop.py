@@ -138,7 +138,7 @@ class Trainer:
         if self.start_step >= self.steps_per_epoch:
             self.start_epoch, self.start_step = self.start_epoch + 1, 0
         self.global_step = int(state["global_step"])
-        self.scheduler.step_update(self.global_step)
+        update_lr(self.scheduler, self.cfg["sched"]["interval"], self.start_epoch, self.global_step)
         self.best_top1, self.best_top5 = float(state["best_top1"]), float(state["best_top5"])
         self._adopt_best_score()
         self.skipped = set(state.get("skipped_images", []))
