@@ -111,8 +111,19 @@ def test_param_groups_exempt_norms_biases_and_tokens_and_decay_by_layer() -> Non
     assert len(no_decay) + len(decay) == sum(1 for _ in model.parameters())
     layered = param_groups(model, 0.05, layer_decay=0.5)
     scale = {names[id(p)]: g["lr_scale"] for g in layered for p in g["params"]}
-    assert scale["head.weight"] == 1.0 and scale["stage2.blocks.0.mlp.fc1.weight"] == 0.5
-    assert scale["stage0.patch_embed.proj.weight"] == 0.5**6  # embeds 3 + blocks 3 + head layer
+    # timm's numbering from model.group_matcher: the stem, one layer per block (a stage's token embedding
+    # and class token join its first block, the final norm the last block), then the head.
+    assert scale["head.weight"] == 1.0
+    assert scale["norm.weight"] == scale["stage2.blocks.0.mlp.fc1.weight"] == scale["stage2.cls_token"] == 0.5
+    assert scale["stage1.patch_embed.proj.weight"] == scale["stage1.blocks.0.attn.proj_q.weight"] == 0.5**2
+    assert scale["stage0.blocks.0.mlp.fc1.weight"] == 0.5**3
+    assert scale["stage0.patch_embed.proj.weight"] == 0.5**4
+    # The same scales as timm's own layer decay over the same model.
+    from timm.optim import create_optimizer_v2
+
+    timm_scale = {names[id(p)]: g["lr_scale"] for g in create_optimizer_v2(
+        model, "adamw", lr=1e-3, weight_decay=0.05, layer_decay=0.5).param_groups for p in g["params"]}
+    assert timm_scale == pytest.approx(scale)
 
 
 def test_lr_scales_with_global_batch_and_frozen_stages_stay(tmp_path: Path, data: Path) -> None:

@@ -5,36 +5,25 @@ from __future__ import annotations
 from typing import Any
 
 import torch
+from timm.models import group_parameters
 from torch import nn
 
 from ..model import CvT
 
 
-def _layer_ids(model: CvT) -> tuple[dict[str, int], int]:
-    """Depth of every parameter for layer-wise LR decay: token embedding and each block one layer."""
-    ids, layer = {}, 0
-    for i, stage in enumerate(model.stages):
-        for name, _ in stage.named_parameters():
-            if not name.startswith("blocks."):
-                ids[f"stage{i}.{name}"] = layer
-        layer += 1
-        for b, block in enumerate(stage.blocks):
-            for name, _ in block.named_parameters():
-                ids[f"stage{i}.blocks.{b}.{name}"] = layer
-            layer += 1
-    return ids, layer + 1
-
-
 def param_groups(model: CvT, weight_decay: float, layer_decay: float | None = None) -> list[dict[str, Any]]:
     """Trainable parameters grouped by weight decay (none on norms, biases, tokens) and LR scale."""
     skip = model.no_weight_decay()
-    ids, num_layers = _layer_ids(model)
+    # Layers as timm's layer decay numbers them, from the model's group_matcher: the stem, each block (a
+    # stage's token embedding and class token with its first block), the final norm, then the head.
+    ids = group_parameters(model, model.group_matcher(coarse=False), reverse=True)
+    num_layers = max(ids.values()) + 1
     groups: dict[tuple[bool, int], dict[str, Any]] = {}
     for name, param in model.named_parameters():
         if not param.requires_grad:
             continue
         no_decay = param.ndim <= 1 or name.endswith(".bias") or name in skip
-        layer = ids.get(name, num_layers - 1)
+        layer = ids[name]
         key = (no_decay, layer if layer_decay else 0)
         if key not in groups:
             scale = layer_decay ** (num_layers - 1 - layer) if layer_decay else 1.0
