@@ -285,24 +285,6 @@ def _predictor(args: argparse.Namespace, batch_size: int = 32):
                             batch_size=batch_size, **_model_overrides(args.model_overrides))
 
 
-@contextmanager
-def _logging_to_stderr(command: str) -> Iterator[None]:
-    """Show torchcvt's INFO lines (progress where stderr is not a terminal) on stderr while inside."""
-    import logging
-
-    handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(logging.Formatter(f"torchcvt {command}: %(message)s"))
-    package = logging.getLogger("torchcvt")
-    level = package.level
-    package.addHandler(handler)
-    package.setLevel(logging.INFO)
-    try:
-        yield
-    finally:
-        package.removeHandler(handler)
-        package.setLevel(level)
-
-
 def _report_unreadable(command: str):
     from tqdm import tqdm
 
@@ -350,10 +332,8 @@ def _run_predict(args: argparse.Namespace) -> int:
         if path is not None:
             check_output_file(path, option)
     predictor = _predictor(args, args.batch_size)
-    with _logging_to_stderr("predict"):
-        results = predictor.predict_files(args.paths, top_k=args.top_k,
-                                          progress=False if args.quiet else None,
-                                          on_error=_report_unreadable("predict"), workers=args.workers)
+    results = predictor.predict_files(args.paths, top_k=args.top_k, progress=False if args.quiet else None,
+                                      on_error=_report_unreadable("predict"), workers=args.workers)
     if args.json:
         write_json_report(results, args.json)
     if args.csv:
@@ -452,9 +432,8 @@ def _run_embed(args: argparse.Namespace) -> int:
         raise CliError(f"-o must end in .safetensors or .npy, got {args.output!r}")
     check_output_file(args.output, "-o")
     predictor = _predictor(args, args.batch_size)
-    with _logging_to_stderr("embed"):
-        features, results = predictor.embed_files(args.paths, progress=False if args.quiet else None,
-                                                  on_error=_report_unreadable("embed"), workers=args.workers)
+    features, results = predictor.embed_files(args.paths, progress=False if args.quiet else None,
+                                              on_error=_report_unreadable("embed"), workers=args.workers)
     files = [result.path for result in results if result.error is None]
     written = save_embeddings(args.output, features, files)
     print(f"wrote {', '.join(map(str, written))} ({features.shape[0]} x {features.shape[1]} features)")
@@ -493,6 +472,10 @@ def _run_bench(args: argparse.Namespace) -> int:
     return 0
 
 
+# Commands whose stdout carries their result (a table of predictions): their notices go to stderr.
+_RESULT_ON_STDOUT = ("predict", "embed")
+
+
 class _Console(logging.Handler):
     """The library's log records as the command's output: notices on stdout, warnings on stderr."""
 
@@ -504,6 +487,8 @@ class _Console(logging.Handler):
         # sys.stdout/sys.stderr looked up per record: they may be replaced (tests, tqdm) while running.
         if record.levelno >= logging.WARNING:
             print(f"torchcvt {self.command}: warning: {record.getMessage()}", file=sys.stderr, flush=True)
+        elif self.command in _RESULT_ON_STDOUT:
+            print(f"torchcvt {self.command}: {record.getMessage()}", file=sys.stderr, flush=True)
         else:
             print(record.getMessage(), flush=True)
 
