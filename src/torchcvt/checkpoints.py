@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from .checks import check_output_folder
@@ -200,7 +200,7 @@ def _read_safetensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, st
     try:
         with safe_open(path, framework="pt") as file:
             return {key: file.get_tensor(key) for key in file.keys()}, file.metadata() or {}
-    except Exception as error:  # safetensors reports damage with its own exception types
+    except (SafetensorError, OSError, ValueError) as error:
         raise ValueError(
             f"{path} is a damaged or truncated safetensors file ({_first_line(error)})"
         ) from None
@@ -216,7 +216,7 @@ def _torch_load(path: Path) -> Any:
             f"{path} holds pickled Python objects besides tensors{what}; torchcvt loads weights only "
             "(torch.load weights_only=True): save the model's state_dict alone"
         ) from None
-    except Exception as error:  # torch reports a damaged archive with RuntimeError, EOFError, ...
+    except (RuntimeError, EOFError, OSError, ValueError) as error:  # how torch reports a damaged archive
         raise ValueError(
             f"{path} is not a readable PyTorch checkpoint, truncated or damaged ({_first_line(error)})"
         ) from None
