@@ -8,7 +8,15 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 import torchcvt
 from torchcvt import fused
-from torchcvt.bench import Case, format_markdown, op_kind, op_shares, run_benchmark
+from torchcvt.bench import (
+    Case,
+    default_cases,
+    format_markdown,
+    native_bf16,
+    op_kind,
+    op_shares,
+    run_benchmark,
+)
 from torchcvt.cli import main
 from torchcvt.layers import Attention, ConvProjection
 
@@ -302,3 +310,11 @@ def test_cached_fused_weights_follow_training_and_loading(tiny_overrides):
     fast, plain = fast_and_plain()
     torch.testing.assert_close(fast, plain, rtol=0, atol=1e-4)
     torch.testing.assert_close(fast, first, rtol=0, atol=1e-5)
+
+
+def test_full_benchmark_times_bf16_only_where_the_cpu_has_it(caplog: pytest.LogCaptureFixture) -> None:
+    assert any(case.mode == "bf16" for case in default_cases(quick=False, bf16=True))
+    assert not any(case.mode == "bf16" for case in default_cases(quick=False, bf16=False))
+    assert "no native bf16" in caplog.text
+    chosen = default_cases(quick=False)
+    assert any(case.mode == "bf16" for case in chosen) == native_bf16()

@@ -452,6 +452,8 @@ def add_bench_command(sub: argparse._SubParsersAction) -> None:
     parser.add_argument("--repeats", type=int, help="timed runs per side (default 5, 1 with --quick)")
     parser.add_argument("--no-memory", action="store_true", help="skip the peak-memory measurement")
     parser.add_argument("--threads", type=int, help="torch threads (default: torch's own choice)")
+    parser.add_argument("--bf16", action="store_true", default=None,
+                        help="time bf16 inference even on a CPU without native bf16 (tens of minutes there)")
     parser.set_defaults(run=_run_bench)
 
 
@@ -466,7 +468,8 @@ def _run_bench(args: argparse.Namespace) -> int:
         import torch
 
         torch.set_num_threads(args.threads)
-    report = run_benchmark(args.model, quick=args.quick, memory=not args.no_memory, repeats=args.repeats)
+    report = run_benchmark(args.model, quick=args.quick, memory=not args.no_memory, repeats=args.repeats,
+                           bf16=args.bf16)
     print(format_markdown(report), end="")
     print(f"wrote {write_report(report, args.output)}")
     return 0
