@@ -113,6 +113,8 @@ def read_image(path: str | Path) -> Image.Image:
         raise UnreadableImageError(f"image too large: {error}") from None
     except PermissionError:
         raise UnreadableImageError("permission denied") from None
+    except MemoryError:
+        raise UnreadableImageError("too large to decode in the memory this machine has") from None
     except Exception as error:  # PIL's decoders raise many exception types on corrupt data
         message = str(error) or type(error).__name__
         if "truncated" in message.lower():
