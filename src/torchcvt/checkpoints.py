@@ -22,7 +22,14 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from .checks import check_output_folder
-from .config import ARCHITECTURE_FIELDS, VARIANTS, CvtConfig, get_variant, variant_config
+from .config import (
+    ARCHITECTURE_FIELDS,
+    VARIANTS,
+    CvtConfig,
+    architecture_differences,
+    get_variant,
+    variant_config,
+)
 from .model import CvT, CvtFeatures
 
 FORMATS = ("official", "hf", "torchcvt")
@@ -598,12 +605,11 @@ def model_from_checkpoint(
         )
     saved = {key: value for key, value in (stored.config or {}).items() if key in ARCHITECTURE_FIELDS}
     if stored.architecture and stored.architecture != name:
-        variant = variant_config(name).to_dict()
-        for field, value in saved.items():
-            if _as_list(value) != _as_list(variant[field]) and field not in overrides:
+        for field, theirs, ours in architecture_differences(saved, variant_config(name).to_dict()):
+            if field not in overrides:
                 raise ValueError(
                     f"checkpoint {stored.path} holds a {stored.architecture} whose {field} is "
-                    f"{_as_list(value)} but {name} has {field} {_as_list(variant[field])}"
+                    f"{theirs} but {name} has {field} {ours}"
                 )
     from .factory import create_model
 
@@ -611,7 +617,3 @@ def model_from_checkpoint(
     return create_model(
         name, num_classes=head, checkpoint=stored, features_only=features_only, **{**saved, **overrides}
     )
-
-
-def _as_list(value: Any) -> Any:
-    return list(value) if isinstance(value, tuple) else value

@@ -51,6 +51,21 @@ ARCHITECTURE_FIELDS = (
 )
 
 
+def architecture_differences(
+    saved: dict[str, Any], ours: dict[str, Any], fields: tuple[str, ...] = ARCHITECTURE_FIELDS
+) -> list[tuple[str, Any, Any]]:
+    """(field, saved value, our value) for each of fields that saved sets to another value.
+
+    Tuples compare and show as lists, so a config read from JSON matches the dataclass it came from.
+    """
+
+    def plain(value: Any) -> Any:
+        return list(value) if isinstance(value, tuple) else value
+
+    return [(field, plain(saved[field]), plain(ours[field]))
+            for field in fields if field in saved and plain(saved[field]) != plain(ours[field])]
+
+
 @dataclass
 class CvtConfig:
     """Every hyper-parameter of a CvT; per-stage fields are tuples with one entry per stage."""

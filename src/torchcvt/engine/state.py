@@ -11,7 +11,7 @@ from typing import Any
 
 import torch
 
-from ..config import ARCHITECTURE_FIELDS, CvtConfig
+from ..config import ARCHITECTURE_FIELDS, CvtConfig, architecture_differences
 
 # Bumped whenever a key's meaning changes; files without the field were written before it existed (0).
 FORMAT_VERSION = 1
@@ -189,13 +189,13 @@ def check_resumable(
     """The config keys changed since the checkpoint; a one-line error for a change a run cannot survive."""
     saved_config = state.get("config")
     if isinstance(saved_config, dict):
-        ours = config.to_dict()
-        for field in (*ARCHITECTURE_FIELDS, "img_size"):
-            if field in saved_config and _plain(saved_config[field]) != _plain(ours[field]):
-                raise ValueError(
-                    f"cannot resume from {path}: model {field} is {_plain(saved_config[field])} there but "
-                    f"{_plain(ours[field])} in this config"
-                )
+        fields = (*ARCHITECTURE_FIELDS, "img_size")
+        differences = architecture_differences(saved_config, config.to_dict(), fields)
+        if differences:
+            field, theirs, ours = differences[0]
+            raise ValueError(
+                f"cannot resume from {path}: model {field} is {theirs} there but {ours} in this config"
+            )
     saved_classes = state.get("class_names")
     if saved_classes is not None and list(saved_classes) != class_names:
         raise ValueError(
