@@ -4,6 +4,7 @@ from collections.abc import Iterator
 import numpy as np
 import pytest
 import torch
+from trainkit import perturb_weights
 
 torch.set_num_threads(2)
 
@@ -27,18 +28,7 @@ def tiny_overrides() -> dict:
 @pytest.fixture
 def perturb():
     """In place: noise on every weight and random BatchNorm statistics, so every tensor moves the outputs."""
-
-    @torch.no_grad()
-    def perturb_(model: torch.nn.Module) -> torch.nn.Module:
-        for param in model.parameters():
-            param.add_(torch.randn_like(param) * 0.1)
-        for module in model.modules():
-            if isinstance(module, torch.nn.BatchNorm2d):
-                module.running_mean.normal_(0.0, 0.2)
-                module.running_var.uniform_(0.5, 1.5)
-        return model
-
-    return perturb_
+    return perturb_weights
 
 
 @pytest.fixture

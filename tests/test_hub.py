@@ -12,6 +12,7 @@ import pytest
 import timm
 import torch
 from timm.models import adapt_input_conv
+from trainkit import perturb_weights
 from transformers import CvtConfig, CvtForImageClassification
 
 import torchcvt
@@ -29,15 +30,7 @@ SRC = Path(__file__).resolve().parents[1] / "src"
 def hf_model() -> CvtForImageClassification:
     """transformers' CvT at random weights, with moved BatchNorm statistics so that every tensor counts."""
     torch.manual_seed(0)
-    model = CvtForImageClassification(CvtConfig(**HF_TINY, num_labels=1000)).eval()
-    with torch.no_grad():
-        for param in model.parameters():
-            param.add_(torch.randn_like(param) * 0.1)
-        for module in model.modules():
-            if isinstance(module, torch.nn.BatchNorm2d):
-                module.running_mean.normal_(0.0, 0.2)
-                module.running_var.uniform_(0.5, 1.5)
-    return model
+    return perturb_weights(CvtForImageClassification(CvtConfig(**HF_TINY, num_labels=1000)).eval())
 
 
 def build_cache(home: Path, model: CvtForImageClassification, weights: str) -> Path:

@@ -1,10 +1,11 @@
-"""Shared helpers for the training tests: small real ImageFolder trees and tiny run configs."""
+"""Shared test helpers: small real ImageFolder trees, tiny run configs, weights that every tensor moves."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
 import numpy as np
+import torch
 from PIL import Image
 
 TINY_MODEL = {"embed_dim": [16, 24, 32], "num_heads": [1, 1, 2], "depth": [1, 1, 1]}
@@ -73,3 +74,15 @@ def train_process(overrides: list[str], *args: str, **popen: object):
         "PYTHONPATH": str(Path(__file__).resolve().parents[1] / "src"),
     }
     return subprocess.Popen([sys.executable, "-m", "torchcvt", "train", *args, *overrides], env=env, **popen)
+
+
+@torch.no_grad()
+def perturb_weights(model: torch.nn.Module) -> torch.nn.Module:
+    """In place: noise on every weight and random BatchNorm statistics, so every tensor moves the outputs."""
+    for param in model.parameters():
+        param.add_(torch.randn_like(param) * 0.1)
+    for module in model.modules():
+        if isinstance(module, torch.nn.BatchNorm2d):
+            module.running_mean.normal_(0.0, 0.2)
+            module.running_var.uniform_(0.5, 1.5)
+    return model
