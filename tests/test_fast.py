@@ -7,8 +7,10 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import torchcvt
-from torchcvt import fused
+from torchcvt import fused, layers, weightcache
 from torchcvt.bench import (
+    BEGIN,
+    END,
     Case,
     default_cases,
     format_markdown,
@@ -16,6 +18,7 @@ from torchcvt.bench import (
     op_kind,
     op_shares,
     run_benchmark,
+    write_report,
 )
 from torchcvt.cli import main
 from torchcvt.layers import Attention, ConvProjection
@@ -57,9 +60,12 @@ def _assert_grads_close(a: dict, b: dict) -> None:
         torch.testing.assert_close(a[name], b[name], rtol=0, atol=1e-5 * scale, msg=name)
 
 
+@pytest.mark.parametrize("fused_linear", [True, False])
 @pytest.mark.parametrize("variant", VARIANTS)
 @pytest.mark.parametrize("shape", [(1, 3, 64, 64), (2, 3, 56, 80)])
-def test_fused_inference_equals_plain(tiny_overrides, variant, shape):
+def test_fast_inference_equals_plain(tiny_overrides, fused_state, variant, shape, fused_linear):
+    """Both inference paths: oneDNN's fused linear, and plain products with the MLP in row blocks."""
+    torchcvt.set_fused_linear(fused_linear)
     model = _model(tiny_overrides, **VARIANTS[variant]).eval()
     x = torch.randn(shape)
     with torch.no_grad():
@@ -73,6 +79,60 @@ def test_fused_inference_equals_plain(tiny_overrides, variant, shape):
     torch.testing.assert_close(fast, plain, rtol=0, atol=1e-4)
     assert fast_bf16.dtype == plain_bf16.dtype
     torch.testing.assert_close(fast_bf16.float(), plain_bf16.float(), rtol=0.05, atol=0.05)
+
+
+@pytest.mark.parametrize("activation", ["quick_gelu", "gelu"])
+@pytest.mark.parametrize("with_residual", [True, False])
+def test_mlp_in_row_blocks_equals_the_whole_mlp(monkeypatch, fused_state, activation, with_residual):
+    torchcvt.set_fused_linear(False)
+    monkeypatch.setattr(layers, "_BLOCK_BYTES", 64 * 40 * 4)  # 64 rows a block: 194 rows make 4 blocks
+    torch.manual_seed(0)
+    mlp = layers.Mlp(12, 40, activation, drop=0.0).eval()
+    x, residual = torch.randn(2, 97, 12), torch.randn(2, 97, 12) if with_residual else None
+    with torch.no_grad():
+        with PlainOps():
+            whole = mlp(x, residual)
+        assert layers._rows_per_block(40 * 4) == 64
+        blocks = mlp(x, residual)
+    want = mlp.fc2(mlp.act(mlp.fc1(x))) + (0 if residual is None else residual)
+    torch.testing.assert_close(whole, want.detach(), rtol=0, atol=1e-6)
+    torch.testing.assert_close(blocks, whole, rtol=0, atol=1e-5)
+    assert blocks.shape == (2, 97, 12) and blocks.is_contiguous()
+
+
+def _copied_maps(model: torch.nn.Module, x: torch.Tensor) -> list[list[int]]:
+    """Shapes of the 4-D tensors (maps and convolution weights) copied in one inference call."""
+    with torch.no_grad(), torch.profiler.profile(record_shapes=True) as prof:
+        model(x)
+    return sorted(shapes[0] for e in prof.key_averages(group_by_input_shape=True)
+                  for shapes in [e.input_shapes] * e.count
+                  if e.key == "aten::copy_" and len(shapes[0]) == 4 and shapes[0] == shapes[1])
+
+
+def test_convolutions_take_the_token_layout_as_it_is(tiny_overrides):
+    """The image is made channels-last once; after that every convolution reads the token map and its
+    weight as they are, except behind a class token (batch > 1): one copy per block for three convs."""
+    model = _model(tiny_overrides).eval()
+    cls_blocks = model.config.depth[-1]
+    with torch.no_grad():
+        model(torch.randn(1, 3, 64, 64))  # makes the channels-last embedding weights, once
+    assert _copied_maps(model, torch.randn(1, 3, 64, 64)) == [[1, 3, 64, 64]]
+    dim = model.config.embed_dim[-1]
+    assert _copied_maps(model, torch.randn(2, 3, 64, 64)) == [[2, 3, 64, 64]] + [[2, dim, 4, 4]] * cls_blocks
+    channels_last = torch.randn(2, 3, 64, 64).contiguous(memory_format=torch.channels_last)
+    assert _copied_maps(model, channels_last) == [[2, dim, 4, 4]] * cls_blocks
+
+
+def test_pure_bfloat16_model_runs_without_autocast(tiny_overrides):
+    """model.to(torch.bfloat16): every op in bf16 (LayerNorm computed in float32), close to float32."""
+    model = _model(tiny_overrides).eval()
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        want = model(x)
+        model.to(torch.bfloat16)
+        got = model(x.to(torch.bfloat16))
+    assert got.dtype == torch.bfloat16
+    torch.testing.assert_close(got.float(), want, rtol=0.05, atol=0.05 * want.abs().max().item())
 
 
 @pytest.mark.parametrize("variant", VARIANTS)
@@ -159,9 +219,33 @@ def test_bench_quick_on_tiny_model(tmp_path):
     assert train.op_shares is None
     table = format_markdown(report)
     assert "| train step | 2 | 32 |" in table and "GFLOP/s" in table
+    fp32 = report["results"][0]
+    share = fp32.gflop_per_image * fp32.torchcvt_ips / report["peaks"]["fp32"]
+    assert f"- fp32 inference, batch 1: share of the fp32 matmul peak: {share:.0%} (" in table
+    assert f"- fp32 inference, batch 1: speed against transformers: {fp32.ratio:.2f} (" in table
+    assert "bf16 inference: time outside matmul, attention and convolution: " in table
+    assert "torchcvt's profile, fp32 inference, batch 1, 32 px (self CPU time):" in table
+    name, op_share, calls = fp32.top_ops[0]
+    assert f"| {name} | {100 * op_share:.1f}% | {calls} |" in table
     assert f"| {100 * report['results'][0].op_shares['other']:.1f}% |" in table
     header, rule = table.splitlines()[4:6]
     assert header.count("|") == rule.count("|") == table.splitlines()[6].count("|")
+
+
+def test_report_replaces_only_its_own_section(tmp_path):
+    report = {"model": "cvt_13", "overrides": {}, "results": [], "peaks": {"fp32": 100.0, "bf16": 10.0},
+              "max_logit_difference": 0.0, "machine": "test machine"}
+    path = write_report(report, tmp_path / "benchmarks.md")
+    first = path.read_text()
+    assert first.startswith("# Benchmarks") and BEGIN in first and first.rstrip().endswith(END)
+    generated = first.split("\n", 2)[2]  # without the title
+    path.write_text("# Notes\n\nby hand before\n\n" + generated + "\n## Later\n\nby hand after\n")
+    write_report({**report, "machine": "another machine"}, path)
+    text = path.read_text()
+    assert text.startswith("# Notes\n\nby hand before\n\n" + BEGIN)
+    assert text.endswith(END + "\n\n## Later\n\nby hand after\n")
+    assert "another machine" in text and "test machine" not in text
+    assert "- fp32 inference, batch 16: share of the fp32 matmul peak: not measured in this run" in text
 
 
 def test_op_kinds_of_the_profiled_ops():
@@ -197,7 +281,7 @@ def _fused_calls(fn) -> int:
 @pytest.fixture
 def fused_state(monkeypatch):
     """The switch and the first-use check results as they were before the test, restored after it."""
-    monkeypatch.setattr(fused, "_enabled", fused._enabled)
+    monkeypatch.setattr(fused, "_setting", fused._setting)
     monkeypatch.setattr(fused, "_working", dict(fused._working))
     return fused
 
@@ -219,27 +303,48 @@ def test_switch_turns_the_fused_kernel_off_and_on(tiny_overrides, fused_state):
     torch.testing.assert_close(outputs[True], outputs[False], rtol=0, atol=1e-4)
 
 
-@pytest.mark.parametrize(("value", "enabled"), [("0", False), ("off", False), ("1", True), (" True ", True)])
+@pytest.mark.parametrize(("value", "enabled"), [("0", False), ("off", False), ("1", True), (" True ", True),
+                                              ("auto", None), ("", None)])
 def test_environment_variable_sets_the_switch(monkeypatch, fused_state, value, enabled):
     monkeypatch.setenv("TORCHCVT_FUSED", value)
-    monkeypatch.setattr(fused, "_enabled", None)
-    assert fused.fused_linear_enabled() is enabled
+    monkeypatch.setattr(fused, "_setting", None)
+    for dtype in (torch.float32, torch.bfloat16):
+        expected = dtype in fused.preferred_dtypes() if enabled is None else enabled
+        assert fused.fused_linear_enabled(dtype) is expected
     with torch.no_grad():
-        assert (fused.fused_dtype(torch.zeros(2, 3)) is not None) is (enabled and fused._AVAILABLE)
+        expected = torch.float32 in fused.preferred_dtypes() if enabled is None else enabled
+        assert (fused.fused_dtype(torch.zeros(2, 3)) is not None) is (expected and fused._AVAILABLE)
 
 
 def test_bad_environment_variable_is_a_one_line_error(monkeypatch, fused_state):
     monkeypatch.setenv("TORCHCVT_FUSED", "maybe")
-    monkeypatch.setattr(fused, "_enabled", None)
-    message = r"^TORCHCVT_FUSED must be 0 or 1 \(or true/false, on/off\), got 'maybe'$"
+    monkeypatch.setattr(fused, "_setting", None)
+    message = r"^TORCHCVT_FUSED must be 0, 1 or auto \(or true/false, on/off\), got 'maybe'$"
     with pytest.raises(ValueError, match=message):
         fused.fused_linear_enabled()
+
+
+@pytest.mark.parametrize(("capability", "native_bf16", "expected"), [
+    ("AVX2", False, ()), ("AVX2", True, (torch.bfloat16,)), ("AVX512", False, (torch.float32,)),
+    ("AVX512", True, (torch.float32, torch.bfloat16)), ("DEFAULT", False, ()),
+])
+def test_per_cpu_choice_of_the_fused_kernel(monkeypatch, fused_state, capability, native_bf16, expected):
+    monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: capability)
+    monkeypatch.setattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", lambda: native_bf16)
+    assert fused.preferred_dtypes.__wrapped__() == expected
+    monkeypatch.setattr(fused, "preferred_dtypes", lambda: expected)
+    torchcvt.set_fused_linear(None)
+    assert [fused.fused_linear_enabled(d) for d in (torch.float32, torch.bfloat16)] == [
+        torch.float32 in expected, torch.bfloat16 in expected]
+    torchcvt.set_fused_linear(True)
+    assert fused.fused_linear_enabled(torch.float32) and fused.fused_linear_enabled(torch.bfloat16)
 
 
 @pytest.mark.skipif(not fused._AVAILABLE, reason="no oneDNN")
 def test_kernel_failure_falls_back_to_plain_ops_with_one_warning(tiny_overrides, fused_state, caplog):
     model = _model(tiny_overrides).eval()
     x = torch.randn(1, 3, 64, 64)
+    torchcvt.set_fused_linear(True)
     with torch.no_grad():
         expected = model(x)
         assert fused.fused_dtype(x) == torch.float32
@@ -281,35 +386,37 @@ def test_grad_checkpointing_updates_syncbatchnorm_statistics_once(tiny_overrides
         torch.testing.assert_close(a, b, rtol=0, atol=1e-6, msg=name)
 
 
-def test_cached_fused_weights_follow_training_and_loading(tiny_overrides):
-    """Scaled QuickGELU weights are cached between inference calls; a training step or a
-    load_state_dict changes the parameters in place, and the next inference must use the new values."""
+@pytest.mark.parametrize("fused_linear", [True, False])
+def test_cached_weights_follow_training_and_loading(tiny_overrides, fused_state, fused_linear):
+    """Scaled QuickGELU weights and folded BatchNorm convolutions are kept between inference calls; a
+    training step or a load_state_dict changes the parameters and statistics in place, and the next
+    inference must use the new values: it must equal a fresh copy of the model, which has no cache."""
+    torchcvt.set_fused_linear(fused_linear)
     model = _model(tiny_overrides, activation="quick_gelu")
     x = torch.randn(2, 3, 64, 64)
 
-    def fast_and_plain() -> tuple[torch.Tensor, torch.Tensor]:
+    def cached_and_fresh() -> tuple[torch.Tensor, torch.Tensor]:
         model.eval()
+        fresh = copy.deepcopy(model)
         with torch.no_grad():
-            fast = model(x)
-            with PlainOps():
-                return fast, model(x)
+            return model(x), fresh(x)
 
-    first, _ = fast_and_plain()
-    fc1 = model.stage2.blocks[0].mlp.fc1.weight
-    if fused.fused_dtype(x) is not None:
-        assert fused._prepared.get(fc1)  # the scaled fc1 weight is kept for the next call
+    first, _ = cached_and_fresh()
+    block = model.stage2.blocks[0]
+    assert weightcache.cached_for(block.mlp.fc1.weight) > 0  # the scaled fc1 weight is kept
+    assert weightcache.cached_for(block.attn.conv_proj_k.conv.weight) > 0  # and the folded convolution
     original = copy.deepcopy(model.state_dict())
     optimizer = torch.optim.SGD(model.parameters(), lr=0.5)
     model.train()
-    model(x).square().mean().backward()
+    model(x).square().mean().backward()  # also updates the BatchNorm running statistics
     optimizer.step()
-    fast, plain = fast_and_plain()
-    torch.testing.assert_close(fast, plain, rtol=0, atol=1e-4)
-    assert (fast - first).abs().max() > 1e-3  # the step changed the outputs, so stale weights would show
+    cached, fresh = cached_and_fresh()
+    torch.testing.assert_close(cached, fresh, rtol=0, atol=1e-5)
+    assert (cached - first).abs().max() > 1e-3  # the step changed the outputs, so stale weights would show
     model.load_state_dict(original)
-    fast, plain = fast_and_plain()
-    torch.testing.assert_close(fast, plain, rtol=0, atol=1e-4)
-    torch.testing.assert_close(fast, first, rtol=0, atol=1e-5)
+    cached, fresh = cached_and_fresh()
+    torch.testing.assert_close(cached, fresh, rtol=0, atol=1e-5)
+    torch.testing.assert_close(cached, first, rtol=0, atol=1e-5)
 
 
 def test_full_benchmark_times_bf16_only_where_the_cpu_has_it(caplog: pytest.LogCaptureFixture) -> None:

@@ -30,11 +30,19 @@ from tqdm import tqdm
 from .checkpoints import save_hf
 from .factory import create_model
 from .flops import count_flops
+from .fused import fused_linear_enabled
 
 logger = logging.getLogger(__name__)
 
 MODES = ("fp32", "bf16", "train", "train_ckpt")
 TRAINING = ("train", "train_ckpt")
+TOP_OPS = 8  # ops listed in the report's profile of each inference mode
+
+# Issue 13's targets, checked in every report: overhead share of the bf16 forward, share of the matmul
+# peak reached by fp32 and bf16 inference at batch 16, and the speed ratio against transformers.
+TARGET_OVERHEAD = 0.10
+TARGET_PEAK = {"fp32": 0.80, "bf16": 0.70}
+TARGET_RATIO = 1.5
 
 
 @dataclass
@@ -56,6 +64,7 @@ class CaseResult:
     torchcvt_mem_mb: float | None = None
     hf_mem_mb: float | None = None
     op_shares: dict[str, float] | None = None  # torchcvt's profiled self CPU time by op kind (inference)
+    top_ops: list[tuple[str, float, int]] | None = None  # (op, share of self CPU time, calls per call)
 
     @property
     def ratio(self) -> float:
@@ -281,7 +290,10 @@ def run_benchmark(
             result = CaseResult(case, case.batch / t_ours, case.batch / t_hf,
                                 2 * count_flops(model.config, case.img_size) / 1e9)
             if case.mode not in TRAINING:
-                result.op_shares = op_shares(profile_ops(ours))
+                ops = profile_ops(ours)
+                total = sum(seconds for _, seconds, _ in ops) or 1.0
+                result.op_shares = op_shares(ops)
+                result.top_ops = [(name, seconds / total, calls) for name, seconds, calls in ops[:TOP_OPS]]
             if memory and case.mode in TRAINING:
                 result.torchcvt_mem_mb = measure_peak_memory(directory, "torchcvt", case)
                 result.hf_mem_mb = measure_peak_memory(directory, "hf", case)
@@ -298,8 +310,11 @@ def machine_description() -> str:
                  if line.startswith("model name")]
         cpu = names[0] if names else cpu
     load = ", load average {:.1f} / {:.1f} / {:.1f}".format(*os.getloadavg())
+    paths = ", ".join(f"{name} {'oneDNN fused' if fused_linear_enabled(dtype) else 'plain'}"
+                      for name, dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16)))
     return (f"{cpu}, {os.cpu_count()} CPUs, torch {torch.__version__} ({torch.get_num_threads()} threads), "
-            f"Python {platform.python_version()}{load}")
+            f"Python {platform.python_version()}{load}; ATen CPU capability "
+            f"{torch.backends.cpu.get_cpu_capability()}, linear layers: {paths}")
 
 
 def format_markdown(report: dict[str, Any]) -> str:
@@ -336,6 +351,7 @@ def format_markdown(report: dict[str, Any]) -> str:
             f"| {work * r.hf_ips:.0f} ({100 * work * r.hf_ips / peak:.0f}%) | {mem} | {mem_ratio} "
             f"| {other} |"
         )
+    lines += ["", *format_targets(report), "", *format_profiles(report)]
     lines += [
         "",
         "GFLOP/s counts 2 FLOPs per multiply-add of `torchcvt.flops.count_flops` (convolutions, linears, "
@@ -351,11 +367,72 @@ def format_markdown(report: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _batch16(report: dict[str, Any], mode: str) -> CaseResult | None:
+    """The report's inference result in mode with the largest batch (16 in the full run)."""
+    found = [r for r in report["results"] if r.case.mode == mode]
+    return max(found, key=lambda r: (r.case.batch, -r.case.img_size), default=None)
+
+
+def format_targets(report: dict[str, Any]) -> list[str]:
+    """Issue 13's targets against this run's numbers, one line each: met, not met, or not measured."""
+    lines = ["Targets (issue 13), from this run:", ""]
+
+    def line(text: str, value: float | None, goal: float, unit: str, above: bool = True) -> None:
+        if value is None:
+            lines.append(f"- {text}: not measured in this run")
+            return
+        met = value >= goal if above else value < goal
+        lines.append(f"- {text}: {value:{unit}} ({'met' if met else 'not met'}; target "
+                     f"{'at least' if above else 'below'} {goal:{unit}})")
+
+    for mode in ("fp32", "bf16"):
+        result = _batch16(report, mode)
+        share = ratio = None
+        if result is not None:
+            peak = report["peaks"][mode]
+            share = result.gflop_per_image * result.torchcvt_ips / peak
+            ratio = result.ratio
+        name = f"{mode} inference, batch {result.case.batch if result else 16}"
+        line(f"{name}: share of the {mode} matmul peak", share, TARGET_PEAK[mode], ".0%")
+        line(f"{name}: speed against transformers", ratio, TARGET_RATIO, ".2f")
+    bf16 = _batch16(report, "bf16")
+    overhead = None if bf16 is None or bf16.op_shares is None else bf16.op_shares["other"]
+    line("bf16 inference: time outside matmul, attention and convolution", overhead, TARGET_OVERHEAD, ".1%",
+         above=False)
+    return lines
+
+
+def format_profiles(report: dict[str, Any]) -> list[str]:
+    """torchcvt's most expensive ops (self CPU time) for each inference mode at its largest batch."""
+    lines = []
+    for mode in ("fp32", "bf16"):
+        result = _batch16(report, mode)
+        if result is None or not result.top_ops:
+            continue
+        c = result.case
+        lines += [f"torchcvt's profile, {mode} inference, batch {c.batch}, {c.img_size} px (self CPU time):",
+                  "", "| op | share | calls |", "|---|---|---|"]
+        lines += [f"| {name} | {100 * share:.1f}% | {calls} |" for name, share, calls in result.top_ops]
+        lines.append("")
+    return lines[:-1]
+
+
+BEGIN, END = "<!-- torchcvt bench: begin -->", "<!-- torchcvt bench: end -->"
+
+
 def write_report(report: dict[str, Any], path: str | Path) -> Path:
+    """Write the report to path between the BEGIN and END markers, keeping what the file has around
+    them (notes written by hand); a file without the markers gets a new one with a title."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    title = "# Benchmarks: torchcvt vs transformers' CvT\n\n"
-    path.write_text(title + format_markdown(report), encoding="utf-8")
+    section = f"{BEGIN}\n{format_markdown(report)}{END}\n"
+    old = path.read_text(encoding="utf-8") if path.exists() else ""
+    if BEGIN in old and END in old.split(BEGIN, 1)[1]:
+        before, rest = old.split(BEGIN, 1)
+        text = before + section + rest.split(END, 1)[1].removeprefix("\n")
+    else:
+        text = "# Benchmarks: torchcvt vs transformers' CvT\n\n" + section
+    path.write_text(text, encoding="utf-8")
     return path
 
 

@@ -2,14 +2,16 @@
 
 The kernel, torch.ops.mkldnn._linear_pointwise, is a private PyTorch op. It is used only for inference
 on the CPU in float32 or bfloat16, only after a check at its first use in each dtype that it gives what
-F.linear gives, and never while tracing, compiling or under a dispatch mode. Turn it off with the
-environment variable TORCHCVT_FUSED=0 or set_fused_linear(False); callers then run plain PyTorch ops.
-Weights the kernel needs in another form (cast to bfloat16, scaled for QuickGELU) are made once and
-kept until the parameter changes (its in-place version counter or its storage).
+F.linear gives, and never while tracing, compiling or under a dispatch mode. Where it is used is chosen
+per CPU (preferred_dtypes): oneDNN's fp32 kernels beat MKL's only with AVX-512, and bf16 is native only
+with AVX512-BF16 or AMX; elsewhere callers run plain PyTorch ops. TORCHCVT_FUSED=1 / 0 or
+set_fused_linear(True / False) force it on or off. Weights in another form (cast to bfloat16, scaled for
+QuickGELU) come from torchcvt.weightcache: made once, kept until the parameter changes.
 """
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 from collections.abc import Callable
@@ -17,37 +19,51 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 from torch.utils._python_dispatch import _get_current_dispatch_mode
-from torch.utils.weak import WeakIdKeyDictionary
+
+from .weightcache import prepared_weight
 
 logger = logging.getLogger(__name__)
 
 ENV_VAR = "TORCHCVT_FUSED"
-_ON, _OFF = ("1", "true", "on", "yes"), ("0", "false", "off", "no")
+_ON, _OFF, _AUTO = ("1", "true", "on", "yes"), ("0", "false", "off", "no"), ("auto", "")
 _AVAILABLE = torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
 
-_enabled: bool | None = None  # None: not yet read from the environment
+_setting: bool | str | None = None  # True / False forced, "auto" per CPU, None not yet read
 _working: dict[torch.dtype, bool] = {}  # result of the first-use check, per dtype
-# weight -> {(dtype, scale): (version, data_ptr, prepared weight)}; entries die with their parameter.
-_prepared: WeakIdKeyDictionary = WeakIdKeyDictionary()
 
 
-def set_fused_linear(enable: bool = True) -> None:
-    """Turn oneDNN's fused linear for CPU inference on or off (overrides TORCHCVT_FUSED)."""
-    global _enabled
-    _enabled = bool(enable)
-    if not enable:
-        _prepared.clear()
+def set_fused_linear(enable: bool | None = True) -> None:
+    """Force oneDNN's fused linear for CPU inference on or off, or None for the per-CPU choice
+    (the default); overrides TORCHCVT_FUSED."""
+    global _setting
+    _setting = "auto" if enable is None else bool(enable)
 
 
-def fused_linear_enabled() -> bool:
-    """Whether the fused linear is switched on (TORCHCVT_FUSED, default on, or set_fused_linear)."""
-    global _enabled
-    if _enabled is None:
-        value = os.environ.get(ENV_VAR, "1").strip().lower()
-        if value not in _ON + _OFF:
-            raise ValueError(f"{ENV_VAR} must be 0 or 1 (or true/false, on/off), got {value!r}")
-        _enabled = value in _ON
-    return _enabled
+@functools.cache
+def preferred_dtypes() -> tuple[torch.dtype, ...]:
+    """The dtypes in which the fused kernel is faster than plain ops on this CPU.
+
+    Measured (docs/benchmarks.md): on an AVX2-only CPU oneDNN's fp32 inner product runs 10-20% below
+    MKL's (and about 35% below with exact GELU fused in), while on AVX-512 CPUs the fused kernel was the
+    faster path; bf16 is fast only where oneDNN has it natively.
+    """
+    capability = torch.backends.cpu.get_cpu_capability()
+    dtypes = (torch.float32,) if capability.startswith("AVX512") else ()
+    if torch.ops.mkldnn._is_mkldnn_bf16_supported():
+        dtypes += (torch.bfloat16,)
+    return dtypes
+
+
+def fused_linear_enabled(dtype: torch.dtype = torch.float32) -> bool:
+    """Whether CPU inference in dtype uses the fused linear: the switch (TORCHCVT_FUSED or
+    set_fused_linear), else the per-CPU choice of preferred_dtypes."""
+    global _setting
+    if _setting is None:
+        value = os.environ.get(ENV_VAR, "auto").strip().lower()
+        if value not in _ON + _OFF + _AUTO:
+            raise ValueError(f"{ENV_VAR} must be 0, 1 or auto (or true/false, on/off), got {value!r}")
+        _setting = "auto" if value in _AUTO else value in _ON
+    return dtype in preferred_dtypes() if _setting == "auto" else _setting
 
 
 def plain_ops_only() -> bool:
@@ -61,32 +77,12 @@ def fused_dtype(x: torch.Tensor) -> torch.dtype | None:
     """The dtype the fused linear would compute in for input x, or None where plain ops must run."""
     if not _AVAILABLE or x.device.type != "cpu" or torch.is_grad_enabled() or plain_ops_only():
         return None
-    if not fused_linear_enabled():
-        return None
     dtype = torch.get_autocast_dtype("cpu") if torch.is_autocast_enabled("cpu") else x.dtype
-    if dtype not in (torch.float32, torch.bfloat16):
+    if dtype not in (torch.float32, torch.bfloat16) or not fused_linear_enabled(dtype):
         return None
     if dtype not in _working:
         _working[dtype] = _check(dtype)
     return dtype if _working[dtype] else None
-
-
-def prepared_weight(weight: torch.Tensor, dtype: torch.dtype, scale: float | None = None) -> torch.Tensor:
-    """weight cast to dtype (and times scale), computed once for as long as the parameter is unchanged."""
-    if weight.dtype == dtype and scale is None:
-        return weight
-    entries = _prepared.get(weight)
-    if entries is None:
-        entries = _prepared[weight] = {}
-    stamp = (weight._version, weight.data_ptr())
-    cached = entries.get((dtype, scale))
-    if cached is not None and cached[:2] == stamp:
-        return cached[2]
-    with torch.no_grad():
-        # Scaled in the parameter's own precision, then cast: one rounding, as for the plain path's cast.
-        value = (weight if scale is None else weight * scale).to(dtype)
-    entries[(dtype, scale)] = (*stamp, value)
-    return value
 
 
 def linear(

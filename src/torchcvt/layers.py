@@ -20,6 +20,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from . import fused
+from .weightcache import derived, prepared_weight
 
 QUICK_GELU_ALPHA = 1.702
 
@@ -44,7 +45,11 @@ def linear(layer: nn.Linear, x: torch.Tensor, residual: torch.Tensor | None = No
         if out is not None:
             return out
     out = layer(x)
-    return out if residual is None else residual + out
+    if residual is None:
+        return out
+    if type(layer) is nn.Linear and not torch.is_grad_enabled() and out.dtype == residual.dtype:
+        return out.add_(residual)  # out is new and nobody else's: no second full-size tensor
+    return residual + out
 
 
 class LayerNorm(nn.LayerNorm):
@@ -66,6 +71,31 @@ def _is_float32(*tensors: torch.Tensor | None) -> bool:
     return all(t is not None and t.dtype == torch.float32 for t in tensors)
 
 
+def _cached_inference() -> bool:
+    """Whether weights derived from parameters may come from torchcvt.weightcache: eager inference only
+    (a cached tensor has no autograd history, and tracers and compilers must see the ops that make it)."""
+    return not torch.is_grad_enabled() and not fused.plain_ops_only()
+
+
+def _compute_dtype(x: torch.Tensor, weight: torch.Tensor) -> torch.dtype:
+    """The dtype a convolution of x with weight runs in: autocast's, or the weight's own."""
+    device = x.device.type
+    return torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else weight.dtype
+
+
+def token_map(tokens: torch.Tensor, height: int, width: int) -> torch.Tensor:
+    """Tokens (B, H*W, C) as a dense channels-last map (B, C, H, W): a view where it can be, else a copy."""
+    grid = tokens.transpose(1, 2).unflatten(2, (height, width))
+    if not grid.is_contiguous(memory_format=torch.channels_last):
+        return grid.contiguous(memory_format=torch.channels_last)  # tokens behind a class token, batch > 1
+    if grid.shape[0] == 1:
+        # For a batch of one PyTorch leaves the batch stride arbitrary, and oneDNN's convolution copies a
+        # map whose batch stride is not C*H*W: spell it out (same memory, no copy).
+        channels = grid.shape[1]
+        return grid.as_strided(grid.shape, (channels * height * width, 1, width * channels, channels))
+    return grid
+
+
 class ConvEmbed(nn.Module):
     """Convolutional token embedding: Conv2d then LayerNorm over channels; returns tokens and grid."""
 
@@ -76,7 +106,18 @@ class ConvEmbed(nn.Module):
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int]]:
         # A channels-last map gives a channels-last output, whose (B, HW, C) token view needs no copy.
-        x = self.proj(x.contiguous(memory_format=torch.channels_last))
+        x = x.contiguous(memory_format=torch.channels_last)
+        proj = self.proj
+        if not _cached_inference() or type(proj) is not nn.Conv2d:
+            x = proj(x)
+        else:
+            # The convolution would otherwise copy its weight to channels-last (and autocast cast it) on
+            # every call.
+            dtype = _compute_dtype(x, proj.weight)
+            weight, bias = derived(proj.weight, ("embedding", dtype), (proj.weight, proj.bias), lambda: (
+                proj.weight.to(dtype).contiguous(memory_format=torch.channels_last),
+                None if proj.bias is None else proj.bias.to(dtype)))
+            x = proj._conv_forward(x, weight, bias)
         height, width = x.shape[-2:]
         return self.norm(x.flatten(2).transpose(1, 2)), (height, width)
 
@@ -105,10 +146,19 @@ class ConvProjection(nn.Sequential):
             shift = shift + bn.bias
         return self.conv.weight * scale.view(-1, 1, 1, 1), shift
 
+    def _cached_folded_conv(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """folded_conv() in the dtype the convolution will run in, kept until a source changes."""
+        bn, weight = self.bn, self.conv.weight
+        dtype = _compute_dtype(x, weight)
+        sources = (weight, bn.weight, bn.bias, bn.running_mean, bn.running_var)
+        return derived(weight, ("folded", dtype), sources,
+                       lambda: tuple(t.to(dtype) for t in self.folded_conv()))
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if "bn" in self._modules and not self.bn.training and self.bn.running_mean is not None:
-            # Folded on every call rather than stored: nothing to undo for training, checkpoints unchanged.
-            weight, bias = self.folded_conv()
+            # Folded here rather than stored in the module: nothing to undo for training, checkpoints
+            # unchanged. Without gradients the folded weights are made once (weightcache).
+            weight, bias = self._cached_folded_conv(x) if _cached_inference() else self.folded_conv()
             conv = self.conv
             return F.conv2d(x, weight, bias, conv.stride, conv.padding, conv.dilation, conv.groups)
         return super().forward(x)
@@ -167,11 +217,9 @@ class Attention(nn.Module):
         """Attention over x (B, [1 +] HW, C); with `residual`, residual + attention (fused where it can)."""
         batch, _, dim = x.shape
         cls, tokens = (x[:, :1], x[:, 1:]) if self.with_cls_token else (None, x)
-        # Tokens (B, HW, C) are a channels-last (B, C, H, W) map, so this is a view; behind a class
-        # token the view is not dense, and one copy here saves a copy in each of the three convs.
-        grid = tokens.transpose(1, 2).unflatten(2, (height, width))
-        if cls is not None and self.conv_proj_k is not None:
-            grid = grid.contiguous(memory_format=torch.channels_last)
+        # The three convolutions share one dense map: a view of the tokens, or behind a class token
+        # one copy here rather than one in each convolution.
+        grid = token_map(tokens, height, width) if self.conv_proj_k is not None else None
         inputs, kv_grid = [], (height, width)
         for conv in (self.conv_proj_q, self.conv_proj_k, self.conv_proj_v):
             if conv is None:
@@ -254,9 +302,8 @@ class Mlp(nn.Module):
         """MLP of x; with `residual`, returns residual + MLP (fused when it can)."""
         dropping = self.training and self.drop.p > 0
         plain_linears = type(self.fc1) is nn.Linear and type(self.fc2) is nn.Linear
-        dtype = fused.fused_dtype(x) if plain_linears else None
-        if dtype is not None and not dropping and (residual is None or residual.dtype == dtype):
-            out = self._fused_forward(x, residual, dtype)
+        if plain_linears and not dropping and x.device.type == "cpu" and not torch.is_grad_enabled():
+            out = None if fused.plain_ops_only() else self._cpu_inference(x, residual)
             if out is not None:
                 return out
         h = self.fc1(x)
@@ -266,23 +313,82 @@ class Mlp(nn.Module):
             out = _ActivationLinear.apply(h, self.fc2.weight, self.fc2.bias, self.quick)
         return out if residual is None else residual + out
 
+    def _cpu_inference(self, x: torch.Tensor, residual: torch.Tensor | None) -> torch.Tensor | None:
+        """oneDNN's fused kernels where fused.fused_dtype chooses them, else plain products in row
+        blocks; None where neither applies (mixed dtypes, autocast without the fused kernel)."""
+        dtype = fused.fused_dtype(x)
+        if dtype is not None:
+            same = residual is None or residual.dtype == dtype
+            return self._fused_forward(x, residual, dtype) if same else None
+        if torch.is_autocast_enabled("cpu") or not _same_dtype(x, residual, self.fc1):
+            return None
+        return self._row_block_forward(x, residual)
+
+    def _weights(self, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
+        """fc1's weight and bias and fc2's weight for swish/GELU as the activation, in dtype.
+
+        swish(y) = y * sigmoid(y); with y = 1.702 h it is 1.702 * QuickGELU(h), so for QuickGELU fc1 is
+        scaled up by 1.702 and fc2 down by it: the same function, exact up to float rounding. The scaled
+        weights are made once (weightcache.prepared_weight), not on every call.
+        """
+        up, down = (QUICK_GELU_ALPHA, 1 / QUICK_GELU_ALPHA) if self.quick else (None, None)
+        bias = self.fc1.bias
+        return (prepared_weight(self.fc1.weight, dtype, up),
+                None if bias is None else prepared_weight(bias, dtype, up),
+                prepared_weight(self.fc2.weight, dtype, down))
+
     def _fused_forward(
         self, x: torch.Tensor, residual: torch.Tensor | None, dtype: torch.dtype
     ) -> torch.Tensor | None:
-        fc1, fc2 = self.fc1, self.fc2
-        if self.quick:
-            # oneDNN's swish is y * sigmoid(y); with y = 1.702 h it is 1.702 * QuickGELU(h), so fc1 is
-            # scaled up by 1.702 and fc2 down by it: the same function, exact up to float rounding.
-            # The scaled weights are made once (fused.prepared_weight), not on every call.
-            hidden = fused.linear(x, fc1.weight, fc1.bias, dtype, "swish",
-                                  weight_scale=QUICK_GELU_ALPHA, bias_scale=QUICK_GELU_ALPHA)
-            scale = 1 / QUICK_GELU_ALPHA
-        else:
-            hidden = fused.linear(x, fc1.weight, fc1.bias, dtype, "gelu")
-            scale = None
+        fc1_weight, fc1_bias, fc2_weight = self._weights(dtype)
+        hidden = fused.linear(x, fc1_weight, fc1_bias, dtype, "swish" if self.quick else "gelu")
         if hidden is None:
             return None
-        return fused.linear(hidden, fc2.weight, fc2.bias, dtype, residual=residual, weight_scale=scale)
+        return fused.linear(hidden, fc2_weight, self.fc2.bias, dtype, residual=residual)
+
+    def _row_block_forward(self, x: torch.Tensor, residual: torch.Tensor | None) -> torch.Tensor:
+        """CPU inference over blocks of rows: each block's hidden activation (4x the width) is made,
+        activated in place and consumed while it is in cache, and never exists at full size."""
+        fc1_weight, fc1_bias, fc2_weight = self._weights(x.dtype)
+        rows = x.reshape(-1, x.shape[-1])
+        residual_rows = None if residual is None else residual.reshape(rows.shape[0], -1)
+        out = rows.new_empty(rows.shape[0], fc2_weight.shape[0])
+        step = _rows_per_block(fc1_weight.shape[0] * x.element_size())
+        for start in range(0, rows.shape[0], step):
+            block = slice(start, start + step)
+            hidden = F.linear(rows[block], fc1_weight, fc1_bias)
+            hidden = F.silu(hidden, inplace=True) if self.quick else torch.ops.aten.gelu_(hidden)
+            _linear_into(out[block], hidden, fc2_weight, self.fc2.bias,
+                         None if residual_rows is None else residual_rows[block])
+        return out.view(*x.shape[:-1], -1)
+
+
+# Row blocks of about this many bytes of hidden activation stay in the L2/L3 caches of current CPUs
+# while keeping the products large enough to run at full speed (measured in docs/benchmarks.md).
+_BLOCK_BYTES = 4 << 20
+
+
+def _rows_per_block(row_bytes: int) -> int:
+    return max(64, _BLOCK_BYTES // row_bytes // 64 * 64)
+
+
+def _linear_into(
+    out: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+    residual: torch.Tensor | None,
+) -> None:
+    """out = x @ weight.T (+ bias) (+ residual), written into out without a temporary."""
+    if residual is not None:
+        torch.addmm(residual, x, weight.t(), out=out)
+        if bias is not None:
+            out.add_(bias)
+    elif bias is not None:
+        torch.addmm(bias, x, weight.t(), out=out)
+    else:
+        torch.mm(x, weight.t(), out=out)
+
+
+def _same_dtype(x: torch.Tensor, residual: torch.Tensor | None, layer: nn.Linear) -> bool:
+    return layer.weight.dtype == x.dtype and (residual is None or residual.dtype == x.dtype)
 
 
 class Block(nn.Module):

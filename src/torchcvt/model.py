@@ -11,7 +11,7 @@ from timm.models import FeatureInfo
 from torch import nn
 
 from .config import CvtConfig
-from .layers import Block, ConvEmbed, LayerNorm
+from .layers import Block, ConvEmbed, LayerNorm, token_map
 
 
 def stage_grid(config: CvtConfig, stage: int, height: int, width: int) -> tuple[int, int]:
@@ -262,10 +262,10 @@ class CvT(nn.Module):
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         """Normalised tokens of the last stage, class token first when it has one: (B, [1 +] N, C)."""
         self._check(x)
-        for stage in self.stages:
+        for i, stage in enumerate(self.stages):
             tokens, (height, width) = stage(x)
-            grid_tokens = tokens[:, 1:] if stage.cls_token is not None else tokens
-            x = grid_tokens.transpose(1, 2).reshape(tokens.shape[0], -1, height, width)
+            if i + 1 < len(self.stages):
+                x = token_map(tokens[:, 1:] if stage.cls_token is not None else tokens, height, width)
         return self.norm(tokens)
 
     def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
@@ -316,7 +316,8 @@ class CvT(nn.Module):
             if i + 1 in take:
                 shown = self.norm(grid_tokens) if norm and i + 1 == last else grid_tokens
                 intermediates.append(_as_format(shown, height, width, output_fmt))
-            x = grid_tokens.transpose(1, 2).reshape(tokens.shape[0], -1, height, width)
+            if i + 1 < len(self.stages):
+                x = token_map(grid_tokens, height, width)
         return intermediates if intermediates_only else (self.norm(tokens), intermediates)
 
     def _take_indices(self, indices: int | list[int] | tuple[int, ...] | None) -> tuple[list[int], int]:
