@@ -1,14 +1,17 @@
 """Speed and memory of torchcvt beside transformers' CvtForImageClassification on one set of weights.
 
-Timing alternates torchcvt, transformers, torchcvt, ... after warm-up so that load on a shared machine
-hits both alike; the median of each side is reported. Peak memory is the peak resident set size during
-one steady-state step above the RSS at its start, measured in a fresh process per model with glibc's
-mmap threshold fixed low, so that every freed tensor goes back to the OS and RSS follows live tensors.
+Each case runs in a fresh process holding both models, so that no case inherits the heap an earlier one
+left; there timing alternates torchcvt, transformers, torchcvt, ... after warm-up so that load on a
+shared machine hits both alike, and the median of each side is reported. Peak memory is the peak
+resident set size during one steady-state step above the RSS at its start, measured in a fresh process
+per model with glibc's mmap threshold fixed low, so that every freed tensor goes back to the OS and RSS
+follows live tensors.
 """
 
 from __future__ import annotations
 
 import functools
+import json
 import logging
 import os
 import platform
@@ -242,13 +245,38 @@ def measure_peak_memory(directory: Path, which: str, case: Case) -> float | None
     return float(done.stdout.strip().splitlines()[-1])
 
 
-def _memory_child(directory: Path, which: str, case: Case) -> float:
+def _load(directory: Path, which: str) -> nn.Module:
+    """The pair build_pair saved in directory: 'hf' (transformers) or 'torchcvt'."""
     if which == "hf":
         from transformers import CvtForImageClassification
 
-        model = CvtForImageClassification.from_pretrained(directory / "hf")
-    else:
-        model = torch.load(directory / "torchcvt.pt", weights_only=False)
+        return CvtForImageClassification.from_pretrained(directory / "hf")
+    return torch.load(directory / "torchcvt.pt", weights_only=False)
+
+
+def time_case(directory: Path, case: Case, warmup: int, repeats: int) -> dict[str, Any]:
+    """Time one case on both models in a fresh process (each case starts from the same heap, not from
+    what earlier cases, training ones above all, left behind); inference cases are also profiled."""
+    args = [sys.executable, "-m", "torchcvt.bench", "--case-child", str(directory), case.mode,
+            str(case.batch), str(case.img_size), str(warmup), str(repeats), str(torch.get_num_threads())]
+    done = subprocess.run(args, capture_output=True, text=True, check=False)
+    if done.returncode != 0:
+        raise RuntimeError(f"timing {case} failed: {done.stderr.strip().splitlines()[-1:]}")
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def _case_child(directory: Path, case: Case, warmup: int, repeats: int) -> dict[str, Any]:
+    ours = _step_fn(_load(directory, "torchcvt"), case, hf=False)
+    theirs = _step_fn(_load(directory, "hf"), case, hf=True)
+    t_ours, t_hf = time_alternating(ours, theirs, warmup, repeats)
+    measured: dict[str, Any] = {"torchcvt_s": t_ours, "hf_s": t_hf}
+    if case.mode not in TRAINING:
+        measured["ops"] = profile_ops(ours)
+    return measured
+
+
+def _memory_child(directory: Path, which: str, case: Case) -> float:
+    model = _load(directory, which)
     step = _step_fn(model, case, hf=which == "hf")
     step()
     step()
@@ -281,16 +309,15 @@ def run_benchmark(
         difference = max_logit_difference(model, hf, cases[0].img_size)
         results = []
         for case in tqdm(cases, desc="bench", disable=not sys.stderr.isatty()):
-            ours, theirs = _step_fn(model, case, hf=False), _step_fn(hf, case, hf=True)
-            t_ours, t_hf = time_alternating(ours, theirs, warmup, repeats)
+            measured = time_case(directory, case, warmup, repeats)
             # The peak is the best seen over the run: a shared or throttled machine is slower at times,
             # and a peak taken only at the start would let later cases exceed 100%.
             key, dtype = ("bf16", torch.bfloat16) if case.mode == "bf16" else ("fp32", torch.float32)
             peaks[key] = max(peaks[key], matmul_peak_gflops(dtype))
-            result = CaseResult(case, case.batch / t_ours, case.batch / t_hf,
+            result = CaseResult(case, case.batch / measured["torchcvt_s"], case.batch / measured["hf_s"],
                                 2 * count_flops(model.config, case.img_size) / 1e9)
             if case.mode not in TRAINING:
-                ops = profile_ops(ours)
+                ops = [tuple(op) for op in measured["ops"]]
                 total = sum(seconds for _, seconds, _ in ops) or 1.0
                 result.op_shares = op_shares(ops)
                 result.top_ops = [(name, seconds / total, calls) for name, seconds, calls in ops[:TOP_OPS]]
@@ -357,7 +384,8 @@ def format_markdown(report: dict[str, Any]) -> str:
         "GFLOP/s counts 2 FLOPs per multiply-add of `torchcvt.flops.count_flops` (convolutions, linears, "
         "attention products); a training step is counted as 3 forward passes "
         "(also with checkpointing, whose recomputed forward is overhead, not work). Times are medians of "
-        "alternating torchcvt / transformers runs after warm-up. Peak memory: peak RSS during one "
+        "alternating torchcvt / transformers runs after warm-up, in a fresh process for each case. "
+        "Peak memory: peak RSS during one "
         "steady-state training step (after two warm-up steps, so AdamW state exists) above the RSS at "
         "its start, in a fresh process per model with `MALLOC_MMAP_THRESHOLD_=65536` so freed tensors "
         "leave the RSS; it covers activations, gradients and optimizer temporaries. The last column is the "
@@ -439,3 +467,8 @@ def write_report(report: dict[str, Any], path: str | Path) -> Path:
 if __name__ == "__main__" and len(sys.argv) == 7 and sys.argv[1] == "--memory-child":
     _, _, folder, kind, mode, batch, size = sys.argv
     print(_memory_child(Path(folder), kind, Case(mode, int(batch), int(size))))
+elif __name__ == "__main__" and len(sys.argv) == 9 and sys.argv[1] == "--case-child":
+    _, _, folder, mode, batch, size, warmup_runs, timed_runs, threads = sys.argv
+    torch.set_num_threads(int(threads))
+    print(json.dumps(_case_child(Path(folder), Case(mode, int(batch), int(size)), int(warmup_runs),
+                                 int(timed_runs))))

@@ -353,7 +353,7 @@ class Mlp(nn.Module):
         rows = x.reshape(-1, x.shape[-1])
         residual_rows = None if residual is None else residual.reshape(rows.shape[0], -1)
         out = rows.new_empty(rows.shape[0], fc2_weight.shape[0])
-        step = _rows_per_block(fc1_weight.shape[0] * x.element_size())
+        step = _rows_per_block(rows.shape[0], fc1_weight.shape[0] * x.element_size())
         for start in range(0, rows.shape[0], step):
             block = slice(start, start + step)
             hidden = F.linear(rows[block], fc1_weight, fc1_bias)
@@ -368,8 +368,10 @@ class Mlp(nn.Module):
 _BLOCK_BYTES = 4 << 20
 
 
-def _rows_per_block(row_bytes: int) -> int:
-    return max(64, _BLOCK_BYTES // row_bytes // 64 * 64)
+def _rows_per_block(rows: int, row_bytes: int) -> int:
+    """About _BLOCK_BYTES of hidden activation a block, the rows split evenly (no small last block)."""
+    blocks = -(-rows // max(64, _BLOCK_BYTES // row_bytes))
+    return -(-rows // blocks)
 
 
 def _linear_into(

@@ -49,8 +49,3 @@ def prepared_weight(weight: torch.Tensor, dtype: torch.dtype, scale: float | Non
 def cached_for(key: torch.Tensor) -> int:
     """How many derived tensors are kept for key."""
     return len(_cache.get(key) or ())
-
-
-def clear() -> None:
-    """Drop every derived tensor (they are made again on next use)."""
-    _cache.clear()
