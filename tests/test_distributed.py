@@ -11,9 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from trainkit import digits_tree, tiny_overrides
-
-from torchcvt.engine import load_config, train
+from trainkit import digits_tree, tiny_overrides, train_on_one_thread
 
 SRC = str(Path(__file__).resolve().parents[1] / "src")
 
@@ -58,12 +56,7 @@ def _torchrun(nproc: int, overrides: list[str], check: bool = True) -> subproces
 
 def test_two_gloo_processes_match_one_process(tmp_path: Path) -> None:
     data = digits_tree(tmp_path / "data")
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # as each torchrun worker (OMP_NUM_THREADS=1)
-    try:
-        train(load_config(None, _overrides(data, tmp_path / "one", batch=8)))
-    finally:
-        torch.set_num_threads(threads)
+    train_on_one_thread(_overrides(data, tmp_path / "one", batch=8))  # as each torchrun worker
     _torchrun(2, _overrides(data, tmp_path / "two", batch=4))
     one = torch.load(tmp_path / "one" / "last.pth", weights_only=True)
     two = torch.load(tmp_path / "two" / "last.pth", weights_only=True)

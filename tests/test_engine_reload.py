@@ -7,12 +7,11 @@ from pathlib import Path
 
 import pytest
 import torch
-from trainkit import digits_tree, tiny_overrides
+from trainkit import digits_tree, tiny_overrides, train_on_one_thread
 
 from torchcvt import Predictor
 from torchcvt.checkpoints import model_from_checkpoint, save_official
 from torchcvt.cli import main
-from torchcvt.engine import load_config, train
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -24,9 +23,8 @@ OVERRIDES = {"embed_dim": [16, 24, 32], "num_heads": [1, 1, 2], "depth": [1, 2, 
 def run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path, dict]:
     root = tmp_path_factory.mktemp("reload")
     data = digits_tree(root / "data")
-    torch.set_num_threads(1)
-    summary = train(load_config(None, tiny_overrides(data, root / "run", **{"model.overrides": OVERRIDES,
-                                                                              "train.epochs": 1})))
+    summary = train_on_one_thread(tiny_overrides(data, root / "run", **{"model.overrides": OVERRIDES,
+                                                                         "train.epochs": 1}))
     return data, root / "run" / "best.pth", summary
 
 

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from trainkit import digits_tree, tiny_overrides
+from trainkit import digits_tree, tiny_overrides, train_on_one_thread
 
 from torchcvt.engine import load_config, train
 
@@ -21,8 +21,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 def finished(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
     root = tmp_path_factory.mktemp("resume")
     data = digits_tree(root / "data")
-    torch.set_num_threads(1)
-    train(load_config(None, tiny_overrides(data, root / "run", **{"train.epochs": 2})))
+    train_on_one_thread(tiny_overrides(data, root / "run", **{"train.epochs": 2}))
     return data, root / "run"
 
 

@@ -7,8 +7,7 @@ import shutil
 from pathlib import Path
 
 import pytest
-import torch
-from trainkit import digits_tree, tiny_overrides
+from trainkit import digits_tree, tiny_overrides, train_on_one_thread
 
 from torchcvt.cli import main
 from torchcvt.engine import load_config, train
@@ -28,8 +27,7 @@ def _break(folder: Path, name: str) -> Path:
 def run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
     root = tmp_path_factory.mktemp("unreadable")
     data = digits_tree(root / "data")
-    torch.set_num_threads(1)
-    train(load_config(None, tiny_overrides(data, root / "run", **{"train.epochs": 1})))
+    train_on_one_thread(tiny_overrides(data, root / "run", **{"train.epochs": 1}))
     return data, root / "run" / "last.pth"
 
 

@@ -7,11 +7,9 @@ import shutil
 from pathlib import Path
 
 import pytest
-import torch
-from trainkit import digits_tree, tiny_overrides
+from trainkit import digits_tree, tiny_overrides, train_on_one_thread
 
 from torchcvt.cli import main
-from torchcvt.engine import load_config, train
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -20,8 +18,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 def trained(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path, dict]:
     root = tmp_path_factory.mktemp("eval")
     data = digits_tree(root / "data", classes=4)
-    torch.set_num_threads(1)
-    summary = train(load_config(None, tiny_overrides(data, root / "run", **{"train.epochs": 2})))
+    summary = train_on_one_thread(tiny_overrides(data, root / "run", **{"train.epochs": 2}))
     return data, root / "run" / "last.pth", summary
 
 

@@ -53,6 +53,19 @@ def tiny_overrides(data: Path, output: Path, **extra: object) -> list[str]:
     return [f"{key}={json.dumps(value)}" for key, value in values.items()]
 
 
+def train_on_one_thread(overrides: list[str]) -> dict:
+    """torchcvt.engine.train of these overrides on one intra-op thread, as the subprocess tests run;
+    the thread count is restored after."""
+    from torchcvt.engine import load_config, train
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        return train(load_config(None, overrides))
+    finally:
+        torch.set_num_threads(threads)
+
+
 def add_unreadable_image(folder: Path, name: str = "broken.png") -> Path:
     """A PNG cut short after its header: ImageFolder lists it, decoding it fails."""
     folder.mkdir(parents=True, exist_ok=True)
