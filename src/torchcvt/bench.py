@@ -395,7 +395,7 @@ def format_markdown(report: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _batch16(report: dict[str, Any], mode: str) -> CaseResult | None:
+def _largest_batch(report: dict[str, Any], mode: str) -> CaseResult | None:
     """The report's inference result in mode with the largest batch (16 in the full run)."""
     found = [r for r in report["results"] if r.case.mode == mode]
     return max(found, key=lambda r: (r.case.batch, -r.case.img_size), default=None)
@@ -414,7 +414,7 @@ def format_targets(report: dict[str, Any]) -> list[str]:
                      f"{'at least' if above else 'below'} {goal:{unit}})")
 
     for mode in ("fp32", "bf16"):
-        result = _batch16(report, mode)
+        result = _largest_batch(report, mode)
         share = ratio = None
         if result is not None:
             peak = report["peaks"][mode]
@@ -423,7 +423,7 @@ def format_targets(report: dict[str, Any]) -> list[str]:
         name = f"{mode} inference, batch {result.case.batch if result else 16}"
         line(f"{name}: share of the {mode} matmul peak", share, TARGET_PEAK[mode], ".0%")
         line(f"{name}: speed against transformers", ratio, TARGET_RATIO, ".2f")
-    bf16 = _batch16(report, "bf16")
+    bf16 = _largest_batch(report, "bf16")
     overhead = None if bf16 is None or bf16.op_shares is None else bf16.op_shares["other"]
     line("bf16 inference: time outside matmul, attention and convolution", overhead, TARGET_OVERHEAD, ".1%",
          above=False)
@@ -434,7 +434,7 @@ def format_profiles(report: dict[str, Any]) -> list[str]:
     """torchcvt's most expensive ops (self CPU time) for each inference mode at its largest batch."""
     lines = []
     for mode in ("fp32", "bf16"):
-        result = _batch16(report, mode)
+        result = _largest_batch(report, mode)
         if result is None or not result.top_ops:
             continue
         c = result.case

@@ -88,15 +88,14 @@ def fused_dtype(x: torch.Tensor) -> torch.dtype | None:
 def linear(
     x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, dtype: torch.dtype,
     activation: str = "none", residual: torch.Tensor | None = None,
-    weight_scale: float | None = None, bias_scale: float | None = None,
 ) -> torch.Tensor | None:
-    """act(x @ (weight * weight_scale).T + bias * bias_scale) or that plus residual, in one oneDNN call.
+    """act(x @ weight.T + bias) or that plus residual, in one oneDNN call, weights cast to dtype once.
 
     activation is "none", "gelu" (exact) or "swish" (y * sigmoid(y)). Returns None if the kernel fails;
     it is then switched off for dtype (with one warning) and the caller runs the plain path.
     """
-    weight = prepared_weight(weight, dtype, weight_scale)
-    bias = None if bias is None else prepared_weight(bias, dtype, bias_scale)
+    weight = prepared_weight(weight, dtype)
+    bias = None if bias is None else prepared_weight(bias, dtype)
     return _guarded(dtype, lambda: _call(x.to(dtype), weight, bias, activation, residual))
 
 
