@@ -182,3 +182,26 @@ def test_negative_workers_is_one_line(command, tmp_path, image, capsys):
     extra = ["-o", str(tmp_path / "e.npy")] if command == "embed" else []
     assert main([command, "--model", "cvt_digits", str(image), *extra, "--workers", "-1"]) == 2
     assert "--workers must be 0 or more, got -1" in _one_error(capsys, command)
+
+
+class _Writes:
+    """A stderr that records each write call, as an unbuffered stream (PYTHONUNBUFFERED, torchrun's
+    ranks) passes each one to the shared file on its own."""
+
+    def __init__(self) -> None:
+        self.calls: list[str] = []
+
+    def write(self, text: str) -> int:
+        self.calls.append(text)
+        return len(text)
+
+    def flush(self) -> None:
+        pass
+
+
+def test_error_line_is_one_write_so_ranks_sharing_stderr_never_interleave(monkeypatch):
+    stderr = _Writes()
+    monkeypatch.setattr("sys.stderr", stderr)
+    assert main(["info", "no_such_model"]) == 2
+    assert len(stderr.calls) == 1 and stderr.calls[0].startswith("torchcvt info: error: ")
+    assert stderr.calls[0].endswith("\n") and stderr.calls[0].count("\n") == 1

@@ -489,11 +489,18 @@ class _Console(logging.Handler):
     def emit(self, record: logging.LogRecord) -> None:
         # sys.stdout/sys.stderr looked up per record: they may be replaced (tests, tqdm) while running.
         if record.levelno >= logging.WARNING:
-            print(f"torchcvt {self.command}: warning: {record.getMessage()}", file=sys.stderr, flush=True)
+            _stderr_line(f"torchcvt {self.command}: warning: {record.getMessage()}")
         elif self.command in _RESULT_ON_STDOUT:
-            print(f"torchcvt {self.command}: {record.getMessage()}", file=sys.stderr, flush=True)
+            _stderr_line(f"torchcvt {self.command}: {record.getMessage()}")
         else:
             print(record.getMessage(), flush=True)
+
+
+def _stderr_line(text: str) -> None:
+    """text and its newline in one write: lines from several processes (torchrun's ranks) sharing a
+    stderr then never run into each other, as print's separate newline write let them."""
+    sys.stderr.write(text + "\n")
+    sys.stderr.flush()
 
 
 @contextmanager
@@ -537,10 +544,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             return int(args.run(args) or 0)
     except (CliError, ValueError, FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError,
             FileExistsError) as error:
-        print(f"torchcvt {args.command}: error: {error}", file=sys.stderr)
+        _stderr_line(f"torchcvt {args.command}: error: {error}")
         return 2
     except KeyboardInterrupt:
-        print(f"torchcvt {args.command}: interrupted", file=sys.stderr)
+        _stderr_line(f"torchcvt {args.command}: interrupted")
         return 130
     except BrokenPipeError:
         # The reader went away (`torchcvt info cvt_13 | head`): stop quietly, as Unix tools do.
@@ -549,6 +556,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     except Exception:
         # Not a user error: a bug. Show where it happened instead of hiding it behind one line.
         traceback.print_exc()
-        print(f"torchcvt {args.command}: internal error: this is a bug in torchcvt; please report it with "
-              "the traceback above", file=sys.stderr)
+        _stderr_line(f"torchcvt {args.command}: internal error: this is a bug in torchcvt; please report it "
+                     "with the traceback above")
         return 1
