@@ -1,0 +1,90 @@
+"""Arguments and helpers shared by the commands: model and weights options, KEY=VALUE items."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+
+from .errors import CliError
+
+
+def add_model_arguments(parser: argparse.ArgumentParser, checkpoint_required: bool = False) -> None:
+    parser.add_argument("--model", required=True, help="registered variant, e.g. cvt_13 (or cvt_13.ms_in1k)")
+    parser.add_argument("--checkpoint", required=checkpoint_required,
+                        help="official, transformers or torchcvt checkpoint (its class list is used)")
+    add_pretrained_argument(parser)
+    parser.add_argument("--num-classes", type=int, help="head size (default: the checkpoint's, else 1000)")
+    parser.add_argument("--set", dest="model_overrides", action="append", default=[], metavar="FIELD=VALUE",
+                        help="model config override, e.g. --set depth=[1,2,4] (repeatable)")
+    parser.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ...")
+
+
+def add_pretrained_argument(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--pretrained", action="store_true",
+                        help="the released weights of --model from the Hugging Face Hub (cache, HF_HOME and "
+                        "HF_HUB_OFFLINE apply), with the ImageNet class names")
+
+
+def resolve_weights(args: argparse.Namespace, required: bool = False) -> None:
+    """--pretrained becomes --checkpoint (the local weights file) and --model its architecture."""
+    from timm.models import split_model_name_tag
+
+    from ..factory import pretrained_weights
+
+    if args.pretrained:
+        if args.checkpoint:
+            raise CliError("--pretrained and --checkpoint exclude each other")
+        args.model, args.checkpoint = pretrained_weights(args.model)
+    elif required and not args.checkpoint:
+        raise CliError("give --checkpoint CKPT or --pretrained")
+    args.model = split_model_name_tag(args.model)[0]
+
+
+def model_overrides(items: Sequence[str]) -> dict:
+    import yaml
+
+    overrides = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise CliError(f"--set expects FIELD=VALUE, got {item!r}")
+        overrides[key.strip()] = yaml.safe_load(value)
+    return overrides
+
+
+def make_predictor(args: argparse.Namespace, batch_size: int = 32):
+    from ..checks import resolve_device
+    from ..predict import Predictor
+
+    resolve_device(args.device)
+    resolve_weights(args)
+    return Predictor.create(args.model, args.checkpoint, num_classes=args.num_classes, device=args.device,
+                            batch_size=batch_size, **model_overrides(args.model_overrides))
+
+
+def report_unreadable(command: str):
+    from tqdm import tqdm
+
+    def report(result) -> None:
+        tqdm.write(f"torchcvt {command}: {result.path}: {result.error}", file=sys.stderr)
+
+    return report
+
+
+def unreadable_summary(command: str, results: Sequence) -> int:
+    failed = sum(result.error is not None for result in results)
+    if failed:
+        print(f"torchcvt {command}: {failed} of {len(results)} file(s) could not be read or classified",
+              file=sys.stderr)
+    return 1 if failed else 0
+
+
+def image_size(text: str) -> int | tuple[int, int]:
+    try:
+        sides = [int(side) for side in text.lower().split("x")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected N or HxW, got {text!r}") from None
+    if len(sides) > 2 or min(sides) < 1:
+        raise argparse.ArgumentTypeError(f"expected N or HxW with positive sides, got {text!r}")
+    return sides[0] if len(sides) == 1 else (sides[0], sides[1])

@@ -1,0 +1,124 @@
+"""`torchcvt train` and `torchcvt eval`."""
+
+from __future__ import annotations
+
+import argparse
+
+from .common import add_pretrained_argument, model_overrides, resolve_weights
+from .errors import CliError
+
+
+def add_train_command(sub: argparse._SubParsersAction) -> None:
+    parser = sub.add_parser(
+        "train",
+        help="train or fine-tune a CvT (the paper's recipe); with no data, on the embedded digits",
+        description="Train from a YAML experiment (configs/*.yaml) with dotted KEY=VALUE overrides. "
+        "With neither --config nor --data it trains cvt_digits on scikit-learn's digits. "
+        "Runs on N processes under `torchrun --nproc-per-node N -m torchcvt train ...`.",
+    )
+    parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
+                        help="config overrides, e.g. train.epochs=10 optim.lr=1e-3 model.freeze_stages=1")
+    parser.add_argument("--config", action="append", help="YAML experiment file (one; override its keys "
+                        "with KEY=VALUE)")
+    parser.add_argument("--output", help="run folder for checkpoints, metrics and curves (train.output)")
+    parser.add_argument("--data", help="ImageFolder root holding train/ and val/ (data.train, data.val)")
+    parser.add_argument("--resume", help="checkpoint or run folder to resume from (default: OUTPUT/last.pth "
+                        "if present)")
+    parser.add_argument("--no-resume", action="store_true", help="start afresh: a previous run in OUTPUT is "
+                        "moved to OUTPUT/previous-N")
+    parser.add_argument("--strict", action="store_true", help="stop at the first unreadable image")
+    parser.add_argument("--quiet", action="store_true", help="plain log lines instead of progress bars")
+    parser.add_argument("--dry-run", action="store_true",
+                        help="read no images, train nothing: print the resolved config, then one JSON line "
+                        "with the batch, LR per epoch, precision and transforms")
+    parser.add_argument("--world-size", type=int,
+                        help="with --dry-run: the number of processes to plan for (default 1)")
+    parser.set_defaults(run=_run_train)
+
+
+def _run_train(args: argparse.Namespace) -> int:
+    import os
+    from pathlib import Path
+
+    from ..engine import TrainingDiverged, dry_run, load_config, train
+
+    if args.world_size is not None and not args.dry_run:
+        raise CliError("--world-size only applies to --dry-run (torchrun sets the real one)")
+
+    values = {"train.output": args.output, "train.resume": args.resume}
+    if args.data:
+        root = Path(args.data)
+        values.update({"data.train": str(root / "train"), "data.val": str(root / "val")})
+    values = {key: value for key, value in values.items() if value is not None}
+    if args.config and len(args.config) > 1:
+        raise CliError(f"--config given {len(args.config)} times ({', '.join(args.config)}); give one "
+                       "experiment file and change its keys with KEY=VALUE overrides")
+    values.update({"train.auto_resume": False} if args.no_resume else {})
+    values.update({"data.strict": True} if args.strict else {})
+    values.update({"train.quiet": True} if args.quiet else {})
+    config = args.config[0] if args.config else None
+    if args.dry_run:
+        import json
+
+        import yaml
+
+        cfg = load_config(config, args.overrides, values)
+        plan = dry_run(cfg, 1 if args.world_size is None else args.world_size)
+        print(yaml.safe_dump(cfg, sort_keys=False).rstrip())
+        print(json.dumps(plan))
+        return 0
+    try:
+        summary = train(load_config(config, args.overrides, values))
+    except TrainingDiverged as error:
+        raise CliError(str(error)) from None
+    if os.environ.get("RANK", "0") == "0":
+        print(f"best val top-1 {100 * summary['best_val_top1']:.2f}% "
+              f"(top-5 {100 * summary['best_val_top5']:.2f}%), "
+              f"final {100 * summary['final_val_top1']:.2f}%, {summary['epochs']} epochs in "
+              f"{summary['wall_seconds']:.1f} s ({summary['images_per_second']:.0f} img/s)")
+        print(f"checkpoint: {summary['checkpoint']}\ncurves:     {summary['curves']}\n"
+              f"report:     {summary['summary']}\nmetrics:    {summary['metrics']}")
+    return 0
+
+
+def add_eval_command(sub: argparse._SubParsersAction) -> None:
+    parser = sub.add_parser("eval", help="top-1, top-5 and loss of a checkpoint on an ImageFolder tree",
+                            description="Evaluate with the checkpoint's class list; writes a JSON "
+                            "report and, for up to 100 classes, a confusion-matrix PNG.")
+    parser.add_argument("--model", required=True, help="registered variant, e.g. cvt_13 (or cvt_13.ms_in1k)")
+    parser.add_argument("--checkpoint", help="official, transformers or torchcvt checkpoint")
+    add_pretrained_argument(parser)
+    parser.add_argument("--data", required=True, help="ImageFolder tree: DIR/<class>/<image>")
+    parser.add_argument("--output", help="folder for the report (default: the checkpoint's folder; with "
+                        "--pretrained the current one)")
+    parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument("--real-labels", help="ImageNet-ReaL real.json, for ReaL top-1/top-5 on ImageNet val")
+    parser.add_argument("--device", default="auto", help="auto, cpu or cuda")
+    parser.add_argument("--strict", action="store_true", help="stop at the first unreadable image")
+    parser.add_argument("--set", dest="model_overrides", action="append", default=[], metavar="FIELD=VALUE",
+                        help="model config field the checkpoint does not record, e.g. --set depth=[1,2,4]")
+    parser.set_defaults(run=_run_eval)
+
+
+def _run_eval(args: argparse.Namespace) -> int:
+    from ..engine import evaluate_checkpoint
+
+    if args.pretrained and args.output is None:
+        args.output = "."  # not next to the weights, inside the Hugging Face cache
+    resolve_weights(args, required=True)
+    report = evaluate_checkpoint(
+        args.model, args.checkpoint, args.data, output=args.output, batch_size=args.batch_size,
+        workers=args.workers, real_labels=args.real_labels, device=args.device, strict=args.strict,
+        overrides=model_overrides(args.model_overrides),
+    )
+    print(f"top-1 {100 * report['top1']:.2f}%  top-5 {100 * report['top5']:.2f}%  loss {report['loss']:.4f}  "
+          f"({report['images']} images, {report['classes']} classes)")
+    if "real_top1" in report:
+        print(f"ReaL top-1 {100 * report['real_top1']:.2f}%  ReaL top-5 {100 * report['real_top5']:.2f}%")
+    if report["unreadable"]:
+        print(f"{report['unreadable']} unreadable image(s) not scored (listed in the report)")
+    print(f"report: {report['report_json']}")
+    if "confusion_png" in report:
+        print(f"confusion matrix: {report['confusion_png']}")
+    return 0
