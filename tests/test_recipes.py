@@ -242,8 +242,8 @@ def test_torchcvt_configs_say_they_are_not_official_and_finetunes_keep_1000_clas
 
 def test_torchvision_pipeline_is_the_plain_official_one() -> None:
     aug = TrainConfig().override(
-        {"aug.pipeline": "torchvision", "aug.auto_augment": None, "aug.re_prob": 0.0, "aug.color_jitter": None,
-         "aug.interpolation": "bilinear"}
+        {"aug.pipeline": "torchvision", "aug.auto_augment": None, "aug.re_prob": 0.0,
+         "aug.color_jitter": None, "aug.interpolation": "bilinear"}
     ).aug
     data_config = {"input_size": (3, 32, 32), "mean": (0.5, 0.5, 0.5), "std": (0.25, 0.25, 0.25)}
     transform = train_transform(aug, data_config)
