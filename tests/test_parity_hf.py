@@ -8,7 +8,7 @@ from transformers import CvtConfig as HfCvtConfig
 from transformers import CvtForImageClassification
 
 import torchcvt
-from torchcvt.checkpoints import save_checkpoint, save_hf
+from torchcvt.weights import save_checkpoint, save_hf
 from torchcvt.cli import main
 
 # transformers' CvtStage cannot build a stage i with depth <= i, hence 1/2/3 blocks.
