@@ -8,9 +8,9 @@ import pytest
 from PIL import Image
 
 import torchcvt
-from torchcvt.weights import save_checkpoint
 from torchcvt.cli import main
 from torchcvt.data import check_real_labels
+from torchcvt.weights import save_checkpoint
 
 
 @pytest.fixture(scope="module")

@@ -10,9 +10,9 @@ import torch
 from trainkit import digits_tree, tiny_overrides, train_on_one_thread
 
 from torchcvt import Predictor
+from torchcvt.cli import main
 from torchcvt.factory import model_from_checkpoint
 from torchcvt.weights import save_official
-from torchcvt.cli import main
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

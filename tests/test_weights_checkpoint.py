@@ -9,9 +9,9 @@ import pytest
 import torch
 
 import torchcvt
+from torchcvt.cli import main
 from torchcvt.factory import convert_checkpoint
 from torchcvt.weights import read_checkpoint, save_checkpoint, save_official
-from torchcvt.cli import main
 
 CLASS_NAMES = [f"class {i}" for i in range(7)]
 

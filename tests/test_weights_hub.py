@@ -16,8 +16,8 @@ from trainkit import perturb_weights
 from transformers import CvtConfig, CvtForImageClassification
 
 import torchcvt
-from torchcvt.weights import HF_BIN_NAME, WEIGHTS_NAME
 from torchcvt.factory import pretrained_weights
+from torchcvt.weights import HF_BIN_NAME, WEIGHTS_NAME
 
 # transformers' CvtStage needs depth[i] > i; the released cvt-13 is the same model, only larger.
 HF_TINY = {"embed_dim": [16, 32, 48], "num_heads": [1, 2, 3], "depth": [1, 2, 3]}

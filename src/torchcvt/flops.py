@@ -189,7 +189,8 @@ def format_model_info(info: dict[str, Any]) -> str:
         *table,
         "",
         f"  data config: input {'x'.join(map(str, data['input_size']))}, crop_pct {data['crop_pct']} "
-        f"({data['crop_mode']}), {data['interpolation']}, mean {tuple(data['mean'])}, std {tuple(data['std'])}",
+        f"({data['crop_mode']}), {data['interpolation']}, mean {tuple(data['mean'])}, "
+        f"std {tuple(data['std'])}",
         *(f"  weights: {w['name']}{' (default)' if w['default'] else ''}, {w['pretraining']}, "
           f"{w['top1']}% ImageNet-1k top-1 (paper), {w['hf_hub_id']}, licence {w['license']}"
           for w in info.get("weights", [])),

@@ -164,7 +164,8 @@ class Predictor:
         (errors filled in) with the outputs of its readable files."""
         if workers < 0:
             raise ValueError(f"workers must be 0 or more, got {workers}")
-        loader = DataLoader(ImageFiles(paths, self.transform), batch_size=self.batch_size, num_workers=workers,
+        loader = DataLoader(ImageFiles(paths, self.transform), batch_size=self.batch_size,
+                            num_workers=workers,
                             collate_fn=list, pin_memory=self.device.type == "cuda")
         with Progress(len(paths), progress) as bar:
             for batch in loader:
@@ -236,7 +237,8 @@ class Predictor:
         return features, results
 
 
-def predictor(name: str | None, checkpoint: str | Path | Checkpoint | None = None, **kwargs: Any) -> Predictor:
+def predictor(name: str | None, checkpoint: str | Path | Checkpoint | None = None, **kwargs: Any
+              ) -> Predictor:
     """A Predictor for variant `name` with weights from `checkpoint`; see Predictor.create."""
     return Predictor.create(name, checkpoint, **kwargs)
 

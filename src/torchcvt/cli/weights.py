@@ -24,14 +24,15 @@ def add_convert_command(sub: argparse._SubParsersAction) -> None:
     parser.add_argument("--model", help="registered variant, e.g. cvt_13; required unless SRC is a torchcvt "
                         "checkpoint, which records its variant")
     parser.add_argument("--activation", choices=("quick_gelu", "gelu"),
-                        help="activation of the converted model (default: the one the source records; a transformers "
-                        "folder that records none gets quick_gelu, with a notice)")
+                        help="activation of the converted model (default: the one the source records; a "
+                        "transformers folder that records none gets quick_gelu, with a notice)")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing DST (never SRC)")
     parser.add_argument("--set", dest="model_overrides", action="append", default=[], metavar="FIELD=VALUE",
                         help="model config override for a source without a config, e.g. --set depth=[1,2,4]")
     parser.add_argument("--pretrained", action="store_true",
                         help="convert the released weights of --model (e.g. cvt_13.ms_in1k) from the Hugging "
-                        "Face Hub instead of SRC; as the QuickGELU weights they are unless --activation says otherwise")
+                        "Face Hub instead of SRC; as the QuickGELU weights they are unless --activation says "
+                        "otherwise")
     parser.set_defaults(run=_run_convert)
 
 

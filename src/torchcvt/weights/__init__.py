@@ -12,8 +12,9 @@ from .load import checkpoint_variant, head_size, load_checkpoint, load_into
 from .save import check_destination, export_checkpoint, save_checkpoint, save_hf, save_official
 
 __all__ = [
-    "CATALOGUE", "CONFIG_NAME", "FORMATS", "HF_BIN_NAME", "HF_KEY_MAP", "WEIGHTS", "WEIGHTS_NAME", "Checkpoint",
-    "PretrainedCfgDict", "Weights", "check_destination", "download_weights", "export_checkpoint", "head_size",
-    "hf_to_torchcvt", "list_pretrained", "load_checkpoint", "load_into", "checkpoint_variant", "read_checkpoint", "read_pretrained", "save_checkpoint",
-    "save_hf", "save_official", "torchcvt_to_hf",
+    "CATALOGUE", "CONFIG_NAME", "FORMATS", "HF_BIN_NAME", "HF_KEY_MAP", "WEIGHTS", "WEIGHTS_NAME",
+    "Checkpoint",
+    "PretrainedCfgDict", "Weights", "check_destination", "checkpoint_variant", "download_weights",
+    "export_checkpoint", "head_size", "hf_to_torchcvt", "list_pretrained", "load_checkpoint", "load_into",
+    "read_checkpoint", "read_pretrained", "save_checkpoint", "save_hf", "save_official", "torchcvt_to_hf",
 ]

@@ -80,7 +80,8 @@ def _apply_config_json(checkpoint: Checkpoint, config_path: Path) -> None:
         _apply_torchcvt_meta(checkpoint, meta)
     elif meta.get("model_type") == "cvt":
         checkpoint.format = "hf"
-        checkpoint.config, checkpoint.architecture, checkpoint.class_names = config_from_hf(meta, str(config_path))
+        config, architecture, names = config_from_hf(meta, str(config_path))
+        checkpoint.config, checkpoint.architecture, checkpoint.class_names = config, architecture, names
     else:
         raise ValueError(
             f"{config_path} is neither a transformers CvT config (model_type 'cvt') nor a torchcvt config "

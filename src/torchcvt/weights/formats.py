@@ -111,7 +111,8 @@ def detect_layout(state_dict: StateDict) -> str | None:
     return next((name for name, (match, _) in READ_FILTERS.items() if any(map(match, state_dict))), None)
 
 
-def config_from_hf(meta: dict[str, Any], where: str) -> tuple[dict[str, Any], str | None, tuple[str, ...] | None]:
+def config_from_hf(meta: dict[str, Any], where: str
+                   ) -> tuple[dict[str, Any], str | None, tuple[str, ...] | None]:
     """What a transformers config.json says: CvtConfig fields (validated), the variant and the class names.
 
     Fields come from transformers' own keys, overlaid by the full config torchcvt records under
@@ -178,7 +179,8 @@ def _warn_about_transformers(config: CvtConfig) -> None:
     if config.layer_norm_eps != HF_LAYER_NORM_EPS:
         warnings.warn(
             f"the model uses layer_norm_eps={config.layer_norm_eps} but transformers' CvT always uses "
-            f"{HF_LAYER_NORM_EPS}: transformers' outputs will differ (torchcvt reloads it exactly)", stacklevel=4,
+            f"{HF_LAYER_NORM_EPS}: transformers' outputs will differ (torchcvt reloads it exactly)",
+            stacklevel=4,
         )
     short = [i for i, depth in enumerate(config.depth) if depth <= i]
     if short:

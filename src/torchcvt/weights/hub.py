@@ -1,4 +1,5 @@
-"""The download layer: released weights through huggingface_hub (its cache, HF_HOME, HF_HUB_OFFLINE, revisions)."""
+"""The download layer: released weights through huggingface_hub (its cache, HF_HOME, HF_HUB_OFFLINE and
+revisions apply as usual)."""
 
 from __future__ import annotations
 

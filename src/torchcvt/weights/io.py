@@ -129,7 +129,8 @@ def write_atomic(path: Path, write: Callable[[Path], None]) -> Path:
 def save_safetensors(state_dict: StateDict, path: Path, metadata: dict[str, str] | None = None) -> Path:
     """Write tensors (and string metadata) as one safetensors file, atomically."""
     tensors = contiguous(state_dict)
-    return write_atomic(path, lambda target: save_file(tensors, target, metadata={"format": "pt", **(metadata or {})}))
+    metadata = {"format": "pt", **(metadata or {})}
+    return write_atomic(path, lambda target: save_file(tensors, target, metadata=metadata))
 
 
 def save_torch(obj: Any, path: Path) -> Path:

@@ -56,7 +56,7 @@ def fit_config(checkpoint: Checkpoint, name: str, requested: dict[str, Any]) -> 
     """
     saved = recorded_fields(checkpoint)
     base = variant_config(name).to_dict()
-    unset = tuple(field for field in ARCHITECTURE_FIELDS if field not in requested and field not in _ADAPTABLE)
+    unset = tuple(f for f in ARCHITECTURE_FIELDS if f not in requested and f not in _ADAPTABLE)
     differences = architecture_differences(saved, base, unset)
     if differences and checkpoint.architecture != name:
         held = [checkpoint.architecture] if checkpoint.architecture else holding_variants(saved)
@@ -120,7 +120,8 @@ def _fit_state_dict(model: CvT, checkpoint: Checkpoint) -> StateDict:
     key = f"{FIRST_CONV}.weight"
     if key in state_dict and key in own and state_dict[key].shape[1] != own[key].shape[1]:
         state_dict[key] = adapt_input_conv(own[key].shape[1], state_dict[key])
-    for name, value in own.items():  # BatchNorm's batch counters do not change outputs; some exports drop them
+    # BatchNorm's batch counters do not change outputs; some exports drop them.
+    for name, value in own.items():
         if name.endswith("num_batches_tracked"):
             state_dict.setdefault(name, value)
     missing = [k for k in own if k not in state_dict]

@@ -21,7 +21,9 @@ OFFICIAL_DEFAULTS = CvtConfig().to_dict()
 
 def model_class_names(model: CvT, class_names: ClassNames = None) -> list[str] | None:
     """The class names given, else those the model carries; ValueError if they do not fit its head."""
-    names = class_names if class_names is not None else getattr(model, "pretrained_cfg", {}).get("label_names")
+    names = class_names
+    if names is None:
+        names = getattr(model, "pretrained_cfg", {}).get("label_names")
     if names is None:
         return None
     if len(names) != model.num_classes:
@@ -44,8 +46,8 @@ def save_official(model: CvT, path: str | Path) -> Path:
                                                    "token_embedding"))]
     if unrecorded:
         warnings.warn(
-            f"the official .pth layout records no config: reload {Path(path).name} with {', '.join(unrecorded)} "
-            "(or write torchcvt's format, which records every field)", stacklevel=2,
+            f"the official .pth layout records no config: reload {Path(path).name} with "
+            f"{', '.join(unrecorded)} (or write torchcvt's format, which records every field)", stacklevel=2,
         )
     return save_torch({key: value.detach().cpu().contiguous() for key, value in model.state_dict().items()},
                       Path(path))
