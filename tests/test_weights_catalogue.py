@@ -32,8 +32,8 @@ def test_doc_tables_are_the_catalogues(relative):
     name, render = DOC_TABLES[relative]
     table = generated_table((ROOT / relative).read_text(encoding="utf-8"), name)
     assert table is not None, f"{relative} lost its <!-- {name} --> markers"
-    assert table == render(), (f"{relative} disagrees with the weight catalogue: run "
-                               "`python -c 'from torchcvt.weights.catalogue import update_docs; update_docs(\".\")'`")
+    fix = "python -c 'from torchcvt.weights.catalogue import update_docs; update_docs(\".\")'"
+    assert table == render(), f"{relative} disagrees with the weight catalogue: run `{fix}`"
 
 
 def test_every_parameter_figure_in_the_docs_is_a_catalogue_figure():
@@ -56,7 +56,8 @@ def test_builder_docstrings_quote_each_tags_own_top1(name):
     builder = getattr(factory, name)
     assert builder.__doc__ == builder_docstring(name)
     for weights in weights_of(name):
-        assert f"{weights.name} (" in builder.__doc__ and f"{weights.top1}% ImageNet-1k top-1" in builder.__doc__
+        assert f"{weights.name} (" in builder.__doc__
+        assert f"{weights.top1}% ImageNet-1k top-1" in builder.__doc__
     figures = re.findall(r"(\d+\.\d)M parameters", builder.__doc__)
     assert figures == ([str(weights_of(name)[0].params_m)] if weights_of(name) else [])
 
@@ -64,13 +65,15 @@ def test_builder_docstrings_quote_each_tags_own_top1(name):
 def test_untagged_384_names_quote_the_22k_weights_they_load():
     doc = factory.cvt_13_384.__doc__
     assert "cvt_13_384.ms_in22k_ft_in1k (default; ImageNet-22k pre-training, 83.3%" in doc
-    assert timm.models.get_pretrained_cfg("cvt_13_384").notes == ("ImageNet-1k top-1 83.3% (CvT paper, Table 2)",)
+    notes = timm.models.get_pretrained_cfg("cvt_13_384").notes
+    assert notes == ("ImageNet-1k top-1 83.3% (CvT paper, Table 2)",)
 
 
 def test_timm_cfgs_carry_the_catalogue():
     for weights in CATALOGUE:
         cfg = timm.models.get_pretrained_cfg(weights.name)
-        assert (cfg.hf_hub_id, cfg.license) == (weights.hf_hub_id, HUB_LICENSE) == (weights.hf_hub_id, "apache-2.0")
+        assert (cfg.hf_hub_id, cfg.license) == (weights.hf_hub_id, HUB_LICENSE)
+        assert cfg.license == "apache-2.0"
         assert cfg.input_size == weights.data_config()["input_size"]
         assert cfg.crop_mode == ("squash" if weights.resolution == 384 else "center")
         assert f"{weights.top1}%" in cfg.notes[0]
