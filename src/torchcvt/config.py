@@ -5,9 +5,11 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
+
+from .typed import from_mapping
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -197,13 +199,9 @@ class CvtConfig:
         return json.dumps(self.to_dict(), indent=2)
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> CvtConfig:
-        """Build from a dict, rejecting unknown keys with the list of known ones."""
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(data) - known)
-        if unknown:
-            raise ValueError(f"unknown config field(s) {unknown}; known fields: {sorted(known)}")
-        return cls(**data)
+    def from_dict(cls, data: Mapping[str, Any]) -> CvtConfig:
+        """Build from a dict; an unknown key is an error naming the closest field."""
+        return from_mapping(cls, data, noun="config field")
 
     def replace(self, **overrides: Any) -> CvtConfig:
         """A copy with some fields changed; unknown names are an error."""

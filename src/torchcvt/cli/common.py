@@ -43,14 +43,14 @@ def resolve_weights(args: argparse.Namespace, required: bool = False) -> None:
 
 
 def model_overrides(items: Sequence[str]) -> dict:
-    import yaml
+    """--set FIELD=VALUE items as CvtConfig overrides, read by the parser that reads training overrides."""
+    from ..config import CvtConfig
+    from ..typed import parse_assignment, set_path
 
-    overrides = {}
+    overrides: dict = {}
     for item in items:
-        key, sep, value = item.partition("=")
-        if not sep or not key:
-            raise CliError(f"--set expects FIELD=VALUE, got {item!r}")
-        overrides[key.strip()] = yaml.safe_load(value)
+        key, value = parse_assignment(item, "--set", example="depth=[1,2,4]", key_name="FIELD")
+        set_path(CvtConfig, overrides, key, value, origin="--set", noun="config field")
     return overrides
 
 
