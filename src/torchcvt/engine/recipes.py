@@ -128,7 +128,7 @@ def choose_recipe(train_dir: str | Path, weights: str | None, architecture: str 
     shape = DataShape.measure(train_dir)
     band = size_band(shape.images)
     batch = _batch(band, shape.images)
-    counted = f"{shape.images} images of {shape.classes} classes ({band.name}), median side {shape.side} px"
+    counted = f"{shape.images:,} images of {shape.classes} classes ({band.name}), median side {shape.side} px"
     if weights is not None:
         values = copy.deepcopy(FINETUNE_RECIPE)
         if architecture is not None:
