@@ -27,15 +27,16 @@ def add_pretrained_argument(parser: argparse.ArgumentParser) -> None:
 
 
 def resolve_weights(args: argparse.Namespace, required: bool = False) -> None:
-    """--pretrained becomes --checkpoint (the local weights file) and --model its architecture."""
+    """--pretrained becomes --checkpoint (the released weights, read, with what the catalogue knows of
+    them) and --model its architecture."""
     from timm.models import split_model_name_tag
 
-    from ..factory import pretrained_weights
+    from ..factory import pretrained_checkpoint
 
     if args.pretrained:
         if args.checkpoint:
             raise CliError("--pretrained and --checkpoint exclude each other")
-        args.model, args.checkpoint = pretrained_weights(args.model)
+        args.model, args.checkpoint = pretrained_checkpoint(args.model)
     elif required and not args.checkpoint:
         raise CliError("give --checkpoint CKPT or --pretrained")
     args.model = split_model_name_tag(args.model)[0]
