@@ -347,10 +347,10 @@ def offline_home(tmp_path, monkeypatch) -> Path:
 def test_train_pretrained_tag_fine_tunes_from_the_hub_cache(
     tmp_path, offline_home, capsys, one_thread
 ) -> None:
-    from test_hub import HF_TINY, build_cache
+    from test_weights_hub import HF_TINY, build_cache
     from transformers import CvtConfig, CvtForImageClassification
 
-    from torchcvt.checkpoints import WEIGHTS_NAME
+    from torchcvt.weights import WEIGHTS_NAME
 
     build_cache(offline_home, CvtForImageClassification(CvtConfig(**HF_TINY, num_labels=1000)), WEIGHTS_NAME)
     data = digits_tree(tmp_path / "data")

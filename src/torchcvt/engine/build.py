@@ -28,9 +28,10 @@ from ..data import (
 )
 from ..factory import create_model
 from ..model import CvT
+from ..weights import Checkpoint
 from .optim import build_loss, build_optimizer, build_scheduler, freeze_stages, learning_rate
 from .runtime import Runtime, seed_everything
-from .starting import read_weights, weights_file
+from .starting import read_weights, released_weights
 from .state import (
     check_resumable,
     check_training_state,
@@ -137,26 +138,25 @@ def resume_path(cfg: TrainConfig, output: Path) -> Path | None:
     return last if t.auto_resume and last.is_file() else None
 
 
-def starting_weights(cfg: TrainConfig) -> str | Path | None:
-    """The file a run starts from: model.pretrained's released weights (Hub cache), or model.checkpoint."""
+def starting_weights(cfg: TrainConfig) -> Checkpoint | None:
+    """The weights a run starts from, read: model.pretrained's (Hub cache) or model.checkpoint's."""
     m = cfg.model
-    return weights_file(m.pretrained) if m.pretrained is not None else m.checkpoint
+    if m.pretrained is not None:
+        return released_weights(m.pretrained)
+    return read_weights(m.checkpoint) if m.checkpoint is not None else None
 
 
 def build_model(cfg: TrainConfig, class_names: list[str], resuming: bool, runtime: Runtime) -> CvT:
     """The configured variant with its overrides; unless resuming, the starting weights with a head for the
     data's classes (see model.head)."""
     m = cfg.model
-    source = None if resuming else starting_weights(cfg)
-    if source is None:
+    checkpoint = None if resuming else starting_weights(cfg)
+    if checkpoint is None:
         model = create_model(m.name, num_classes=len(class_names), **m.overrides)
     else:
         # Loaded as saved (its own head), so that the head is replaced by the rule below and nowhere else.
-        checkpoint = read_weights(source)
-        model = create_model(
-            m.name, num_classes=checkpoint.num_classes or len(class_names), checkpoint=checkpoint,
-            **m.overrides,
-        )
+        source = m.pretrained or checkpoint.path
+        model = create_model(m.name, checkpoint=checkpoint, **m.overrides)
         fresh = _needs_new_head(m.head, checkpoint.num_classes, checkpoint.class_names, class_names, source)
         if fresh:
             model.reset_classifier(len(class_names))
@@ -166,7 +166,7 @@ def build_model(cfg: TrainConfig, class_names: list[str], resuming: bool, runtim
         if runtime.is_main:
             head = "a new head" if fresh else "its own head"
             logger.info(
-                f"fine-tuning {m.pretrained or source} with {head} for the data's {len(class_names)} classes"
+                f"fine-tuning {source} with {head} for the data's {len(class_names)} classes"
             )
     freeze_stages(model, m.freeze_stages)
     model.to(runtime.device)

@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
-    from ..checkpoints import Checkpoint
+    from ..weights import Checkpoint
 
 
 def released_tags() -> list[str]:
@@ -28,11 +28,12 @@ def tag_architecture(tag: str, key: str = "model.pretrained") -> str:
     return tag.split(".", 1)[0]
 
 
-def weights_file(tag: str) -> Path:
-    """The local file of a tag's released weights (fetched into the Hugging Face cache when missing)."""
-    from ..factory import pretrained_weights
+def released_weights(tag: str) -> Checkpoint:
+    """A tag's released weights, read from the Hugging Face cache (fetched there when missing), with the
+    class names and activation the weight catalogue records."""
+    from ..factory import pretrained_checkpoint
 
-    return pretrained_weights(tag)[1]
+    return pretrained_checkpoint(tag)[1]
 
 
 def checkpoint_architecture(path: str | Path) -> str | None:
@@ -42,6 +43,6 @@ def checkpoint_architecture(path: str | Path) -> str | None:
 
 def read_weights(path: str | Path) -> Checkpoint:
     """A weights file read once: its tensors, head size, class names and recorded architecture."""
-    from ..checkpoints import read_checkpoint
+    from ..weights import read_checkpoint
 
     return read_checkpoint(path)
