@@ -228,11 +228,12 @@ def test_torchcvt_configs_say_they_are_not_official_and_finetunes_keep_1000_clas
     for path in sorted(CONFIGS.glob("*-torchcvt.yaml")):
         head = path.read_text().split("\nmodel:")[0]
         assert "torchcvt's own" in head and "microsoft/CvT" in head, path
-        cfg = load_config(path)
+        cfg = load_config(path, ["model.checkpoint=w.pth"] if "finetune" in path.name else [])
         assert cfg.train.val_amp == "none", path
     for name in ("cvt-13-384-finetune-torchcvt", "cvt-w24-384-finetune-torchcvt"):
         text = (CONFIGS / f"{name}.yaml").read_text()
         assert "1,000-class head" in text and "21,841" not in text
+        assert load_config(CONFIGS / f"{name}.yaml", ["model.checkpoint=w.pth"]).model.head == "keep"
     for name in OFFICIAL:
         head = (CONFIGS / f"{name}.yaml").read_text().split("\nmodel:")[0]
         assert (
