@@ -202,7 +202,7 @@ class Trainer:
             f"training {self.cfg.model.name} on {len(parts.train_set)} images of "
             f"{len(self.class_names)} classes ({parts.train_dir}), {self.runtime.world_size} process(es) on "
             f"{self.runtime.device}, global batch {self.global_batch}, lr {self.lr:.3g}, "
-            f"{self.epochs} epochs; output {self.output}"
+            f"{self._length()}; output {self.output}"
         )
         every = t.checkpoint_every_steps
         interval = self.cfg.sched.interval
@@ -216,6 +216,8 @@ class Trainer:
                 progress.start(epoch, self.epochs, self.steps_per_epoch, start)
                 window_loss, window_steps, tick = self._zero(), 0, time.perf_counter()
                 for step, (images, targets, bad) in enumerate(parts.train_loader, start=start + 1):
+                    if parts.max_steps is not None and self.global_step >= parts.max_steps:
+                        break  # a run counted in steps ends mid-epoch
                     error = None
                     try:
                         self._report_bad(bad)
@@ -229,7 +231,11 @@ class Trainer:
                     update_lr(self.scheduler, interval, epoch, self.global_step)
                     window_loss, window_steps = window_loss + loss, window_steps + 1
                     self.train_images += self.global_batch
-                    log = self.global_step % progress.every == 0 or step == self.steps_per_epoch
+                    log = (
+                        self.global_step % progress.every == 0
+                        or step == self.steps_per_epoch
+                        or self.global_step == parts.max_steps
+                    )
                     saving = bool(every) and self.global_step % every == 0
                     mean_loss = None
                     if log or saving:
@@ -271,8 +277,14 @@ class Trainer:
                 self.metrics.close()
         return self.finish(last_val)
 
+    def _length(self) -> str:
+        steps = self.parts.max_steps
+        return f"{steps} steps ({self.epochs} epochs)" if steps is not None else f"{self.epochs} epochs"
+
     def _finished(self) -> dict[str, Any]:
         """A run resumed after its last epoch: its summary, unchanged (written now if a kill prevented it)."""
+        # Resumed with fewer epochs than it trained: the summary counts the epochs its metrics hold.
+        self.epochs = max(self.epochs, self.start_epoch)
         self._log(f"the run in {self.output} is already finished ({self.epochs} epochs); nothing to do")
         summary = self.output / "summary.json"
         if summary.is_file():
