@@ -15,7 +15,7 @@ _COMMAND = bool(sys.argv) and (sys.argv[0] == "-m" or os.path.basename(sys.argv[
 
 try:
     with hold_interrupt() if _COMMAND else nullcontext():
-        from .attention import attention_map
+        from .attention_maps import attention_map
         from .checkpoints import convert_checkpoint, load_checkpoint, save_checkpoint
         from .config import VARIANTS, CvtConfig, get_variant, variant_config
         from .export import export_model

@@ -9,7 +9,7 @@ from pathlib import Path
 import torch
 from torch.export import Dim, ExportedProgram
 
-from .flops import stage_costs
+from .geometry import stage_grids
 from .model import CvT
 
 FORMATS = ("onnx", "torchscript", "exported")
@@ -37,10 +37,10 @@ SizeRange = tuple[int, int | None]
 def _unit_grids(model: CvT, height: int, width: int) -> tuple[tuple[bool, ...], tuple[bool, ...]] | None:
     """Which token and key/value grids are one token high, and which one wide; None if a stage has none."""
     try:
-        costs = stage_costs(model.config, (height, width))
+        stages = stage_grids(model.config, height, width)
     except ValueError:
         return None
-    grids = [grid for cost in costs for grid in (cost.grid, cost.q_grid, cost.kv_grid)]
+    grids = [grid for stage in stages for grid in (stage.tokens, stage.queries, stage.keys)]
     return tuple(g[0] == 1 for g in grids), tuple(g[1] == 1 for g in grids)
 
 

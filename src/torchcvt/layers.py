@@ -20,6 +20,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from . import fused
+from .geometry import projection_methods
 from .weightcache import derived, prepared_weight
 
 QUICK_GELU_ALPHA = 1.702
@@ -40,10 +41,12 @@ def linear(layer: nn.Linear, x: torch.Tensor, residual: torch.Tensor | None = No
     """`residual + layer(x)` (or layer(x)), fused for CPU inference when layer is a plain nn.Linear."""
     # A subclass or a replacement (quantize_dynamic's Linear) may compute something else: call it.
     dtype = fused.fused_dtype(x) if type(layer) is nn.Linear else None
-    if dtype is not None and (residual is None or residual.dtype == dtype):
-        out = fused.linear(x, layer.weight, layer.bias, dtype, residual=residual)
+    if dtype is not None:
+        # A float32 residual stream under bf16 autocast (a class-token stage) is added outside the kernel.
+        same = residual is None or residual.dtype == dtype
+        out = fused.linear(x, layer.weight, layer.bias, dtype, residual=residual if same else None)
         if out is not None:
-            return out
+            return out if same else residual + out
     out = layer(x)
     if residual is None:
         return out
@@ -192,15 +195,14 @@ class Attention(nn.Module):
         # The official code scales by the whole stage width, not the head width; the pretrained
         # weights were trained with it, so changing it would change every output.
         self.scale = dim**-0.5
-        # Pooling has nothing to learn for the query, so the official 'avg' keeps q linear.
-        q_method = "linear" if method == "avg" else method
+        q_method, kv_method = projection_methods(method)
 
         def projection(method: str, padding: int, stride: int) -> ConvProjection | None:
             return None if method == "linear" else ConvProjection(dim, method, kernel_size, padding, stride)
 
         self.conv_proj_q = projection(q_method, padding_q, stride_q)
-        self.conv_proj_k = projection(method, padding_kv, stride_kv)
-        self.conv_proj_v = projection(method, padding_kv, stride_kv)
+        self.conv_proj_k = projection(kv_method, padding_kv, stride_kv)
+        self.conv_proj_v = projection(kv_method, padding_kv, stride_kv)
         self.proj_q = nn.Linear(dim, dim, bias=qkv_bias)
         self.proj_k = nn.Linear(dim, dim, bias=qkv_bias)
         self.proj_v = nn.Linear(dim, dim, bias=qkv_bias)
@@ -232,7 +234,7 @@ class Attention(nn.Module):
             inputs.append(out if cls is None else torch.cat((cls, out), dim=1))
         q, k, v = inputs
         q, k, v = (
-            linear(proj, t).view(batch, t.shape[1], self.num_heads, -1).transpose(1, 2)
+            linear(proj, t).view(batch, t.shape[1], self.num_heads, dim // self.num_heads).transpose(1, 2)
             for proj, t in ((self.proj_q, q), (self.proj_k, k), (self.proj_v, v))
         )
         if self.keep_attention:
@@ -242,7 +244,7 @@ class Attention(nn.Module):
         else:
             drop = self.attn_drop.p if self.training else 0.0
             out = F.scaled_dot_product_attention(q, k, v, dropout_p=drop, scale=self.scale)
-        out = out.transpose(1, 2).reshape(batch, -1, dim)
+        out = out.transpose(1, 2).reshape(batch, q.shape[2], dim)
         if self.training and self.proj_drop.p > 0:
             out = self.proj_drop(self.proj(out))
             return out if residual is None else residual + out
@@ -319,7 +321,8 @@ class Mlp(nn.Module):
         dtype = fused.fused_dtype(x)
         if dtype is not None:
             same = residual is None or residual.dtype == dtype
-            return self._fused_forward(x, residual, dtype) if same else None
+            out = self._fused_forward(x, residual if same else None, dtype)
+            return out if same or out is None else residual + out
         if torch.is_autocast_enabled("cpu") or not _same_dtype(x, residual, self.fc1):
             return None
         return self._row_block_forward(x, residual)
@@ -360,7 +363,7 @@ class Mlp(nn.Module):
             hidden = F.silu(hidden, inplace=True) if self.quick else torch.ops.aten.gelu_(hidden)
             _linear_into(out[block], hidden, fc2_weight, self.fc2.bias,
                          None if residual_rows is None else residual_rows[block])
-        return out.view(*x.shape[:-1], -1)
+        return out.view(*x.shape[:-1], out.shape[-1])
 
 
 # Row blocks of about this many bytes of hidden activation stay in the L2/L3 caches of current CPUs
@@ -371,7 +374,7 @@ _BLOCK_BYTES = 4 << 20
 def _rows_per_block(rows: int, row_bytes: int) -> int:
     """About _BLOCK_BYTES of hidden activation a block, the rows split evenly (no small last block)."""
     blocks = -(-rows // max(64, _BLOCK_BYTES // row_bytes))
-    return -(-rows // blocks)
+    return -(-rows // blocks) if rows else 1
 
 
 def _linear_into(
