@@ -24,6 +24,7 @@ try:
         from .fused import fused_linear_enabled, set_fused_linear
         from .model import CvT, CvtFeatures
         from .predict import Predictor, predictor
+        from .weightcache import clear_weight_cache, set_weight_cache
 except KeyboardInterrupt:
     if not _COMMAND:
         raise
@@ -39,6 +40,7 @@ __all__ = [
     "CvtFeatures",
     "Predictor",
     "attention_map",
+    "clear_weight_cache",
     "convert_checkpoint",
     "count_flops",
     "count_params",
@@ -52,5 +54,6 @@ __all__ = [
     "predictor",
     "save_checkpoint",
     "set_fused_linear",
+    "set_weight_cache",
     "variant_config",
 ]

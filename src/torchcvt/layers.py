@@ -75,7 +75,7 @@ def _is_float32(*tensors: torch.Tensor | None) -> bool:
 
 
 def _cached_inference() -> bool:
-    """Whether weights derived from parameters may come from torchcvt.weightcache: eager inference only
+    """Whether weights derived from parameters go through torchcvt.weightcache: eager inference only
     (a cached tensor has no autograd history, and tracers and compilers must see the ops that make it)."""
     return not torch.is_grad_enabled() and not fused.plain_ops_only()
 
@@ -160,7 +160,7 @@ class ConvProjection(nn.Sequential):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if "bn" in self._modules and not self.bn.training and self.bn.running_mean is not None:
             # Folded here rather than stored in the module: nothing to undo for training, checkpoints
-            # unchanged. Without gradients the folded weights are made once (weightcache).
+            # unchanged. Without gradients the folded weights may be kept (weightcache).
             weight, bias = self._cached_folded_conv(x) if _cached_inference() else self.folded_conv()
             conv = self.conv
             return F.conv2d(x, weight, bias, conv.stride, conv.padding, conv.dilation, conv.groups)
@@ -332,7 +332,7 @@ class Mlp(nn.Module):
 
         swish(y) = y * sigmoid(y); with y = 1.702 h it is 1.702 * QuickGELU(h), so for QuickGELU fc1 is
         scaled up by 1.702 and fc2 down by it: the same function, exact up to float rounding. The scaled
-        weights are made once (weightcache.prepared_weight), not on every call.
+        weights are made on each call, or kept if torchcvt.set_weight_cache is on (weightcache).
         """
         up, down = (QUICK_GELU_ALPHA, 1 / QUICK_GELU_ALPHA) if self.quick else (None, None)
         bias = self.fc1.bias
@@ -352,7 +352,8 @@ class Mlp(nn.Module):
     def _row_block_forward(self, x: torch.Tensor, residual: torch.Tensor | None) -> torch.Tensor:
         """CPU inference over blocks of rows: each block's hidden activation (4x the width) is made,
         activated in place and consumed while it is in cache, and never exists at full size."""
-        fc1_weight, fc1_bias, fc2_weight = self._weights(x.dtype)
+        # The weights as they are (no scaled copies to make): the activation runs on blocks in cache.
+        fc1_weight, fc1_bias, fc2_weight = self.fc1.weight, self.fc1.bias, self.fc2.weight
         rows = x.reshape(-1, x.shape[-1])
         residual_rows = None if residual is None else residual.reshape(rows.shape[0], -1)
         out = rows.new_empty(rows.shape[0], fc2_weight.shape[0])
@@ -360,7 +361,10 @@ class Mlp(nn.Module):
         for start in range(0, rows.shape[0], step):
             block = slice(start, start + step)
             hidden = F.linear(rows[block], fc1_weight, fc1_bias)
-            hidden = F.silu(hidden, inplace=True) if self.quick else torch.ops.aten.gelu_(hidden)
+            if self.quick:
+                hidden.mul_(hidden.mul(QUICK_GELU_ALPHA).sigmoid_())
+            else:
+                torch.ops.aten.gelu_(hidden)
             _linear_into(out[block], hidden, fc2_weight, self.fc2.bias,
                          None if residual_rows is None else residual_rows[block])
         return out.view(*x.shape[:-1], out.shape[-1])

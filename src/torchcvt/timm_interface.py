@@ -148,10 +148,9 @@ class TimmInterface:
         return take
 
 
-
 def _as_format(tokens: torch.Tensor, height: int, width: int, output_fmt: str) -> torch.Tensor:
     """Grid tokens (B, H*W, C) as a map (B, C, H, W) or as they are."""
     if output_fmt == "NLC":
         return tokens
-    return tokens.transpose(1, 2).reshape(tokens.shape[0], -1, height, width)
+    return tokens.transpose(1, 2).reshape(tokens.shape[0], tokens.shape[2], height, width)
 
