@@ -17,6 +17,7 @@ import torch
 from PIL import Image
 
 from .config import CvtConfig
+from .extras import require
 from .geometry import projected_centres, projected_grid, stage_grid
 from .layers import Attention
 from .model import CvT, CvtFeatures
@@ -146,8 +147,7 @@ def render_attention(
     image: np.ndarray | Image.Image, amap: AttentionMap, path: str | Path, index: int = 0, columns: int = 4
 ) -> Path:
     """Write a PNG: the image, the head-averaged map and each head's map as overlays (batch item `index`)."""
-    from matplotlib.figure import Figure
-
+    Figure = require("matplotlib.figure", "rendering attention maps").Figure
     picture = np.asarray(image)
     maps = amap.upsample()[index]
     panels = [("input", None), (f"mean of {maps.shape[0]} heads", maps.mean(0))]

@@ -9,6 +9,7 @@ from pathlib import Path
 import torch
 from torch.export import Dim, ExportedProgram
 
+from .extras import require
 from .geometry import stage_grids
 from .model import CvT
 
@@ -102,6 +103,8 @@ def export_program(model: CvT, example: torch.Tensor | None = None) -> ExportedP
 
 def export_onnx(model: CvT | ExportedProgram, path: str | Path, example: torch.Tensor | None = None) -> Path:
     """An ONNX file with input 'image' (batch, C, height, width) and output 'logits', all sizes dynamic."""
+    for package in ("onnx", "onnxscript"):  # torch.onnx's exporter imports them
+        require(package, "ONNX export")
     program = model if isinstance(model, ExportedProgram) else export_program(model, example)
     with warnings.catch_warnings():
         # The exporter's own deprecation notices about its internals are noise to the user.
