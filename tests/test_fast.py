@@ -7,7 +7,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import torchcvt
-from torchcvt import fused, layers
+from torchcvt import fused, layers, weightcache
 from torchcvt.layers import Attention, ConvProjection
 
 VARIANTS = {
@@ -96,11 +96,15 @@ def _copied_maps(model: torch.nn.Module, x: torch.Tensor) -> list[list[int]]:
                   if e.key == "aten::copy_" and len(shapes[0]) == 4 and shapes[0] == shapes[1])
 
 
-def test_convolutions_take_the_token_layout_as_it_is(tiny_overrides):
-    """The image is made channels-last once; after that every convolution reads the token map and its
-    weight as they are, except behind a class token (batch > 1): one copy per block for three convs."""
+def test_convolutions_take_the_token_layout_as_it_is(tiny_overrides, monkeypatch):
+    """The image is made channels-last once; after that every convolution reads the token map as it is,
+    except behind a class token (batch > 1): one copy per block for three convs. The embedding weights
+    are made channels-last on each call, or once with the weight cache on."""
     model = _model(tiny_overrides).eval()
     cls_blocks = model.config.depth[-1]
+    weights = sorted(list(s.patch_embed.proj.weight.shape) for s in model.stages)
+    assert _copied_maps(model, torch.randn(1, 3, 64, 64)) == sorted([[1, 3, 64, 64], *weights])
+    monkeypatch.setattr(weightcache, "_enabled", True)
     with torch.no_grad():
         model(torch.randn(1, 3, 64, 64))  # makes the channels-last embedding weights, once
     assert _copied_maps(model, torch.randn(1, 3, 64, 64)) == [[1, 3, 64, 64]]
