@@ -37,10 +37,10 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm
 
-from torchcvt.checkpoints import save_hf
 from torchcvt.factory import create_model
 from torchcvt.flops import count_flops
 from torchcvt.fused import fused_linear_enabled
+from torchcvt.weights import save_hf
 
 logger = logging.getLogger(__name__)
 
