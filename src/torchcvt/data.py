@@ -19,6 +19,7 @@ from torchvision import transforms as T
 from torchvision.transforms import InterpolationMode
 
 from .config import DIGITS_SIZE
+from .extras import require
 
 # Images more elongated than this are resized crop-only by ResizeCenterCrop (bounded memory); the
 # others exactly as torchvision's Resize + CenterCrop do it.
@@ -371,9 +372,7 @@ def write_digits(root: str | Path, size: int = DIGITS_SIZE) -> tuple[Path, Path]
     """
     root = Path(root)
     if not (root / ".complete").exists():
-        from sklearn.datasets import load_digits
-
-        digits = load_digits()
+        digits = require("sklearn.datasets", "the digits data set").load_digits()
         staging = root.with_name(f"{root.name}.tmp-{os.getpid()}")
         shutil.rmtree(staging, ignore_errors=True)
         for label in range(10):
