@@ -3,6 +3,9 @@
 Keys and values come from a strided convolution of the token map (stride_kv), so key j does not sit
 at token j: each key's centre is traced back through every convolution to a pixel position, and the
 maps are interpolated between those centres onto the input image.
+
+`stage` arguments index model.stages (0-based, as Python lists); what is drawn or printed numbers stages
+from 1, as `torchcvt info` does.
 """
 
 from __future__ import annotations
@@ -28,8 +31,9 @@ class AttentionMap:
     """One query's softmax attention over the spatial keys of one block, per head.
 
     weights: (B, heads, H_kv, W_kv); key_rows / key_cols: pixel centres of the key rows and columns
-    in the input image; query: the (x, y) pixel centre of the query cell, or None for the class token.
-    Attention the class token pays to itself is left out, so a map sums to at most 1.
+    in the input image; stage: the index into model.stages (0-based); query: the (x, y) pixel centre of
+    the query cell, or None for the class token. Attention the class token pays to itself is left out,
+    so a map sums to at most 1.
     """
 
     weights: torch.Tensor
@@ -39,6 +43,11 @@ class AttentionMap:
     stage: int
     block: int
     query: tuple[float, float] | None
+
+    @property
+    def single_key(self) -> bool:
+        """True when the stage has one key at this input size: every query's map is then uniform."""
+        return self.weights.shape[-2:] == (1, 1)
 
     @property
     def mean(self) -> torch.Tensor:
@@ -65,6 +74,21 @@ def _query_grid(config: CvtConfig, stage: int, height: int, width: int) -> tuple
     return projected_grid(config, stage, stage_grid(config, stage, height, width), query=True)
 
 
+def key_grid(config: CvtConfig, stage: int, height: int, width: int) -> tuple[int, int]:
+    """The key grid of stage `stage` (0-based) for an input of height x width."""
+    return projected_grid(config, stage, stage_grid(config, stage, height, width), query=False)
+
+
+def default_stage(config: CvtConfig, height: int, width: int) -> int:
+    """The last stage (0-based) with more than one key at this input size, else the last stage.
+
+    A stage with a 1x1 key grid (a small model's last stage on a small input) gives every query one key:
+    its map is uniform and says nothing, so an earlier stage is drawn instead.
+    """
+    last = config.num_stages - 1
+    return next((i for i in range(last, -1, -1) if key_grid(config, i, height, width) != (1, 1)), last)
+
+
 @contextmanager
 def record_attention(model: CvT | CvtFeatures) -> Iterator[list[Attention]]:
     """Inside the block every Attention keeps its last softmax weights; forward's result is unchanged."""
@@ -83,27 +107,31 @@ def record_attention(model: CvT | CvtFeatures) -> Iterator[list[Attention]]:
 def attention_map(
     model: CvT | CvtFeatures,
     x: torch.Tensor,
-    stage: int = -1,
+    stage: int | None = None,
     block: int = -1,
     query: Sequence[float] | None = None,
 ) -> AttentionMap:
     """Attention of one query in block `block` of stage `stage` for the input batch x (B, C, H, W).
 
     query None means the class token (or the image centre when the stage has none); (x, y) picks the
-    query cell nearest that pixel of the input. Stages and blocks index like lists (-1: the last).
+    query cell nearest that pixel of the input. Stages and blocks index like lists (0-based, -1: the
+    last); stage None is default_stage's choice: the last stage with more than one key.
     """
     cvt = model.model if isinstance(model, CvtFeatures) else model
     config = cvt.config
     stages = cvt.stages
+    cvt.check_input(x)
+    height, width = x.shape[-2:]
+    if stage is None:
+        stage = default_stage(config, height, width)
     if not -len(stages) <= stage < len(stages):
-        raise ValueError(f"stage {stage} does not exist; the model has stages 0..{len(stages) - 1}")
+        raise ValueError(f"stage index {stage} does not exist; the model has stages 0..{len(stages) - 1} "
+                         "(indexed from 0)")
     stage %= len(stages)
     blocks = stages[stage].blocks
     if not -len(blocks) <= block < len(blocks):
-        raise ValueError(f"block {block} does not exist; stage {stage} has {len(blocks)} block(s)")
+        raise ValueError(f"block {block} does not exist; stage {stage + 1} has {len(blocks)} block(s)")
     block %= len(blocks)
-    cvt.check_input(x)
-    height, width = x.shape[-2:]
     has_cls = config.cls_token[stage]
     if query is None and not has_cls:
         query = ((width - 1) / 2, (height - 1) / 2)
@@ -143,10 +171,17 @@ def denormalize(x: torch.Tensor, mean: Sequence[float], std: Sequence[float]) ->
     return (x.detach().cpu().float() * std_t + mean_t).clamp(0, 1).permute(1, 2, 0).numpy()
 
 
+def describe(amap: AttentionMap) -> str:
+    """'stage 3, block 2: attention of the class token', stages and blocks numbered from 1 as in `info`."""
+    query = "class token" if amap.query is None else f"query at ({amap.query[0]:.0f}, {amap.query[1]:.0f})"
+    return f"stage {amap.stage + 1}, block {amap.block + 1}: attention of the {query}"
+
+
 def render_attention(
     image: np.ndarray | Image.Image, amap: AttentionMap, path: str | Path, index: int = 0, columns: int = 4
 ) -> Path:
-    """Write a PNG: the image, the head-averaged map and each head's map as overlays (batch item `index`)."""
+    """Write a PNG: the image, the head-averaged map and each head's map as overlays (batch item `index`),
+    on one colour scale (0 to the largest weight shown) with its colour bar."""
     Figure = require("matplotlib.figure", "rendering attention maps").Figure
     picture = np.asarray(image)
     maps = amap.upsample()[index]
@@ -154,21 +189,30 @@ def render_attention(
     panels += [(f"head {h + 1}", maps[h]) for h in range(maps.shape[0])] if maps.shape[0] > 1 else []
     columns = min(columns, len(panels))
     rows = -(-len(panels) // columns)
-    figure = Figure(figsize=(3 * columns, 3 * rows + 0.4), layout="constrained")
-    query = "class token" if amap.query is None else f"query at ({amap.query[0]:.0f}, {amap.query[1]:.0f})"
-    figure.suptitle(f"stage {amap.stage}, block {amap.block}: attention of the {query}")
-    for i, (title, heat) in enumerate(panels):
+    figure = Figure(figsize=(3 * columns + 0.8, 3 * rows + 0.6), layout="constrained")
+    title = describe(amap)
+    if amap.single_key:
+        title += "\n1x1 key grid at this input size: every query sees one key, so the map is uniform"
+    figure.suptitle(title)
+    # One scale for every panel, so heads compare by colour; the colour bar reads it in softmax weight.
+    top = float(maps.max()) or 1.0
+    # The map is drawn opaque with the image's brightness faintly over it: colours stay close to the bar's.
+    grey = picture.mean(axis=-1) if picture.ndim == 3 else picture
+    axes, shown = [], None
+    for i, (name, heat) in enumerate(panels):
         ax = figure.add_subplot(rows, columns, i + 1)
-        ax.imshow(picture)
-        if heat is not None:
-            heat = heat.numpy()
-            span = heat.max() - heat.min()
-            ax.imshow((heat - heat.min()) / span if span > 0 else heat * 0, cmap="inferno", alpha=0.6,
-                      vmin=0, vmax=1)
+        axes.append(ax)
+        if heat is None:
+            ax.imshow(picture)
+        else:
+            shown = ax.imshow(heat.numpy(), cmap="inferno", vmin=0.0, vmax=top)
+            ax.imshow(grey, cmap="gray", alpha=0.3)
         if amap.query is not None:
             ax.plot(*amap.query, marker="+", color="cyan", markersize=14, markeredgewidth=2)
-        ax.set_title(title, fontsize=9)
+        ax.set_title(name, fontsize=9)
         ax.set_axis_off()
+    bar = figure.colorbar(shown, ax=axes, shrink=0.8, pad=0.02)
+    bar.set_label("attention weight per key", fontsize=9)
     path = png_path(path)
     figure.savefig(path, dpi=100)
     return path

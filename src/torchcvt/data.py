@@ -6,7 +6,7 @@ import json
 import os
 import random
 import shutil
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -364,25 +364,34 @@ def _posterize_zero_bits_to_black(transform: Callable) -> None:
                 op.aug_fn = _posterize
 
 
-def write_digits(root: str | Path, size: int = DIGITS_SIZE) -> tuple[Path, Path]:
-    """Write scikit-learn's 1,797 handwritten digits once as root/{train,val}/<digit>/<n>.png.
+def write_digits(
+    root: str | Path, size: int = DIGITS_SIZE, labels: Iterable[int] = range(10)
+) -> tuple[Path, Path]:
+    """Write scikit-learn's handwritten digits once as root/{train,val}/<digit>/<n>.png (a folder of your
+    own images in the form `torchcvt train --data root` reads).
 
-    The 8x8 images (values 0-16) are upsampled bicubically to size x size; every fifth image of
-    each digit goes to val (364 images), the rest to train (1,433). Returns the train and val folders.
+    The 8x8 images (values 0-16) are upsampled bicubically to size x size; every fifth image of each
+    digit goes to val, the rest to train (all ten digits: 1,433 train and 364 val images). `labels`
+    picks the digits written, e.g. range(5) for a pre-training task and range(5, 10) for a held-out one.
+    Returns the train and val folders; a tree already written with the same size and labels is kept.
     """
     root = Path(root)
-    if not (root / ".complete").exists():
+    labels = sorted(set(labels))
+    if not labels or not all(0 <= label <= 9 for label in labels):
+        raise ValueError(f"labels must be digits 0-9, got {labels}")
+    marker = json.dumps({"size": size, "labels": labels})
+    if not (root / ".complete").exists() or (root / ".complete").read_text() != marker:
         digits = require("sklearn.datasets", "the digits data set").load_digits()
         staging = root.with_name(f"{root.name}.tmp-{os.getpid()}")
         shutil.rmtree(staging, ignore_errors=True)
-        for label in range(10):
+        for label in labels:
             for n, i in enumerate(np.flatnonzero(digits.target == label)):
                 folder = staging / ("val" if n % 5 == 0 else "train") / str(label)
                 folder.mkdir(parents=True, exist_ok=True)
                 pixels = np.clip(digits.images[i] * (255.0 / 16.0) + 0.5, 0, 255).astype(np.uint8)
                 image = Image.fromarray(pixels, mode="L").resize((size, size), Image.BICUBIC)
                 image.save(folder / f"{i:04d}.png")
-        (staging / ".complete").touch()
+        (staging / ".complete").write_text(marker)
         root.parent.mkdir(parents=True, exist_ok=True)
         shutil.rmtree(root, ignore_errors=True)
         try:

@@ -52,32 +52,62 @@ def _run_predict(args: argparse.Namespace) -> int:
 def add_attention_command(sub: argparse._SubParsersAction) -> None:
     parser = sub.add_parser(
         "attention", help="attention maps of one image as a PNG overlay (per head and averaged)",
-        description="Draw what a query attends to: by default the class token of the last stage; in a stage "
-        "without one, the position given by --query (default: the image centre). Keys, subsampled by "
-        "stride_kv, are placed at their true positions on the model's input view of the image.",
+        description="Draw what a query attends to: by default the class token in the last block of the last "
+        "stage with more than one key (a stage whose key grid is 1x1 at this input size would draw a uniform "
+        "map); in a stage without a class token, the position given by --query (default: the image centre). "
+        "Stages and blocks are numbered from 1, as in `torchcvt info`. Keys, subsampled by stride_kv, are "
+        "placed at their true positions on the model's input view of the image.",
     )
     add_model_arguments(parser)
     parser.add_argument("image", help="image file")
     parser.add_argument("-o", "--output", required=True, help="PNG to write")
-    parser.add_argument("--stage", type=int, default=-1, help="stage index, 0-based (default: the last)")
-    parser.add_argument("--block", type=int, default=-1, help="block within the stage (default: the last)")
+    parser.add_argument("--stage", type=int, help="stage, numbered from 1 as in `torchcvt info` "
+                        "(default: the last with more than one key)")
+    parser.add_argument("--block", type=int, help="block within the stage, from 1 (default: the last)")
     parser.add_argument("--query", type=float, nargs=2, metavar=("X", "Y"),
                         help="query pixel in the model's input (as drawn in the PNG), not the class token")
     parser.set_defaults(run=_run_attention)
 
 
 def _run_attention(args: argparse.Namespace) -> int:
-    from ..attention_maps import attention_map, denormalize, png_path, render_attention
+    import sys
+
+    from ..attention_maps import (
+        attention_map,
+        default_stage,
+        denormalize,
+        key_grid,
+        png_path,
+        render_attention,
+    )
     from ..checks import check_output_file
 
     check_output_file(png_path(args.output), "-o")
     predictor = make_predictor(args, 1)
+    model = predictor.model
+    stages = model.config.num_stages
+    if args.stage is not None and not 1 <= args.stage <= stages:
+        raise CliError(f"--stage {args.stage} does not exist: the model has stages 1..{stages}")
     x = predictor.preprocess(args.image)
-    amap = attention_map(predictor.model, x[None].to(predictor.device), args.stage, args.block, args.query)
+    height, width = x.shape[-2:]
+    stage = default_stage(model.config, height, width) if args.stage is None else args.stage - 1
+    depth = len(model.stages[stage].blocks)
+    if args.block is not None and not 1 <= args.block <= depth:
+        raise CliError(f"--block {args.block} does not exist: stage {stage + 1} has blocks 1..{depth}")
+    block = -1 if args.block is None else args.block - 1
+    amap = attention_map(model, x[None].to(predictor.device), stage, block, args.query)
+    if args.stage is None and stage != stages - 1:
+        print(f"torchcvt attention: drawing stage {stage + 1}: the last stage's key grid is 1x1 at "
+              f"{width}x{height} (one key, a uniform map); --stage {stages} draws it anyway", file=sys.stderr)
+    elif amap.single_key:
+        others = [str(i + 1) for i in range(stages) if key_grid(model.config, i, height, width) != (1, 1)]
+        hint = f"; stages with more keys: {', '.join(others)}" if others else ""
+        print(f"torchcvt attention: warning: stage {stage + 1}'s key grid is 1x1 at {width}x{height}: "
+              f"every query sees one key, so the map is uniform{hint}", file=sys.stderr)
     picture = denormalize(x, predictor.data_config["mean"], predictor.data_config["std"])
     written = render_attention(picture, amap, args.output)
     what = "class token" if amap.query is None else f"query at ({amap.query[0]:.0f}, {amap.query[1]:.0f})"
-    print(f"wrote {written} (stage {amap.stage}, block {amap.block}, {what}, "
+    print(f"wrote {written} (stage {stage + 1} of {stages}, block {amap.block + 1} of {depth}, {what}, "
           f"{amap.weights.shape[1]} head(s), {amap.weights.shape[2]}x{amap.weights.shape[3]} keys)")
     return 0
 
