@@ -48,7 +48,7 @@ MODES = ("fp32", "bf16", "train", "train_ckpt")
 TRAINING = ("train", "train_ckpt")
 TOP_OPS = 8  # ops listed in the report's profile of each inference mode
 
-# Issue 13's targets, checked in every report: overhead share of the bf16 forward, share of the matmul
+# The CPU inference targets, checked in every report: overhead share of the bf16 forward, share of the matmul
 # peak reached by fp32 and bf16 inference at batch 16, and the speed ratio against transformers.
 TARGET_OVERHEAD = 0.10
 TARGET_PEAK = {"fp32": 0.80, "bf16": 0.70}
@@ -131,7 +131,7 @@ def _timed(fn: Callable[[], Any]) -> float:
 
 
 # Self-CPU time of these ops is the model's products; everything else (casts, copies, cat, norms,
-# elementwise) is overhead that the issue-13 target keeps below 10% of the bf16 forward.
+# elementwise) is overhead that the CPU inference target keeps below 10% of the bf16 forward.
 _OP_KINDS = {
     "matmul": ("mkldnn::_linear_pointwise", "aten::addmm", "aten::mm", "aten::bmm", "aten::baddbmm",
                "aten::matmul", "aten::linear"),
@@ -414,8 +414,8 @@ def _largest_batch(report: dict[str, Any], mode: str) -> CaseResult | None:
 
 
 def format_targets(report: dict[str, Any]) -> list[str]:
-    """Issue 13's targets against this run's numbers, one line each: met, not met, or not measured."""
-    lines = ["Targets (issue 13), from this run:", ""]
+    """The CPU inference targets against this run's numbers, one line each: met, not met, or not measured."""
+    lines = ["CPU inference targets, from this run:", ""]
 
     def line(text: str, value: float | None, goal: float, unit: str, above: bool = True) -> None:
         if value is None:
