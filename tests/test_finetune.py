@@ -266,6 +266,19 @@ def test_bare_data_picks_a_recipe_and_says_why(tmp_path, capsys) -> None:
     assert not capsys.readouterr().out.startswith("recipe:")
 
 
+def test_bare_data_recipe_follows_the_epochs_given(tmp_path, capsys) -> None:
+    """train.epochs=N on the command line is the recipe's length: said so, with a warm-up that fits it."""
+    data = digits_tree(tmp_path / "data")
+    expected = {("6", False): (6, 1), ("1", False): (1, 0.2), ("4", True): (4, 1.0), ("1", True): (1, 0.2)}
+    for (epochs, tuned), (length, warmup) in expected.items():
+        weights = ["--pretrained", "cvt_13.ms_in1k"] if tuned else []
+        assert main(["train", "--data", str(data), *weights, f"train.epochs={epochs}", "--dry-run"]) == 0
+        lines = capsys.readouterr().out.splitlines()
+        assert f", {length} epoch{'' if length == 1 else 's'} at batch 6" in lines[0], lines[0]
+        plan = json.loads(lines[-1])
+        assert (plan["epochs"], plan["warmup_epochs"]) == (length, warmup)
+
+
 def test_recipe_rule_by_image_count_and_size(tmp_path) -> None:
     from PIL import Image
 

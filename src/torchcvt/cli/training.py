@@ -72,7 +72,7 @@ def _run_train(args: argparse.Namespace) -> int:
     if args.data and config is None:
         # The ImageNet recipes run only from their files: a bare --data gets a recipe sized for the job.
         settings = dict(parse_assignment(text) for text in args.overrides) | values
-        chosen = choose_recipe(settings["data.train"], *given_weights(settings))
+        chosen = choose_recipe(settings["data.train"], *given_weights(settings), settings.get("train.epochs"))
         recipe = chosen.values
         if os.environ.get("RANK", "0") == "0":
             print(f"recipe: {chosen.why} (give --config FILE to choose another)", flush=True)

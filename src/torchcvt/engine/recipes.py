@@ -122,22 +122,37 @@ def _batch(band: SizeBand, images: int) -> int:
     return max(1, min(band.batch_size, images // 4))
 
 
-def choose_recipe(train_dir: str | Path, weights: str | None, architecture: str | None = None) -> Recipe:
+def _epochs(count: int) -> str:
+    return f"{count} epoch{'' if count == 1 else 's'}"
+
+
+def _warmup(epochs: float, length: int) -> float:
+    # A run as short as its warm-up (train.epochs=1) warms up over its first fifth instead.
+    return epochs if epochs < length else length / 5
+
+
+def choose_recipe(
+    train_dir: str | Path, weights: str | None, architecture: str | None = None, epochs: int | None = None
+) -> Recipe:
     """The recipe for training on train_dir: fine-tuning `weights` (a tag or file of `architecture`) when
-    given, else from scratch sized by the data."""
+    given, else from scratch sized by the data. `epochs`, when the user sets train.epochs, replaces the
+    recipe's length (and the from-scratch warm-up follows it)."""
     shape = DataShape.measure(train_dir)
     band = size_band(shape.images)
     batch = _batch(band, shape.images)
+    given = isinstance(epochs, int) and not isinstance(epochs, bool) and epochs >= 1
     counted = f"{shape.images:,} images of {shape.classes} classes ({band.name}), median side {shape.side} px"
     if weights is not None:
         values = copy.deepcopy(FINETUNE_RECIPE)
         if architecture is not None:
             values["model"]["name"] = architecture
         values["aug"].update(AUGMENTATION["light"])
-        values["train"] = {"epochs": band.finetune_epochs, "batch_size": batch}
+        length = epochs if given else band.finetune_epochs
+        values["train"] = {"epochs": length, "batch_size": batch}
+        values["sched"]["warmup_epochs"] = _warmup(values["sched"]["warmup_epochs"], length)
         why = (
             f"fine-tune (weights given: {weights}): SGD lr {values['optim']['lr']}, "
-            f"{band.finetune_epochs} epochs at batch {batch}, light augmentation, for {counted}"
+            f"{_epochs(length)} at batch {batch}, light augmentation, for {counted}"
         )
         return Recipe("finetune", values, why)
     model, base_lr = next(
@@ -147,10 +162,11 @@ def choose_recipe(train_dir: str | Path, weights: str | None, architecture: str 
     values["model"] = {"name": model}
     values["aug"].update(AUGMENTATION[band.augmentation])
     values["optim"]["base_lr"] = base_lr
-    values["sched"]["warmup_epochs"] = max(1, band.scratch_epochs // 20)
-    values["train"] = {"epochs": band.scratch_epochs, "batch_size": batch}
+    length = epochs if given else band.scratch_epochs
+    values["sched"]["warmup_epochs"] = _warmup(max(1, length // 20), length)
+    values["train"] = {"epochs": length, "batch_size": batch}
     why = (
-        f"from scratch (no --pretrained): {model}, {band.scratch_epochs} epochs at batch {batch}, "
+        f"from scratch (no --pretrained): {model}, {_epochs(length)} at batch {batch}, "
         f"{band.augmentation} augmentation, for {counted}"
     )
     if model != "cvt_digits":
