@@ -175,10 +175,17 @@ def test_png_carries_a_colour_bar_on_one_scale(tmp_path, model, monkeypatch):
     assert len(bars) == 1 and bars[0].get_ylabel() == "attention weight per key"
     heats = [image for ax in figure.axes for image in ax.get_images() if image.get_cmap().name == "inferno"]
     assert len(heats) == 1 + 2  # the mean and each of stage 2's two heads
-    top = float(amap.upsample().max())
-    assert all(image.get_clim() == (0.0, pytest.approx(top)) for image in heats)
+    full = amap.upsample()
+    low, top = float(full.min()), float(full.max())
+    assert low < top and all(image.get_clim() == (pytest.approx(low), pytest.approx(top)) for image in heats)
     # A one-key stage says so on the picture.
     figures.clear()
     single = attention_map(create_model("cvt_digits").eval(), torch.randn(1, 3, 32, 32), stage=2)
     render_attention(np.zeros((32, 32, 3)), single, tmp_path / "s.png")
     assert "1x1 key grid at this input size" in figures[0].get_suptitle()
+    # Each head's map is one value (the rest of its attention goes to the class token itself).
+    heads = single.weights[0].flatten()
+    limits = [image.get_clim() for ax in figures[0].axes for image in ax.get_images()
+              if image.get_cmap().name == "inferno"]
+    want = (pytest.approx(float(heads.min())), pytest.approx(float(heads.max())))
+    assert len(limits) == 5 and all(limit == want for limit in limits)

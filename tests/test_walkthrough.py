@@ -68,7 +68,7 @@ def test_walkthrough_runs_as_written(tmp_path) -> None:
     assert re.search(r"ONNX top-1: [5-9] \| max logit difference from torch: (\S+)", out)
     assert float(re.search(r"from torch: (\S+)", out).group(1)) < 1e-3
     assert "'label': '" in out and "'score': " in out  # the pipeline's answer, with the class names
-    for written in ("runs/digits-5-9/best.pth", "runs/digits-5-9/curves.png", "runs/digits-5-9/eval.json",
+    for written in ("runs/digits-5-9/best.pth", "runs/digits-5-9/curves.png", "runs/digits-5-9/eval_val.json",
                     "attention.png", "digits-5-9.onnx", "digits-5-9-hf/preprocessor_config.json",
                     "digits-5-9-hf/README.md"):
         assert (work / written).is_file(), written

@@ -181,7 +181,7 @@ def render_attention(
     image: np.ndarray | Image.Image, amap: AttentionMap, path: str | Path, index: int = 0, columns: int = 4
 ) -> Path:
     """Write a PNG: the image, the head-averaged map and each head's map as overlays (batch item `index`),
-    on one colour scale (0 to the largest weight shown) with its colour bar."""
+    on one colour scale (the smallest to the largest weight shown) with its colour bar."""
     Figure = require("matplotlib.figure", "rendering attention maps").Figure
     picture = np.asarray(image)
     maps = amap.upsample()[index]
@@ -194,8 +194,11 @@ def render_attention(
     if amap.single_key:
         title += "\n1x1 key grid at this input size: every query sees one key, so the map is uniform"
     figure.suptitle(title)
-    # One scale for every panel, so heads compare by colour; the colour bar reads it in softmax weight.
-    top = float(maps.max()) or 1.0
+    # One scale for every panel, so heads compare by colour, spanning the weights shown (a uniform map:
+    # 0 to its weight); the colour bar reads it in softmax weight.
+    low, top = float(maps.min()), float(maps.max())
+    if top - low < 1e-6:
+        low, top = 0.0, top or 1.0
     # The map is drawn opaque with the image's brightness faintly over it: colours stay close to the bar's.
     grey = picture.mean(axis=-1) if picture.ndim == 3 else picture
     axes, shown = [], None
@@ -205,8 +208,8 @@ def render_attention(
         if heat is None:
             ax.imshow(picture)
         else:
-            shown = ax.imshow(heat.numpy(), cmap="inferno", vmin=0.0, vmax=top)
-            ax.imshow(grey, cmap="gray", alpha=0.3)
+            shown = ax.imshow(heat.numpy(), cmap="inferno", vmin=low, vmax=top)
+            ax.imshow(grey, cmap="gray", alpha=0.25)
         if amap.query is not None:
             ax.plot(*amap.query, marker="+", color="cyan", markersize=14, markeredgewidth=2)
         ax.set_title(name, fontsize=9)
