@@ -5,7 +5,6 @@ from __future__ import annotations
 import csv
 import json
 import logging
-import os
 import time
 import warnings
 from collections.abc import Callable, Iterator, Sequence
@@ -17,14 +16,14 @@ from typing import Any, NamedTuple
 
 import numpy as np
 import torch
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
 from .checkpoints import Checkpoint, model_from_checkpoint, read_checkpoint
 from .checks import resolve_device
 from .config import IMAGENET_MEAN, IMAGENET_STD
-from .data import eval_transform, load_image, to_rgb, walk_images
+from .data import eval_transform, load_image, to_rgb, unreadable_reason, walk_images
 from .factory import create_model
 from .model import CvT
 
@@ -93,33 +92,11 @@ def _large_images_allowed() -> Iterator[None]:
 
 def read_image(path: str | Path) -> Image.Image:
     """Load an image file as upright 8-bit RGB, or raise UnreadableImageError with a one-line reason."""
-    path = Path(path)
-    if path.is_symlink() and not path.exists():
-        raise UnreadableImageError(f"broken symbolic link (its target {os.readlink(path)} does not exist)")
-    if not path.exists():
-        raise UnreadableImageError("file not found")
-    if path.is_dir():
-        if not os.access(path, os.R_OK | os.X_OK):
-            raise UnreadableImageError("folder cannot be listed (permission denied)")
-        raise UnreadableImageError("is a directory, not an image file")
-    if path.stat().st_size == 0:
-        raise UnreadableImageError("empty file (0 bytes)")
     try:
         with _large_images_allowed():
             return load_image(path)
-    except UnidentifiedImageError:
-        raise UnreadableImageError("not an image file (PIL cannot identify its format)") from None
-    except Image.DecompressionBombError as error:
-        raise UnreadableImageError(f"image too large: {error}") from None
-    except PermissionError:
-        raise UnreadableImageError("permission denied") from None
-    except MemoryError:
-        raise UnreadableImageError("too large to decode in the memory this machine has") from None
     except Exception as error:  # PIL's decoders raise many exception types on corrupt data
-        message = str(error) or type(error).__name__
-        if "truncated" in message.lower():
-            raise UnreadableImageError(f"truncated image file ({message})") from None
-        raise UnreadableImageError(f"corrupt or truncated image ({message})") from None
+        raise UnreadableImageError(unreadable_reason(path, error)) from None
 
 
 def find_images(paths: Sequence[str | Path]) -> list[Path]:
