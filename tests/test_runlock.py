@@ -14,8 +14,6 @@ from pathlib import Path
 import pytest
 from trainkit import digits_tree, tiny_overrides, train_process
 
-from torchcvt.engine.runlock import RunLock
-
 
 def _wait_for_training(process: subprocess.Popen, run: Path) -> None:
     deadline = time.monotonic() + 240
@@ -56,6 +54,8 @@ def test_a_second_training_on_a_folder_in_use_is_refused_naming_the_holder(tmp_p
         first.send_signal(signal.SIGKILL)
         first.wait()
     # The kernel dropped the killed run's lock: the folder is free at once.
+    from torchcvt.engine.runlock import RunLock
+
     lock = RunLock(run)
     lock.acquire()
     lock.release()
@@ -66,6 +66,8 @@ def test_every_torchrun_rank_stops_when_the_folder_is_held(tmp_path: Path) -> No
     data = digits_tree(tmp_path / "data")
     run = tmp_path / "run"
     run.mkdir()
+    from torchcvt.engine.runlock import RunLock
+
     lock = RunLock(run)
     lock.acquire()  # held by this test process
     try:

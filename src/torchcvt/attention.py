@@ -17,6 +17,7 @@ import torch
 from PIL import Image
 
 from .config import CvtConfig
+from .files import replace_file
 from .layers import Attention
 from .model import CvT, CvtFeatures, embedding_geometry, stage_grid
 
@@ -202,12 +203,15 @@ def render_attention(
         ax.set_title(title, fontsize=9)
         ax.set_axis_off()
     path = png_path(path)
-    figure.savefig(path, dpi=100)
+    with replace_file(path) as handle:
+        figure.savefig(handle, format="png", dpi=100)
     return path
 
 
 def png_path(path: str | Path) -> Path:
-    """The file render_attention writes for path: path itself, with ".png" added when it has no suffix."""
+    """The file render_attention writes for path: path itself, with ".png" added when it has no suffix
+    (but not to a device such as /dev/stdout)."""
     # matplotlib would add the suffix itself; naming the file here lets callers report the real name.
     path = Path(path)
-    return path if path.suffix else path.with_suffix(".png")
+    device = path.exists() and not path.is_file() and not path.is_dir()
+    return path if path.suffix or device else path.with_suffix(".png")

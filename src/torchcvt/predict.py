@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import io
 import json
 import logging
 import time
@@ -25,6 +26,7 @@ from .checks import resolve_device
 from .config import IMAGENET_MEAN, IMAGENET_STD
 from .data import eval_transform, load_image, to_rgb, unreadable_reason, walk_images
 from .factory import create_model
+from .files import write_bytes
 from .model import CvT
 
 # PIL warns above ~89 MP and refuses above ~179 MP; photos of tens of megapixels are ordinary, so
@@ -405,19 +407,21 @@ def _input_files(paths: Sequence[str | Path]) -> list[Path]:
 def write_json_report(results: Sequence[FileResult], path: str | Path) -> None:
     """A JSON list, per file {"path", "predictions": [{"index", "label", "prob"}]} or {"path", "error"}."""
     # allow_nan=False: NaN is not JSON, so a report can never hold it.
-    Path(path).write_text(json.dumps([r.to_dict() for r in results], indent=2, allow_nan=False) + "\n")
+    text = json.dumps([r.to_dict() for r in results], indent=2, allow_nan=False) + "\n"
+    write_bytes(path, text.encode())
 
 
 def write_csv_report(results: Sequence[FileResult], path: str | Path) -> None:
     """One CSV row per prediction (path, rank, index, label, prob, error), or one with the error."""
-    with open(path, "w", newline="") as f:
-        writer = csv.writer(f)
-        writer.writerow(["path", "rank", "index", "label", "prob", "error"])
-        for result in results:
-            if result.error is not None:
-                writer.writerow([result.path, "", "", "", "", result.error])
-            for rank, p in enumerate(result.predictions or [], 1):
-                writer.writerow([result.path, rank, p.index, p.label, f"{p.prob:.6f}", ""])
+    text = io.StringIO(newline="")
+    writer = csv.writer(text)
+    writer.writerow(["path", "rank", "index", "label", "prob", "error"])
+    for result in results:
+        if result.error is not None:
+            writer.writerow([result.path, "", "", "", "", result.error])
+        for rank, p in enumerate(result.predictions or [], 1):
+            writer.writerow([result.path, rank, p.index, p.label, f"{p.prob:.6f}", ""])
+    write_bytes(path, text.getvalue().encode())
 
 
 def format_table(results: Sequence[FileResult]) -> str:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import errno
 import logging
 import os
 import signal
@@ -88,6 +89,10 @@ def hold_interrupt() -> Iterator[None]:
         raise KeyboardInterrupt
 
 
+# No space on the device, over the disk quota, file too large for the file system.
+_EXHAUSTED = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)
@@ -109,7 +114,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         # The reader went away (`torchcvt info cvt_13 | head`): stop quietly, as Unix tools do.
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 141
-    except Exception:
+    except Exception as error:
+        if isinstance(error, OSError) and error.errno in _EXHAUSTED:
+            # The machine ran out of something the command needed: what ran out, and where, in one line.
+            where = f": cannot write {error.filename}" if error.filename else ""
+            _stderr_line(f"torchcvt {args.command}: error{where}: {os.strerror(error.errno).lower()}")
+            return 2
         # Not a user error: a bug. Show where it happened instead of hiding it behind one line.
         traceback.print_exc()
         _stderr_line(f"torchcvt {args.command}: internal error: this is a bug in torchcvt; please report it "

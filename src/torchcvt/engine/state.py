@@ -12,6 +12,7 @@ from typing import Any
 import torch
 
 from ..config import ARCHITECTURE_FIELDS, CvtConfig, architecture_differences
+from ..files import FailSoftly
 
 # Bumped whenever a key's meaning changes; files without the field were written before it existed (0).
 FORMAT_VERSION = 1
@@ -34,6 +35,7 @@ def save_training_state(state: dict[str, Any], path: str | Path, keep_previous: 
     """Write atomically: a temporary file in the same folder, fsync, then rename over the old one.
 
     keep_previous keeps the replaced file as previous_path(path), a fallback should the new one be damaged.
+    A failed write (a full disk) raises its OSError and leaves the old file as it was.
     """
     path = Path(path)
     state = {**state, "format_version": FORMAT_VERSION}
@@ -42,7 +44,11 @@ def save_training_state(state: dict[str, Any], path: str | Path, keep_previous: 
     previous_tmp = previous.with_name(f".{previous.name}.tmp-{os.getpid()}")
     try:
         with open(tmp, "wb") as handle:
-            torch.save(state, handle)
+            # A full disk is the OSError it is, naming the file, not an internal error from torch's writer.
+            sink = FailSoftly(handle)
+            torch.save(state, sink)
+            if sink.error is not None:
+                raise OSError(sink.error.errno, sink.error.strerror, str(path))
             handle.flush()
             os.fsync(handle.fileno())
         if keep_previous and path.is_file():
