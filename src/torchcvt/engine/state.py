@@ -6,6 +6,7 @@ import logging
 import os
 import pickle
 import shutil
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -116,7 +117,9 @@ def read_training_state(path: str | Path) -> dict[str, Any]:
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint {path} does not exist")
     try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
+        with warnings.catch_warnings():  # the protocol notice would come before the one-line refusal
+            warnings.filterwarnings("ignore", message="Detected pickle protocol", category=UserWarning)
+            state = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError:
         raise ValueError(
             f"checkpoint {path} is not a torchcvt training checkpoint: it holds pickled Python objects, "
@@ -165,8 +168,9 @@ def _plain(value: Any) -> Any:
 
 # Changing one of these cannot continue a run: another model, or an optimiser state of another layout.
 FIXED_ON_RESUME = ("model.name", "model.freeze_stages", "optim.opt", "optim.layer_decay")
-# Where and how to resume, not what to train: never reported as a change.
-RESUME_KEYS = ("train.resume", "train.auto_resume")
+# Where and how to resume, not what to train: never reported as a change (a run folder copied or moved
+# to a new name resumes there as the same run).
+RESUME_KEYS = ("train.resume", "train.auto_resume", "train.output")
 
 
 def _flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
