@@ -24,6 +24,15 @@ class FailSoftly(io.RawIOBase):
     def writable(self) -> bool:
         return True
 
+    def seekable(self) -> bool:
+        return self.handle.seekable()
+
+    def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
+        return self.handle.seek(offset, whence)
+
+    def tell(self) -> int:
+        return self.handle.tell()
+
     def write(self, data: bytes | bytearray | memoryview) -> int:
         if self.error is None:
             try:

@@ -104,7 +104,8 @@ class Checkpointer:
                 save_training_state(state, path, keep_previous=name == "last.pth")
             except OSError as failed:
                 kept = f"{path} is unchanged" if path.exists() else "nothing was written"
-                error = ValueError(f"cannot write checkpoint {path}: {failed.strerror or failed}; {kept}")
+                reason = (failed.strerror or str(failed)).lower()
+                error = ValueError(f"cannot write checkpoint {path}: {reason}; {kept}")
         agree_on_failure(self.runtime, error)
 
     def _weights_finite(self) -> bool:
