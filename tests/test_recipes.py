@@ -14,7 +14,7 @@ from trainkit import TINY_MODEL, digits_tree, tiny_overrides
 from torchcvt import create_model
 from torchcvt.cli import main
 from torchcvt.data import train_transform
-from torchcvt.engine import DEFAULTS, dry_run, load_config, train
+from torchcvt.engine import TrainConfig, dry_run, load_config, train
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 
@@ -229,7 +229,7 @@ def test_torchcvt_configs_say_they_are_not_official_and_finetunes_keep_1000_clas
         head = path.read_text().split("\nmodel:")[0]
         assert "torchcvt's own" in head and "microsoft/CvT" in head, path
         cfg = load_config(path)
-        assert cfg["train"]["val_amp"] == "none", path
+        assert cfg.train.val_amp == "none", path
     for name in ("cvt-13-384-finetune-torchcvt", "cvt-w24-384-finetune-torchcvt"):
         text = (CONFIGS / f"{name}.yaml").read_text()
         assert "1,000-class head" in text and "21,841" not in text
@@ -241,14 +241,10 @@ def test_torchcvt_configs_say_they_are_not_official_and_finetunes_keep_1000_clas
 
 
 def test_torchvision_pipeline_is_the_plain_official_one() -> None:
-    aug = {
-        **DEFAULTS["aug"],
-        "pipeline": "torchvision",
-        "auto_augment": None,
-        "re_prob": 0.0,
-        "color_jitter": None,
-        "interpolation": "bilinear",
-    }
+    aug = TrainConfig().override(
+        {"aug.pipeline": "torchvision", "aug.auto_augment": None, "aug.re_prob": 0.0,
+         "aug.color_jitter": None, "aug.interpolation": "bilinear"}
+    ).aug
     data_config = {"input_size": (3, 32, 32), "mean": (0.5, 0.5, 0.5), "std": (0.25, 0.25, 0.25)}
     transform = train_transform(aug, data_config)
     assert [type(t).__name__ for t in transform.transforms] == [

@@ -12,7 +12,7 @@ from trainkit import TINY_MODEL, digits_tree, tiny_overrides
 
 from torchcvt import create_model
 from torchcvt.cli import main
-from torchcvt.engine import DEFAULTS, load_config, param_groups, save_training_state, train
+from torchcvt.engine import TrainConfig, load_config, param_groups, save_training_state, train
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 
@@ -80,8 +80,8 @@ def test_overrides_are_typed_and_unknown_keys_suggest_the_closest(tmp_path: Path
     cfg = load_config(
         CONFIGS / "cvt-13-224.yaml", ["optim.lr=1e-3", "train.epochs=70", "model.overrides.depth=[1,1,1]"]
     )
-    assert cfg["optim"]["lr"] == 1e-3 and cfg["train"]["epochs"] == 70
-    assert cfg["model"]["overrides"] == {"drop_path_rate": [0.0, 0.0, 0.1], "depth": [1, 1, 1]}
+    assert cfg.optim.lr == 1e-3 and cfg.train.epochs == 70
+    assert cfg.model.overrides == {"drop_path_rate": [0.0, 0.0, 0.1], "depth": [1, 1, 1]}
     with pytest.raises(
         ValueError, match=r"unknown config key 'optim.lrr' in the command line; did you mean 'optim.lr'"
     ):
@@ -264,5 +264,6 @@ def test_bad_input_is_one_line_before_training(
 
 
 def test_defaults_are_the_cvt13_recipe() -> None:
-    assert DEFAULTS["optim"]["base_lr"] == 2.5e-4 and DEFAULTS["sched"]["warmup_lr"] == 1e-6
-    assert DEFAULTS["model"]["name"] == "cvt_13"
+    defaults = TrainConfig()
+    assert defaults.optim.base_lr == 2.5e-4 and defaults.sched.warmup_lr == 1e-6
+    assert defaults.model.name == "cvt_13" and defaults.train.batch_size == 256

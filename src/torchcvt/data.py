@@ -351,38 +351,40 @@ def loader_options(workers: int, pin_memory: bool, persistent_workers: bool, dev
     }
 
 
-def train_transform(aug: dict[str, Any], data_config: dict[str, Any]) -> Callable:
+def train_transform(aug: Any, data_config: dict[str, Any]) -> Callable:
     """Training augmentation: timm's ImageNet pipeline (crop, flip, RandAugment, colour jitter, erasing)
     or, with aug.pipeline 'torchvision', the official code's plain one without timm's loader (CvT-21-224).
+
+    aug is the aug section of a training config (torchcvt.engine.TrainConfig().aug).
     """
-    if aug["enabled"] and aug["pipeline"] == "torchvision":
+    if aug.enabled and aug.pipeline == "torchvision":
         _, height, width = data_config["input_size"]
         crop = T.RandomResizedCrop(
             (height, width),
-            scale=tuple(aug["scale"]),
-            ratio=tuple(aug["ratio"]),
-            interpolation=InterpolationMode(aug["interpolation"]),
+            scale=tuple(aug.scale),
+            ratio=tuple(aug.ratio),
+            interpolation=InterpolationMode(aug.interpolation),
         )
-        flip = T.RandomHorizontalFlip(aug["hflip"])
+        flip = T.RandomHorizontalFlip(aug.hflip)
         return T.Compose([crop, flip, T.ToTensor(), T.Normalize(data_config["mean"], data_config["std"])])
     from timm.data import create_transform
 
     return create_transform(
         input_size=data_config["input_size"],
         is_training=True,
-        no_aug=not aug["enabled"],
-        scale=tuple(aug["scale"]),
-        ratio=tuple(aug["ratio"]),
-        hflip=aug["hflip"],
+        no_aug=not aug.enabled,
+        scale=tuple(aug.scale),
+        ratio=tuple(aug.ratio),
+        hflip=aug.hflip,
         vflip=0.0,
-        color_jitter=aug["color_jitter"],
-        auto_augment=aug["auto_augment"],
-        interpolation=aug["interpolation"],
+        color_jitter=aug.color_jitter,
+        auto_augment=aug.auto_augment,
+        interpolation=aug.interpolation,
         mean=data_config["mean"],
         std=data_config["std"],
-        re_prob=aug["re_prob"],
-        re_mode=aug["re_mode"],
-        re_count=aug["re_count"],
+        re_prob=aug.re_prob,
+        re_mode=aug.re_mode,
+        re_count=aug.re_count,
     )
 
 

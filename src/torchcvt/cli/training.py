@@ -64,7 +64,7 @@ def _run_train(args: argparse.Namespace) -> int:
 
         cfg = load_config(config, args.overrides, values)
         plan = dry_run(cfg, 1 if args.world_size is None else args.world_size)
-        print(yaml.safe_dump(cfg, sort_keys=False).rstrip())
+        print(yaml.safe_dump(cfg.to_dict(), sort_keys=False).rstrip())
         print(json.dumps(plan))
         return 0
     try:

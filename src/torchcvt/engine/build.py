@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import math
 import os
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -27,7 +28,6 @@ from ..data import (
 )
 from ..factory import create_model
 from ..model import CvT
-from .config import validate_config
 from .optim import build_loss, build_optimizer, build_scheduler, freeze_stages, learning_rate
 from .runtime import Runtime, seed_everything
 from .state import (
@@ -37,6 +37,7 @@ from .state import (
     remove_leftover_temporaries,
     set_aside_previous_run,
 )
+from .train_config import TrainConfig, as_train_config
 
 logger = logging.getLogger(__name__)
 
@@ -75,21 +76,21 @@ class Components:
     resume_state: dict[str, Any] | None
 
 
-def data_folders(cfg: dict[str, Any], runtime: Runtime) -> tuple[Path, Path]:
+def data_folders(cfg: TrainConfig, runtime: Runtime) -> tuple[Path, Path]:
     """The train and val ImageFolder trees; the embedded digits (written once) when none is given."""
-    d = cfg["data"]
-    if d["train"] is None:
+    d = cfg.data
+    if d.train is None:
         cache = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache"))
-        root = Path(d["digits_root"]) if d["digits_root"] else cache / "torchcvt" / "digits"
+        root = Path(d.digits_root) if d.digits_root else cache / "torchcvt" / "digits"
         if runtime.is_main:
             write_digits(root)
         if runtime.distributed:
             dist.barrier()
         return write_digits(root)
-    train = Path(d["train"])
-    if d["val"] is None:
+    train = Path(d.train)
+    if d.val is None:
         raise ValueError(f"data.val is not set (data.train is {train}); give the validation ImageFolder tree")
-    return train, Path(d["val"])
+    return train, Path(d.val)
 
 
 def checked_classes(train_dir: Path, val_dir: Path) -> list[str]:
@@ -123,43 +124,43 @@ def make_run_folder(output: Path) -> None:
         raise ValueError(f"train.output {output} is not writable")
 
 
-def resume_path(cfg: dict[str, Any], output: Path) -> Path | None:
+def resume_path(cfg: TrainConfig, output: Path) -> Path | None:
     """train.resume, else OUTPUT/last.pth when present and auto_resume is on."""
-    t = cfg["train"]
-    if t["resume"]:
-        path = Path(t["resume"])
+    t = cfg.train
+    if t.resume:
+        path = Path(t.resume)
         # A run folder stands for its last checkpoint.
         return path / "last.pth" if path.is_dir() and (path / "last.pth").is_file() else path
     last = output / "last.pth"
-    return last if t["auto_resume"] and last.is_file() else None
+    return last if t.auto_resume and last.is_file() else None
 
 
-def build_model(cfg: dict[str, Any], class_names: list[str], resuming: bool, runtime: Runtime) -> CvT:
+def build_model(cfg: TrainConfig, class_names: list[str], resuming: bool, runtime: Runtime) -> CvT:
     """The configured variant with its overrides (and the fine-tuning checkpoint unless resuming)."""
-    m = cfg["model"]
-    overrides = dict(m["overrides"] or {})
+    m = cfg.model
+    overrides = dict(m.overrides)
     # Fine-tuning: create_model's loader checks the architecture and replaces a head of another size.
-    checkpoint = None if resuming else m["checkpoint"]
-    model = create_model(m["name"], num_classes=len(class_names), checkpoint=checkpoint, **overrides)
+    checkpoint = None if resuming else m.checkpoint
+    model = create_model(m.name, num_classes=len(class_names), checkpoint=checkpoint, **overrides)
     if checkpoint is not None and runtime.is_main:
         logger.info(f"fine-tuning from {checkpoint}")
-    freeze_stages(model, int(m["freeze_stages"]))
+    freeze_stages(model, m.freeze_stages)
     model.to(runtime.device)
-    if m["sync_bn"] and runtime.distributed:
+    if m.sync_bn and runtime.distributed:
         model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
     return model
 
 
-def build_components(cfg: dict[str, Any], runtime: Runtime) -> Components:
+def build_components(cfg: TrainConfig | Mapping[str, Any], runtime: Runtime) -> Components:
     """Build every component of a run from its config; every input is checked here, before training."""
-    validate_config(cfg)  # a config not from load_config (a dict built in Python) is checked too
-    d, a, t = cfg["data"], cfg["aug"], cfg["train"]
-    output = Path(t["output"])
+    cfg = as_train_config(cfg)
+    d, a, t = cfg.data, cfg.aug, cfg.train
+    output = Path(t.output)
     if runtime.is_main:
         make_run_folder(output)
-    amp_dtype = AMP_DTYPES[t["amp"]]
-    val_amp_dtype = amp_dtype if t["val_amp"] is None else AMP_DTYPES[t["val_amp"]]
-    seed = int(t["seed"])
+    amp_dtype = AMP_DTYPES[t.amp]
+    val_amp_dtype = amp_dtype if t.val_amp is None else AMP_DTYPES[t.val_amp]
+    seed = t.seed
     # Per-rank streams (as timm's random_seed(seed, rank)): DropPath masks and mixup differ across ranks.
     # Rank 0 draws what a single process draws; DDP gives every rank rank 0's initial weights.
     seed_everything(seed + runtime.rank)
@@ -173,8 +174,8 @@ def build_components(cfg: dict[str, Any], runtime: Runtime) -> Components:
     resume = read_training_state(resume_from) if resume_from else None
     if resume is not None:
         check_training_state(resume, resume_from)
-        m = cfg["model"]
-        config = variant_config(m["name"], num_classes=len(class_names), **m["overrides"])
+        m = cfg.model
+        config = variant_config(m.name, num_classes=len(class_names), **m.overrides)
         changes = check_resumable(resume, cfg, config, class_names, resume_from)
         if changes and runtime.is_main:
             listed = "; ".join(f"{key}: {old!r} -> {new!r}" for key, (old, new) in changes.items())
@@ -192,7 +193,7 @@ def build_components(cfg: dict[str, Any], runtime: Runtime) -> Components:
         )
     if runtime.is_main:
         val_set.warn_empty_classes()
-    batch_size = int(t["batch_size"])
+    batch_size = t.batch_size
     per_rank = math.ceil(len(train_set) / runtime.world_size)
     if batch_size < 1:
         raise ValueError(f"train.batch_size must be positive, got {batch_size}")
@@ -203,11 +204,11 @@ def build_components(cfg: dict[str, Any], runtime: Runtime) -> Components:
         )
     global_batch = batch_size * runtime.world_size
 
-    if a["repeated_aug"]:
+    if a.repeated_aug:
         from timm.data.distributed_sampler import RepeatAugSampler
 
         base = RepeatAugSampler(
-            train_set, num_replicas=runtime.world_size, rank=runtime.rank, num_repeats=int(a["repeated_aug"])
+            train_set, num_replicas=runtime.world_size, rank=runtime.rank, num_repeats=a.repeated_aug
         )
     else:
         base = DistributedSampler(
@@ -215,9 +216,7 @@ def build_components(cfg: dict[str, Any], runtime: Runtime) -> Components:
             drop_last=False,
         )
     sampler = SeededSampler(base, seed, runtime.rank, runtime.world_size)
-    options = loader_options(
-        int(d["workers"]), bool(d["pin_memory"]), bool(d["persistent_workers"]), runtime.device
-    )
+    options = loader_options(d.workers, d.pin_memory, d.persistent_workers, runtime.device)
     # A private generator: creating loader iterators must not consume the global RNG.
     train_loader = DataLoader(
         train_set, batch_size=batch_size, sampler=sampler, drop_last=True,
@@ -225,16 +224,16 @@ def build_components(cfg: dict[str, Any], runtime: Runtime) -> Components:
     )
     val_loader = DataLoader(
         val_set,
-        batch_size=int(d["eval_batch_size"] or batch_size),
+        batch_size=d.eval_batch_size or batch_size,
         sampler=ShardSampler(len(val_set), runtime.rank, runtime.world_size),
         **options,
     )
     steps_per_epoch = len(base) // batch_size
 
-    lr = learning_rate(cfg["optim"], global_batch)
-    optimizer = build_optimizer(model, cfg["optim"], lr)
-    epochs = int(t["epochs"])
-    scheduler = build_scheduler(optimizer, cfg["sched"], epochs, steps_per_epoch)
+    lr = learning_rate(cfg.optim, global_batch)
+    optimizer = build_optimizer(model, cfg.optim, lr)
+    epochs = t.epochs
+    scheduler = build_scheduler(optimizer, cfg.sched, epochs, steps_per_epoch)
     mixup, criterion = build_loss(a, len(class_names))
     # fp16 needs loss scaling on every device (torch's GradScaler runs on CPU too); bf16 does not.
     scaler = torch.amp.GradScaler(runtime.device.type, enabled=amp_dtype is torch.float16)
@@ -243,11 +242,11 @@ def build_components(cfg: dict[str, Any], runtime: Runtime) -> Components:
         device_ids = [runtime.device.index] if runtime.device.type == "cuda" else None
         ddp = nn.parallel.DistributedDataParallel(model, device_ids=device_ids)
     ema = None
-    if t["ema"]:
+    if t.ema:
         from timm.utils import ModelEmaV3
 
         # After DDP's broadcast of rank 0's weights: every rank's average starts from the same model.
-        ema = ModelEmaV3(model, decay=float(t["ema_decay"]))
+        ema = ModelEmaV3(model, decay=t.ema_decay)
     return Components(
         output=output, train_dir=train_dir, val_dir=val_dir, class_names=class_names, model=model, ddp=ddp,
         train_set=train_set, val_set=val_set, sampler=sampler, train_loader=train_loader,

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -17,6 +18,7 @@ from .runtime import Runtime, agree_on_failure, init_runtime, torch_settings
 from .snapshot import Checkpointer, LoopState
 from .steps import StepRunner, TrainingDiverged, merge_lone_images
 from .summary import RunReport
+from .train_config import TrainConfig, as_train_config
 
 __all__ = ["Trainer", "TrainingDiverged", "train"]
 
@@ -26,7 +28,7 @@ logger = logging.getLogger(__name__)
 class Trainer:
     """Runs one training run on components built by build_components; rank 0 alone logs and saves."""
 
-    def __init__(self, cfg: dict[str, Any], runtime: Runtime, parts: Components, lock: RunLock | None = None):
+    def __init__(self, cfg: TrainConfig, runtime: Runtime, parts: Components, lock: RunLock | None = None):
         self.cfg, self.runtime, self.parts, self.lock = cfg, runtime, parts, lock
         self.model, self.optimizer, self.ema = parts.model, parts.optimizer, parts.ema
         self.output, self.class_names = parts.output, parts.class_names
@@ -34,18 +36,19 @@ class Trainer:
         self.global_batch = parts.global_batch
         self.loop = LoopState()  # where the run stands; restored from a checkpoint when resuming
         self.checkpoints = Checkpointer(cfg, runtime, parts, self.loop)
-        self.steps = StepRunner(parts, runtime, cfg["optim"]["clip_grad"])
+        self.steps = StepRunner(parts, runtime, cfg.optim.clip_grad)
         self.report = RunReport(cfg, runtime, parts, self.loop, self.checkpoints.gather)
         self.metrics: MetricsLog | None = None
 
     @classmethod
-    def from_config(cls, cfg: dict[str, Any], runtime: Runtime) -> Trainer:
+    def from_config(cls, cfg: TrainConfig | Mapping[str, Any], runtime: Runtime) -> Trainer:
         """Lock the run folder, then build every component from cfg (checking every input) for a Trainer.
 
         The lock comes first, so a second training on a folder in use moves nothing aside; every rank
         stops when rank 0 cannot take it.
         """
-        output = Path(cfg["train"]["output"])
+        cfg = as_train_config(cfg)
+        output = Path(cfg.train.output)
         lock, error = RunLock(output), None
         if runtime.is_main:
             try:
@@ -66,7 +69,7 @@ class Trainer:
 
     def set_train_mode(self) -> None:
         self.parts.ddp.train()
-        for stage in self.model.stages[: int(self.cfg["model"]["freeze_stages"])]:
+        for stage in self.model.stages[: self.cfg.model.freeze_stages]:
             stage.eval()
 
     def run(self) -> dict[str, Any]:
@@ -78,7 +81,7 @@ class Trainer:
                 self.lock.release()
 
     def _run(self) -> dict[str, Any]:
-        t, parts, loop = self.cfg["train"], self.parts, self.loop
+        t, parts, loop = self.cfg.train, self.parts, self.loop
         self.checkpoints.started = self.report.started = time.perf_counter()
         if parts.resume_state is not None:
             self.checkpoints.restore(parts.resume_state)
@@ -90,9 +93,9 @@ class Trainer:
         main = self.runtime.is_main
         resumed_at = loop.global_step if parts.resume_path else None
         self.metrics = MetricsLog(self.output, resumed_at) if main else None
-        progress = Progress(main, bool(t["quiet"]), int(t["log_every_steps"]))
+        progress = Progress(main, t.quiet, t.log_every_steps)
         self._log(
-            f"training {self.cfg['model']['name']} on {len(parts.train_set)} images of "
+            f"training {self.cfg.model.name} on {len(parts.train_set)} images of "
             f"{len(self.class_names)} classes ({parts.train_dir}), {self.runtime.world_size} process(es) on "
             f"{self.runtime.device}, global batch {self.global_batch}, lr {self.lr:.3g}, "
             f"{self.epochs} epochs; output {self.output}"
@@ -122,7 +125,7 @@ class Trainer:
         """The steps of one epoch, from the image a resumed run stopped at (counted in images, not steps,
         so a batch size changed on resume neither skips nor repeats any)."""
         parts, loop, world = self.parts, self.loop, self.runtime.world_size
-        every, interval = int(self.cfg["train"]["checkpoint_every_steps"]), self.cfg["sched"]["interval"]
+        every, interval = self.cfg.train.checkpoint_every_steps, self.cfg.sched.interval
         batch = parts.batch_size
         # Per rank: images drawn before this segment, and the images one whole epoch trains.
         first = loop.start_images // world if epoch == loop.start_epoch else 0
@@ -177,11 +180,12 @@ class Trainer:
                        "unreadable: a training batch needs two")
 
 
-def train(cfg: dict[str, Any]) -> dict[str, Any]:
+def train(cfg: TrainConfig | Mapping[str, Any]) -> dict[str, Any]:
     """Run one experiment from a config (see load_config); returns the summary written to summary.json."""
-    runtime = init_runtime(cfg["train"]["device"])
+    cfg = as_train_config(cfg)
+    runtime = init_runtime(cfg.train.device)
     try:
-        with torch_settings(bool(cfg["train"]["deterministic"]), runtime.device):
+        with torch_settings(cfg.train.deterministic, runtime.device):
             return Trainer.from_config(cfg, runtime).run()
     finally:
         if runtime.distributed and dist.is_initialized():

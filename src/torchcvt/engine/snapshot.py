@@ -15,6 +15,7 @@ from .optim import update_lr
 from .runtime import Runtime, agree_on_failure, rng_state, set_rng_state
 from .state import read_training_state, save_training_state
 from .steps import TrainingDiverged
+from .train_config import TrainConfig
 
 logger = logging.getLogger(__name__)
 
@@ -41,7 +42,7 @@ class LoopState:
 class Checkpointer:
     """Writes the training checkpoint of a run (rank 0) and restores a run from one."""
 
-    def __init__(self, cfg: dict[str, Any], runtime: Runtime, parts: Components, loop: LoopState):
+    def __init__(self, cfg: TrainConfig, runtime: Runtime, parts: Components, loop: LoopState):
         self.cfg, self.runtime, self.parts, self.loop = cfg, runtime, parts, loop
         self._checked_finite_at = -1  # the step whose weights save() last found finite
         self.started = time.perf_counter()
@@ -60,7 +61,7 @@ class Checkpointer:
         gathered = self.gather({"rng": rng_state(), "skipped": sorted(loop.skipped), "left_out": left_out})
         return {
             "state_dict": parts.model.state_dict(),
-            "model_name": self.cfg["model"]["name"],
+            "model_name": self.cfg.model.name,
             "config": parts.model.config.to_dict(),
             "class_names": list(parts.class_names),
             "optimizer": parts.optimizer.state_dict(),
@@ -78,7 +79,7 @@ class Checkpointer:
             "skipped_images": sorted(set().union(*(rank["skipped"] for rank in gathered))),
             "left_out_images": sum(rank["left_out"] for rank in gathered),
             "last_val": loop.last_val,
-            "train_config": self.cfg,
+            "train_config": self.cfg.to_dict(),
             "wall_seconds": loop.wall_before + time.perf_counter() - self.started,
             "train_images": loop.train_images,
             "train_seconds": loop.train_seconds,
@@ -142,7 +143,7 @@ class Checkpointer:
         if left // parts.batch_size == 0:  # the epoch is done
             loop.start_epoch, loop.start_images = loop.start_epoch + 1, 0
         loop.global_step = int(state["global_step"])
-        update_lr(parts.scheduler, self.cfg["sched"]["interval"], loop.start_epoch, loop.global_step)
+        update_lr(parts.scheduler, self.cfg.sched.interval, loop.start_epoch, loop.global_step)
         loop.best_top1, loop.best_top5 = float(state["best_top1"]), float(state["best_top5"])
         self._adopt_best_score()
         loop.skipped = set(state.get("skipped_images", []))

@@ -14,6 +14,7 @@ import torch
 
 from ..config import ARCHITECTURE_FIELDS, CvtConfig, architecture_differences
 from ..files import FailSoftly
+from .train_config import TrainConfig
 
 # Bumped whenever a key's meaning changes; files without the field were written before it existed (0).
 FORMAT_VERSION = 1
@@ -194,7 +195,7 @@ def config_changes(saved: dict[str, Any], new: dict[str, Any]) -> dict[str, tupl
 
 
 def check_resumable(
-    state: dict[str, Any], cfg: dict[str, Any], config: CvtConfig, class_names: list[str], path: Path
+    state: dict[str, Any], cfg: TrainConfig, config: CvtConfig, class_names: list[str], path: Path
 ) -> dict[str, tuple[Any, Any]]:
     """The config keys changed since the checkpoint; a one-line error for a change a run cannot survive."""
     saved_config = state.get("config")
@@ -212,7 +213,7 @@ def check_resumable(
             f"cannot resume from {path}: it was trained on {len(saved_classes)} classes "
             f"{_preview(saved_classes)} but the data has {len(class_names)} classes {_preview(class_names)}"
         )
-    changes = config_changes(state.get("train_config") or {}, cfg)
+    changes = config_changes(state.get("train_config") or {}, cfg.to_dict())
     for key in FIXED_ON_RESUME:
         if key in changes:
             old, new = changes[key]

@@ -13,6 +13,7 @@ from .evaluate import evaluate
 from .reporting import MetricsLog, plot_curves
 from .runtime import Runtime
 from .snapshot import LoopState
+from .train_config import TrainConfig
 
 logger = logging.getLogger(__name__)
 
@@ -20,10 +21,10 @@ logger = logging.getLogger(__name__)
 class RunReport:
     """Validation, notices about the data, and the summary of a run (written by rank 0)."""
 
-    def __init__(self, cfg: dict[str, Any], runtime: Runtime, parts: Components, loop: LoopState,
+    def __init__(self, cfg: TrainConfig, runtime: Runtime, parts: Components, loop: LoopState,
                  gather: Callable[[Any], list[Any]]):
         self.cfg, self.runtime, self.parts, self.loop, self.gather = cfg, runtime, parts, loop, gather
-        self.strict = bool(cfg["data"]["strict"])
+        self.strict = cfg.data.strict
         self.warned_classes: set[str] = set()
         self.started = time.perf_counter()
 
@@ -102,7 +103,7 @@ class RunReport:
         left_out = sum(self.gather(loop.left_out + left_out))
         best_is_last = loop.best_top1 < last_val["top1"]
         summary = {
-            "model": self.cfg["model"]["name"],
+            "model": self.cfg.model.name,
             "best_val_top1": max(loop.best_top1, last_val["top1"]),
             "best_val_top5": last_val["top5"] if best_is_last else loop.best_top5,
             "final_val_top1": last_val["top1"],
