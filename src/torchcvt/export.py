@@ -122,7 +122,8 @@ def export_torchscript(model: CvT, path: str | Path, example: torch.Tensor | Non
     with torch.no_grad(), warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*torch.jit.* is deprecated.*", category=FutureWarning)
         traced = torch.jit.trace(model, example, check_trace=False)
-    with replace_file(path) as handle:
+    with replace_file(path) as handle, warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*torch.jit.* is deprecated.*", category=FutureWarning)
         torch.jit.save(traced, handle)
     return Path(path)
 
