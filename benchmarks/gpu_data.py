@@ -19,7 +19,6 @@ from typing import Any
 
 import numpy as np
 import torch
-import yaml
 from PIL import Image
 
 import torchcvt
@@ -92,57 +91,15 @@ def generate(root: Path, shape: DataShape) -> Path:
     return root
 
 
-def posterize_defect(config: Path) -> str | None:
-    """Why the config's RandAugment fails with the installed timm and Pillow, or None: timm's increasing
-    posterize ('inc1') keeps 0 bits at magnitude 10, which Pillow 13 rejects, so a training run using it
-    stops at the first image that draws it."""
-    import PIL
-    import timm
-    from timm.data import auto_augment
-
-    policy = yaml.safe_load(config.read_text())["aug"].get("auto_augment") or ""
-    if not (policy.startswith("rand") and "inc1" in policy):
-        return None
-    try:
-        auto_augment.posterize(Image.new("RGB", (2, 2)), 0)
-    except ValueError as error:
-        return (
-            f"{config.name}'s aug.auto_augment {policy!r}: timm {timm.__version__}'s increasing posterize "
-            f"keeps 0 bits at magnitude 10 and Pillow {PIL.__version__} rejects that ({error}), so "
-            "training with it fails at random"
-        )
-    return None
-
-
 def official_transform(config: Path, model: str) -> Any:
-    """The training augmentation the official CvT config asks for (timm's, as `torchcvt train` builds it)."""
-    from timm.data import create_transform
+    """The training augmentation the config asks for, built as `torchcvt train` builds it."""
+    from torchcvt.data import train_transform
+    from torchcvt.engine import load_config
 
-    defect = posterize_defect(config)
-    if defect:
-        raise ValueError(defect)
-    aug = yaml.safe_load(config.read_text())["aug"]
-    if aug.get("pipeline", "timm") != "timm":
-        raise ValueError(
-            f"{config}: aug.pipeline {aug['pipeline']!r}; this benchmark measures timm's pipeline"
-        )
-    data = torchcvt.get_variant(model).data_config()
-    return create_transform(
-        input_size=data["input_size"],
-        is_training=True,
-        scale=tuple(aug["scale"]),
-        ratio=tuple(aug["ratio"]),
-        hflip=aug["hflip"],
-        vflip=0.0,
-        color_jitter=aug["color_jitter"],
-        auto_augment=aug["auto_augment"],
-        interpolation=aug["interpolation"],
-        mean=data["mean"],
-        std=data["std"],
-        re_prob=aug["re_prob"],
-        re_mode=aug["re_mode"],
-        re_count=aug["re_count"],
-    )
+    aug = load_config(str(config)).aug
+    if aug.pipeline != "timm":
+        raise ValueError(f"{config}: aug.pipeline {aug.pipeline!r}; this benchmark measures timm's pipeline")
+    return train_transform(aug, torchcvt.get_variant(model).data_config())
 
 
 def pipeline_speed(
@@ -188,9 +145,6 @@ def train_run(
     config: Path, data: Path, output: Path, overrides: list[str], seconds: float
 ) -> dict[str, Any]:
     """`torchcvt train` in a subprocess, stopped with its workers after `seconds`: steps, images/s, losses."""
-    defect = posterize_defect(config)
-    if defect:
-        raise ValueError(defect)
     config = config.resolve().relative_to(ROOT) if config.resolve().is_relative_to(ROOT) else config
     command = [
         sys.executable,

@@ -369,7 +369,7 @@ def train_transform(aug: Any, data_config: dict[str, Any]) -> Callable:
         return T.Compose([crop, flip, T.ToTensor(), T.Normalize(data_config["mean"], data_config["std"])])
     from timm.data import create_transform
 
-    return create_transform(
+    transform = create_transform(
         input_size=data_config["input_size"],
         is_training=True,
         no_aug=not aug.enabled,
@@ -386,6 +386,23 @@ def train_transform(aug: Any, data_config: dict[str, Any]) -> Callable:
         re_mode=aug.re_mode,
         re_count=aug.re_count,
     )
+    _posterize_zero_bits_to_black(transform)
+    return transform
+
+
+def _posterize(image: Image.Image, bits_to_keep: int, **_: Any) -> Image.Image:
+    if bits_to_keep >= 8:
+        return image
+    return image.point(lambda _: 0) if bits_to_keep <= 0 else ImageOps.posterize(image, bits_to_keep)
+
+
+def _posterize_zero_bits_to_black(transform: Callable) -> None:
+    """RandAugment's 'inc1' policy (every official recipe) posterizes to 0 bits at high magnitudes: a black
+    image with Pillow before 13, a ValueError with Pillow 13 that stops training. Keep the black image."""
+    for step in getattr(transform, "transforms", ()):
+        for op in getattr(step, "ops", ()):
+            if getattr(op, "name", "").startswith("Posterize"):
+                op.aug_fn = _posterize
 
 
 def write_digits(root: str | Path, size: int = DIGITS_SIZE) -> tuple[Path, Path]:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 import math
 import os
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -28,8 +28,10 @@ from ..data import (
 )
 from ..factory import create_model
 from ..model import CvT
+from ..weights import Checkpoint
 from .optim import build_loss, build_optimizer, build_scheduler, freeze_stages, learning_rate
 from .runtime import Runtime, seed_everything
+from .starting import read_weights, released_weights
 from .state import (
     check_resumable,
     check_training_state,
@@ -37,7 +39,7 @@ from .state import (
     remove_leftover_temporaries,
     set_aside_previous_run,
 )
-from .train_config import TrainConfig, as_train_config
+from .train_config import TrainConfig, as_train_config, per_process_batch
 
 logger = logging.getLogger(__name__)
 
@@ -63,6 +65,7 @@ class Components:
     global_batch: int
     steps_per_epoch: int
     epochs: int
+    max_steps: int | None  # a run counted in steps (train.steps) stops after this many
     lr: float
     optimizer: torch.optim.Optimizer
     scheduler: Any
@@ -135,20 +138,56 @@ def resume_path(cfg: TrainConfig, output: Path) -> Path | None:
     return last if t.auto_resume and last.is_file() else None
 
 
-def build_model(cfg: TrainConfig, class_names: list[str], resuming: bool, runtime: Runtime) -> CvT:
-    """The configured variant with its overrides (and the fine-tuning checkpoint unless resuming)."""
+def starting_weights(cfg: TrainConfig) -> Checkpoint | None:
+    """The weights a run starts from, read: model.pretrained's (Hub cache) or model.checkpoint's."""
     m = cfg.model
-    overrides = dict(m.overrides)
-    # Fine-tuning: create_model's loader checks the architecture and replaces a head of another size.
-    checkpoint = None if resuming else m.checkpoint
-    model = create_model(m.name, num_classes=len(class_names), checkpoint=checkpoint, **overrides)
-    if checkpoint is not None and runtime.is_main:
-        logger.info(f"fine-tuning from {checkpoint}")
+    if m.pretrained is not None:
+        return released_weights(m.pretrained)
+    return read_weights(m.checkpoint) if m.checkpoint is not None else None
+
+
+def build_model(cfg: TrainConfig, class_names: list[str], resuming: bool, runtime: Runtime) -> CvT:
+    """The configured variant with its overrides; unless resuming, the starting weights with a head for the
+    data's classes (see model.head)."""
+    m = cfg.model
+    checkpoint = None if resuming else starting_weights(cfg)
+    if checkpoint is None:
+        model = create_model(m.name, num_classes=len(class_names), **m.overrides)
+    else:
+        # Loaded as saved (its own head), so that the head is replaced by the rule below and nowhere else.
+        source = m.pretrained or checkpoint.path
+        model = create_model(m.name, checkpoint=checkpoint, **m.overrides)
+        fresh = _needs_new_head(m.head, checkpoint.num_classes, checkpoint.class_names, class_names, source)
+        if fresh:
+            model.reset_classifier(len(class_names))
+        model.pretrained_cfg = {
+            **model.pretrained_cfg, "num_classes": len(class_names), "label_names": tuple(class_names),
+        }
+        if runtime.is_main:
+            head = "a new head" if fresh else "its own head"
+            logger.info(
+                f"fine-tuning {source} with {head} for the data's {len(class_names)} classes"
+            )
     freeze_stages(model, m.freeze_stages)
     model.to(runtime.device)
     if m.sync_bn and runtime.distributed:
         model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
     return model
+
+
+def _needs_new_head(
+    head: str, count: int, names: Sequence[str] | None, class_names: list[str], source: str | Path
+) -> bool:
+    """model.head's rule: auto keeps the starting head only when it is the data's (same number of classes,
+    and the same names where the checkpoint records them)."""
+    if head == "keep":
+        if count != len(class_names):
+            raise ValueError(
+                f"model.head=keep, but {source} has a {count}-class head and the data {len(class_names)} "
+                "classes: use model.head=auto for a new head"
+            )
+        return False
+    return head == "new" or count != len(class_names) or (names is not None and list(names) != class_names)
 
 
 def build_components(cfg: TrainConfig | Mapping[str, Any], runtime: Runtime) -> Components:
@@ -193,7 +232,7 @@ def build_components(cfg: TrainConfig | Mapping[str, Any], runtime: Runtime) -> 
         )
     if runtime.is_main:
         val_set.warn_empty_classes()
-    batch_size = t.batch_size
+    batch_size = per_process_batch(t, runtime.world_size)
     per_rank = math.ceil(len(train_set) / runtime.world_size)
     if batch_size < 1:
         raise ValueError(f"train.batch_size must be positive, got {batch_size}")
@@ -232,8 +271,8 @@ def build_components(cfg: TrainConfig | Mapping[str, Any], runtime: Runtime) -> 
 
     lr = learning_rate(cfg.optim, global_batch)
     optimizer = build_optimizer(model, cfg.optim, lr)
-    epochs = t.epochs
-    scheduler = build_scheduler(optimizer, cfg.sched, epochs, steps_per_epoch)
+    epochs = math.ceil(t.steps / steps_per_epoch) if t.steps else t.epochs
+    scheduler = build_scheduler(optimizer, cfg.sched, epochs, steps_per_epoch, t.steps)
     mixup, criterion = build_loss(a, len(class_names))
     # fp16 needs loss scaling on every device (torch's GradScaler runs on CPU too); bf16 does not.
     scaler = torch.amp.GradScaler(runtime.device.type, enabled=amp_dtype is torch.float16)
@@ -251,7 +290,8 @@ def build_components(cfg: TrainConfig | Mapping[str, Any], runtime: Runtime) -> 
         output=output, train_dir=train_dir, val_dir=val_dir, class_names=class_names, model=model, ddp=ddp,
         train_set=train_set, val_set=val_set, sampler=sampler, train_loader=train_loader,
         val_loader=val_loader, batch_size=batch_size, global_batch=global_batch,
-        steps_per_epoch=steps_per_epoch, epochs=epochs, lr=lr, optimizer=optimizer, scheduler=scheduler,
+        steps_per_epoch=steps_per_epoch, epochs=epochs, max_steps=t.steps, lr=lr, optimizer=optimizer,
+        scheduler=scheduler,
         mixup=mixup, criterion=criterion, ema=ema, scaler=scaler, amp_dtype=amp_dtype,
         val_amp_dtype=val_amp_dtype, resume_path=resume_from, resume_state=resume,
     )

@@ -10,7 +10,7 @@ import torch
 from ..config import get_variant, variant_config
 from ..data import eval_transform, train_transform
 from .optim import build_scheduler, learning_rate, update_lr
-from .train_config import AugSettings, TrainConfig, as_train_config
+from .train_config import AugSettings, TrainConfig, as_train_config, per_process_batch
 
 # The per-step schedule's LR at an epoch's first step does not depend on the number of steps per epoch
 # (a fractional warm-up aside, rounded to whole steps), so the dry run uses a nominal count, not the data.
@@ -35,6 +35,18 @@ def lr_per_epoch(cfg: TrainConfig, lr: float, steps_per_epoch: int = NOMINAL_STE
     return values
 
 
+def lr_at_steps(cfg: TrainConfig, lr: float) -> dict[int, float]:
+    """A run counted in steps: the LR at its first step, the end of warm-up, the middle and the last step."""
+    optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=lr)
+    steps = cfg.train.steps
+    scheduler = build_scheduler(optimizer, cfg.sched, 1, steps, steps)
+    values = {}
+    for step in sorted({0, cfg.sched.warmup_steps or 0, steps // 2, steps - 1}):
+        update_lr(scheduler, "step", 0, step)
+        values[step] = optimizer.param_groups[0]["lr"]
+    return values
+
+
 def dry_run(cfg: TrainConfig | Mapping[str, Any], world_size: int = 1) -> dict[str, Any]:
     """What `train(cfg)` would run on world_size processes: batch, LR per epoch, precision, transforms.
 
@@ -46,23 +58,30 @@ def dry_run(cfg: TrainConfig | Mapping[str, Any], world_size: int = 1) -> dict[s
     m, a, o, s, t = cfg.model, cfg.aug, cfg.optim, cfg.sched, cfg.train
     data_config = get_variant(m.name).data_config()
     model_config = variant_config(m.name, **m.overrides)
-    batch = t.batch_size
+    batch = per_process_batch(t, world_size)
     lr = learning_rate(o, batch * world_size)
+    by_steps = t.steps is not None
     return {
         "model": m.name,
+        "pretrained": m.pretrained,
         "checkpoint": m.checkpoint,
+        "head": m.head,
         "per_process_batch": batch,
         "global_batch": batch * world_size,
         "world_size": world_size,
         "optimizer": o.opt,
         "peak_lr": lr,
         "weight_decay": o.weight_decay,
-        "epochs": t.epochs,
-        "warmup_epochs": s.warmup_epochs,
+        # A run counted in steps has as many epochs as its steps take on the data, unknown here.
+        "steps": t.steps,
+        "epochs": None if by_steps else t.epochs,
+        "warmup_steps": s.warmup_steps,
+        "warmup_epochs": None if by_steps else s.warmup_epochs,
         "warmup_lr": s.warmup_lr,
         "min_lr": s.min_lr,
         "cooldown_epochs": s.cooldown_epochs,
-        "lr_per_epoch": lr_per_epoch(cfg, lr),
+        "lr_per_epoch": None if by_steps else lr_per_epoch(cfg, lr),
+        "lr_at_steps": lr_at_steps(cfg, lr) if by_steps else None,
         "sched_on": s.interval,
         "amp": t.amp,
         "val_amp": t.val_amp if t.val_amp is not None else t.amp,

@@ -98,7 +98,7 @@ class Trainer:
             f"training {self.cfg.model.name} on {len(parts.train_set)} images of "
             f"{len(self.class_names)} classes ({parts.train_dir}), {self.runtime.world_size} process(es) on "
             f"{self.runtime.device}, global batch {self.global_batch}, lr {self.lr:.3g}, "
-            f"{self.epochs} epochs; output {self.output}"
+            f"{self._length()}; output {self.output}"
         )
         last_val: dict[str, Any] = {}
         try:
@@ -117,6 +117,10 @@ class Trainer:
             if self.metrics is not None:
                 self.metrics.close()
         return self.report.finish(last_val, self.steps.left_out)
+
+    def _length(self) -> str:
+        steps = self.parts.max_steps
+        return f"{steps} steps ({self.epochs} epochs)" if steps is not None else f"{self.epochs} epochs"
 
     def _save(self, name: str, epoch: int, epoch_images: int) -> None:
         self.checkpoints.save(name, epoch, epoch_images, self.loop.left_out + self.steps.left_out)
@@ -137,6 +141,8 @@ class Trainer:
         window_loss, window_steps, tick = self.steps.zero(), 0, time.perf_counter()
         batches = merge_lone_images(parts.train_loader, batch, self._left_out)
         for done, (images, targets, bad) in enumerate(batches, start=1):
+            if parts.max_steps is not None and loop.global_step >= parts.max_steps:
+                break  # a run counted in steps ends mid-epoch
             error = None
             try:
                 self.report.unreadable(bad)
@@ -151,7 +157,8 @@ class Trainer:
             window_loss, window_steps = window_loss + loss, window_steps + 1
             loop.train_images += self.global_batch
             drawn = first + done * batch
-            log = loop.global_step % progress.every == 0 or done == steps
+            at_end = done == steps or loop.global_step == parts.max_steps
+            log = loop.global_step % progress.every == 0 or at_end
             saving = bool(every) and loop.global_step % every == 0
             mean_loss = None
             if log or saving:

@@ -68,15 +68,27 @@ def optimizer_extras(optim: OptimSettings) -> dict[str, Any]:
 
 
 def build_scheduler(
-    optimizer: torch.optim.Optimizer, sched: SchedSettings, epochs: int, steps_per_epoch: int
+    optimizer: torch.optim.Optimizer,
+    sched: SchedSettings,
+    epochs: int,
+    steps_per_epoch: int,
+    total_steps: int | None = None,
 ) -> Any:
-    """Cosine over epochs - cooldown (warm-up included), then min_lr to the end.
+    """Cosine over epochs - cooldown (warm-up included), then min_lr to the end; with total_steps (a run
+    counted in steps), cosine over those steps after sched.warmup_steps of warm-up.
 
     sched.interval 'step' moves the LR every optimizer step; 'epoch' once per epoch, as the official
     code's timm scheduler (t_initial in epochs, epoch 0 entirely at warmup_lr). Drive it with update_lr.
     """
     from timm.scheduler import CosineLRScheduler
 
+    if total_steps is not None:
+        # As ViT's fine-tuning code: linear warm-up to the peak, then cosine over the remaining steps.
+        warmup = sched.warmup_steps or 0
+        return CosineLRScheduler(
+            optimizer, t_initial=total_steps - warmup, lr_min=sched.min_lr, warmup_t=warmup,
+            warmup_lr_init=sched.warmup_lr, warmup_prefix=True, t_in_epochs=False,
+        )
     cooldown = sched.cooldown_epochs
     per_epoch = sched.interval == "epoch"
     unit = 1 if per_epoch else steps_per_epoch

@@ -26,6 +26,7 @@ class RunReport:
         self.cfg, self.runtime, self.parts, self.loop, self.gather = cfg, runtime, parts, loop, gather
         self.strict = cfg.data.strict
         self.warned_classes: set[str] = set()
+        self.epochs = parts.epochs
         self.started = time.perf_counter()
 
     def _log(self, text: str) -> None:
@@ -80,7 +81,7 @@ class RunReport:
         if metrics is not None:
             metrics.write(record)
         self._log(
-            f"epoch {epoch + 1}/{parts.epochs}: val top-1 {100 * result['top1']:.2f}% "
+            f"epoch {epoch + 1}/{self.epochs}: val top-1 {100 * result['top1']:.2f}% "
             f"top-5 {100 * result['top5']:.2f}% loss {result['loss']:.4f}"
         )
         return result
@@ -88,12 +89,14 @@ class RunReport:
     def finished(self) -> dict[str, Any]:
         """A run resumed after its last epoch: its summary, unchanged (written now if a kill prevented it)."""
         output = self.parts.output
-        self._log(f"the run in {output} is already finished ({self.parts.epochs} epochs); nothing to do")
+        # Resumed with fewer epochs than it trained: the summary counts the epochs its metrics hold.
+        self.epochs = max(self.epochs, self.loop.start_epoch)
+        self._log(f"the run in {output} is already finished ({self.epochs} epochs); nothing to do")
         summary = output / "summary.json"
         if summary.is_file():
             return json.loads(summary.read_text())
         if self.loop.last_val is None:
-            self.loop.last_val = self.validate(self.parts.epochs - 1, None)
+            self.loop.last_val = self.validate(self.epochs - 1, None)
         return self.finish(self.loop.last_val)
 
     def finish(self, last_val: dict[str, Any], left_out: int = 0) -> dict[str, Any]:
@@ -109,7 +112,7 @@ class RunReport:
             "final_val_top1": last_val["top1"],
             "final_val_top5": last_val["top5"],
             "final_val_loss": last_val["loss"],
-            "epochs": self.parts.epochs,
+            "epochs": self.epochs,
             "steps": loop.global_step,
             "wall_seconds": loop.wall_before + time.perf_counter() - self.started,
             "images_per_second": loop.train_images / max(loop.train_seconds, 1e-9),

@@ -36,7 +36,12 @@ class ModelSettings:
     """The network: a registered variant, its config overrides and the weights to start from."""
 
     name: str = "cvt_13"
-    checkpoint: str | None = None  # weights to fine-tune from: anything create_model(checkpoint=...) loads
+    pretrained: str | None = None  # released weights by tag (cvt_13.ms_in1k), from the Hub cache
+    checkpoint: str | None = None  # a weights file to start from: anything create_model(checkpoint=...) loads
+    require_weights: bool = False  # a fine-tuning recipe: a run without pretrained or checkpoint is an error
+    # The classifier of the starting weights: auto keeps it only when the checkpoint's class list is the
+    # data's (count, and names where it records them); new always starts a fresh one; keep always keeps it.
+    head: Literal["auto", "new", "keep"] = "auto"
     overrides: dict[str, Any] = option({}, of="model config fields")  # e.g. {drop_path_rate: [0, 0, 0.1]}
     freeze_stages: int = option(0, low=0)  # stages 0..N-1 keep their weights (and BN statistics)
     sync_bn: bool = False
@@ -108,14 +113,21 @@ class SchedSettings:
     warmup_lr: float = option(1e-6, low=0.0)
     min_lr: float = option(1e-5, low=0.0)
     cooldown_epochs: int = option(10, low=0)  # the last epochs run at min_lr; they count within train.epochs
+    warmup_steps: int | None = option(None, low=0)  # the warm-up of a run counted in steps (train.steps)
 
 
 @dataclass(frozen=True)
 class TrainSettings:
     """The run: length, batch, precision, averaging, seed, device, checkpoints and logging."""
 
-    epochs: int = option(300, low=1)
-    batch_size: int = option(256, low=1)
+    epochs: int = option(300, low=1)  # not used when train.steps is set
+    # The run's length in optimizer steps (the paper's transfer protocol) instead of epochs: the schedule
+    # runs over these steps and the run stops after the last, mid-epoch if need be.
+    steps: int | None = option(None, low=1)
+    batch_size: int = option(256, low=1)  # images per step on each process
+    # Images per step over all processes, whatever their number: each process takes global_batch / N
+    # (train.batch_size is then not used).
+    global_batch: int | None = option(None, low=1)
     output: str = "runs/cvt"
     amp: Precision = "none"  # bf16, or fp16 (with loss scaling)
     val_amp: Precision | None = None  # validation precision; None: as train.amp
@@ -151,6 +163,16 @@ class TrainConfig:
             variant_config(m.name, **m.overrides)
         except (TypeError, ValueError) as error:
             raise ValueError(f"model.name={m.name!r} with model.overrides {m.overrides}: {error}") from None
+        _check_weights(m)
+        if t.steps is not None:
+            _check_steps(s, t)
+            _check_recipe(self.aug)
+            return
+        if s.warmup_steps is not None:
+            raise ValueError(
+                f"sched.warmup_steps={s.warmup_steps} needs a run counted in steps (train.steps); "
+                "an epoch-counted run warms up over sched.warmup_epochs"
+            )
         decay_epochs = t.epochs - s.cooldown_epochs
         if decay_epochs < 1:
             raise ValueError(f"train.epochs={t.epochs} must exceed sched.cooldown_epochs={s.cooldown_epochs}")
@@ -181,6 +203,67 @@ class TrainConfig:
 def as_train_config(cfg: TrainConfig | Mapping[str, Any]) -> TrainConfig:
     """cfg itself, or a TrainConfig made from a plain mapping of sections."""
     return cfg if isinstance(cfg, TrainConfig) else TrainConfig.from_mapping(cfg, "the given config")
+
+
+def _check_weights(m: ModelSettings) -> None:
+    """One-line errors for starting weights given twice, by a tag where a file is expected, or not at all."""
+    from .starting import released_tags, tag_architecture
+
+    if m.pretrained is not None and m.checkpoint is not None:
+        raise ValueError(
+            f"model.pretrained={m.pretrained} and model.checkpoint={m.checkpoint} both name starting "
+            "weights; give one"
+        )
+    if m.pretrained is not None:
+        architecture = tag_architecture(m.pretrained)
+        if architecture != m.name:
+            raise ValueError(
+                f"model.pretrained={m.pretrained} holds {architecture} weights but model.name is {m.name}: "
+                f"set model.name={architecture} (--pretrained sets both)"
+            )
+    if m.checkpoint is not None and not Path(m.checkpoint).exists() and m.checkpoint in released_tags():
+        raise ValueError(
+            f"model.checkpoint={m.checkpoint} is a released-weights tag, not a file: use "
+            f"model.pretrained={m.checkpoint} (--pretrained {m.checkpoint} on the command line)"
+        )
+    if m.require_weights and m.pretrained is None and m.checkpoint is None:
+        raise ValueError(
+            "this recipe fine-tunes (model.require_weights) but no starting weights are given: add "
+            "--pretrained TAG (e.g. cvt_13_384.ms_in22k_ft_in1k) or model.checkpoint=PATH"
+        )
+
+
+def _check_steps(s: SchedSettings, t: TrainSettings) -> None:
+    """A run counted in steps: its warm-up in steps, its LR moved every step, no epoch-counted cool-down."""
+    if s.warmup_steps is None:
+        raise ValueError(
+            f"train.steps={t.steps} counts the run in steps: give its warm-up as sched.warmup_steps "
+            "(sched.warmup_epochs counts epochs)"
+        )
+    if s.warmup_steps >= t.steps:
+        raise ValueError(
+            f"sched.warmup_steps={s.warmup_steps} must be less than train.steps={t.steps}, or the "
+            "learning rate never decays"
+        )
+    if s.interval != "step":
+        raise ValueError(f"train.steps={t.steps} needs sched.interval=step, got {s.interval!r}")
+    if s.cooldown_epochs:
+        raise ValueError(
+            f"sched.cooldown_epochs={s.cooldown_epochs} counts epochs, which a run of train.steps="
+            f"{t.steps} does not: set it to 0"
+        )
+
+
+def per_process_batch(t: TrainSettings, world_size: int) -> int:
+    """Images per step on each of world_size processes: global_batch / world_size, or train.batch_size."""
+    if t.global_batch is None:
+        return t.batch_size
+    if t.global_batch % world_size:
+        raise ValueError(
+            f"train.global_batch={t.global_batch} does not divide among {world_size} processes: run on a "
+            "number of processes that divides it, or change train.global_batch"
+        )
+    return t.global_batch // world_size
 
 
 def _check_recipe(aug: AugSettings) -> None:
@@ -225,11 +308,15 @@ DIGITS_RECIPE: dict[str, Any] = {
 
 
 def load_config(
-    path: str | Path | None = None, overrides: Sequence[str] = (), values: Mapping[str, Any] | None = None
+    path: str | Path | None = None,
+    overrides: Sequence[str] = (),
+    values: Mapping[str, Any] | None = None,
+    recipe: Mapping[str, Any] | None = None,
 ) -> TrainConfig:
     """The defaults, the YAML file, then KEY=VALUE overrides and typed dotted `values`; every value checked.
 
-    With neither a file nor data.train, the digits recipe stands in for the file.
+    recipe (sections, as a file holds them) stands in for a file; with neither a file, a recipe nor
+    data.train, the digits recipe does.
     """
     tree = TrainConfig().to_dict()
     settings = [parse_assignment(text) for text in overrides] + list((values or {}).items())
@@ -243,6 +330,8 @@ def load_config(
                 f"config file {path} must hold a mapping of sections, not {type(loaded).__name__}"
             )
         merge(TrainConfig, tree, loaded, str(path))
+    elif recipe is not None:
+        merge(TrainConfig, tree, recipe, "the chosen recipe")
     elif not any(key == "data.train" for key, _ in settings):
         merge(TrainConfig, tree, DIGITS_RECIPE, "the digits recipe")
     for key, value in settings:
