@@ -20,6 +20,7 @@ from torchvision import transforms as T
 from torchvision.transforms import InterpolationMode
 
 from .config import DIGITS_SIZE
+from .extras import require
 
 logger = logging.getLogger(__name__)
 
@@ -413,9 +414,7 @@ def write_digits(root: str | Path, size: int = DIGITS_SIZE) -> tuple[Path, Path]
     """
     root = Path(root)
     if not (root / ".complete").exists():
-        from sklearn.datasets import load_digits
-
-        digits = load_digits()
+        digits = require("sklearn.datasets", "the digits data set").load_digits()
         staging = root.with_name(f"{root.name}.tmp-{os.getpid()}")
         shutil.rmtree(staging, ignore_errors=True)
         for label in range(10):

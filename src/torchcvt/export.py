@@ -10,8 +10,9 @@ from pathlib import Path
 import torch
 from torch.export import Dim, ExportedProgram
 
+from .extras import require
 from .files import replace_file
-from .flops import stage_costs
+from .geometry import stage_grids
 from .model import CvT
 
 FORMATS = ("onnx", "torchscript", "exported")
@@ -39,10 +40,10 @@ SizeRange = tuple[int, int | None]
 def _unit_grids(model: CvT, height: int, width: int) -> tuple[tuple[bool, ...], tuple[bool, ...]] | None:
     """Which token and key/value grids are one token high, and which one wide; None if a stage has none."""
     try:
-        costs = stage_costs(model.config, (height, width))
+        stages = stage_grids(model.config, height, width)
     except ValueError:
         return None
-    grids = [grid for cost in costs for grid in (cost.grid, cost.q_grid, cost.kv_grid)]
+    grids = [grid for stage in stages for grid in (stage.tokens, stage.queries, stage.keys)]
     return tuple(g[0] == 1 for g in grids), tuple(g[1] == 1 for g in grids)
 
 
@@ -104,6 +105,8 @@ def export_program(model: CvT, example: torch.Tensor | None = None) -> ExportedP
 
 def export_onnx(model: CvT | ExportedProgram, path: str | Path, example: torch.Tensor | None = None) -> Path:
     """An ONNX file with input 'image' (batch, C, height, width) and output 'logits', all sizes dynamic."""
+    for package in ("onnx", "onnxscript"):  # torch.onnx's exporter imports them
+        require(package, "ONNX export")
     program = model if isinstance(model, ExportedProgram) else export_program(model, example)
     with warnings.catch_warnings():
         # The exporter's own deprecation notices about its internals are noise to the user.

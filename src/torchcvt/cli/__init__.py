@@ -13,7 +13,7 @@ import traceback
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 
-from .bench import add_bench_command
+from ..extras import MissingExtra
 from .errors import CliError
 from .inference import add_attention_command, add_embed_command, add_export_command, add_predict_command
 from .training import add_eval_command, add_train_command
@@ -26,8 +26,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="torchcvt", description="CvT: Convolutional vision Transformers.")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for add_command in (add_info_command, add_train_command, add_eval_command, add_convert_command,
-                        add_predict_command, add_attention_command, add_export_command, add_embed_command,
-                        add_bench_command):
+                        add_predict_command, add_attention_command, add_export_command, add_embed_command):
         add_command(sub)
     return parser
 
@@ -107,7 +106,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         with _console_logging(args.command):
             return int(args.run(args) or 0)
     except (CliError, ValueError, FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError,
-            FileExistsError) as error:
+            FileExistsError, MissingExtra) as error:
         _stderr_line(f"torchcvt {args.command}: error: {error}")
         return 2
     except KeyboardInterrupt:

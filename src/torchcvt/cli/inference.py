@@ -67,7 +67,7 @@ def add_attention_command(sub: argparse._SubParsersAction) -> None:
 
 
 def _run_attention(args: argparse.Namespace) -> int:
-    from ..attention import attention_map, denormalize, png_path, render_attention
+    from ..attention_maps import attention_map, denormalize, png_path, render_attention
     from ..checks import check_output_file
 
     check_output_file(png_path(args.output), "-o")
