@@ -31,11 +31,12 @@ def prepare(
 ) -> tuple[list[str], Recipe]:
     """The KEY=VALUE strings every run starts from and the recipe they give.
 
-    With neither a config file nor data: the embedded task (written once) and its recipe.
+    With neither a config file nor data (--data or a data.train override), as `torchcvt train` decides:
+    the embedded task (written once) and its recipe.
     """
     from ..engine import load_config
 
-    if config is None and data is None:
+    if config is None and data is None and not any(text.startswith("data.train=") for text in overrides):
         base = [*EMBEDDED_RECIPE, *data_overrides(write_task()), *overrides]
     else:
         base = [*data_overrides(data), *overrides]

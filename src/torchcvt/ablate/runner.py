@@ -52,13 +52,13 @@ def data_fingerprint(train_dir: str | Path, val_dir: str | Path) -> dict[str, An
                              "classifier, so at least 2 class folders")
         files = [path.relative_to(folder).as_posix() for path in walk_images(folder)]
         listing = hashlib.sha256("\n".join(files).encode()).hexdigest()[:16]
-        fingerprint[split] = {"classes": len(classes), "images": len(files), "files": listing}
+        fingerprint[split] = {"classes": len(classes), "images": len(files), "file_list_sha256": listing}
     return fingerprint
 
 
 def _differences(saved: dict[str, Any], ours: dict[str, Any], prefix: str = "") -> list[str]:
     changes = []
-    for key in sorted(set(saved) | set(ours)):
+    for key in [*saved, *(key for key in ours if key not in saved)]:
         old, new = saved.get(key, "unset"), ours.get(key, "unset")
         if isinstance(old, dict) and isinstance(new, dict):
             changes += _differences(old, new, f"{prefix}{key} ")
