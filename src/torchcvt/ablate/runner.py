@@ -12,7 +12,7 @@ import shlex
 import socket
 import subprocess
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -167,8 +167,10 @@ def shard_runs(runs: Sequence[Run], index: int, count: int) -> list[Run]:
 
 
 def run_suite(plan: Plan, root: Path, config: str | None, base_overrides: Sequence[str],
-              shard: tuple[int, int] = (0, 1), launcher: str | None = None) -> Progress:
-    """Train this worker's share of the plan's runs that are not finished and not held by another worker."""
+              shard: tuple[int, int] = (0, 1), launcher: str | None = None,
+              after_each: Callable[[], Any] | None = None) -> Progress:
+    """Train this worker's share of the plan's runs that are not finished and not held by another worker;
+    after_each (rebuilding the report, say) is called after every run this worker finishes."""
     from .recipe import run_overrides
 
     mine = shard_runs(plan.runs(), *shard)
@@ -207,6 +209,8 @@ def run_suite(plan: Plan, root: Path, config: str | None, base_overrides: Sequen
             else:
                 record(root, "failed", run)
                 progress.failed.append(run.name)
+        if after_each is not None:
+            after_each()
     return progress
 
 

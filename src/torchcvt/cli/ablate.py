@@ -82,12 +82,13 @@ def _run_ablate(args: argparse.Namespace) -> int:
     fingerprint = ablate.data_fingerprint(recipe.train_dir, recipe.val_dir)
     plan = ablate.build_plan(recipe, studies, seeds, fingerprint["train"]["classes"])
     suite = ablate.open_suite(root, recipe.settings, fingerprint, [s.name for s in studies], seeds)
-    try:
-        progress = ablate.run_suite(plan, root, args.config, base, shard, args.launcher)
-    except ablate.RunFailed as error:
-        raise CliError(str(error)) from None
     everything = ablate.select_studies(suite["studies"])
     full = ablate.build_plan(recipe, everything, suite["seeds"], plan.num_classes)
+    try:
+        progress = ablate.run_suite(plan, root, args.config, base, shard, args.launcher,
+                                    after_each=lambda: ablate.write_report(root, full))
+    except ablate.RunFailed as error:
+        raise CliError(str(error)) from None
     paths = ablate.write_report(root, full)
     share = f" (shard {shard[0]}/{shard[1]})" if shard[1] > 1 else ""
     print(f"trained {len(progress.trained)} run(s){share}, {progress.already_done} already finished"
