@@ -8,9 +8,9 @@ import pytest
 from PIL import Image
 
 import torchcvt
-from torchcvt.checkpoints import save_checkpoint
 from torchcvt.cli import main
 from torchcvt.data import check_real_labels
+from torchcvt.weights import save_checkpoint
 
 
 @pytest.fixture(scope="module")
@@ -38,7 +38,7 @@ def test_convert_refuses_the_source_as_destination(digits_checkpoint, tmp_path, 
             assert "is the source checkpoint" in _one_error(capsys, "convert")
     # A torchcvt folder converted into itself: the folder holds the source.
     folder = tmp_path / "folder"
-    torchcvt.checkpoints.convert_checkpoint(digits_checkpoint, folder, "torchcvt")
+    torchcvt.convert_checkpoint(digits_checkpoint, folder, "torchcvt")
     assert main(["convert", str(folder / "model.safetensors"), str(folder), "--to", "hf", "--overwrite"]) == 2
     assert "or holds it" in _one_error(capsys, "convert")
     assert digits_checkpoint.read_bytes() == original
@@ -52,7 +52,7 @@ def test_convert_overwrites_only_when_asked(digits_checkpoint, tmp_path, capsys)
     assert dst.read_bytes() == b"precious"
     assert main(["convert", str(digits_checkpoint), str(dst), "--to", "official", "--overwrite"]) == 0
     assert f"wrote {dst}" in capsys.readouterr().out
-    assert torchcvt.checkpoints.read_checkpoint(dst).format == "official"
+    assert torchcvt.weights.read_checkpoint(dst).format == "official"
     (tmp_path / "empty").mkdir()  # an empty folder is no data to lose
     assert main(["convert", str(digits_checkpoint), str(tmp_path / "empty"), "--to", "hf"]) == 0
 
@@ -166,7 +166,7 @@ def test_real_labels_must_fit_the_data(tmp_path):
 def test_convert_set_gives_the_architecture_of_an_official_file(tmp_path, capsys):
     tiny = {"embed_dim": [16, 32, 48], "num_heads": [1, 2, 3], "depth": [1, 1, 2]}
     model = torchcvt.create_model("cvt_13", num_classes=5, **tiny)
-    torchcvt.checkpoints.save_official(model, tmp_path / "tiny.pth")
+    torchcvt.weights.save_official(model, tmp_path / "tiny.pth")
     argv = ["convert", str(tmp_path / "tiny.pth"), str(tmp_path / "out"), "--to", "torchcvt",
             "--model", "cvt_13"]
     assert main(argv) == 2
@@ -174,7 +174,7 @@ def test_convert_set_gives_the_architecture_of_an_official_file(tmp_path, capsys
     sets = [f"--set={key}={value}" for key, value in tiny.items()]
     assert main([*argv, *sets]) == 0
     assert "wrote" in capsys.readouterr().out
-    assert torchcvt.checkpoints.read_checkpoint(tmp_path / "out").config["depth"] == [1, 1, 2]
+    assert torchcvt.weights.read_checkpoint(tmp_path / "out").config["depth"] == [1, 1, 2]
 
 
 @pytest.mark.parametrize("command", ["predict", "embed"])

@@ -7,7 +7,7 @@ from PIL import Image
 
 from torchcvt import Predictor, create_model
 from torchcvt.cli import main
-from torchcvt.predict import load_embeddings, save_embeddings
+from torchcvt.reports import load_embeddings, save_embeddings
 
 SMALL = {"input_size": (3, 64, 64), "crop_pct": 1.0}
 

@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
 import torch
 
 from torchcvt.cli import main
-from torchcvt.engine import DEFAULTS, load_config
-from torchcvt.engine.config import SCHEMA
+from torchcvt.engine import TrainConfig, dry_run, load_config, train
+
+CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 
 
 def _train_error(capsys: pytest.CaptureFixture, argv: list[str]) -> str:
@@ -19,21 +21,58 @@ def _train_error(capsys: pytest.CaptureFixture, argv: list[str]) -> str:
     return err
 
 
-def test_every_key_has_a_check() -> None:
-    keys = {f"{section}.{key}" for section, values in DEFAULTS.items() for key in values}
-    assert keys == set(SCHEMA)
+@pytest.mark.parametrize("path", [None, *sorted(CONFIGS.glob("*.yaml"))], ids=lambda p: p and p.stem)
+def test_configs_round_trip_through_plain_dicts_and_yaml(path: Path | None) -> None:
+    import yaml
+
+    # Fine-tuning recipes need starting weights (any path: the file is read when training starts).
+    weights = ["model.checkpoint=w.pth"] if path and "require_weights: true" in path.read_text() else []
+    cfg = load_config(path, weights)
+    plain = cfg.to_dict()
+    # What --dry-run prints and checkpoints keep: plain YAML/JSON types only, read back to the same config.
+    assert TrainConfig.from_mapping(yaml.safe_load(yaml.safe_dump(plain))) == cfg
+    assert set(plain) == {"model", "data", "aug", "optim", "sched", "train"}
+    # Every key of the dump is one the command line accepts.
+    flat = [f"{section}.{key}={json.dumps(value)}" for section, values in plain.items()
+            for key, value in values.items()]
+    assert load_config(path, flat) == cfg
+
+
+def test_config_is_frozen_and_typed() -> None:
+    import dataclasses
+
+    cfg = load_config(None, ["aug.scale=[0.5, 1]", "sched.warmup_epochs=1"])
+    assert cfg.aug.scale == (0.5, 1.0) and isinstance(cfg.aug.scale[1], float)
+    assert cfg.sched.warmup_epochs == 1.0 and isinstance(cfg.sched.warmup_epochs, float)
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        cfg.train.epochs = 3  # type: ignore[misc]
+    # Any way of making a config checks it: a copy with new values, or sections built in Python.
+    with pytest.raises(ValueError, match="train.batch_size must be at least 1, got 0"):
+        cfg.override({"train.batch_size": 0})
+    with pytest.raises(ValueError, match="optim.betas\\[1\\] must be below 1.0, got 1"):
+        dataclasses.replace(cfg, optim=dataclasses.replace(cfg.optim, betas=(0.9, 1)))
+    assert cfg.override({"model.overrides.depth": [1, 1, 1]}).model.overrides == {"depth": [1, 1, 1]}
+
+
+def test_train_and_dry_run_take_a_plain_mapping_too(tmp_path: Path) -> None:
+    plan = dry_run({"model": {"name": "cvt_21"}, "train": {"batch_size": 32}}, world_size=2)
+    assert (plan["model"], plan["global_batch"]) == ("cvt_21", 64)
+    with pytest.raises(ValueError, match="unknown config key 'train.epoch' in the given config; did you"):
+        train({"train": {"epoch": 3, "output": str(tmp_path / "run")}})
+    assert not (tmp_path / "run").exists()
 
 
 def test_exponents_are_floats_at_any_depth(tmp_path: Path) -> None:
     cfg = load_config(None, ["sched.warmup_lr=1e-6", "model.overrides.layer_norm_eps=1e-6", "optim.lr=3e-3"])
-    assert cfg["sched"]["warmup_lr"] == 1e-6 and cfg["optim"]["lr"] == 3e-3
-    assert cfg["model"]["overrides"]["layer_norm_eps"] == 1e-6
+    assert cfg.sched.warmup_lr == 1e-6 and cfg.optim.lr == 3e-3
+    assert cfg.model.overrides["layer_norm_eps"] == 1e-6
     file = tmp_path / "c.yaml"
     file.write_text("model:\n  overrides: {layer_norm_eps: 1e-6}\nsched:\n  min_lr: 5e-7\n")
     cfg = load_config(file)
-    assert cfg["sched"]["min_lr"] == 5e-7 and cfg["model"]["overrides"]["layer_norm_eps"] == 1e-6
+    assert cfg.sched.min_lr == 5e-7 and cfg.model.overrides["layer_norm_eps"] == 1e-6
     # An int where a float is meant is a float.
-    assert load_config(None, ["optim.weight_decay=0"])["optim"]["weight_decay"] == 0.0
+    weight_decay = load_config(None, ["optim.weight_decay=0"]).optim.weight_decay
+    assert weight_decay == 0.0 and isinstance(weight_decay, float)
 
 
 @pytest.mark.parametrize(
@@ -115,8 +154,8 @@ def test_an_internal_bug_shows_its_traceback(
 ) -> None:
     import torchcvt.engine
 
-    def broken(cfg: dict) -> dict:
-        return cfg["no such section"]
+    def broken(cfg: TrainConfig) -> dict:
+        return {}["no such section"]
 
     monkeypatch.setattr(torchcvt.engine, "train", broken)
     assert main(["train", "train.epochs=3"]) == 1

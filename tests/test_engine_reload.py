@@ -10,8 +10,9 @@ import torch
 from trainkit import digits_tree, tiny_overrides, train_on_one_thread
 
 from torchcvt import Predictor
-from torchcvt.checkpoints import model_from_checkpoint, save_official
 from torchcvt.cli import main
+from torchcvt.factory import model_from_checkpoint
+from torchcvt.weights import save_official
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -64,8 +65,7 @@ def test_eval_never_reinitialises_a_head_of_another_size(
     """An official .pth names no classes: its head must fit the data folder's classes."""
     data, checkpoint, _ = run
     official = tmp_path / "official.pth"
-    with pytest.warns(UserWarning, match="re-initialised"):
-        model = model_from_checkpoint("cvt_digits", checkpoint, num_classes=5)
+    model = model_from_checkpoint("cvt_digits", checkpoint, num_classes=5)
     save_official(model, official)
     argv = ["eval", "--model", "cvt_digits", "--checkpoint", str(official), "--data", str(data / "val"),
             "--workers", "0", "--output", str(tmp_path)]

@@ -156,7 +156,7 @@ def test_eval_reads_every_checkpoint_format(
     trained: tuple, tmp_path: Path, capsys: pytest.CaptureFixture
 ) -> None:
     """The same weights as torchcvt's safetensors (with its class list) score exactly as the training file."""
-    from torchcvt.checkpoints import convert_checkpoint
+    from torchcvt.factory import convert_checkpoint
 
     data, checkpoint, summary = trained
     convert_checkpoint(checkpoint, tmp_path / "weights", "torchcvt")

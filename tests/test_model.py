@@ -88,7 +88,7 @@ def test_bad_images_are_clear_errors(tiny_overrides):
         ({"embed_dim": [64, 192, 380]}, r"embed_dim\[2\]=380 is not divisible by num_heads\[2\]=6"),
         ({"stride_q": [1, 2, 1]}, r"query projection of stage 2 must keep the token grid.*stride_q\[1\]=2"),
         ({"activation": "relu"}, r"activation must be one of \['quick_gelu', 'gelu'\]"),
-        ({"depht": [1, 1, 1]}, r"unknown config field\(s\) \['depht'\]; known fields: .*'depth'"),
+        ({"depht": [1, 1, 1]}, r"unknown config field 'depht'; did you mean 'depth'\?"),
         ({"layer_norm_eps": -1}, r"^layer_norm_eps must be a finite float > 0, got -1$"),
         ({"layer_norm_eps": float("nan")}, r"^layer_norm_eps must be a finite float > 0, got nan$"),
         ({"layer_norm_eps": "1e-5"}, r"^layer_norm_eps must be a finite float > 0, got '1e-5'$"),

@@ -8,8 +8,8 @@ from transformers import CvtConfig as HfCvtConfig
 from transformers import CvtForImageClassification
 
 import torchcvt
-from torchcvt.checkpoints import save_checkpoint, save_hf
 from torchcvt.cli import main
+from torchcvt.weights import save_checkpoint, save_hf
 
 # transformers' CvtStage cannot build a stage i with depth <= i, hence 1/2/3 blocks.
 HF_TINY = {"embed_dim": [16, 32, 48], "num_heads": [1, 2, 3], "depth": [1, 2, 3]}

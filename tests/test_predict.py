@@ -14,14 +14,9 @@ from PIL import Image
 
 from torchcvt import Predictor, create_model, predictor
 from torchcvt.cli import main
-from torchcvt.predict import (
-    find_images,
-    format_table,
-    imagenet_class_names,
-    read_image,
-    write_csv_report,
-    write_json_report,
-)
+from torchcvt.inputs import find_images, read_image
+from torchcvt.predict import imagenet_class_names
+from torchcvt.reports import format_table, write_csv_report, write_json_report
 
 CLASSES = ["cat", "dog", "fish", "bird"]
 SMALL = {"input_size": (3, 64, 64), "crop_pct": 0.875}
@@ -342,7 +337,7 @@ def test_symlinked_folders_are_followed_and_broken_entries_reported(tmp_path, ti
 
 
 def test_empty_images_are_errors_and_empty_batches_empty_results(tiny_model):
-    from torchcvt.predict import UnreadableImageError
+    from torchcvt.inputs import UnreadableImageError
 
     model = Predictor(tiny_model, CLASSES, data_config=SMALL)
     with pytest.raises(UnreadableImageError, match=r"^image has no pixels \(0x0\)$"):

@@ -14,7 +14,7 @@ from trainkit import TINY_MODEL, digits_tree, tiny_overrides
 from torchcvt import create_model
 from torchcvt.cli import main
 from torchcvt.data import train_transform
-from torchcvt.engine import DEFAULTS, dry_run, load_config, train
+from torchcvt.engine import TrainConfig, dry_run, load_config, train
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 
@@ -228,11 +228,12 @@ def test_torchcvt_configs_say_they_are_not_official_and_finetunes_keep_1000_clas
     for path in sorted(CONFIGS.glob("*-torchcvt.yaml")):
         head = path.read_text().split("\nmodel:")[0]
         assert "torchcvt's own" in head and "microsoft/CvT" in head, path
-        cfg = load_config(path)
-        assert cfg["train"]["val_amp"] == "none", path
+        cfg = load_config(path, ["model.checkpoint=w.pth"] if "finetune" in path.name else [])
+        assert cfg.train.val_amp == "none", path
     for name in ("cvt-13-384-finetune-torchcvt", "cvt-w24-384-finetune-torchcvt"):
         text = (CONFIGS / f"{name}.yaml").read_text()
         assert "1,000-class head" in text and "21,841" not in text
+        assert load_config(CONFIGS / f"{name}.yaml", ["model.checkpoint=w.pth"]).model.head == "keep"
     for name in OFFICIAL:
         head = (CONFIGS / f"{name}.yaml").read_text().split("\nmodel:")[0]
         assert (
@@ -241,14 +242,10 @@ def test_torchcvt_configs_say_they_are_not_official_and_finetunes_keep_1000_clas
 
 
 def test_torchvision_pipeline_is_the_plain_official_one() -> None:
-    aug = {
-        **DEFAULTS["aug"],
-        "pipeline": "torchvision",
-        "auto_augment": None,
-        "re_prob": 0.0,
-        "color_jitter": None,
-        "interpolation": "bilinear",
-    }
+    aug = TrainConfig().override(
+        {"aug.pipeline": "torchvision", "aug.auto_augment": None, "aug.re_prob": 0.0,
+         "aug.color_jitter": None, "aug.interpolation": "bilinear"}
+    ).aug
     data_config = {"input_size": (3, 32, 32), "mean": (0.5, 0.5, 0.5), "std": (0.25, 0.25, 0.25)}
     transform = train_transform(aug, data_config)
     assert [type(t).__name__ for t in transform.transforms] == [
@@ -336,3 +333,16 @@ def test_validation_precision_is_set_apart_from_training(tmp_path: Path, val_amp
     )
     parts = build_components(cfg, Runtime(0, 1, torch.device("cpu")))
     assert parts.amp_dtype is torch.bfloat16 and parts.val_amp_dtype is want
+
+
+def test_randaugment_posterize_to_zero_bits_gives_a_black_image() -> None:
+    # 'inc1' posterizes to 4 - magnitude * 4 / 10 bits: 0 at magnitude 10, which Pillow 13 refuses.
+    data_config = {"input_size": (3, 32, 32), "mean": (0.5, 0.5, 0.5), "std": (0.25, 0.25, 0.25)}
+    transform = train_transform(TrainConfig().aug, data_config)
+    rand_augment = next(t for t in transform.transforms if type(t).__name__ == "RandAugment")
+    posterize = next(op for op in rand_augment.ops if op.name == "PosterizeIncreasing")
+    posterize.prob, posterize.magnitude, posterize.magnitude_std = 1.0, 10, 0
+    image = posterize(Image.new("RGB", (8, 8), (200, 100, 50)))
+    assert image.mode == "RGB" and image.getextrema() == ((0, 0), (0, 0), (0, 0))
+    posterize.magnitude = 5  # 2 bits: the usual posterize
+    assert posterize(Image.new("RGB", (8, 8), (200, 100, 50))).getpixel((0, 0)) == (192, 64, 0)

@@ -11,12 +11,19 @@ from PIL import Image
 TINY_MODEL = {"embed_dim": [16, 24, 32], "num_heads": [1, 1, 2], "depth": [1, 1, 1]}
 
 
-def digits_tree(root: Path, classes: int = 3, train_per_class: int = 8, val_per_class: int = 4) -> Path:
-    """root/{train,val}/<digit>/<n>.png from scikit-learn's digits, 32x32 grey PNGs."""
+def digits_tree(
+    root: Path,
+    classes: int = 3,
+    train_per_class: int = 8,
+    val_per_class: int = 4,
+    labels: list[int] | None = None,
+) -> Path:
+    """root/{train,val}/<digit>/<n>.png from scikit-learn's digits (digits 0..classes-1, or `labels`), 32x32
+    grey PNGs."""
     from sklearn.datasets import load_digits
 
     digits = load_digits()
-    for label in range(classes):
+    for label in range(classes) if labels is None else labels:
         indices = np.flatnonzero(digits.target == label)[: train_per_class + val_per_class]
         for n, i in enumerate(indices):
             folder = root / ("train" if n < train_per_class else "val") / str(label)

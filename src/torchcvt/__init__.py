@@ -16,14 +16,14 @@ _COMMAND = bool(sys.argv) and (sys.argv[0] == "-m" or os.path.basename(sys.argv[
 try:
     with hold_interrupt() if _COMMAND else nullcontext():
         from .attention import attention_map
-        from .checkpoints import convert_checkpoint, load_checkpoint, save_checkpoint
         from .config import VARIANTS, CvtConfig, get_variant, variant_config
         from .export import export_model
-        from .factory import create_model, list_models
+        from .factory import convert_checkpoint, create_model, list_models
         from .flops import count_flops, count_params, model_info
         from .fused import fused_linear_enabled, set_fused_linear
         from .model import CvT, CvtFeatures
         from .predict import Predictor, predictor
+        from .weights import load_checkpoint, save_checkpoint
 except KeyboardInterrupt:
     if not _COMMAND:
         raise

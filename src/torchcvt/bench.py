@@ -30,10 +30,10 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm
 
-from .checkpoints import save_hf
 from .factory import create_model
 from .flops import count_flops
 from .fused import fused_linear_enabled
+from .weights import save_hf
 
 logger = logging.getLogger(__name__)
 

@@ -5,9 +5,11 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-from collections.abc import Callable
-from dataclasses import dataclass, field
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 from typing import Any
+
+from .typed import from_mapping
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -197,13 +199,9 @@ class CvtConfig:
         return json.dumps(self.to_dict(), indent=2)
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> CvtConfig:
-        """Build from a dict, rejecting unknown keys with the list of known ones."""
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(data) - known)
-        if unknown:
-            raise ValueError(f"unknown config field(s) {unknown}; known fields: {sorted(known)}")
-        return cls(**data)
+    def from_dict(cls, data: Mapping[str, Any]) -> CvtConfig:
+        """Build from a dict; an unknown key is an error naming the closest field."""
+        return from_mapping(cls, data, noun="config field")
 
     def replace(self, **overrides: Any) -> CvtConfig:
         """A copy with some fields changed; unknown names are an error."""
@@ -225,22 +223,23 @@ def _check_choice(name: str, values: tuple[str, ...], choices: tuple[str, ...]) 
 
 @dataclass(frozen=True)
 class Variant:
-    """A registered model: its config overrides and its data config (timm's pretrained_cfg)."""
+    """A registered model: its config overrides and its data config (how its weights are evaluated)."""
 
     name: str
     config: dict[str, Any]
     input_size: tuple[int, int, int] = (3, 224, 224)
     crop_pct: float = 0.875
+    crop_mode: str = "center"
     interpolation: str = "bicubic"
     mean: tuple[float, ...] = IMAGENET_MEAN
     std: tuple[float, ...] = IMAGENET_STD
     description: str = ""
-    paper: dict[str, Any] = field(default_factory=dict)
 
     def data_config(self) -> dict[str, Any]:
         return {
             "input_size": self.input_size,
             "crop_pct": self.crop_pct,
+            "crop_mode": self.crop_mode,
             "interpolation": self.interpolation,
             "mean": self.mean,
             "std": self.std,
@@ -254,7 +253,8 @@ _CVT_W24 = {
     "depth": (2, 2, 20),
     "drop_path_rate": (0.0, 0.0, 0.3),
 }
-_AT_384 = {"input_size": (3, 384, 384), "crop_pct": 1.0}
+# The official 384 models are evaluated squashed to 384x384 (TEST.CENTER_CROP: False): timm's "squash".
+_AT_384 = {"input_size": (3, 384, 384), "crop_pct": 1.0, "crop_mode": "squash"}
 # CvT-13's stage geometry on 32-pixel inputs (8x8, 4x4 and 2x2 tokens), narrower and shallower;
 # mean and std are those of the grey digit images.
 DIGITS_SIZE = 32
@@ -271,35 +271,29 @@ _CVT_DIGITS = {
 VARIANTS: dict[str, Variant] = {
     v.name: v
     for v in [
-        Variant(
-            "cvt_13", {}, description="CvT-13 at 224", paper={"params_m": 20.0, "gflops": 4.5, "top1": 81.6}
-        ),
+        Variant("cvt_13", {}, description="CvT-13 at 224"),
         Variant(
             "cvt_13_384",
             {"img_size": 384},
             **_AT_384,
             description="CvT-13 at 384",
-            paper={"params_m": 20.0, "gflops": 16.3, "top1": 83.0},
         ),
         Variant(
             "cvt_21",
             _CVT_21,
             description="CvT-21 at 224",
-            paper={"params_m": 32.0, "gflops": 7.1, "top1": 82.5},
         ),
         Variant(
             "cvt_21_384",
             {**_CVT_21, "img_size": 384},
             **_AT_384,
             description="CvT-21 at 384",
-            paper={"params_m": 32.0, "gflops": 24.9, "top1": 83.3},
         ),
         Variant(
             "cvt_w24",
             {**_CVT_W24, "img_size": 384},
             **_AT_384,
             description="CvT-W24 at 384 (ImageNet-22k pre-training)",
-            paper={"params_m": 277.0, "gflops": 193.2, "top1": 87.7},
         ),
         Variant(
             "cvt_digits",

@@ -309,39 +309,58 @@ def loader_options(workers: int, pin_memory: bool, persistent_workers: bool, dev
     }
 
 
-def train_transform(aug: dict[str, Any], data_config: dict[str, Any]) -> Callable:
+def train_transform(aug: Any, data_config: dict[str, Any]) -> Callable:
     """Training augmentation: timm's ImageNet pipeline (crop, flip, RandAugment, colour jitter, erasing)
     or, with aug.pipeline 'torchvision', the official code's plain one without timm's loader (CvT-21-224).
+
+    aug is the aug section of a training config (torchcvt.engine.TrainConfig().aug).
     """
-    if aug["enabled"] and aug["pipeline"] == "torchvision":
+    if aug.enabled and aug.pipeline == "torchvision":
         _, height, width = data_config["input_size"]
         crop = T.RandomResizedCrop(
             (height, width),
-            scale=tuple(aug["scale"]),
-            ratio=tuple(aug["ratio"]),
-            interpolation=InterpolationMode(aug["interpolation"]),
+            scale=tuple(aug.scale),
+            ratio=tuple(aug.ratio),
+            interpolation=InterpolationMode(aug.interpolation),
         )
-        flip = T.RandomHorizontalFlip(aug["hflip"])
+        flip = T.RandomHorizontalFlip(aug.hflip)
         return T.Compose([crop, flip, T.ToTensor(), T.Normalize(data_config["mean"], data_config["std"])])
     from timm.data import create_transform
 
-    return create_transform(
+    transform = create_transform(
         input_size=data_config["input_size"],
         is_training=True,
-        no_aug=not aug["enabled"],
-        scale=tuple(aug["scale"]),
-        ratio=tuple(aug["ratio"]),
-        hflip=aug["hflip"],
+        no_aug=not aug.enabled,
+        scale=tuple(aug.scale),
+        ratio=tuple(aug.ratio),
+        hflip=aug.hflip,
         vflip=0.0,
-        color_jitter=aug["color_jitter"],
-        auto_augment=aug["auto_augment"],
-        interpolation=aug["interpolation"],
+        color_jitter=aug.color_jitter,
+        auto_augment=aug.auto_augment,
+        interpolation=aug.interpolation,
         mean=data_config["mean"],
         std=data_config["std"],
-        re_prob=aug["re_prob"],
-        re_mode=aug["re_mode"],
-        re_count=aug["re_count"],
+        re_prob=aug.re_prob,
+        re_mode=aug.re_mode,
+        re_count=aug.re_count,
     )
+    _posterize_zero_bits_to_black(transform)
+    return transform
+
+
+def _posterize(image: Image.Image, bits_to_keep: int, **_: Any) -> Image.Image:
+    if bits_to_keep >= 8:
+        return image
+    return image.point(lambda _: 0) if bits_to_keep <= 0 else ImageOps.posterize(image, bits_to_keep)
+
+
+def _posterize_zero_bits_to_black(transform: Callable) -> None:
+    """RandAugment's 'inc1' policy (every official recipe) posterizes to 0 bits at high magnitudes: a black
+    image with Pillow before 13, a ValueError with Pillow 13 that stops training. Keep the black image."""
+    for step in getattr(transform, "transforms", ()):
+        for op in getattr(step, "ops", ()):
+            if getattr(op, "name", "").startswith("Posterize"):
+                op.aug_fn = _posterize
 
 
 def write_digits(root: str | Path, size: int = DIGITS_SIZE) -> tuple[Path, Path]:

@@ -1,58 +1,47 @@
-"""Model builders, one per variant, registered with timm with their pretrained tags; create_model."""
+"""The one builder: create_model makes every CvT (plain, tagged, pretrained, from any checkpoint), and the
+registered builders timm finds. Weights come from the weights layer below; facts about them from its
+catalogue."""
 
 from __future__ import annotations
 
 import dataclasses
-from importlib import resources
+from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from timm.models import (
     PretrainedCfg,
-    adapt_input_conv,
     generate_default_cfgs,
     register_model,
     resolve_pretrained_cfg,
     split_model_name_tag,
 )
 
-from .config import VARIANTS, Variant, get_variant, variant_config
-from .hub import LICENSE, ORIGIN_URL, PAPER, PAPER_ID, PRETRAINED_TAGS, download_weights, read_pretrained
+from .config import ARCHITECTURE_FIELDS, VARIANTS, get_variant, variant_config
 from .model import CvT, CvtFeatures
-
-if TYPE_CHECKING:
-    from .checkpoints import Checkpoint
-
-FIRST_CONV = "stage0.patch_embed.proj"
-
-
-def _cfg(variant: Variant, **extra: Any) -> dict[str, Any]:
-    return {**variant.data_config(), "num_classes": 1000, "first_conv": FIRST_CONV, "classifier": "head",
-            "license": LICENSE, "paper_name": PAPER, "paper_ids": PAPER_ID, "origin_url": ORIGIN_URL, **extra}
-
+from .weights import (
+    WEIGHTS,
+    Checkpoint,
+    check_destination,
+    checkpoint_variant,
+    export_checkpoint,
+    head_size,
+    list_pretrained,
+    load_into,
+    read_checkpoint,
+    read_pretrained,
+)
+from .weights.catalogue import PretrainedCfgDict, builder_docstring, timm_default_cfgs
+from .weights.checkpoint import FORMATS
+from .weights.load import fit_config
 
 # timm reads default_cfgs from the module that registers a model: one entry per tag, the first the default.
-default_cfgs = generate_default_cfgs({
-    **{
-        tag.name: _cfg(
-            VARIANTS[tag.architecture], hf_hub_id=tag.hf_hub_id,
-            description=f"official weights ({tag.pretraining} pre-training, ImageNet-1k fine-tuning and "
-            "head), trained with QuickGELU",
-            notes=(f"ImageNet-1k top-1 {tag.top1}% (CvT paper, Table 2)",),
-        )
-        for tag in PRETRAINED_TAGS
-    },
-    **{name: _cfg(variant) for name, variant in VARIANTS.items()
-       if not any(tag.architecture == name for tag in PRETRAINED_TAGS)},
-})
-TOP1 = {tag.name: tag.top1 for tag in PRETRAINED_TAGS}
+default_cfgs = generate_default_cfgs(timm_default_cfgs())
 
 
 def list_models(pretrained: bool = False) -> list[str]:
     """Names of all registered CvT variants; with pretrained=True the tagged names that have weights."""
-    if pretrained:
-        return sorted(TOP1)
-    return sorted(VARIANTS)
+    return list_pretrained() if pretrained else sorted(VARIANTS)
 
 
 def resolve_pretrained(
@@ -65,19 +54,62 @@ def resolve_pretrained(
     get_variant(architecture)
     if isinstance(pretrained_cfg, str):
         tag, pretrained_cfg = pretrained_cfg, None
-    if tag and pretrained_cfg is None and f"{architecture}.{tag}" not in TOP1:
-        known = [n for n in TOP1 if n.startswith(f"{architecture}.")]
+    if tag and pretrained_cfg is None and f"{architecture}.{tag}" not in WEIGHTS:
+        known = [n for n in WEIGHTS if n.startswith(f"{architecture}.")]
         raise ValueError(f"{architecture} has no pretrained tag {tag!r}; "
                          f"tags: {', '.join(known) if known else 'none (it has no released weights)'}")
     cfg = resolve_pretrained_cfg(architecture, pretrained_cfg or tag or None, pretrained_cfg_overlay)
     return architecture, cfg
 
 
+def _released(architecture: str, cfg: PretrainedCfg, name: str, cache_dir: str | Path | None) -> Checkpoint:
+    """A tag's weights, with what the catalogue knows of them: their class names and training activation."""
+    if not cfg.has_weights:
+        raise ValueError(f"{name} has no released weights; models with weights: {', '.join(WEIGHTS)}")
+    stored = read_pretrained(cfg.file, cfg.hf_hub_id, cache_dir)
+    entry = WEIGHTS.get(f"{architecture}.{cfg.tag}")
+    if entry is None:
+        return stored
+    return dataclasses.replace(stored, class_names=stored.class_names or entry.class_names(),
+                               config={"activation": entry.activation, **(stored.config or {})})
+
+
+def pretrained_checkpoint(name: str, cache_dir: str | Path | None = None) -> tuple[str, Checkpoint]:
+    """The architecture of a tagged (or untagged) name and its released weights, read."""
+    architecture, cfg = resolve_pretrained(name)
+    return architecture, _released(architecture, cfg, name, cache_dir)
+
+
+def pretrained_weights(name: str, cache_dir: str | Path | None = None) -> tuple[str, Path]:
+    """The architecture of a tagged (or untagged) name and the local file of its released weights."""
+    architecture, stored = pretrained_checkpoint(name, cache_dir)
+    return architecture, stored.path
+
+
+def _timm_keywords(architecture: str, overrides: dict[str, Any], in_chans: int | None,
+                   drop_path_rate: Any, drop_rate: Any) -> dict[str, Any]:
+    """timm's keywords as config fields."""
+    overrides = dict(overrides)
+    overrides.pop("dynamic_img_size", None)  # timm's flag: every CvT takes any input size already
+    if in_chans is not None:
+        overrides["num_channels"] = in_chans
+    if isinstance(drop_path_rate, (int, float)):  # the last stage's rate, as every official config sets it
+        stages = len(variant_config(architecture, **overrides).embed_dim)
+        drop_path_rate = (0.0,) * (stages - 1) + (float(drop_path_rate),)
+    if drop_path_rate is not None:
+        overrides["drop_path_rate"] = drop_path_rate
+    if isinstance(drop_rate, (int, float)):
+        overrides["head_drop_rate"] = float(drop_rate)
+    elif drop_rate is not None:
+        overrides["drop_rate"] = drop_rate
+    return overrides
+
+
 def create_model(
-    name: str,
+    name: str | None,
     *,
     pretrained: bool = False,
-    num_classes: int = 1000,
+    num_classes: int | None = None,
     checkpoint: str | Path | Checkpoint | None = None,
     features_only: bool = False,
     out_indices: int | tuple[int, ...] | None = None,
@@ -90,43 +122,38 @@ def create_model(
     cache_dir: str | Path | None = None,
     **overrides: Any,
 ) -> CvT | CvtFeatures:
-    """Build a variant ('cvt_13', or tagged 'cvt_13.ms_in1k'); any config field can be overridden.
+    """Build a variant ('cvt_13', or tagged 'cvt_13.ms_in1k'; None: the one the checkpoint records).
 
     Weights: pretrained=True loads the tag's released weights from the Hugging Face Hub (or its
-    pretrained_cfg 'file'), checkpoint= any local checkpoint. The other keywords are timm's: in_chans,
-    global_pool, out_indices (with features_only), a scalar drop_path_rate (the last stage's rate, rising
-    linearly over its blocks, as every official config sets it) and a scalar drop_rate (before the head).
+    pretrained_cfg 'file'), checkpoint= any checkpoint; the architecture fields it records are used unless
+    overridden. The head is the weights' (with their class names) unless num_classes asks for another
+    (1000 without weights). The other keywords are timm's: in_chans, global_pool, out_indices (with
+    features_only), a scalar drop_path_rate (the last stage's, rising linearly over its blocks, as every
+    official config sets it) and a scalar drop_rate (before the head). Any config field can be overridden.
     """
-    architecture, cfg = resolve_pretrained(name, pretrained_cfg, pretrained_cfg_overlay)
     if pretrained and checkpoint is not None:
         raise ValueError(f"{name}: pass pretrained=True or checkpoint=PATH, not both")
-    if pretrained and not cfg.has_weights:
-        raise ValueError(f"{name} has no released weights; models with weights: {', '.join(TOP1)}")
-    overrides.pop("dynamic_img_size", None)  # timm's flag: every CvT takes any input size already
-    if in_chans is not None:
-        overrides["num_channels"] = in_chans
-    if isinstance(drop_path_rate, (int, float)):
-        stages = len(variant_config(architecture, **overrides).embed_dim)
-        drop_path_rate = (0.0,) * (stages - 1) + (float(drop_path_rate),)
-    if drop_path_rate is not None:
-        overrides["drop_path_rate"] = drop_path_rate
-    if isinstance(drop_rate, (int, float)):
-        overrides["head_drop_rate"] = float(drop_rate)
-    elif drop_rate is not None:
-        overrides["drop_rate"] = drop_rate
-    # A backbone has no head, so a checkpoint's head of any size is simply left out.
-    config = variant_config(architecture, num_classes=0 if features_only else num_classes, **overrides)
-    model = CvT(config, global_pool=global_pool)
-    model.pretrained_cfg = {**cfg.to_dict(), "architecture": architecture, "num_classes": model.num_classes,
-                            "input_size": (config.num_channels, *cfg.input_size[1:])}
+    stored = read_checkpoint(checkpoint) if isinstance(checkpoint, (str, Path)) else checkpoint
+    if name is None:
+        name = checkpoint_variant(stored) if stored is not None else None
+        if name is None:
+            why = f"{stored.path} does not say which variant it holds" if stored else "no model named"
+            raise ValueError(f"{why}: name it (one of {', '.join(sorted(VARIANTS))})")
+    architecture, cfg = resolve_pretrained(name, pretrained_cfg, pretrained_cfg_overlay)
     if pretrained:
-        checkpoint = _fit_pretrained(read_pretrained(cfg.file, cfg.hf_hub_id, cache_dir), model)
-        if model.num_classes == 1000:
-            model.pretrained_cfg["label_names"] = tuple(_imagenet_class_names())
-    if checkpoint is not None:
-        from .checkpoints import load_checkpoint
-
-        load_checkpoint(model, checkpoint)
+        stored = _released(architecture, cfg, name, cache_dir)
+    overrides = _timm_keywords(architecture, overrides, in_chans, drop_path_rate, drop_rate)
+    if stored is not None:
+        overrides = fit_config(stored, architecture, overrides)
+    head = head_size(stored, num_classes, features_only)
+    config = variant_config(architecture, **overrides, num_classes=head)
+    model = CvT(config, global_pool=global_pool)
+    model.pretrained_cfg = PretrainedCfgDict(**{  # type: ignore[typeddict-item]  # timm's keys, typed here
+        **cfg.to_dict(), "architecture": architecture, "num_classes": model.num_classes,
+        "input_size": (config.num_channels, *cfg.input_size[1:]),
+    })
+    if stored is not None:
+        load_into(model, stored)
     if not features_only:
         return model
     features = CvtFeatures(model, out_indices)
@@ -134,66 +161,64 @@ def create_model(
     return features
 
 
-def pretrained_weights(name: str, cache_dir: str | Path | None = None) -> tuple[str, Path]:
-    """The architecture of a tagged (or untagged) name and the local file of its released weights."""
-    architecture, cfg = resolve_pretrained(name)
-    if not cfg.has_weights:
-        raise ValueError(f"{name} has no released weights; models with weights: {', '.join(TOP1)}")
-    return architecture, Path(cfg.file) if cfg.file else download_weights(cfg.hf_hub_id, cache_dir)
+def model_from_checkpoint(name: str | None, checkpoint: str | Path | Checkpoint, **kwargs: Any
+                          ) -> CvT | CvtFeatures:
+    """create_model(name, checkpoint=checkpoint, ...): the model a checkpoint holds (name optional)."""
+    return create_model(name, checkpoint=checkpoint, **kwargs)
 
 
-def _fit_pretrained(checkpoint: Checkpoint, model: CvT) -> Checkpoint:
-    """Released ImageNet weights made to fit timm's options: another in_chans, another head size."""
-    state_dict = dict(checkpoint.state_dict)
-    key = f"{FIRST_CONV}.weight"
-    if key in state_dict and state_dict[key].shape[1] != model.config.num_channels:
-        state_dict[key] = adapt_input_conv(model.config.num_channels, state_dict[key])
-    if checkpoint.num_classes != model.num_classes:
-        # A new head for fine-tuning, as timm gives it: the model's own freshly initialised one.
-        state_dict = {k: v for k, v in state_dict.items() if not k.startswith("head.")}
-        state_dict.update({k: v for k, v in model.state_dict().items() if k.startswith("head.")})
-    return dataclasses.replace(checkpoint, state_dict=state_dict)
+def convert_checkpoint(
+    src: str | Path | Checkpoint,
+    dst: str | Path,
+    to: str,
+    model_name: str | None = None,
+    activation: str | None = None,
+    overwrite: bool = False,
+    config_overrides: dict[str, Any] | None = None,
+) -> CvT:
+    """Read src in any supported format and write it to dst in format `to`; returns the model in between.
+
+    The model is built by create_model, as every loader builds it: the variant is model_name, else the
+    one the checkpoint records; activation (default: the checkpoint's, else torchcvt's with a notice) and
+    config_overrides set fields a source does not record (e.g. depth for an official .pth). dst must not be
+    the source; an existing dst is replaced only with overwrite=True.
+    """
+    if to not in FORMATS:
+        raise ValueError(f"unknown checkpoint format {to!r}; choose one of {', '.join(FORMATS)}")
+    check_destination(src.path if isinstance(src, Checkpoint) else src, dst, to, overwrite)
+    stored = src if isinstance(src, Checkpoint) else read_checkpoint(src)
+    name = model_name or checkpoint_variant(stored)
+    if name is None:
+        why = ("official checkpoints carry no config" if stored.format == "official"
+               else "its config matches no registered variant")
+        raise ValueError(
+            f"{stored.path} does not say which variant it holds ({why}): name it with --model "
+            f"(one of {', '.join(sorted(VARIANTS))})"
+        )
+    # Fields that do not fix the architecture (drop rates, init, img_size) travel along too.
+    kept = {key: value for key, value in (stored.config or {}).items()
+            if key not in ARCHITECTURE_FIELDS and key != "num_classes"}
+    overrides = {**kept, **(config_overrides or {})}
+    if activation is not None:
+        overrides["activation"] = activation
+    model = create_model(name, checkpoint=stored, **overrides)
+    export_checkpoint(model.eval(), dst, to)
+    return model
 
 
-def _imagenet_class_names() -> list[str]:
-    return resources.files("torchcvt").joinpath("imagenet_classes.txt").read_text().splitlines()
+def _register(name: str) -> Callable[..., CvT | CvtFeatures]:
+    def build(pretrained: bool = False, **kwargs: Any) -> CvT | CvtFeatures:
+        return create_model(name, pretrained=pretrained, **kwargs)
+
+    build.__name__ = build.__qualname__ = name
+    build.__doc__ = builder_docstring(name)
+    return register_model(build)
 
 
-def _build(name: str, pretrained: bool, kwargs: dict[str, Any]) -> CvT | CvtFeatures:
-    return create_model(name, pretrained=pretrained, **kwargs)
-
-
-@register_model
-def cvt_13(pretrained: bool = False, **kwargs: Any) -> CvT:
-    """CvT-13 at 224: 20.0M parameters, 4.5 GFLOPs, 81.6% ImageNet top-1."""
-    return _build("cvt_13", pretrained, kwargs)
-
-
-@register_model
-def cvt_13_384(pretrained: bool = False, **kwargs: Any) -> CvT:
-    """CvT-13 at 384: 20.0M parameters, 16.3 GFLOPs, 83.0% ImageNet top-1."""
-    return _build("cvt_13_384", pretrained, kwargs)
-
-
-@register_model
-def cvt_21(pretrained: bool = False, **kwargs: Any) -> CvT:
-    """CvT-21 at 224: 31.6M parameters, 7.1 GFLOPs, 82.5% ImageNet top-1."""
-    return _build("cvt_21", pretrained, kwargs)
-
-
-@register_model
-def cvt_21_384(pretrained: bool = False, **kwargs: Any) -> CvT:
-    """CvT-21 at 384: 31.6M parameters, 24.9 GFLOPs, 83.3% ImageNet top-1."""
-    return _build("cvt_21_384", pretrained, kwargs)
-
-
-@register_model
-def cvt_w24(pretrained: bool = False, **kwargs: Any) -> CvT:
-    """CvT-W24 at 384, ImageNet-22k pre-trained: 277.2M parameters, 193.2 GFLOPs, 87.7% top-1."""
-    return _build("cvt_w24", pretrained, kwargs)
-
-
-@register_model
-def cvt_digits(pretrained: bool = False, **kwargs: Any) -> CvT:
-    """A small three-stage CvT for 32x32 inputs: the model `torchcvt train` fits to the embedded digits."""
-    return _build("cvt_digits", pretrained, kwargs)
+# One registered builder per variant (timm.create_model("cvt_13") finds them); docstrings from the catalogue.
+cvt_13 = _register("cvt_13")
+cvt_13_384 = _register("cvt_13_384")
+cvt_21 = _register("cvt_21")
+cvt_21_384 = _register("cvt_21_384")
+cvt_w24 = _register("cvt_w24")
+cvt_digits = _register("cvt_digits")

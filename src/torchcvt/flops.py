@@ -16,6 +16,7 @@ from torch import nn
 
 from .config import CvtConfig, get_variant, variant_config
 from .model import CvT, embedding_geometry, stage_grid
+from .weights.catalogue import info_weights, paper_figures
 
 
 @dataclass(frozen=True)
@@ -125,6 +126,7 @@ def model_info(name: str, img_size: int | tuple[int, int] | None = None) -> dict
     """
     variant = get_variant(name)
     config = variant_config(name)
+    paper = paper_figures(name)
     size = _pair(variant.input_size[1:] if img_size is None else img_size)
     costs = stage_costs(config, size)
     flops = count_flops(config, size)
@@ -152,7 +154,8 @@ def model_info(name: str, img_size: int | tuple[int, int] | None = None) -> dict
         "gflops": flops / 1e9,
         "stages": stages,
         "data_config": {k: list(v) if isinstance(v, tuple) else v for k, v in variant.data_config().items()},
-        "paper": {**variant.paper, "img_size": list(variant.input_size[1:])} if variant.paper else {},
+        "paper": {**paper, "img_size": list(variant.input_size[1:])} if paper else {},
+        "weights": info_weights(name),
     }
 
 
@@ -185,7 +188,11 @@ def format_model_info(info: dict[str, Any]) -> str:
         "",
         *table,
         "",
-        f"  data config: input {'x'.join(map(str, data['input_size']))}, crop_pct {data['crop_pct']}, "
-        f"{data['interpolation']}, mean {tuple(data['mean'])}, std {tuple(data['std'])}",
+        f"  data config: input {'x'.join(map(str, data['input_size']))}, crop_pct {data['crop_pct']} "
+        f"({data['crop_mode']}), {data['interpolation']}, mean {tuple(data['mean'])}, "
+        f"std {tuple(data['std'])}",
+        *(f"  weights: {w['name']}{' (default)' if w['default'] else ''}, {w['pretraining']}, "
+          f"{w['top1']}% ImageNet-1k top-1 (paper), {w['hf_hub_id']}, licence {w['license']}"
+          for w in info.get("weights", [])),
     ]
     return "\n".join(lines)

@@ -2,138 +2,35 @@
 
 from __future__ import annotations
 
-import csv
-import json
-import logging
-import os
-import time
-import warnings
 from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
-from dataclasses import dataclass
-from importlib import resources
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import Any
 
-import numpy as np
 import torch
-from PIL import Image, UnidentifiedImageError
-from torch.utils.data import DataLoader, Dataset
-from tqdm import tqdm
+from PIL import Image
+from torch.utils.data import DataLoader
 
-from .checkpoints import Checkpoint, model_from_checkpoint, read_checkpoint
 from .checks import resolve_device
 from .config import IMAGENET_MEAN, IMAGENET_STD
-from .data import eval_transform, load_image, to_rgb, walk_images
+from .data import eval_transform, to_rgb
 from .factory import create_model
+from .inputs import ImageFiles, Progress, input_files, read_image, transformed
 from .model import CvT
-
-# PIL warns above ~89 MP and refuses above ~179 MP; photos of tens of megapixels are ordinary, so
-# allow up to 2**28 pixels (16k x 16k) and refuse only beyond that.
-MAX_IMAGE_PIXELS = 2**28
+from .reports import FileResult, Prediction
+from .weights import Checkpoint
+from .weights.catalogue import IMAGENET_1K, class_names
 
 ImageInput = Image.Image | str | Path | torch.Tensor
-logger = logging.getLogger(__name__)
-
-
-class UnreadableImageError(ValueError):
-    """An input file that is missing, empty, truncated or not an image; the message is the reason."""
-
-
-class Prediction(NamedTuple):
-    index: int
-    label: str
-    prob: float
-
-
-@dataclass
-class FileResult:
-    """What happened to one input file: its predictions (or embedding row) or why it was not read."""
-
-    path: str
-    predictions: list[Prediction] | None = None
-    error: str | None = None
-
-    def to_dict(self) -> dict[str, Any]:
-        if self.error is not None:
-            return {"path": self.path, "error": self.error}
-        return {"path": self.path, "predictions": [p._asdict() for p in self.predictions or []]}
 
 
 def imagenet_class_names() -> list[str]:
     """The 1000 ImageNet-1k class names in index order (the first WordNet lemma of each synset)."""
-    return resources.files("torchcvt").joinpath("imagenet_classes.txt").read_text().splitlines()
-
-
-def checkpoint_class_names(checkpoint: Checkpoint | str | Path) -> list[str] | None:
-    """The class list a checkpoint stores (training, torchcvt and transformers checkpoints), or None."""
-    stored = checkpoint if isinstance(checkpoint, Checkpoint) else read_checkpoint(checkpoint)
-    return list(stored.class_names) if stored.class_names else None
+    return list(class_names(IMAGENET_1K))
 
 
 def default_class_names(num_classes: int) -> list[str]:
     """ImageNet-1k names for 1000 outputs, else the indices as strings."""
     return imagenet_class_names() if num_classes == 1000 else [str(i) for i in range(num_classes)]
-
-
-@contextmanager
-def _large_images_allowed() -> Iterator[None]:
-    previous = Image.MAX_IMAGE_PIXELS
-    # PIL warns above MAX_IMAGE_PIXELS and raises above twice that.
-    Image.MAX_IMAGE_PIXELS = MAX_IMAGE_PIXELS // 2
-    try:
-        with warnings.catch_warnings():
-            # Large images and odd metadata (corrupt EXIF, unknown TIFF tags) are fine to classify.
-            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            warnings.simplefilter("ignore", UserWarning)
-            yield
-    finally:
-        Image.MAX_IMAGE_PIXELS = previous
-
-
-def read_image(path: str | Path) -> Image.Image:
-    """Load an image file as upright 8-bit RGB, or raise UnreadableImageError with a one-line reason."""
-    path = Path(path)
-    if path.is_symlink() and not path.exists():
-        raise UnreadableImageError(f"broken symbolic link (its target {os.readlink(path)} does not exist)")
-    if not path.exists():
-        raise UnreadableImageError("file not found")
-    if path.is_dir():
-        if not os.access(path, os.R_OK | os.X_OK):
-            raise UnreadableImageError("folder cannot be listed (permission denied)")
-        raise UnreadableImageError("is a directory, not an image file")
-    if path.stat().st_size == 0:
-        raise UnreadableImageError("empty file (0 bytes)")
-    try:
-        with _large_images_allowed():
-            return load_image(path)
-    except UnidentifiedImageError:
-        raise UnreadableImageError("not an image file (PIL cannot identify its format)") from None
-    except Image.DecompressionBombError as error:
-        raise UnreadableImageError(f"image too large: {error}") from None
-    except PermissionError:
-        raise UnreadableImageError("permission denied") from None
-    except MemoryError:
-        raise UnreadableImageError("too large to decode in the memory this machine has") from None
-    except Exception as error:  # PIL's decoders raise many exception types on corrupt data
-        message = str(error) or type(error).__name__
-        if "truncated" in message.lower():
-            raise UnreadableImageError(f"truncated image file ({message})") from None
-        raise UnreadableImageError(f"corrupt or truncated image ({message})") from None
-
-
-def find_images(paths: Sequence[str | Path]) -> list[Path]:
-    """Files named directly (whatever their extension) plus image files found under folders, recursively.
-
-    Symlinked folders are followed, each folder once. Missing paths, broken symlinks and folders that
-    cannot be listed are kept, so that they are reported rather than silently dropped; hidden files and
-    folders inside a walked folder are skipped.
-    """
-    found: list[Path] = []
-    seen: set[tuple[int, int]] = set()
-    for path in map(Path, paths):
-        found += walk_images(path, seen) if path.is_dir() else [path]
-    return found
 
 
 def model_data_config(model: CvT) -> dict[str, Any]:
@@ -178,8 +75,8 @@ class Predictor:
     @classmethod
     def create(
         cls,
-        name: str,
-        checkpoint: str | Path | None = None,
+        name: str | None,
+        checkpoint: str | Path | Checkpoint | None = None,
         *,
         num_classes: int | None = None,
         class_names: Sequence[str] | None = None,
@@ -187,21 +84,11 @@ class Predictor:
         batch_size: int = 32,
         **overrides: Any,
     ) -> Predictor:
-        """Build variant `name` and load `checkpoint`; its head size and class list are used unless given."""
-        # Read once: the head size and class list come from the same object the weights load from.
-        stored = None if checkpoint is None else read_checkpoint(checkpoint)
-        if stored is not None:
-            class_names = checkpoint_class_names(stored) if class_names is None else class_names
-            num_classes = stored.num_classes if num_classes is None else num_classes
-        if num_classes is None:
-            num_classes = len(class_names) if class_names else 1000
-        if class_names is not None and len(class_names) != num_classes:
-            raise ValueError(f"{len(class_names)} class names but num_classes is {num_classes}")
-        model = (
-            create_model(name, num_classes=num_classes, **overrides)
-            if stored is None
-            else model_from_checkpoint(name, stored, num_classes=num_classes, **overrides)
-        )
+        """create_model(name, checkpoint=...) with its preprocessing: the weights' head and class names are
+        kept unless num_classes or class_names ask for others."""
+        if num_classes is None and class_names is not None and checkpoint is None:
+            num_classes = len(class_names)
+        model = create_model(name, checkpoint=checkpoint, num_classes=num_classes, **overrides)
         return cls(model, class_names, device=device, batch_size=batch_size)
 
     def preprocess(self, image: ImageInput) -> torch.Tensor:
@@ -220,7 +107,7 @@ class Predictor:
             image = to_rgb(image)
         else:
             raise ValueError(f"cannot read a {type(image).__name__}; give a PIL image, a path or a tensor")
-        return _transformed(image, self.transform)
+        return transformed(image, self.transform)
 
     def _check_head(self) -> None:
         if not self.model.num_classes:
@@ -277,9 +164,10 @@ class Predictor:
         (errors filled in) with the outputs of its readable files."""
         if workers < 0:
             raise ValueError(f"workers must be 0 or more, got {workers}")
-        loader = DataLoader(_Files(paths, self.transform), batch_size=self.batch_size, num_workers=workers,
+        loader = DataLoader(ImageFiles(paths, self.transform), batch_size=self.batch_size,
+                            num_workers=workers,
                             collate_fn=list, pin_memory=self.device.type == "cuda")
-        with _Progress(len(paths), progress) as bar:
+        with Progress(len(paths), progress) as bar:
             for batch in loader:
                 results = [FileResult(path, error=error) for path, _, error in batch]
                 tensors = [tensor for _, tensor, _ in batch if tensor is not None]
@@ -315,7 +203,7 @@ class Predictor:
         for each unreadable file; workers > 0 decodes images in that many processes.
         """
         self._check_head()
-        files = _input_files(paths)
+        files = input_files(paths)
         results = []
         for batch, logits in self._over_files(files, embed=False, progress=progress, workers=workers):
             readable = [r for r in batch if r.error is None]
@@ -336,7 +224,7 @@ class Predictor:
         workers: int = 0,
     ) -> tuple[torch.Tensor, list[FileResult]]:
         """Pre-logits features of every readable file (one row each, in order) and a result per file."""
-        files = _input_files(paths)
+        files = input_files(paths)
         results, rows = [], []
         for batch, features in self._over_files(files, embed=True, progress=progress, workers=workers):
             if features is not None:
@@ -349,55 +237,8 @@ class Predictor:
         return features, results
 
 
-def _transformed(image: Image.Image, transform: Callable[[Image.Image], torch.Tensor]) -> torch.Tensor:
-    if not image.width or not image.height:
-        raise UnreadableImageError(f"image has no pixels ({image.width}x{image.height})")
-    return transform(image)
-
-
-class _Files(Dataset):
-    """Files as (path, model input or None, reason it is unreadable or None); module-level so it pickles."""
-
-    def __init__(self, paths: Sequence[str | Path], transform: Callable[[Image.Image], torch.Tensor]):
-        self.paths, self.transform = [str(path) for path in paths], transform
-
-    def __len__(self) -> int:
-        return len(self.paths)
-
-    def __getitem__(self, index: int) -> tuple[str, torch.Tensor | None, str | None]:
-        path = self.paths[index]
-        try:
-            return path, _transformed(read_image(path), self.transform), None
-        except UnreadableImageError as error:
-            return path, None, str(error)
-
-
-class _Progress:
-    """A tqdm bar on a terminal; where stderr is a log, an INFO line every `interval` seconds instead."""
-
-    def __init__(self, total: int, progress: bool | None, interval: float = 30.0):
-        self.total, self.done, self.interval = total, 0, interval
-        self.bar = tqdm(total=total, unit="img", disable=None if progress is None else not progress)
-        self.log = progress is None and self.bar.disable
-        self.start = self.last = time.monotonic()
-
-    def update(self, count: int) -> None:
-        self.bar.update(count)
-        self.done += count
-        now = time.monotonic()
-        if self.log and (now - self.last >= self.interval or self.done == self.total):
-            self.last = now
-            rate = self.done / max(now - self.start, 1e-9)
-            logger.info("%d/%d images (%.1f img/s)", self.done, self.total, rate)
-
-    def __enter__(self) -> _Progress:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.bar.close()
-
-
-def predictor(name: str, checkpoint: str | Path | None = None, **kwargs: Any) -> Predictor:
+def predictor(name: str | None, checkpoint: str | Path | Checkpoint | None = None, **kwargs: Any
+              ) -> Predictor:
     """A Predictor for variant `name` with weights from `checkpoint`; see Predictor.create."""
     return Predictor.create(name, checkpoint, **kwargs)
 
@@ -414,79 +255,3 @@ def _as_list(inputs: Any) -> list[Any]:
     if isinstance(inputs, torch.Tensor):
         return list(inputs)
     return list(inputs)
-
-
-def _input_files(paths: Sequence[str | Path]) -> list[Path]:
-    if isinstance(paths, (str, Path)):
-        paths = [paths]
-    files = find_images(paths)
-    if not files:
-        raise ValueError(f"no image files found in {', '.join(map(str, paths)) or 'the given paths'}")
-    return files
-
-
-def write_json_report(results: Sequence[FileResult], path: str | Path) -> None:
-    """A JSON list, per file {"path", "predictions": [{"index", "label", "prob"}]} or {"path", "error"}."""
-    # allow_nan=False: NaN is not JSON, so a report can never hold it.
-    Path(path).write_text(json.dumps([r.to_dict() for r in results], indent=2, allow_nan=False) + "\n")
-
-
-def write_csv_report(results: Sequence[FileResult], path: str | Path) -> None:
-    """One CSV row per prediction (path, rank, index, label, prob, error), or one with the error."""
-    with open(path, "w", newline="") as f:
-        writer = csv.writer(f)
-        writer.writerow(["path", "rank", "index", "label", "prob", "error"])
-        for result in results:
-            if result.error is not None:
-                writer.writerow([result.path, "", "", "", "", result.error])
-            for rank, p in enumerate(result.predictions or [], 1):
-                writer.writerow([result.path, rank, p.index, p.label, f"{p.prob:.6f}", ""])
-
-
-def format_table(results: Sequence[FileResult]) -> str:
-    """A plain-text table: path, rank, probability and class for each prediction, or the error."""
-    rows = [("path", "#", "prob", "class")]
-    for result in results:
-        if result.error is not None:
-            rows.append((result.path, "-", "-", f"error: {result.error}"))
-        for rank, p in enumerate(result.predictions or [], 1):
-            shown = result.path if rank == 1 else ""
-            rows.append((shown, str(rank), f"{p.prob:.4f}", f"{p.label} ({p.index})"))
-    widths = [max(len(row[i]) for row in rows) for i in range(3)]
-    return "\n".join(
-        "  ".join([*(cell.ljust(width) for cell, width in zip(row[:3], widths, strict=True)), row[3]])
-        for row in rows
-    )
-
-
-def save_embeddings(path: str | Path, features: torch.Tensor, files: Sequence[str]) -> list[Path]:
-    """Write features (N, D) and their file list: .safetensors (list in its metadata) or .npy + .files.json.
-
-    Returns the files written.
-    """
-    path = Path(path)
-    if len(files) != features.shape[0]:
-        raise ValueError(f"{features.shape[0]} feature rows but {len(files)} file names")
-    if path.suffix == ".safetensors":
-        from safetensors.torch import save_file
-
-        metadata = {"files": json.dumps(list(files))}
-        save_file({"embeddings": features.contiguous()}, str(path), metadata=metadata)
-        return [path]
-    if path.suffix == ".npy":
-        np.save(path, features.numpy())
-        listing = path.with_suffix(".files.json")
-        listing.write_text(json.dumps(list(files), indent=1) + "\n")
-        return [path, listing]
-    raise ValueError(f"embeddings go to a .safetensors or .npy file, got {path.name!r}")
-
-
-def load_embeddings(path: str | Path) -> tuple[torch.Tensor, list[str]]:
-    """Read what save_embeddings wrote: the features (N, D) and the N file names."""
-    path = Path(path)
-    if path.suffix == ".safetensors":
-        from safetensors import safe_open
-
-        with safe_open(str(path), framework="pt") as f:
-            return f.get_tensor("embeddings"), json.loads((f.metadata() or {})["files"])
-    return torch.from_numpy(np.load(path)), json.loads(path.with_suffix(".files.json").read_text())

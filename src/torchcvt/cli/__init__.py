@@ -92,10 +92,13 @@ def hold_interrupt() -> Iterator[None]:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)
-    if extra and hasattr(args, "paths") and not any(item.startswith("-") for item in extra):
-        args.paths += extra  # `convert SRC --to hf DST`: argparse takes positionals in one run only
+    # argparse takes positionals in one run only: `convert SRC --to hf DST`, `train a=1 --quiet b=2`.
+    positional = next((name for name in ("paths", "overrides") if hasattr(args, name)), None)
+    if extra and positional and not any(item.startswith("-") for item in extra):
+        setattr(args, positional, getattr(args, positional) + extra)
     elif extra:
-        parser.error(f"unrecognized arguments: {' '.join(extra)}")
+        unknown = " ".join(item for item in extra if item.startswith("-")) or " ".join(extra)
+        parser.error(f"unrecognized arguments: {unknown}")
     try:
         with _console_logging(args.command):
             return int(args.run(args) or 0)

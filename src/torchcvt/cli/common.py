@@ -27,29 +27,30 @@ def add_pretrained_argument(parser: argparse.ArgumentParser) -> None:
 
 
 def resolve_weights(args: argparse.Namespace, required: bool = False) -> None:
-    """--pretrained becomes --checkpoint (the local weights file) and --model its architecture."""
+    """--pretrained becomes --checkpoint (the released weights, read, with what the catalogue knows of
+    them) and --model its architecture."""
     from timm.models import split_model_name_tag
 
-    from ..factory import pretrained_weights
+    from ..factory import pretrained_checkpoint
 
     if args.pretrained:
         if args.checkpoint:
             raise CliError("--pretrained and --checkpoint exclude each other")
-        args.model, args.checkpoint = pretrained_weights(args.model)
+        args.model, args.checkpoint = pretrained_checkpoint(args.model)
     elif required and not args.checkpoint:
         raise CliError("give --checkpoint CKPT or --pretrained")
     args.model = split_model_name_tag(args.model)[0]
 
 
 def model_overrides(items: Sequence[str]) -> dict:
-    import yaml
+    """--set FIELD=VALUE items as CvtConfig overrides, read by the parser that reads training overrides."""
+    from ..config import CvtConfig
+    from ..typed import parse_assignment, set_path
 
-    overrides = {}
+    overrides: dict = {}
     for item in items:
-        key, sep, value = item.partition("=")
-        if not sep or not key:
-            raise CliError(f"--set expects FIELD=VALUE, got {item!r}")
-        overrides[key.strip()] = yaml.safe_load(value)
+        key, value = parse_assignment(item, "--set", example="depth=[1,2,4]", key_name="FIELD")
+        set_path(CvtConfig, overrides, key, value, origin="--set", noun="config field")
     return overrides
 
 

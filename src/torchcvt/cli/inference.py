@@ -28,7 +28,7 @@ def add_predict_command(sub: argparse._SubParsersAction) -> None:
 
 def _run_predict(args: argparse.Namespace) -> int:
     from ..checks import check_output_file
-    from ..predict import format_table, write_csv_report, write_json_report
+    from ..reports import format_table, write_csv_report, write_json_report
 
     if args.top_k < 1:
         raise CliError(f"--top-k must be at least 1, got {args.top_k}")
@@ -130,7 +130,7 @@ def _run_embed(args: argparse.Namespace) -> int:
     from pathlib import Path
 
     from ..checks import check_output_file
-    from ..predict import save_embeddings
+    from ..reports import save_embeddings
 
     if args.workers < 0:
         raise CliError(f"--workers must be 0 or more, got {args.workers}")

@@ -13,8 +13,10 @@ def add_train_command(sub: argparse._SubParsersAction) -> None:
         "train",
         help="train or fine-tune a CvT (the paper's recipe); with no data, on the embedded digits",
         description="Train from a YAML experiment (configs/*.yaml) with dotted KEY=VALUE overrides. "
-        "With neither --config nor --data it trains cvt_digits on scikit-learn's digits. "
-        "Runs on N processes under `torchrun --nproc-per-node N -m torchcvt train ...`.",
+        "With --data and no --config it picks a recipe for the job (fine-tuning with --pretrained, else "
+        "from scratch sized for the data) and says which; with neither it trains cvt_digits on "
+        "scikit-learn's digits. Runs on N processes under "
+        "`torchrun --nproc-per-node N -m torchcvt train ...`.",
     )
     parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
                         help="config overrides, e.g. train.epochs=10 optim.lr=1e-3 model.freeze_stages=1")
@@ -22,6 +24,9 @@ def add_train_command(sub: argparse._SubParsersAction) -> None:
                         "with KEY=VALUE)")
     parser.add_argument("--output", help="run folder for checkpoints, metrics and curves (train.output)")
     parser.add_argument("--data", help="ImageFolder root holding train/ and val/ (data.train, data.val)")
+    parser.add_argument("--pretrained", metavar="TAG",
+                        help="fine-tune released weights, e.g. cvt_13_384.ms_in22k_ft_in1k, from the Hugging "
+                        "Face Hub cache (model.pretrained; sets model.name to the tag's variant)")
     parser.add_argument("--resume", help="checkpoint or run folder to resume from (default: OUTPUT/last.pth "
                         "if present)")
     parser.add_argument("--no-resume", action="store_true", help="start afresh: a previous run in OUTPUT is "
@@ -41,6 +46,9 @@ def _run_train(args: argparse.Namespace) -> int:
     from pathlib import Path
 
     from ..engine import TrainingDiverged, dry_run, load_config, train
+    from ..engine.recipes import choose_recipe, given_weights
+    from ..engine.starting import tag_architecture
+    from ..typed import parse_assignment
 
     if args.world_size is not None and not args.dry_run:
         raise CliError("--world-size only applies to --dry-run (torchrun sets the real one)")
@@ -49,6 +57,9 @@ def _run_train(args: argparse.Namespace) -> int:
     if args.data:
         root = Path(args.data)
         values.update({"data.train": str(root / "train"), "data.val": str(root / "val")})
+    if args.pretrained:
+        architecture = tag_architecture(args.pretrained, "--pretrained")
+        values.update({"model.pretrained": args.pretrained, "model.name": architecture})
     values = {key: value for key, value in values.items() if value is not None}
     if args.config and len(args.config) > 1:
         raise CliError(f"--config given {len(args.config)} times ({', '.join(args.config)}); give one "
@@ -57,18 +68,26 @@ def _run_train(args: argparse.Namespace) -> int:
     values.update({"data.strict": True} if args.strict else {})
     values.update({"train.quiet": True} if args.quiet else {})
     config = args.config[0] if args.config else None
+    recipe = None
+    if args.data and config is None:
+        # The ImageNet recipes run only from their files: a bare --data gets a recipe sized for the job.
+        settings = dict(parse_assignment(text) for text in args.overrides) | values
+        chosen = choose_recipe(settings["data.train"], *given_weights(settings))
+        recipe = chosen.values
+        if os.environ.get("RANK", "0") == "0":
+            print(f"recipe: {chosen.why} (give --config FILE to choose another)", flush=True)
     if args.dry_run:
         import json
 
         import yaml
 
-        cfg = load_config(config, args.overrides, values)
+        cfg = load_config(config, args.overrides, values, recipe)
         plan = dry_run(cfg, 1 if args.world_size is None else args.world_size)
-        print(yaml.safe_dump(cfg, sort_keys=False).rstrip())
+        print(yaml.safe_dump(cfg.to_dict(), sort_keys=False).rstrip())
         print(json.dumps(plan))
         return 0
     try:
-        summary = train(load_config(config, args.overrides, values))
+        summary = train(load_config(config, args.overrides, values, recipe))
     except TrainingDiverged as error:
         raise CliError(str(error)) from None
     if os.environ.get("RANK", "0") == "0":

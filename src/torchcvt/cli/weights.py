@@ -24,30 +24,29 @@ def add_convert_command(sub: argparse._SubParsersAction) -> None:
     parser.add_argument("--model", help="registered variant, e.g. cvt_13; required unless SRC is a torchcvt "
                         "checkpoint, which records its variant")
     parser.add_argument("--activation", choices=("quick_gelu", "gelu"),
-                        help="activation of the converted model (default: the source's, gelu for hf)")
+                        help="activation of the converted model (default: the one the source records; a "
+                        "transformers folder that records none gets quick_gelu, with a notice)")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing DST (never SRC)")
     parser.add_argument("--set", dest="model_overrides", action="append", default=[], metavar="FIELD=VALUE",
                         help="model config override for a source without a config, e.g. --set depth=[1,2,4]")
     parser.add_argument("--pretrained", action="store_true",
                         help="convert the released weights of --model (e.g. cvt_13.ms_in1k) from the Hugging "
-                        "Face Hub instead of SRC; as QuickGELU weights unless --activation says otherwise")
+                        "Face Hub instead of SRC; as the QuickGELU weights they are unless --activation says "
+                        "otherwise")
     parser.set_defaults(run=_run_convert)
 
 
 def _run_convert(args: argparse.Namespace) -> int:
     import warnings
 
-    from ..checkpoints import convert_checkpoint
-    from ..factory import pretrained_weights
+    from ..factory import convert_checkpoint, pretrained_checkpoint
 
     if len(args.paths) > 2:
         raise CliError(f"convert takes SRC and DST, got {len(args.paths)} paths: {' '.join(args.paths)}")
     if args.pretrained:
         if len(args.paths) != 1 or args.model is None:
             raise CliError("--pretrained takes --model NAME and DST, without SRC")
-        args.model, args.src = pretrained_weights(args.model)
-        # The Hub mirrors the official weights, trained with QuickGELU, in transformers' format.
-        args.activation = args.activation or "quick_gelu"
+        args.model, args.src = pretrained_checkpoint(args.model)  # with the activation they were trained with
     elif len(args.paths) != 2:
         raise CliError("give SRC and DST, or --pretrained --model NAME and DST")
     else:

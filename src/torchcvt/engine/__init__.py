@@ -5,15 +5,6 @@ an ImageFolder tree. Under torchrun every process runs the same code; rank 0 alo
 """
 
 from .build import Components, build_components
-from .config import (
-    DEFAULTS,
-    DIGITS_RECIPE,
-    check_recipe,
-    load_config,
-    parse_override,
-    set_dotted,
-    validate_config,
-)
 from .dryrun import dry_run
 from .evaluate import evaluate, evaluate_checkpoint
 from .loop import Trainer, TrainingDiverged, train
@@ -21,17 +12,18 @@ from .optim import freeze_stages, param_groups
 from .reporting import plot_curves
 from .runtime import Runtime, init_runtime
 from .state import FORMAT_VERSION, read_training_state, save_training_state
+from .train_config import DIGITS_RECIPE, TrainConfig, as_train_config, load_config
 
 __all__ = [
-    "DEFAULTS",
     "DIGITS_RECIPE",
     "FORMAT_VERSION",
     "Components",
     "Runtime",
+    "TrainConfig",
     "Trainer",
     "TrainingDiverged",
+    "as_train_config",
     "build_components",
-    "check_recipe",
     "dry_run",
     "evaluate",
     "evaluate_checkpoint",
@@ -39,11 +31,8 @@ __all__ = [
     "init_runtime",
     "load_config",
     "param_groups",
-    "parse_override",
     "plot_curves",
     "read_training_state",
     "save_training_state",
-    "set_dotted",
     "train",
-    "validate_config",
 ]

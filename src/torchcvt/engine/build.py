@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import math
 import os
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -27,9 +28,10 @@ from ..data import (
 )
 from ..factory import create_model
 from ..model import CvT
-from .config import validate_config
+from ..weights import Checkpoint
 from .optim import build_loss, build_optimizer, build_scheduler, freeze_stages, learning_rate
 from .runtime import Runtime, seed_everything
+from .starting import read_weights, released_weights
 from .state import (
     check_resumable,
     check_training_state,
@@ -37,6 +39,7 @@ from .state import (
     remove_leftover_temporaries,
     set_aside_previous_run,
 )
+from .train_config import TrainConfig, as_train_config, per_process_batch
 
 logger = logging.getLogger(__name__)
 
@@ -62,6 +65,7 @@ class Components:
     global_batch: int
     steps_per_epoch: int
     epochs: int
+    max_steps: int | None  # a run counted in steps (train.steps) stops after this many
     lr: float
     optimizer: torch.optim.Optimizer
     scheduler: Any
@@ -75,21 +79,21 @@ class Components:
     resume_state: dict[str, Any] | None
 
 
-def data_folders(cfg: dict[str, Any], runtime: Runtime) -> tuple[Path, Path]:
+def data_folders(cfg: TrainConfig, runtime: Runtime) -> tuple[Path, Path]:
     """The train and val ImageFolder trees; the embedded digits (written once) when none is given."""
-    d = cfg["data"]
-    if d["train"] is None:
+    d = cfg.data
+    if d.train is None:
         cache = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache"))
-        root = Path(d["digits_root"]) if d["digits_root"] else cache / "torchcvt" / "digits"
+        root = Path(d.digits_root) if d.digits_root else cache / "torchcvt" / "digits"
         if runtime.is_main:
             write_digits(root)
         if runtime.distributed:
             dist.barrier()
         return write_digits(root)
-    train = Path(d["train"])
-    if d["val"] is None:
+    train = Path(d.train)
+    if d.val is None:
         raise ValueError(f"data.val is not set (data.train is {train}); give the validation ImageFolder tree")
-    return train, Path(d["val"])
+    return train, Path(d.val)
 
 
 def checked_classes(train_dir: Path, val_dir: Path) -> list[str]:
@@ -123,43 +127,79 @@ def make_run_folder(output: Path) -> None:
         raise ValueError(f"train.output {output} is not writable")
 
 
-def resume_path(cfg: dict[str, Any], output: Path) -> Path | None:
+def resume_path(cfg: TrainConfig, output: Path) -> Path | None:
     """train.resume, else OUTPUT/last.pth when present and auto_resume is on."""
-    t = cfg["train"]
-    if t["resume"]:
-        path = Path(t["resume"])
+    t = cfg.train
+    if t.resume:
+        path = Path(t.resume)
         # A run folder stands for its last checkpoint.
         return path / "last.pth" if path.is_dir() and (path / "last.pth").is_file() else path
     last = output / "last.pth"
-    return last if t["auto_resume"] and last.is_file() else None
+    return last if t.auto_resume and last.is_file() else None
 
 
-def build_model(cfg: dict[str, Any], class_names: list[str], resuming: bool, runtime: Runtime) -> CvT:
-    """The configured variant with its overrides (and the fine-tuning checkpoint unless resuming)."""
-    m = cfg["model"]
-    overrides = dict(m["overrides"] or {})
-    # Fine-tuning: create_model's loader checks the architecture and replaces a head of another size.
-    checkpoint = None if resuming else m["checkpoint"]
-    model = create_model(m["name"], num_classes=len(class_names), checkpoint=checkpoint, **overrides)
-    if checkpoint is not None and runtime.is_main:
-        logger.info(f"fine-tuning from {checkpoint}")
-    freeze_stages(model, int(m["freeze_stages"]))
+def starting_weights(cfg: TrainConfig) -> Checkpoint | None:
+    """The weights a run starts from, read: model.pretrained's (Hub cache) or model.checkpoint's."""
+    m = cfg.model
+    if m.pretrained is not None:
+        return released_weights(m.pretrained)
+    return read_weights(m.checkpoint) if m.checkpoint is not None else None
+
+
+def build_model(cfg: TrainConfig, class_names: list[str], resuming: bool, runtime: Runtime) -> CvT:
+    """The configured variant with its overrides; unless resuming, the starting weights with a head for the
+    data's classes (see model.head)."""
+    m = cfg.model
+    checkpoint = None if resuming else starting_weights(cfg)
+    if checkpoint is None:
+        model = create_model(m.name, num_classes=len(class_names), **m.overrides)
+    else:
+        # Loaded as saved (its own head), so that the head is replaced by the rule below and nowhere else.
+        source = m.pretrained or checkpoint.path
+        model = create_model(m.name, checkpoint=checkpoint, **m.overrides)
+        fresh = _needs_new_head(m.head, checkpoint.num_classes, checkpoint.class_names, class_names, source)
+        if fresh:
+            model.reset_classifier(len(class_names))
+        model.pretrained_cfg = {
+            **model.pretrained_cfg, "num_classes": len(class_names), "label_names": tuple(class_names),
+        }
+        if runtime.is_main:
+            head = "a new head" if fresh else "its own head"
+            logger.info(
+                f"fine-tuning {source} with {head} for the data's {len(class_names)} classes"
+            )
+    freeze_stages(model, m.freeze_stages)
     model.to(runtime.device)
-    if m["sync_bn"] and runtime.distributed:
+    if m.sync_bn and runtime.distributed:
         model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
     return model
 
 
-def build_components(cfg: dict[str, Any], runtime: Runtime) -> Components:
+def _needs_new_head(
+    head: str, count: int, names: Sequence[str] | None, class_names: list[str], source: str | Path
+) -> bool:
+    """model.head's rule: auto keeps the starting head only when it is the data's (same number of classes,
+    and the same names where the checkpoint records them)."""
+    if head == "keep":
+        if count != len(class_names):
+            raise ValueError(
+                f"model.head=keep, but {source} has a {count}-class head and the data {len(class_names)} "
+                "classes: use model.head=auto for a new head"
+            )
+        return False
+    return head == "new" or count != len(class_names) or (names is not None and list(names) != class_names)
+
+
+def build_components(cfg: TrainConfig | Mapping[str, Any], runtime: Runtime) -> Components:
     """Build every component of a run from its config; every input is checked here, before training."""
-    validate_config(cfg)  # a config not from load_config (a dict built in Python) is checked too
-    d, a, t = cfg["data"], cfg["aug"], cfg["train"]
-    output = Path(t["output"])
+    cfg = as_train_config(cfg)
+    d, a, t = cfg.data, cfg.aug, cfg.train
+    output = Path(t.output)
     if runtime.is_main:
         make_run_folder(output)
-    amp_dtype = AMP_DTYPES[t["amp"]]
-    val_amp_dtype = amp_dtype if t["val_amp"] is None else AMP_DTYPES[t["val_amp"]]
-    seed = int(t["seed"])
+    amp_dtype = AMP_DTYPES[t.amp]
+    val_amp_dtype = amp_dtype if t.val_amp is None else AMP_DTYPES[t.val_amp]
+    seed = t.seed
     # Per-rank streams (as timm's random_seed(seed, rank)): DropPath masks and mixup differ across ranks.
     # Rank 0 draws what a single process draws; DDP gives every rank rank 0's initial weights.
     seed_everything(seed + runtime.rank)
@@ -173,8 +213,8 @@ def build_components(cfg: dict[str, Any], runtime: Runtime) -> Components:
     resume = read_training_state(resume_from) if resume_from else None
     if resume is not None:
         check_training_state(resume, resume_from)
-        m = cfg["model"]
-        config = variant_config(m["name"], num_classes=len(class_names), **m["overrides"])
+        m = cfg.model
+        config = variant_config(m.name, num_classes=len(class_names), **m.overrides)
         changes = check_resumable(resume, cfg, config, class_names, resume_from)
         if changes and runtime.is_main:
             listed = "; ".join(f"{key}: {old!r} -> {new!r}" for key, (old, new) in changes.items())
@@ -183,7 +223,7 @@ def build_components(cfg: dict[str, Any], runtime: Runtime) -> Components:
     data_config = model.pretrained_cfg
     train_set = ImageFolder(train_dir, train_transform(a, data_config), class_names)
     val_set = ImageFolder(val_dir, eval_transform(data_config), class_names)
-    batch_size = int(t["batch_size"])
+    batch_size = per_process_batch(t, runtime.world_size)
     per_rank = math.ceil(len(train_set) / runtime.world_size)
     if batch_size < 1:
         raise ValueError(f"train.batch_size must be positive, got {batch_size}")
@@ -194,11 +234,11 @@ def build_components(cfg: dict[str, Any], runtime: Runtime) -> Components:
         )
     global_batch = batch_size * runtime.world_size
 
-    if a["repeated_aug"]:
+    if a.repeated_aug:
         from timm.data.distributed_sampler import RepeatAugSampler
 
         base = RepeatAugSampler(
-            train_set, num_replicas=runtime.world_size, rank=runtime.rank, num_repeats=int(a["repeated_aug"])
+            train_set, num_replicas=runtime.world_size, rank=runtime.rank, num_repeats=a.repeated_aug
         )
     else:
         base = DistributedSampler(
@@ -206,9 +246,7 @@ def build_components(cfg: dict[str, Any], runtime: Runtime) -> Components:
             drop_last=False,
         )
     sampler = SeededSampler(base, seed, runtime.rank, runtime.world_size)
-    options = loader_options(
-        int(d["workers"]), bool(d["pin_memory"]), bool(d["persistent_workers"]), runtime.device
-    )
+    options = loader_options(d.workers, d.pin_memory, d.persistent_workers, runtime.device)
     # A private generator: creating loader iterators must not consume the global RNG.
     train_loader = DataLoader(
         train_set, batch_size=batch_size, sampler=sampler, drop_last=True,
@@ -216,16 +254,16 @@ def build_components(cfg: dict[str, Any], runtime: Runtime) -> Components:
     )
     val_loader = DataLoader(
         val_set,
-        batch_size=int(d["eval_batch_size"] or batch_size),
+        batch_size=d.eval_batch_size or batch_size,
         sampler=ShardSampler(len(val_set), runtime.rank, runtime.world_size),
         **options,
     )
     steps_per_epoch = len(base) // batch_size
 
-    lr = learning_rate(cfg["optim"], global_batch)
-    optimizer = build_optimizer(model, cfg["optim"], lr)
-    epochs = int(t["epochs"])
-    scheduler = build_scheduler(optimizer, cfg["sched"], epochs, steps_per_epoch)
+    lr = learning_rate(cfg.optim, global_batch)
+    optimizer = build_optimizer(model, cfg.optim, lr)
+    epochs = math.ceil(t.steps / steps_per_epoch) if t.steps else t.epochs
+    scheduler = build_scheduler(optimizer, cfg.sched, epochs, steps_per_epoch, t.steps)
     mixup, criterion = build_loss(a, len(class_names))
     # fp16 needs loss scaling on every device (torch's GradScaler runs on CPU too); bf16 does not.
     scaler = torch.amp.GradScaler(runtime.device.type, enabled=amp_dtype is torch.float16)
@@ -234,16 +272,17 @@ def build_components(cfg: dict[str, Any], runtime: Runtime) -> Components:
         device_ids = [runtime.device.index] if runtime.device.type == "cuda" else None
         ddp = nn.parallel.DistributedDataParallel(model, device_ids=device_ids)
     ema = None
-    if t["ema"]:
+    if t.ema:
         from timm.utils import ModelEmaV3
 
         # After DDP's broadcast of rank 0's weights: every rank's average starts from the same model.
-        ema = ModelEmaV3(model, decay=float(t["ema_decay"]))
+        ema = ModelEmaV3(model, decay=t.ema_decay)
     return Components(
         output=output, train_dir=train_dir, val_dir=val_dir, class_names=class_names, model=model, ddp=ddp,
         train_set=train_set, val_set=val_set, sampler=sampler, train_loader=train_loader,
         val_loader=val_loader, batch_size=batch_size, global_batch=global_batch,
-        steps_per_epoch=steps_per_epoch, epochs=epochs, lr=lr, optimizer=optimizer, scheduler=scheduler,
+        steps_per_epoch=steps_per_epoch, epochs=epochs, max_steps=t.steps, lr=lr, optimizer=optimizer,
+        scheduler=scheduler,
         mixup=mixup, criterion=criterion, ema=ema, scaler=scaler, amp_dtype=amp_dtype,
         val_amp_dtype=val_amp_dtype, resume_path=resume_from, resume_state=resume,
     )

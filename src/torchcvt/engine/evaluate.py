@@ -11,10 +11,11 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader
 
-from ..checkpoints import model_from_checkpoint, read_checkpoint
 from ..checks import check_output_folder
 from ..config import get_variant
 from ..data import BadImage, ImageFolder, check_real_labels, eval_transform, list_classes, loader_options
+from ..factory import create_model
+from ..weights import Checkpoint, read_checkpoint
 from .reporting import plot_confusion
 from .runtime import Runtime, all_reduce, init_runtime
 
@@ -103,7 +104,7 @@ def _add_real_results(real: Any, logits: torch.Tensor, unreadable: set[str]) -> 
 
 def evaluate_checkpoint(
     model_name: str,
-    checkpoint: str | Path,
+    checkpoint: str | Path | Checkpoint,
     data: str | Path,
     *,
     output: str | Path | None = None,
@@ -121,12 +122,13 @@ def evaluate_checkpoint(
     with strict the first one is an error. `overrides` sets model config fields a checkpoint does not
     record (an official .pth of a non-default architecture).
     """
-    checkpoint = Path(checkpoint)
     get_variant(model_name)
     runtime = init_runtime(device)  # a device this machine lacks is an error before any reading
-    out_dir = check_output_folder(output if output is not None else checkpoint.parent, "output")
+    path = checkpoint.path if isinstance(checkpoint, Checkpoint) else Path(checkpoint)
+    out_dir = check_output_folder(output if output is not None else path.parent, "output")
     # Any format, read once: class list, architecture and weights come from it.
-    stored = read_checkpoint(checkpoint)
+    stored = checkpoint if isinstance(checkpoint, Checkpoint) else read_checkpoint(path)
+    checkpoint = path
     class_names = list(stored.class_names) if stored.class_names else list_classes(data)
     if stored.num_classes != len(class_names):
         n = len(class_names)
@@ -135,7 +137,7 @@ def evaluate_checkpoint(
             f"checkpoint {checkpoint} has a {stored.num_classes}-class head but {source}; evaluating "
             "never re-initialises a head"
         )
-    model = model_from_checkpoint(model_name, stored, **(overrides or {}))
+    model = create_model(model_name, checkpoint=stored, **(overrides or {}))
     del stored
     model.to(runtime.device)
     data_config = model.pretrained_cfg

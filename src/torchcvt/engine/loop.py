@@ -6,6 +6,7 @@ import json
 import logging
 import math
 import time
+from collections.abc import Mapping
 from typing import Any
 
 import torch
@@ -18,6 +19,7 @@ from .optim import update_lr
 from .reporting import MetricsLog, Progress, plot_curves
 from .runtime import Runtime, agree_on_failure, init_runtime, rng_state, set_rng_state, torch_settings
 from .state import read_training_state, save_training_state
+from .train_config import TrainConfig, as_train_config
 
 logger = logging.getLogger(__name__)
 
@@ -29,7 +31,7 @@ class TrainingDiverged(RuntimeError):
 class Trainer:
     """Runs one training run on components built by build_components; rank 0 alone logs and saves."""
 
-    def __init__(self, cfg: dict[str, Any], runtime: Runtime, parts: Components):
+    def __init__(self, cfg: TrainConfig, runtime: Runtime, parts: Components):
         self.cfg, self.runtime, self.parts = cfg, runtime, parts
         self.model, self.ddp = parts.model, parts.ddp
         self.optimizer, self.scheduler, self.scaler, self.ema = (
@@ -53,8 +55,9 @@ class Trainer:
         self.metrics: MetricsLog | None = None
 
     @classmethod
-    def from_config(cls, cfg: dict[str, Any], runtime: Runtime) -> Trainer:
+    def from_config(cls, cfg: TrainConfig | Mapping[str, Any], runtime: Runtime) -> Trainer:
         """Build every component from cfg (checking every input) and hand them to a Trainer."""
+        cfg = as_train_config(cfg)
         return cls(cfg, runtime, build_components(cfg, runtime))
 
     # -- state
@@ -72,7 +75,7 @@ class Trainer:
         gathered = self._gather({"rng": rng_state(), "skipped": sorted(self.skipped)})
         return {
             "state_dict": self.model.state_dict(),
-            "model_name": self.cfg["model"]["name"],
+            "model_name": self.cfg.model.name,
             "config": self.model.config.to_dict(),
             "class_names": list(self.class_names),
             "optimizer": self.optimizer.state_dict(),
@@ -88,7 +91,7 @@ class Trainer:
             "rng": [rank["rng"] for rank in gathered],
             "skipped_images": sorted(set().union(*(rank["skipped"] for rank in gathered))),
             "last_val": self.last_val,
-            "train_config": self.cfg,
+            "train_config": self.cfg.to_dict(),
             "wall_seconds": self.wall_before + time.perf_counter() - self.started,
             "train_images": self.train_images,
             "train_seconds": self.train_seconds,
@@ -138,7 +141,7 @@ class Trainer:
         if self.start_step >= self.steps_per_epoch:
             self.start_epoch, self.start_step = self.start_epoch + 1, 0
         self.global_step = int(state["global_step"])
-        update_lr(self.scheduler, self.cfg["sched"]["interval"], self.start_epoch, self.global_step)
+        update_lr(self.scheduler, self.cfg.sched.interval, self.start_epoch, self.global_step)
         self.best_top1, self.best_top5 = float(state["best_top1"]), float(state["best_top5"])
         self._adopt_best_score()
         self.skipped = set(state.get("skipped_images", []))
@@ -175,12 +178,12 @@ class Trainer:
 
     def set_train_mode(self) -> None:
         self.ddp.train()
-        for stage in self.model.stages[: int(self.cfg["model"]["freeze_stages"])]:
+        for stage in self.model.stages[: self.cfg.model.freeze_stages]:
             stage.eval()
 
     def run(self) -> dict[str, Any]:
         """Train from where the run stands to the last epoch; returns the summary."""
-        t, parts = self.cfg["train"], self.parts
+        t, parts = self.cfg.train, self.parts
         self.started = time.perf_counter()
         if parts.resume_state is not None:
             self.restore(parts.resume_state)
@@ -194,15 +197,15 @@ class Trainer:
         self.metrics = (
             MetricsLog(self.output, self.global_step if parts.resume_path else None) if main else None
         )
-        progress = Progress(main, bool(t["quiet"]), int(t["log_every_steps"]))
+        progress = Progress(main, t.quiet, t.log_every_steps)
         self._log(
-            f"training {self.cfg['model']['name']} on {len(parts.train_set)} images of "
+            f"training {self.cfg.model.name} on {len(parts.train_set)} images of "
             f"{len(self.class_names)} classes ({parts.train_dir}), {self.runtime.world_size} process(es) on "
             f"{self.runtime.device}, global batch {self.global_batch}, lr {self.lr:.3g}, "
-            f"{self.epochs} epochs; output {self.output}"
+            f"{self._length()}; output {self.output}"
         )
-        every = int(t["checkpoint_every_steps"])
-        interval = self.cfg["sched"]["interval"]
+        every = t.checkpoint_every_steps
+        interval = self.cfg.sched.interval
         last_val: dict[str, Any] = {}
         try:
             for epoch in range(self.start_epoch, self.epochs):
@@ -213,6 +216,8 @@ class Trainer:
                 progress.start(epoch, self.epochs, self.steps_per_epoch, start)
                 window_loss, window_steps, tick = self._zero(), 0, time.perf_counter()
                 for step, (images, targets, bad) in enumerate(parts.train_loader, start=start + 1):
+                    if parts.max_steps is not None and self.global_step >= parts.max_steps:
+                        break  # a run counted in steps ends mid-epoch
                     error = None
                     try:
                         self._report_bad(bad)
@@ -226,7 +231,11 @@ class Trainer:
                     update_lr(self.scheduler, interval, epoch, self.global_step)
                     window_loss, window_steps = window_loss + loss, window_steps + 1
                     self.train_images += self.global_batch
-                    log = self.global_step % progress.every == 0 or step == self.steps_per_epoch
+                    log = (
+                        self.global_step % progress.every == 0
+                        or step == self.steps_per_epoch
+                        or self.global_step == parts.max_steps
+                    )
                     saving = bool(every) and self.global_step % every == 0
                     mean_loss = None
                     if log or saving:
@@ -268,8 +277,14 @@ class Trainer:
                 self.metrics.close()
         return self.finish(last_val)
 
+    def _length(self) -> str:
+        steps = self.parts.max_steps
+        return f"{steps} steps ({self.epochs} epochs)" if steps is not None else f"{self.epochs} epochs"
+
     def _finished(self) -> dict[str, Any]:
         """A run resumed after its last epoch: its summary, unchanged (written now if a kill prevented it)."""
+        # Resumed with fewer epochs than it trained: the summary counts the epochs its metrics hold.
+        self.epochs = max(self.epochs, self.start_epoch)
         self._log(f"the run in {self.output} is already finished ({self.epochs} epochs); nothing to do")
         summary = self.output / "summary.json"
         if summary.is_file():
@@ -280,7 +295,7 @@ class Trainer:
 
     def _report_bad(self, bad: list) -> None:
         for sample in bad:
-            if self.cfg["data"]["strict"]:
+            if self.cfg.data.strict:
                 raise ValueError(
                     f"unreadable image {sample.path} ({sample.error}); data.strict stops the run"
                 )
@@ -322,7 +337,7 @@ class Trainer:
         self._diverged = torch.where(first, at, self._diverged)
         self.optimizer.zero_grad(set_to_none=True)
         self.scaler.scale(loss).backward()
-        clip = self.cfg["optim"]["clip_grad"]
+        clip = self.cfg.optim.clip_grad
         if clip:
             self.scaler.unscale_(self.optimizer)
             nn.utils.clip_grad_norm_(self.model.parameters(), float(clip))
@@ -358,7 +373,7 @@ class Trainer:
         parts = self.parts
         val_amp = parts.val_amp_dtype
         args = (parts.val_loader, self.runtime.device, len(self.class_names), self.runtime, val_amp)
-        strict = bool(self.cfg["data"]["strict"])
+        strict = self.cfg.data.strict
         result = evaluate(self.model, *args, strict=strict)
         record = {
             "kind": "val",
@@ -386,7 +401,7 @@ class Trainer:
         skipped = set().union(*self._gather(self.skipped))
         wall = self.wall_before + time.perf_counter() - self.started
         summary = {
-            "model": self.cfg["model"]["name"],
+            "model": self.cfg.model.name,
             "best_val_top1": max(self.best_top1, last_val["top1"]),
             "best_val_top5": self.best_top5 if self.best_top1 >= last_val["top1"] else last_val["top5"],
             "final_val_top1": last_val["top1"],
@@ -410,11 +425,12 @@ class Trainer:
         return summary
 
 
-def train(cfg: dict[str, Any]) -> dict[str, Any]:
+def train(cfg: TrainConfig | Mapping[str, Any]) -> dict[str, Any]:
     """Run one experiment from a config (see load_config); returns the summary written to summary.json."""
-    runtime = init_runtime(cfg["train"]["device"])
+    cfg = as_train_config(cfg)
+    runtime = init_runtime(cfg.train.device)
     try:
-        with torch_settings(bool(cfg["train"]["deterministic"]), runtime.device):
+        with torch_settings(cfg.train.deterministic, runtime.device):
             return Trainer.from_config(cfg, runtime).run()
     finally:
         if runtime.distributed and dist.is_initialized():

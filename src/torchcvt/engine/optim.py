@@ -9,6 +9,7 @@ from timm.models import group_parameters
 from torch import nn
 
 from ..model import CvT
+from .train_config import AugSettings, OptimSettings, SchedSettings
 
 
 def param_groups(model: CvT, weight_decay: float, layer_decay: float | None = None) -> list[dict[str, Any]]:
@@ -40,51 +41,63 @@ def freeze_stages(model: CvT, count: int) -> None:
         stage.requires_grad_(False)
 
 
-def learning_rate(optim: dict[str, Any], global_batch: int) -> float:
+def learning_rate(optim: OptimSettings, global_batch: int) -> float:
     """optim.lr, or base_lr scaled linearly from base_batch_size to the global batch."""
-    if optim["lr"] is not None:
-        return float(optim["lr"])
-    return float(optim["base_lr"]) * global_batch / optim["base_batch_size"]
+    if optim.lr is not None:
+        return optim.lr
+    return optim.base_lr * global_batch / optim.base_batch_size
 
 
-def build_optimizer(model: CvT, optim: dict[str, Any], lr: float) -> torch.optim.Optimizer:
+def build_optimizer(model: CvT, optim: OptimSettings, lr: float) -> torch.optim.Optimizer:
     """timm's optimiser of the configured kind over param_groups(model)."""
     from timm.optim import create_optimizer_v2
 
-    groups = param_groups(model, float(optim["weight_decay"]), optim["layer_decay"])
+    groups = param_groups(model, optim.weight_decay, optim.layer_decay)
     return create_optimizer_v2(
-        groups, opt=optim["opt"], lr=lr, weight_decay=float(optim["weight_decay"]), **optimizer_extras(optim)
+        groups, opt=optim.opt, lr=lr, weight_decay=optim.weight_decay, **optimizer_extras(optim)
     )
 
 
-def optimizer_extras(optim: dict[str, Any]) -> dict[str, Any]:
+def optimizer_extras(optim: OptimSettings) -> dict[str, Any]:
     """The hyper-parameters besides lr and weight decay that the configured optimiser takes."""
-    if "adam" in optim["opt"]:
-        return {"betas": tuple(optim["betas"]), "eps": float(optim["eps"])}
-    if "sgd" in optim["opt"] or "momentum" in optim["opt"]:
-        return {"momentum": float(optim["momentum"])}
+    if "adam" in optim.opt:
+        return {"betas": optim.betas, "eps": optim.eps}
+    if "sgd" in optim.opt or "momentum" in optim.opt:
+        return {"momentum": optim.momentum}
     return {}
 
 
 def build_scheduler(
-    optimizer: torch.optim.Optimizer, sched: dict[str, Any], epochs: int, steps_per_epoch: int
+    optimizer: torch.optim.Optimizer,
+    sched: SchedSettings,
+    epochs: int,
+    steps_per_epoch: int,
+    total_steps: int | None = None,
 ) -> Any:
-    """Cosine over epochs - cooldown (warm-up included), then min_lr to the end.
+    """Cosine over epochs - cooldown (warm-up included), then min_lr to the end; with total_steps (a run
+    counted in steps), cosine over those steps after sched.warmup_steps of warm-up.
 
     sched.interval 'step' moves the LR every optimizer step; 'epoch' once per epoch, as the official
     code's timm scheduler (t_initial in epochs, epoch 0 entirely at warmup_lr). Drive it with update_lr.
     """
     from timm.scheduler import CosineLRScheduler
 
-    cooldown = int(sched["cooldown_epochs"])
-    per_epoch = sched["interval"] == "epoch"
+    if total_steps is not None:
+        # As ViT's fine-tuning code: linear warm-up to the peak, then cosine over the remaining steps.
+        warmup = sched.warmup_steps or 0
+        return CosineLRScheduler(
+            optimizer, t_initial=total_steps - warmup, lr_min=sched.min_lr, warmup_t=warmup,
+            warmup_lr_init=sched.warmup_lr, warmup_prefix=True, t_in_epochs=False,
+        )
+    cooldown = sched.cooldown_epochs
+    per_epoch = sched.interval == "epoch"
     unit = 1 if per_epoch else steps_per_epoch
     return CosineLRScheduler(
         optimizer,
         t_initial=(epochs - cooldown) * unit,
-        lr_min=float(sched["min_lr"]),
-        warmup_t=sched["warmup_epochs"] if per_epoch else int(sched["warmup_epochs"] * unit),
-        warmup_lr_init=float(sched["warmup_lr"]),
+        lr_min=sched.min_lr,
+        warmup_t=sched.warmup_epochs if per_epoch else int(sched.warmup_epochs * unit),
+        warmup_lr_init=sched.warmup_lr,
         t_in_epochs=per_epoch,
     )
 
@@ -98,23 +111,23 @@ def update_lr(scheduler: Any, interval: str, epoch: int, global_step: int) -> No
         scheduler.step_update(global_step)
 
 
-def build_loss(aug: dict[str, Any], num_classes: int) -> tuple[Any, nn.Module]:
+def build_loss(aug: AugSettings, num_classes: int) -> tuple[Any, nn.Module]:
     """Mixup/CutMix (None when off) and the matching loss: soft targets, label smoothing or plain CE."""
     from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
 
-    if aug["mixup"] > 0 or aug["cutmix"] > 0:
+    if aug.mixup > 0 or aug.cutmix > 0:
         from timm.data import Mixup
 
         mixup = Mixup(
-            mixup_alpha=aug["mixup"],
-            cutmix_alpha=aug["cutmix"],
-            prob=aug["mixup_prob"],
-            switch_prob=aug["mixup_switch_prob"],
-            mode=aug["mixup_mode"],
-            label_smoothing=aug["label_smoothing"],
+            mixup_alpha=aug.mixup,
+            cutmix_alpha=aug.cutmix,
+            prob=aug.mixup_prob,
+            switch_prob=aug.mixup_switch_prob,
+            mode=aug.mixup_mode,
+            label_smoothing=aug.label_smoothing,
             num_classes=num_classes,
         )
         return mixup, SoftTargetCrossEntropy()
-    if aug["label_smoothing"] > 0:
-        return None, LabelSmoothingCrossEntropy(smoothing=aug["label_smoothing"])
+    if aug.label_smoothing > 0:
+        return None, LabelSmoothingCrossEntropy(smoothing=aug.label_smoothing)
     return None, nn.CrossEntropyLoss()

@@ -12,6 +12,7 @@ from typing import Any
 import torch
 
 from ..config import ARCHITECTURE_FIELDS, CvtConfig, architecture_differences
+from .train_config import TrainConfig
 
 # Bumped whenever a key's meaning changes; files without the field were written before it existed (0).
 FORMAT_VERSION = 1
@@ -157,8 +158,14 @@ def _plain(value: Any) -> Any:
     return list(value) if isinstance(value, tuple) else value
 
 
-# Changing one of these cannot continue a run: another model, or an optimiser state of another layout.
-FIXED_ON_RESUME = ("model.name", "model.freeze_stages", "optim.opt", "optim.layer_decay")
+# Changing one of these cannot continue a run: another model, other starting weights (a resumed run keeps
+# its own weights, so new ones would be ignored), or an optimiser state of another layout.
+FIXED_ON_RESUME = (
+    "model.name", "model.pretrained", "model.checkpoint", "model.freeze_stages", "optim.opt",
+    "optim.layer_decay",
+)
+# How to leave a run folder's run behind instead of resuming it.
+START_AFRESH = "start afresh with --no-resume (the old run moves to OUTPUT/previous-N) or a new --output"
 # Where and how to resume, not what to train: never reported as a change.
 RESUME_KEYS = ("train.resume", "train.auto_resume")
 
@@ -184,7 +191,7 @@ def config_changes(saved: dict[str, Any], new: dict[str, Any]) -> dict[str, tupl
 
 
 def check_resumable(
-    state: dict[str, Any], cfg: dict[str, Any], config: CvtConfig, class_names: list[str], path: Path
+    state: dict[str, Any], cfg: TrainConfig, config: CvtConfig, class_names: list[str], path: Path
 ) -> dict[str, tuple[Any, Any]]:
     """The config keys changed since the checkpoint; a one-line error for a change a run cannot survive."""
     saved_config = state.get("config")
@@ -194,19 +201,24 @@ def check_resumable(
         if differences:
             field, theirs, ours = differences[0]
             raise ValueError(
-                f"cannot resume from {path}: model {field} is {theirs} there but {ours} in this config"
+                f"cannot resume from {path}: model {field} is {theirs} there but {ours} in this config; "
+                f"{START_AFRESH}"
             )
     saved_classes = state.get("class_names")
     if saved_classes is not None and list(saved_classes) != class_names:
         raise ValueError(
             f"cannot resume from {path}: it was trained on {len(saved_classes)} classes "
-            f"{_preview(saved_classes)} but the data has {len(class_names)} classes {_preview(class_names)}"
+            f"{_preview(saved_classes)} but the data has {len(class_names)} classes {_preview(class_names)}; "
+            f"{START_AFRESH}"
         )
-    changes = config_changes(state.get("train_config") or {}, cfg)
+    changes = config_changes(state.get("train_config") or {}, cfg.to_dict())
     for key in FIXED_ON_RESUME:
         if key in changes:
             old, new = changes[key]
-            raise ValueError(f"cannot resume from {path}: {key} is {old!r} there but {new!r} in this config")
+            raise ValueError(
+                f"cannot resume from {path}: {key} is {old!r} there but {new!r} in this config; "
+                f"{START_AFRESH}"
+            )
     return changes
 
 

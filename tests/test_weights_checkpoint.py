@@ -2,14 +2,16 @@
 
 import argparse
 import json
+import logging
 import warnings
 
 import pytest
 import torch
 
 import torchcvt
-from torchcvt.checkpoints import convert_checkpoint, read_checkpoint, save_checkpoint, save_official
 from torchcvt.cli import main
+from torchcvt.factory import convert_checkpoint
+from torchcvt.weights import read_checkpoint, save_checkpoint, save_official
 
 CLASS_NAMES = [f"class {i}" for i in range(7)]
 
@@ -99,9 +101,10 @@ def test_training_checkpoint_of_torchcvt_train_loads_with_class_names(tmp_path, 
     assert loaded.pretrained_cfg["label_names"] == tuple(CLASS_NAMES)
 
 
-def test_other_num_classes_reinitialises_the_head_with_a_warning(official_file, model, tiny_overrides):
-    with pytest.warns(UserWarning, match="head of 7 classes but the model 3: the model's head of 3 classes"):
+def test_other_num_classes_gets_a_new_head_with_a_notice(official_file, model, tiny_overrides, caplog):
+    with caplog.at_level(logging.INFO, logger="torchcvt"):
         loaded = torchcvt.create_model("cvt_13", num_classes=3, checkpoint=official_file, **tiny_overrides)
+    assert "has a head of 7 classes, the model one of 3: the model keeps its new head" in caplog.text
     assert_same_weights(loaded, model, skip="head.")
     assert loaded.head.weight.shape == (3, 48)
     with warnings.catch_warnings():

@@ -16,8 +16,8 @@ from trainkit import perturb_weights
 from transformers import CvtConfig, CvtForImageClassification
 
 import torchcvt
-from torchcvt.checkpoints import HF_BIN_NAME, WEIGHTS_NAME
 from torchcvt.factory import pretrained_weights
+from torchcvt.weights import HF_BIN_NAME, WEIGHTS_NAME
 
 # transformers' CvtStage needs depth[i] > i; the released cvt-13 is the same model, only larger.
 HF_TINY = {"embed_dim": [16, 32, 48], "num_heads": [1, 2, 3], "depth": [1, 2, 3]}
@@ -94,7 +94,7 @@ def test_tags_and_timm_entry_points(offline_home, hf_model):
     assert (default_384.tag, default_384.hf_hub_id) == ("ms_in22k_ft_in1k", "microsoft/cvt-13-384-22k")
     for name in timm.list_pretrained("cvt*"):
         cfg = timm.models.get_pretrained_cfg(name)
-        assert cfg.hf_hub_id.startswith("microsoft/cvt-") and cfg.license == "mit"
+        assert cfg.hf_hub_id.startswith("microsoft/cvt-") and cfg.license == "apache-2.0"
         assert cfg.paper_ids == "arXiv:2103.15808" and "top-1" in cfg.notes[0]
         assert cfg.num_classes == 1000 and cfg.input_size[1] in (224, 384)
 

@@ -1,0 +1,223 @@
+"""The released weights, each described once: where they live, how to feed them, what they score.
+
+Everything else that quotes these facts is generated here: timm's pretrained_cfg (default_cfgs), the
+registered builders' docstrings, `torchcvt info`, and the tables in README.md and docs/pretrained.md
+(update_docs rewrites them; a test fails when they disagree with the catalogue).
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from functools import cache
+from importlib import resources
+from pathlib import Path
+from typing import Any, TypedDict
+
+from ..config import VARIANTS, get_variant
+from .checkpoint import HF_BIN_NAME, WEIGHTS_NAME
+
+PAPER = "CvT: Introducing Convolutions to Vision Transformers"
+PAPER_ID = "arXiv:2103.15808"
+ORIGIN_URL = "https://github.com/microsoft/CvT"
+# The Hub repositories microsoft/cvt-* (the files torchcvt downloads) declare Apache-2.0; the official
+# repository, whose code and original .pth release they mirror, is MIT.
+HUB_LICENSE = "apache-2.0"
+OFFICIAL_LICENSE = "mit"
+IMAGENET_1K = "imagenet-1k"
+
+
+class PretrainedCfgDict(TypedDict, total=False):
+    """model.pretrained_cfg: timm's PretrainedCfg as a dict, plus what torchcvt adds (architecture, names)."""
+
+    architecture: str
+    tag: str | None
+    hf_hub_id: str | None
+    file: str | None
+    input_size: tuple[int, int, int]
+    crop_pct: float
+    crop_mode: str
+    interpolation: str
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+    num_classes: int
+    label_names: tuple[str, ...]
+    first_conv: str
+    classifier: str
+    license: str
+    description: str
+    notes: tuple[str, ...]
+    origin_url: str
+    paper_name: str
+    paper_ids: str
+
+
+@dataclass(frozen=True)
+class Weights:
+    """One released checkpoint of the paper (torchvision's WeightsEnum entry, timm's tag)."""
+
+    architecture: str
+    tag: str
+    hf_hub_id: str
+    pretraining: str
+    top1: float  # ImageNet-1k val top-1 as the paper's Table 2 reports it
+    params_m: float  # counted (count_params, 1000 classes), millions, one decimal
+    gflops: float  # the paper's, at the weights' input size (torchcvt's count agrees within 2%)
+    paper_params_m: float  # the paper's rounded figure
+    files: tuple[str, ...] = (WEIGHTS_NAME, HF_BIN_NAME)
+    classes: str = IMAGENET_1K
+    activation: str = "quick_gelu"  # what the official code trained them with
+    license: str = HUB_LICENSE
+
+    @property
+    def name(self) -> str:
+        return f"{self.architecture}.{self.tag}"
+
+    @property
+    def resolution(self) -> int:
+        return self.data_config()["input_size"][1]
+
+    def data_config(self) -> dict[str, Any]:
+        """How the official code evaluates them: written once, in the variant they were released for."""
+        return get_variant(self.architecture).data_config()
+
+    def class_names(self) -> tuple[str, ...]:
+        return class_names(self.classes)
+
+    def description(self) -> str:
+        head = "ImageNet-1k" if self.pretraining == _IN1K else f"{self.pretraining} pre-training, ImageNet-1k"
+        return f"official weights ({head} fine-tuning and head), trained with {_ACTIVATION[self.activation]}"
+
+
+_ACTIVATION = {"quick_gelu": "QuickGELU", "gelu": "exact GELU"}
+_IN1K, _IN22K = "ImageNet-1k", "ImageNet-22k"
+
+# The first entry of an architecture is its default: the weights an untagged name with pretrained=True loads.
+CATALOGUE: tuple[Weights, ...] = (
+    Weights("cvt_13", "ms_in1k", "microsoft/cvt-13", _IN1K, 81.6, 20.0, 4.5, 20),
+    Weights("cvt_13_384", "ms_in22k_ft_in1k", "microsoft/cvt-13-384-22k", _IN22K, 83.3, 20.0, 16.3, 20),
+    Weights("cvt_13_384", "ms_in1k", "microsoft/cvt-13-384", _IN1K, 83.0, 20.0, 16.3, 20),
+    Weights("cvt_21", "ms_in1k", "microsoft/cvt-21", _IN1K, 82.5, 31.6, 7.1, 32),
+    Weights("cvt_21_384", "ms_in22k_ft_in1k", "microsoft/cvt-21-384-22k", _IN22K, 84.9, 31.6, 24.9, 32),
+    Weights("cvt_21_384", "ms_in1k", "microsoft/cvt-21-384", _IN1K, 83.3, 31.6, 24.9, 32),
+    Weights("cvt_w24", "ms_in22k_ft_in1k", "microsoft/cvt-w24-384-22k", _IN22K, 87.7, 277.2, 193.2, 277),
+)
+WEIGHTS: dict[str, Weights] = {weights.name: weights for weights in CATALOGUE}
+
+
+def list_pretrained() -> list[str]:
+    """Every tagged name with released weights, e.g. 'cvt_13.ms_in1k', sorted."""
+    return sorted(WEIGHTS)
+
+
+def weights_of(architecture: str) -> list[Weights]:
+    """The released weights of a variant, its default first."""
+    return [weights for weights in CATALOGUE if weights.architecture == architecture]
+
+
+@cache
+def class_names(classes: str) -> tuple[str, ...]:
+    """The class names of a label set ('imagenet-1k': the first WordNet lemma of each synset, index order)."""
+    if classes != IMAGENET_1K:
+        raise ValueError(f"unknown label set {classes!r}")
+    return tuple(resources.files("torchcvt").joinpath("imagenet_classes.txt").read_text().splitlines())
+
+
+def timm_cfg(architecture: str, weights: Weights | None = None) -> dict[str, Any]:
+    """timm's pretrained_cfg entry of a variant, with its weights when it has some."""
+    cfg: dict[str, Any] = {
+        **get_variant(architecture).data_config(), "num_classes": 1000,
+        "first_conv": "stage0.patch_embed.proj", "classifier": "head", "paper_name": PAPER,
+        "paper_ids": PAPER_ID, "origin_url": ORIGIN_URL,
+    }
+    if weights is not None:
+        cfg.update(hf_hub_id=weights.hf_hub_id, license=weights.license, description=weights.description(),
+                   notes=(f"ImageNet-1k top-1 {weights.top1}% (CvT paper, Table 2)",))
+    return cfg
+
+
+def timm_default_cfgs() -> dict[str, dict[str, Any]]:
+    """Every tagged name and every weightless variant with its timm cfg (the defaults first)."""
+    tagged = {weights.name: timm_cfg(weights.architecture, weights) for weights in CATALOGUE}
+    plain = {name: timm_cfg(name) for name in VARIANTS if not weights_of(name)}
+    return {**tagged, **plain}
+
+
+def _weights_text(weights: Weights, default: bool) -> str:
+    extra = f"{weights.pretraining} pre-training, " if weights.pretraining != _IN1K else ""
+    return f"{weights.name} ({'default; ' if default else ''}{extra}{weights.top1}% ImageNet-1k top-1)"
+
+
+def builder_docstring(architecture: str) -> str:
+    """The docstring of a registered builder: its size and cost, and each of its weights with its top-1."""
+    variant = get_variant(architecture)
+    released = weights_of(architecture)
+    if not released:
+        return f"{variant.description[0].upper()}{variant.description[1:]}; no released weights."
+    first = released[0]
+    several = len(released) > 1
+    listed = ", ".join(_weights_text(weights, i == 0 and several) for i, weights in enumerate(released))
+    return (f"{variant.description}: {first.params_m}M parameters, {first.gflops} GFLOPs.\n\n"
+            f"Weights: {listed}.")
+
+
+def info_weights(architecture: str) -> list[dict[str, Any]]:
+    """What `torchcvt info` says about a variant's weights."""
+    return [{"name": weights.name, "pretraining": weights.pretraining, "top1": weights.top1,
+             "hf_hub_id": weights.hf_hub_id, "license": weights.license, "default": i == 0}
+            for i, weights in enumerate(weights_of(architecture))]
+
+
+def paper_figures(architecture: str) -> dict[str, Any]:
+    """The paper's parameter and GFLOP figures of a variant with weights (empty for the others)."""
+    released = weights_of(architecture)
+    if not released:
+        return {}
+    return {"params_m": released[0].paper_params_m, "gflops": released[0].gflops}
+
+
+def zoo_table() -> str:
+    """docs/pretrained.md's model zoo: one row per released checkpoint."""
+    rows = ["| tag | Hub repository | resolution | pre-training | params | GFLOPs | "
+            "ImageNet-1k top-1 (paper) |", "|---|---|---|---|---|---|---|"]
+    rows += [f"| `{w.name}` | [{w.hf_hub_id}](https://huggingface.co/{w.hf_hub_id}) | {w.resolution} | "
+             f"{w.pretraining} | {w.params_m}M | {w.gflops} | {w.top1} |" for w in CATALOGUE]
+    return "\n".join(rows)
+
+
+def model_table() -> str:
+    """README.md's table: each released checkpoint with its size, cost and top-1."""
+    rows = ["| weights | resolution | pre-training | params | GFLOPs | ImageNet-1k top-1 |",
+            "|---|---|---|---|---|---|"]
+    rows += [f"| `{w.name}` | {w.resolution} | {w.pretraining} | {w.params_m}M | {w.gflops} | {w.top1} |"
+             for w in CATALOGUE]
+    return "\n".join(rows)
+
+
+# Where update_docs puts each generated table: between these two comment lines of the file.
+DOC_TABLES = {"README.md": ("models", model_table), "docs/pretrained.md": ("zoo", zoo_table)}
+
+
+def _marked(name: str) -> re.Pattern[str]:
+    start = rf"<!-- {name}: generated by torchcvt\.weights\.catalogue -->\n"
+    return re.compile(rf"({start})(.*?)(\n<!-- /{name} -->)", re.DOTALL)
+
+
+def generated_table(text: str, name: str) -> str | None:
+    """The table between a file's markers for `name`, or None when the file has none."""
+    match = _marked(name).search(text)
+    return match.group(2) if match else None
+
+
+def update_docs(root: str | Path) -> list[Path]:
+    """Rewrite the generated tables of a source checkout's README.md and docs; returns the files changed."""
+    changed = []
+    for relative, (name, render) in DOC_TABLES.items():
+        path = Path(root) / relative
+        text = path.read_text(encoding="utf-8")
+        table = render()
+        updated = _marked(name).sub(lambda match, table=table: match.group(1) + table + match.group(3), text)
+        if updated != text:
+            path.write_text(updated, encoding="utf-8")
+            changed.append(path)
+    return changed

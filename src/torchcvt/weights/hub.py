@@ -1,0 +1,64 @@
+"""The download layer: released weights through huggingface_hub (its cache, HF_HOME, HF_HUB_OFFLINE and
+revisions apply as usual)."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from pathlib import Path
+
+from .checkpoint import HF_BIN_NAME, WEIGHTS_NAME, Checkpoint, read_checkpoint
+from .io import first_line
+
+logger = logging.getLogger(__name__)
+
+
+def split_revision(hf_hub_id: str) -> tuple[str, str | None]:
+    """'owner/name@revision' (timm's way of pinning a revision) as (repo, revision)."""
+    repo, _, revision = hf_hub_id.partition("@")
+    return repo, revision or None
+
+
+def download_weights(hf_hub_id: str, cache_dir: str | Path | None = None,
+                     filenames: Sequence[str] = (WEIGHTS_NAME, HF_BIN_NAME)) -> Path:
+    """The local path of a Hub repository's weights: the first of filenames it has.
+
+    Uses huggingface_hub's cache; FileNotFoundError saying what to set or download when none is there.
+    """
+    from huggingface_hub import constants, hf_hub_download
+    from huggingface_hub.errors import EntryNotFoundError, HfHubHTTPError
+
+    repo, revision = split_revision(hf_hub_id)
+    failures = []
+    for filename in filenames:
+        try:
+            path = hf_hub_download(repo, filename, revision=revision, cache_dir=cache_dir)
+        except (EntryNotFoundError, HfHubHTTPError, OSError) as error:
+            # A repository may hold only one of the files; the others are then missing, not an error.
+            failures.append(error)
+            continue
+        logger.info("weights of %s: %s", hf_hub_id, path)
+        return Path(path)
+    cache = cache_dir or constants.HF_HUB_CACHE
+    where = f"https://huggingface.co/{repo}" + (f"/tree/{revision}" if revision else "")
+    if constants.is_offline_mode():
+        why = (f"they are not in the Hugging Face cache {cache} and HF_HUB_OFFLINE is set: unset it to "
+               "download them once, or set HF_HOME to a cache that has them")
+    else:
+        why = (f"the download failed ({first_line(failures[-1])}); check the network, or set HF_HOME to a "
+               f"cache that has them and HF_HUB_OFFLINE=1")
+    raise FileNotFoundError(
+        f"cannot get the weights of {hf_hub_id}: {why}; or download {' (or '.join(filenames)}"
+        f"{')' * (len(filenames) - 1)} from {where} by hand and pass it as checkpoint=PATH "
+        "(--checkpoint PATH on the command line)"
+    )
+
+
+def read_pretrained(file: str | Path | None = None, hf_hub_id: str | None = None,
+                    cache_dir: str | Path | None = None) -> Checkpoint:
+    """Read pretrained weights from a local file (timm's pretrained_cfg 'file') or a Hub repository."""
+    if file:
+        return read_checkpoint(file)
+    if not hf_hub_id:
+        raise ValueError("no pretrained weights: the pretrained config has neither 'file' nor 'hf_hub_id'")
+    return read_checkpoint(download_weights(hf_hub_id, cache_dir))

@@ -1,0 +1,156 @@
+"""Tensor files in and out: safetensors and weights-only torch pickles, written atomically.
+
+Nothing here knows about CvT: it reads and writes dicts of tensors and the metadata beside them.
+"""
+
+from __future__ import annotations
+
+import codecs
+import json
+import os
+import pickle
+import re
+import struct
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
+
+StateDict = dict[str, torch.Tensor]
+
+# Wrappers whose prefix a saved state dict may carry: DistributedDataParallel and torch.compile.
+WRAPPER_PREFIXES = ("module.", "_orig_mod.")
+# Where training checkpoints keep the model's state dict.
+NESTED_KEYS = ("state_dict", "model")
+
+
+def read_tensor_file(path: Path) -> tuple[Any, dict[str, str]]:
+    """The object a safetensors or torch.save file holds, and the safetensors metadata ({} for torch files).
+
+    Nothing beyond tensors and plain containers is unpickled; anything that is neither format is a one-line
+    ValueError saying what the file is.
+    """
+    size = path.stat().st_size
+    if size == 0:
+        raise ValueError(f"{path} is empty, not a checkpoint")
+    with open(path, "rb") as file:
+        head = file.read(512)
+    if len(head) >= 9 and head[8:9] == b"{":
+        (header_len,) = struct.unpack("<Q", head[:8])
+        if header_len <= size - 8:
+            return _read_safetensors(path)
+        raise ValueError(f"{path} is a truncated safetensors file ({size} bytes, its header alone needs "
+                         f"{header_len + 8})")
+    if head.startswith(b"PK\x03\x04") or head.startswith(b"\x80"):  # torch.save's zip format or legacy pickle
+        return _torch_load(path), {}
+    try:  # incremental, so that a character cut at byte 512 does not count as binary
+        codecs.getincrementaldecoder("utf-8")().decode(head)
+        found = "a text file" if b"\0" not in head else "unrecognised binary data"
+    except UnicodeDecodeError:
+        found = "unrecognised binary data"
+    raise ValueError(f"{path} is not a checkpoint: it is {found}, neither safetensors nor a torch.save file")
+
+
+def _read_safetensors(path: Path) -> tuple[StateDict, dict[str, str]]:
+    try:
+        with safe_open(path, framework="pt") as file:
+            return {key: file.get_tensor(key) for key in file.keys()}, file.metadata() or {}
+    except (SafetensorError, OSError, ValueError) as error:
+        raise ValueError(f"{path} is a damaged or truncated safetensors file ({first_line(error)})") from None
+
+
+def _torch_load(path: Path) -> Any:
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as error:
+        found = re.search(r"GLOBAL (\S+)", str(error))
+        what = f" ({found.group(1)})" if found else ""
+        raise ValueError(
+            f"{path} holds pickled Python objects besides tensors{what}; torchcvt loads weights only "
+            "(torch.load weights_only=True): save the model's state_dict alone"
+        ) from None
+    except (RuntimeError, EOFError, OSError, ValueError) as error:  # how torch reports a damaged archive
+        raise ValueError(
+            f"{path} is not a readable PyTorch checkpoint, truncated or damaged ({first_line(error)})"
+        ) from None
+
+
+def unwrap_state_dict(obj: Any, path: Path) -> StateDict:
+    """The state dict inside a plain or training checkpoint, without DDP / torch.compile prefixes."""
+    if not isinstance(obj, dict):
+        raise ValueError(f"{path} holds a {type(obj).__name__}, not a state dict")
+    nested = next((obj[key] for key in NESTED_KEYS if isinstance(obj.get(key), dict)), None)
+    if nested is not None and not any(isinstance(value, torch.Tensor) for value in obj.values()):
+        obj = nested
+    others = [key for key, value in obj.items() if not isinstance(value, torch.Tensor)]
+    if others or not obj:
+        found = f"non-tensor entries {preview(others)}" if obj else "it is empty"
+        raise ValueError(f"{path} is not a state dict of tensors: {found}")
+    for prefix in WRAPPER_PREFIXES:
+        if all(key.startswith(prefix) for key in obj):
+            obj = {key[len(prefix):]: value for key, value in obj.items()}
+    return obj
+
+
+def parse_json(text: str, where: str) -> dict[str, Any]:
+    """A JSON object, or a one-line ValueError naming where the text came from."""
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as error:
+        raise ValueError(f"{where} is not valid JSON ({error})") from None
+    if not isinstance(data, dict):
+        raise ValueError(f"{where} holds JSON {type(data).__name__}, not an object")
+    return data
+
+
+def contiguous(state_dict: StateDict) -> StateDict:
+    """Detached, contiguous CPU copies: what both file formats need."""
+    return {key: value.detach().cpu().contiguous() for key, value in state_dict.items()}
+
+
+def write_atomic(path: Path, write: Callable[[Path], None]) -> Path:
+    """Call write(temporary) beside path, then rename it over path: a failed write leaves path as it was."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handle, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(handle)
+    temporary = Path(name)
+    try:
+        write(temporary)
+        os.replace(temporary, path)
+    finally:
+        temporary.unlink(missing_ok=True)
+    return path
+
+
+def save_safetensors(state_dict: StateDict, path: Path, metadata: dict[str, str] | None = None) -> Path:
+    """Write tensors (and string metadata) as one safetensors file, atomically."""
+    tensors = contiguous(state_dict)
+    metadata = {"format": "pt", **(metadata or {})}
+    return write_atomic(path, lambda target: save_file(tensors, target, metadata=metadata))
+
+
+def save_torch(obj: Any, path: Path) -> Path:
+    """torch.save obj, atomically."""
+    return write_atomic(path, lambda target: torch.save(obj, target))
+
+
+def save_json(data: dict[str, Any], path: Path) -> Path:
+    """Write a JSON object with a trailing newline, atomically."""
+    text = json.dumps(data, indent=2) + "\n"
+    return write_atomic(path, lambda target: target.write_text(text, encoding="utf-8"))
+
+
+def preview(items: list[str], limit: int = 5) -> str:
+    """The first few items, comma-separated, and how many more there are."""
+    shown = ", ".join(items[:limit])
+    return shown + (f", ... and {len(items) - limit} more" if len(items) > limit else "")
+
+
+def first_line(error: BaseException) -> str:
+    """An exception's first message line, or its type's name when it has none."""
+    text = str(error).strip()
+    return text.splitlines()[0] if text else type(error).__name__

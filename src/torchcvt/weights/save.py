@@ -1,0 +1,123 @@
+"""Writing a model in each format; every file torchcvt writes records what rebuilds the model exactly."""
+
+from __future__ import annotations
+
+import json
+import warnings
+from collections.abc import Sequence
+from pathlib import Path
+
+from ..checks import check_output_folder
+from ..config import CvtConfig, architecture_differences
+from ..model import CvT
+from .checkpoint import CONFIG_NAME, FORMATS, TORCHCVT_FORMAT_VERSION, WEIGHTS_NAME
+from .formats import hf_config_json, torchcvt_to_hf
+from .io import save_json, save_safetensors, save_torch
+
+ClassNames = Sequence[str] | None
+# What the official code builds, and so what an official .pth implies beyond its keys.
+OFFICIAL_DEFAULTS = CvtConfig().to_dict()
+
+
+def model_class_names(model: CvT, class_names: ClassNames = None) -> list[str] | None:
+    """The class names given, else those the model carries; ValueError if they do not fit its head."""
+    names = class_names
+    if names is None:
+        names = getattr(model, "pretrained_cfg", {}).get("label_names")
+    if names is None:
+        return None
+    if len(names) != model.num_classes:
+        raise ValueError(f"{len(names)} class names given for a model of {model.num_classes} classes")
+    return [str(name) for name in names]
+
+
+def _architecture(model: CvT) -> str | None:
+    return getattr(model, "pretrained_cfg", {}).get("architecture")
+
+
+def save_official(model: CvT, path: str | Path) -> Path:
+    """Write the plain state dict with the official keys, as microsoft/CvT's .pth files hold it.
+
+    That layout has no room for a config: fields the official code would not build warn, naming what to
+    pass when reloading (torchcvt's format records them).
+    """
+    unrecorded = [f"{field}={ours}" for field, ours, _ in architecture_differences(
+        model.config.to_dict(), OFFICIAL_DEFAULTS, ("activation", "layer_norm_eps", "position_embedding",
+                                                   "token_embedding"))]
+    if unrecorded:
+        warnings.warn(
+            f"the official .pth layout records no config: reload {Path(path).name} with "
+            f"{', '.join(unrecorded)} (or write torchcvt's format, which records every field)", stacklevel=2,
+        )
+    return save_torch({key: value.detach().cpu().contiguous() for key, value in model.state_dict().items()},
+                      Path(path))
+
+
+def torchcvt_metadata(model: CvT, class_names: ClassNames = None) -> dict:
+    """What torchcvt's format records beside the weights: variant, class names and the full config."""
+    return {
+        "format": "torchcvt",
+        "format_version": TORCHCVT_FORMAT_VERSION,
+        "architecture": _architecture(model),
+        "class_names": model_class_names(model, class_names),
+        "config": model.config.to_dict(),
+    }
+
+
+def save_checkpoint(model: CvT, path: str | Path, class_names: ClassNames = None) -> Path:
+    """Write torchcvt's format: a directory with model.safetensors and config.json, or one .safetensors file.
+
+    Both carry the config, architecture name and class names, so either alone rebuilds the model.
+    """
+    path = Path(path)
+    meta = torchcvt_metadata(model, class_names)
+    weights = path if path.suffix == ".safetensors" else path / WEIGHTS_NAME
+    save_safetensors(model.state_dict(), weights, metadata={"torchcvt": json.dumps(meta)})
+    if weights != path:
+        save_json(meta, path / CONFIG_NAME)
+    return path
+
+
+def save_hf(model: CvT, path: str | Path, class_names: ClassNames = None) -> Path:
+    """Write a directory that transformers' CvtForImageClassification.from_pretrained loads.
+
+    config.json also records torchcvt's full config (activation, layer_norm_eps, variant), so torchcvt
+    rebuilds exactly this model from it.
+    """
+    path = Path(path)
+    config = hf_config_json(model.config, model_class_names(model, class_names), _architecture(model))
+    save_safetensors(torchcvt_to_hf(model.state_dict()), path / WEIGHTS_NAME)
+    save_json(config, path / CONFIG_NAME)
+    return path
+
+
+def export_checkpoint(model: CvT, path: str | Path, to: str, class_names: ClassNames = None) -> Path:
+    """Write model in one of FORMATS: 'official' (.pth file), 'hf' (directory) or 'torchcvt'."""
+    if to == "official":
+        return save_official(model, path)
+    if to == "hf":
+        return save_hf(model, path, class_names)
+    if to == "torchcvt":
+        return save_checkpoint(model, path, class_names)
+    raise ValueError(f"unknown checkpoint format {to!r}; choose one of {', '.join(FORMATS)}")
+
+
+def check_destination(src: str | Path, dst: str | Path, to: str, overwrite: bool = False) -> None:
+    """Refuse a destination that is (or holds) the source, an existing one unless overwrite is set, and one
+    that cannot be written as format `to` needs (a file for official and .safetensors, else a folder)."""
+    src, dst = Path(src), Path(dst)
+    # samefile compares inodes, so a hard link or a symlink to the source is caught too.
+    if dst.exists() and src.exists() and (dst.samefile(src) or (dst.is_dir() and _inside(src, dst))):
+        raise ValueError(f"destination {dst} is the source checkpoint {src} or holds it: "
+                         "choose another destination")
+    as_file = to == "official" or (to == "torchcvt" and dst.suffix == ".safetensors")
+    if as_file and dst.is_dir():
+        raise ValueError(f"destination {dst} is a folder: {to} writes a file, give a file name")
+    check_output_folder(dst.parent if as_file else dst, "destination")
+    if dst.exists() and not overwrite and (not dst.is_dir() or any(dst.iterdir())):
+        raise ValueError(f"destination {dst} already exists: pass --overwrite (overwrite=True) to replace it")
+
+
+def _inside(path: Path, folder: Path) -> bool:
+    return any(parent.samefile(folder) for parent in path.resolve().parents)
+
