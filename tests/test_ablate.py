@@ -85,8 +85,9 @@ def test_unknown_study_names_the_closest(capsys: pytest.CaptureFixture) -> None:
 
 def test_a_knob_the_base_model_cannot_take(capsys: pytest.CaptureFixture, tmp_path: Path) -> None:
     # A model with a strided linear query projection: a convolutional projection (row b) must keep the grid.
-    err = _one_line_error(capsys, "--study", "projection", "--dry-run", *_recipe(
-        tmp_path, **{"model.overrides": {"qkv_projection_method": ["linear"] * 3, "stride_q": [2, 2, 2]}}))
+    model = {"qkv_projection_method": ["linear"] * 3, "stride_q": [2, 2, 2]}
+    err = _one_line_error(capsys, "--study", "projection", "--dry-run",
+                          *_recipe(digits_tree(tmp_path / "data"), **{"model.overrides": model}))
     assert "study 'projection' row b (qkv_projection_method=['dw_bn', 'linear', 'linear']) cannot be " \
            "applied to cvt_digits" in err and "stride_q" in err
 
@@ -120,7 +121,7 @@ def test_shards_share_a_folder_without_training_a_run_twice(shared_suite) -> Non
         assert code == 0, err
     events = _events(root)
     # kv-stride and projection: 7a, 7b = 8d (one shared run), 8a, 8b, 8c.
-    runs = sorted(path.parent.name for path in (root / "runs").glob("*/seed-0/summary.json"))
+    runs = sorted(path.parent.parent.name for path in (root / "runs").glob("*/seed-0/summary.json"))
     assert runs == [f"pos000-tokccc-{name}" for name in
                     ("kv111-projccc", "kv222-projccc", "kv222-projccl", "kv222-projcll", "kv222-projlll")]
     started = Counter(event["run"] for event in events if event["event"] == "start")

@@ -7,15 +7,18 @@ from whatever has finished.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Sequence
 from pathlib import Path
 
 from .plan import Plan, PlannedRow, Run, build_plan, dry_run_rows, format_dry_run, row_config
-from .recipe import Recipe, data_overrides, read_recipe, recipe_from_settings
+from .recipe import Recipe, data_overrides, read_recipe, recipe_from_settings, section_overrides
 from .report import collect, write_report
 from .runner import RunFailed, data_fingerprint, default_shard, open_suite, read_suite, run_suite
 from .studies import STUDIES, Row, Study, select_studies
 from .task import EMBEDDED_RECIPE, write_task
+
+logger = logging.getLogger("torchcvt.ablate")
 
 __all__ = [
     "EMBEDDED_RECIPE", "STUDIES", "Plan", "PlannedRow", "Recipe", "Row", "Run", "RunFailed", "Study",
@@ -29,15 +32,21 @@ __all__ = [
 def prepare(
     config: str | None, overrides: Sequence[str], data: str | Path | None
 ) -> tuple[list[str], Recipe]:
-    """The KEY=VALUE strings every run starts from and the recipe they give.
-
-    With neither a config file nor data (--data or a data.train override), as `torchcvt train` decides:
-    the embedded task (written once) and its recipe.
+    """The KEY=VALUE strings every run starts from and the recipe they give, as `torchcvt train` decides:
+    with neither a config file nor data (--data or a data.train override), the embedded task (written
+    once) and its recipe; with data and no config file, the recipe chosen for the data (engine.recipes).
     """
     from ..engine import load_config
+    from ..engine.recipes import choose_recipe, given_weights
+    from ..typed import parse_assignment
 
-    if config is None and data is None and not any(text.startswith("data.train=") for text in overrides):
+    given = dict(parse_assignment(text) for text in [*data_overrides(data), *overrides])
+    if config is None and "data.train" not in given:
         base = [*EMBEDDED_RECIPE, *data_overrides(write_task()), *overrides]
+    elif config is None:
+        chosen = choose_recipe(given["data.train"], *given_weights(given))
+        logger.info(f"recipe: {chosen.why} (give --config FILE to choose another)")
+        base = [*section_overrides(chosen.values), *data_overrides(data), *overrides]
     else:
         base = [*data_overrides(data), *overrides]
     return base, read_recipe(load_config(config, base))

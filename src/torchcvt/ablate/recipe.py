@@ -77,6 +77,12 @@ def data_overrides(data: str | Path | None) -> list[str]:
     return [override("data.train", str(root / "train")), override("data.val", str(root / "val"))]
 
 
+def section_overrides(sections: dict[str, Any]) -> list[str]:
+    """KEY=VALUE strings that set what a recipe's sections (as a YAML file holds them) set."""
+    return [override(f"{name}.{key}", value)
+            for name, section in sections.items() for key, value in section.items()]
+
+
 def run_overrides(knobs: dict[str, Sequence[Any]], seed: int, output: Path) -> list[str]:
     """KEY=VALUE strings that make one row x seed of a suite out of its recipe."""
     return [
