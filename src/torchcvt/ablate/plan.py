@@ -118,19 +118,22 @@ def format_dry_run(plan: Plan) -> str:
     def paper(value: float | None) -> str:
         return "-" if value is None else f"{value:g}"
 
+    def ours(value: float) -> str:  # small models keep their differences visible
+        return f"{value:.2f}" if value >= 10 else f"{value:.4f}" if value >= 0.01 else f"{value:.6f}"
+
     height, width = plan.img_size
     lines = [f"{plan.recipe.model_name} at {height}x{width}, {plan.num_classes} classes; "
              f"{len(plan.runs())} runs ({len({p.model for p in plan.rows})} distinct models x "
-             f"{len(plan.seeds)} seeds)"]
+             f"{len(plan.seeds)} seeds); paper: CvT-13 at 224 on ImageNet-1k (Tables 5-8)"]
     for study in dict.fromkeys(planned.study for planned in plan.rows):
         lines += ["", f"Table {study.table}: {study.title} [{study.name}]",
-                  f"  {'row':<4}{'setting':<42}{'params M':>9}{'paper':>7}{'GFLOPs':>9}{'paper':>7}"
+                  f"  {'row':<4}{'setting':<42}{'params M':>9}{'paper':>7}{'GFLOPs':>10}{'paper':>7}"
                   f"{'paper top-1':>12}  run folder"]
         for planned in (p for p in plan.rows if p.study is study):
             row = planned.row
             letter = row.letter + ("*" if planned.is_default else "")
-            lines.append(f"  {letter:<4}{row.label:<42}{planned.params / 1e6:>9.2f}"
-                         f"{paper(row.paper_params_m):>7}{planned.flops / 1e9:>9.3f}"
+            lines.append(f"  {letter:<4}{row.label:<42}{ours(planned.params / 1e6):>9}"
+                         f"{paper(row.paper_params_m):>7}{ours(planned.flops / 1e9):>10}"
                          f"{paper(row.paper_gflops):>7}{paper(row.paper_top1):>12}  {planned.model}")
     lines.append("\n* the study's default row: the default CvT, trained once per seed, shared by every table")
     return "\n".join(lines)
