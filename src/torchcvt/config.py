@@ -308,6 +308,14 @@ VARIANTS: dict[str, Variant] = {
 }
 
 
+def model_data_config(img_size: int, pretrained_cfg: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """The eval preprocessing of a model: its pretrained_cfg's, else ImageNet defaults at its img_size."""
+    config = {"input_size": (3, img_size, img_size), "crop_pct": 0.875 if img_size <= 224 else 1.0,
+              "interpolation": "bicubic", "mean": IMAGENET_MEAN, "std": IMAGENET_STD}
+    pretrained = pretrained_cfg or {}
+    return {**config, **{key: pretrained[key] for key in config if key in pretrained}}
+
+
 def get_variant(name: str) -> Variant:
     """The registered variant called name, or a ValueError listing those that exist."""
     if name not in VARIANTS:

@@ -31,6 +31,7 @@ from .weights import (
     read_checkpoint,
     read_pretrained,
 )
+from .weights.card import training_run
 from .weights.catalogue import PretrainedCfgDict, builder_docstring, timm_default_cfgs
 from .weights.checkpoint import FORMATS
 from .weights.load import fit_config
@@ -202,7 +203,7 @@ def convert_checkpoint(
     if activation is not None:
         overrides["activation"] = activation
     model = create_model(name, checkpoint=stored, **overrides)
-    export_checkpoint(model.eval(), dst, to)
+    export_checkpoint(model.eval(), dst, to, run=training_run(stored) if to == "hf" else None)
     return model
 
 

@@ -11,7 +11,7 @@ from PIL import Image
 from torch.utils.data import DataLoader
 
 from .checks import resolve_device
-from .config import IMAGENET_MEAN, IMAGENET_STD
+from .config import model_data_config as data_config_of
 from .data import eval_transform, to_rgb
 from .factory import create_model
 from .inputs import ImageFiles, Progress, input_files, read_image, transformed
@@ -35,11 +35,7 @@ def default_class_names(num_classes: int) -> list[str]:
 
 def model_data_config(model: CvT) -> dict[str, Any]:
     """The preprocessing a model expects: its pretrained_cfg, or ImageNet defaults at its img_size."""
-    size = model.config.img_size
-    config = {"input_size": (3, size, size), "crop_pct": 0.875 if size <= 224 else 1.0,
-              "interpolation": "bicubic", "mean": IMAGENET_MEAN, "std": IMAGENET_STD}
-    pretrained = getattr(model, "pretrained_cfg", None) or {}
-    return {**config, **{k: pretrained[k] for k in config if k in pretrained}}
+    return data_config_of(model.config.img_size, getattr(model, "pretrained_cfg", None))
 
 
 class Predictor:

@@ -10,7 +10,7 @@ from .errors import CliError
 
 
 def add_model_arguments(parser: argparse.ArgumentParser, checkpoint_required: bool = False) -> None:
-    parser.add_argument("--model", required=True, help="registered variant, e.g. cvt_13 (or cvt_13.ms_in1k)")
+    add_model_option(parser)
     parser.add_argument("--checkpoint", required=checkpoint_required,
                         help="official, transformers or torchcvt checkpoint (its class list is used)")
     add_pretrained_argument(parser)
@@ -18,6 +18,11 @@ def add_model_arguments(parser: argparse.ArgumentParser, checkpoint_required: bo
     parser.add_argument("--set", dest="model_overrides", action="append", default=[], metavar="FIELD=VALUE",
                         help="model config override, e.g. --set depth=[1,2,4] (repeatable)")
     parser.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ...")
+
+
+def add_model_option(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", help="registered variant, e.g. cvt_13 (or cvt_13.ms_in1k); "
+                        "default: the one --checkpoint records")
 
 
 def add_pretrained_argument(parser: argparse.ArgumentParser) -> None:
@@ -28,17 +33,30 @@ def add_pretrained_argument(parser: argparse.ArgumentParser) -> None:
 
 def resolve_weights(args: argparse.Namespace, required: bool = False) -> None:
     """--pretrained becomes --checkpoint (the released weights, read, with what the catalogue knows of
-    them) and --model its architecture."""
+    them) and --model its architecture; without --model, the checkpoint is read and --model is the variant
+    it records."""
     from timm.models import split_model_name_tag
 
+    from ..config import VARIANTS
     from ..factory import pretrained_checkpoint
+    from ..weights import checkpoint_variant, read_checkpoint
 
     if args.pretrained:
         if args.checkpoint:
             raise CliError("--pretrained and --checkpoint exclude each other")
+        if args.model is None:
+            raise CliError("--pretrained needs --model NAME, e.g. --model cvt_13.ms_in1k")
         args.model, args.checkpoint = pretrained_checkpoint(args.model)
     elif required and not args.checkpoint:
         raise CliError("give --checkpoint CKPT or --pretrained")
+    if args.model is None:
+        if not args.checkpoint:
+            raise CliError("give --model NAME (or a --checkpoint that records its variant)")
+        args.checkpoint = read_checkpoint(args.checkpoint)
+        args.model = checkpoint_variant(args.checkpoint)
+        if args.model is None:
+            raise CliError(f"{args.checkpoint.path} does not record which variant it holds: pass "
+                           f"--model NAME (one of {', '.join(sorted(VARIANTS))})")
     args.model = split_model_name_tag(args.model)[0]
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from .common import add_pretrained_argument, model_overrides, resolve_weights
+from .common import add_model_option, add_pretrained_argument, model_overrides, resolve_weights
 from .errors import CliError
 
 
@@ -104,7 +104,7 @@ def add_eval_command(sub: argparse._SubParsersAction) -> None:
     parser = sub.add_parser("eval", help="top-1, top-5 and loss of a checkpoint on an ImageFolder tree",
                             description="Evaluate with the checkpoint's class list; writes a JSON "
                             "report and, for up to 100 classes, a confusion-matrix PNG.")
-    parser.add_argument("--model", required=True, help="registered variant, e.g. cvt_13 (or cvt_13.ms_in1k)")
+    add_model_option(parser)
     parser.add_argument("--checkpoint", help="official, transformers or torchcvt checkpoint")
     add_pretrained_argument(parser)
     parser.add_argument("--data", required=True, help="ImageFolder tree: DIR/<class>/<image>")

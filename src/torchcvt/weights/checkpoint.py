@@ -33,6 +33,7 @@ class Checkpoint:
     config: dict[str, Any] | None = None
     architecture: str | None = None
     class_names: tuple[str, ...] | None = None
+    train_config: dict[str, Any] | None = None  # `torchcvt train`'s config, in its best/last.pth
 
     @property
     def num_classes(self) -> int:
@@ -71,6 +72,8 @@ def _read_weights_file(path: Path) -> Checkpoint:
         _apply_torchcvt_meta(checkpoint, parse_json(metadata["torchcvt"], f"{path} (safetensors metadata)"))
     elif isinstance(obj.get("config"), dict) and "model_name" in obj:  # `torchcvt train`'s best/last.pth
         _apply_torchcvt_meta(checkpoint, {**obj, "architecture": obj["model_name"]})
+        train_config = obj.get("train_config")
+        checkpoint.train_config = train_config if isinstance(train_config, dict) else None
     return checkpoint
 
 

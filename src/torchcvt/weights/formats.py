@@ -12,6 +12,8 @@ import warnings
 from collections.abc import Callable, Sequence
 from typing import Any
 
+from PIL import Image
+
 from ..config import CvtConfig
 from .io import StateDict
 
@@ -27,6 +29,9 @@ HF_CONFIG_FIELDS = HF_ARCH_FIELDS + ("attention_drop_rate", "drop_rate", "drop_p
                                      "initializer_range")
 # transformers builds every LayerNorm with PyTorch's default eps and ignores its config's layer_norm_eps.
 HF_LAYER_NORM_EPS = 1e-5
+# transformers' ConvNextImageProcessor (the one it maps model_type 'cvt' to) squashes at 384 and up and
+# resizes-and-crops below; other cases take the processor that does what torchcvt's eval transform does.
+HF_SQUASH_FROM = 384
 # The key of config.json under which torchcvt records what transformers' config cannot say (the activation,
 # layer_norm_eps, the variant): transformers keeps unknown keys, so the file still loads there.
 TORCHCVT_KEY = "torchcvt"
@@ -194,3 +199,36 @@ def _warn_about_transformers(config: CvtConfig) -> None:
             "transformers' CvtForImageClassification.forward fails without a class token in the last stage: "
             "the files are correct but transformers cannot run them", stacklevel=4,
         )
+
+
+def hf_preprocessor_json(data_config: dict[str, Any]) -> dict[str, Any]:
+    """transformers' preprocessor_config.json doing what torchcvt's eval transform does with data_config.
+
+    crop_pct < 1: resize the shorter side to size / crop_pct and centre-crop (ConvNext below 384, Bit
+    above, DeiT for a non-square size); crop_pct 1: squash to the size (ConvNext at 384 and up, else ViT).
+    """
+    _, height, width = data_config["input_size"]
+    crop_pct = data_config.get("crop_pct", 0.875)
+    interpolation = data_config.get("interpolation", "bicubic")
+    try:
+        resample = int(Image.Resampling[interpolation.upper()])
+    except KeyError:
+        raise ValueError(f"interpolation {interpolation!r} has no PIL resampling filter") from None
+    common = {"do_resize": True, "resample": resample, "do_rescale": True, "rescale_factor": 1 / 255,
+              "do_normalize": True, "image_mean": list(data_config["mean"]),
+              "image_std": list(data_config["std"])}
+    square, squash = height == width, crop_pct >= 1.0
+    if square and squash == (height >= HF_SQUASH_FROM):
+        kind = {"image_processor_type": "ConvNextImageProcessor", "size": {"shortest_edge": height},
+                "crop_pct": min(crop_pct, 1.0)}
+    elif squash:
+        kind = {"image_processor_type": "ViTImageProcessor", "size": {"height": height, "width": width}}
+    elif square:
+        kind = {"image_processor_type": "BitImageProcessor",
+                "size": {"shortest_edge": int(height / crop_pct)},
+                "do_center_crop": True, "crop_size": {"height": height, "width": width}}
+    else:
+        kind = {"image_processor_type": "DeiTImageProcessor",
+                "size": {"height": int(height / crop_pct), "width": int(width / crop_pct)},
+                "do_center_crop": True, "crop_size": {"height": height, "width": width}}
+    return {**kind, **common}

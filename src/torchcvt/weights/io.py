@@ -140,7 +140,11 @@ def save_torch(obj: Any, path: Path) -> Path:
 
 def save_json(data: dict[str, Any], path: Path) -> Path:
     """Write a JSON object with a trailing newline, atomically."""
-    text = json.dumps(data, indent=2) + "\n"
+    return save_text(json.dumps(data, indent=2) + "\n", path)
+
+
+def save_text(text: str, path: Path) -> Path:
+    """Write UTF-8 text, atomically."""
     return write_atomic(path, lambda target: target.write_text(text, encoding="utf-8"))
 
 

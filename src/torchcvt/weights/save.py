@@ -8,15 +8,18 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from ..checks import check_output_folder
-from ..config import CvtConfig, architecture_differences
+from ..config import CvtConfig, architecture_differences, model_data_config
 from ..model import CvT
+from .card import TrainingRun, model_card
 from .checkpoint import CONFIG_NAME, FORMATS, TORCHCVT_FORMAT_VERSION, WEIGHTS_NAME
-from .formats import hf_config_json, torchcvt_to_hf
-from .io import save_json, save_safetensors, save_torch
+from .formats import hf_config_json, hf_preprocessor_json, torchcvt_to_hf
+from .io import save_json, save_safetensors, save_text, save_torch
 
 ClassNames = Sequence[str] | None
 # What the official code builds, and so what an official .pth implies beyond its keys.
 OFFICIAL_DEFAULTS = CvtConfig().to_dict()
+PREPROCESSOR_NAME = "preprocessor_config.json"
+CARD_NAME = "README.md"
 
 
 def model_class_names(model: CvT, class_names: ClassNames = None) -> list[str] | None:
@@ -78,25 +81,35 @@ def save_checkpoint(model: CvT, path: str | Path, class_names: ClassNames = None
     return path
 
 
-def save_hf(model: CvT, path: str | Path, class_names: ClassNames = None) -> Path:
-    """Write a directory that transformers' CvtForImageClassification.from_pretrained loads.
+def save_hf(model: CvT, path: str | Path, class_names: ClassNames = None, run: TrainingRun | None = None
+            ) -> Path:
+    """Write a directory that transformers' pipeline, AutoImageProcessor and CvtForImageClassification load.
 
-    config.json also records torchcvt's full config (activation, layer_norm_eps, variant), so torchcvt
-    rebuilds exactly this model from it.
+    config.json (with id2label from the class names) also records torchcvt's full config (activation,
+    layer_norm_eps, variant), so torchcvt rebuilds exactly this model from it; preprocessor_config.json
+    does torchcvt's eval preprocessing; README.md is a model card with the Hub's metadata (metrics from run).
     """
     path = Path(path)
     config = hf_config_json(model.config, model_class_names(model, class_names), _architecture(model))
+    data_config = model_data_config(model.config.img_size, getattr(model, "pretrained_cfg", None))
+    preprocessor = hf_preprocessor_json(data_config)
+    names = [config["id2label"][str(i)] for i in range(len(config["id2label"]))]
+    card = model_card(model.config, _architecture(model), names, preprocessor, run)
     save_safetensors(torchcvt_to_hf(model.state_dict()), path / WEIGHTS_NAME)
+    save_json(preprocessor, path / PREPROCESSOR_NAME)
+    save_text(card, path / CARD_NAME)
     save_json(config, path / CONFIG_NAME)
     return path
 
 
-def export_checkpoint(model: CvT, path: str | Path, to: str, class_names: ClassNames = None) -> Path:
-    """Write model in one of FORMATS: 'official' (.pth file), 'hf' (directory) or 'torchcvt'."""
+def export_checkpoint(model: CvT, path: str | Path, to: str, class_names: ClassNames = None,
+                      run: TrainingRun | None = None) -> Path:
+    """Write model in one of FORMATS: 'official' (.pth file), 'hf' (directory, its card citing run) or
+    'torchcvt'."""
     if to == "official":
         return save_official(model, path)
     if to == "hf":
-        return save_hf(model, path, class_names)
+        return save_hf(model, path, class_names, run)
     if to == "torchcvt":
         return save_checkpoint(model, path, class_names)
     raise ValueError(f"unknown checkpoint format {to!r}; choose one of {', '.join(FORMATS)}")
