@@ -6,6 +6,7 @@ import json
 import os
 import socket
 import statistics
+from collections import Counter
 from pathlib import Path
 from typing import Any
 
@@ -170,15 +171,20 @@ def plot(data: dict[str, Any], path: Path) -> None:
         rows = [row for row in study["rows"] if row["top1_mean"] is not None]
         flops = [row["gflops"] for row in study["rows"]]
         # Rows of equal GFLOPs (every row of Table 5) are spread sideways a little to stay readable.
-        step = 0.015 * (max(flops) - min(flops) or max(flops))
-        seen: dict[float, int] = {}
+        width = max(flops) - min(flops)
+        step = 0.015 * width if width else 0.002 * flops[0]
+        ties = Counter(row["gflops"] for row in rows)
+        seen: Counter[float] = Counter()
         for row in rows:
-            n = seen[row["gflops"]] = seen.get(row["gflops"], -1) + 1
-            x = row["gflops"] + step * n
+            x = row["gflops"] + step * (seen[row["gflops"]] - (ties[row["gflops"]] - 1) / 2)
+            seen[row["gflops"]] += 1
             axes.errorbar(x, row["top1_mean"], yerr=row["top1_std"] or 0.0, capsize=4,
                           fmt="s" if row["default"] else "o", color="C1" if row["default"] else "C0")
             axes.annotate(row["row"], (x, row["top1_mean"]), textcoords="offset points", xytext=(6, 4))
         axes.set(title=f"Table {study['table']}: {study['study']}", xlabel="GFLOPs", ylabel="top-1 (%)")
+        if not width:
+            axes.set(xticks=[flops[0]], xlim=(0.99 * flops[0], 1.01 * flops[0]),
+                     xlabel=f"GFLOPs (every row {flops[0]:.4g}, spread sideways)")
         axes.grid(alpha=0.3)
         if not rows:
             axes.text(0.5, 0.5, "not finished", ha="center", va="center", transform=axes.transAxes)
