@@ -1,7 +1,7 @@
 """Profile torchcvt's CPU inference: the slowest ops by self CPU time, as a markdown table.
 
     PYTHONPATH=src python benchmarks/profile_ops.py [--model cvt_13] [--batch 16] [--size 224]
-        [--activation gelu] [--bf16] [--runs 2]
+        [--activation gelu] [--bf16] [--runs 2] [--weight-cache]
 
 Runs on whichever torchcvt is importable, so the same command profiles an older checkout (before/after).
 """
@@ -11,9 +11,10 @@ import statistics
 import time
 
 import torch
+from bench import op_shares, profile_ops  # benchmarks/bench.py, beside this script
 
+import torchcvt
 from torchcvt import create_model
-from torchcvt.bench import op_shares, profile_ops
 
 
 def main() -> None:
@@ -24,8 +25,13 @@ def main() -> None:
     parser.add_argument("--activation", default="gelu", help="gelu (as the bench) or quick_gelu (official)")
     parser.add_argument("--bf16", action="store_true", help="bf16 autocast instead of fp32")
     parser.add_argument("--runs", type=int, default=2, help="profiled forward passes")
+    parser.add_argument("--weight-cache", action="store_true",
+                        help="keep derived weights between calls (torchcvt.set_weight_cache), if this "
+                        "torchcvt has the switch")
     parser.add_argument("--top", type=int, default=12)
     args = parser.parse_args()
+    if args.weight_cache:
+        torchcvt.set_weight_cache(True)
     torch.manual_seed(0)
     model = create_model(args.model, activation=args.activation).eval()
     x = torch.randn(args.batch, 3, args.size, args.size)

@@ -1,4 +1,4 @@
-"""Every fast path of torchcvt.layers gives the plain path's outputs and gradients; the bench runs."""
+"""Every fast path of torchcvt.layers gives the plain path's outputs and gradients."""
 
 import copy
 
@@ -8,19 +8,6 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 import torchcvt
 from torchcvt import fused, layers, weightcache
-from torchcvt.bench import (
-    BEGIN,
-    END,
-    Case,
-    default_cases,
-    format_markdown,
-    native_bf16,
-    op_kind,
-    op_shares,
-    run_benchmark,
-    write_report,
-)
-from torchcvt.cli import main
 from torchcvt.layers import Attention, ConvProjection
 
 VARIANTS = {
@@ -109,11 +96,15 @@ def _copied_maps(model: torch.nn.Module, x: torch.Tensor) -> list[list[int]]:
                   if e.key == "aten::copy_" and len(shapes[0]) == 4 and shapes[0] == shapes[1])
 
 
-def test_convolutions_take_the_token_layout_as_it_is(tiny_overrides):
-    """The image is made channels-last once; after that every convolution reads the token map and its
-    weight as they are, except behind a class token (batch > 1): one copy per block for three convs."""
+def test_convolutions_take_the_token_layout_as_it_is(tiny_overrides, monkeypatch):
+    """The image is made channels-last once; after that every convolution reads the token map as it is,
+    except behind a class token (batch > 1): one copy per block for three convs. The embedding weights
+    are made channels-last on each call, or once with the weight cache on."""
     model = _model(tiny_overrides).eval()
     cls_blocks = model.config.depth[-1]
+    weights = sorted(list(s.patch_embed.proj.weight.shape) for s in model.stages)
+    assert _copied_maps(model, torch.randn(1, 3, 64, 64)) == sorted([[1, 3, 64, 64], *weights])
+    monkeypatch.setattr(weightcache, "_enabled", True)
     with torch.no_grad():
         model(torch.randn(1, 3, 64, 64))  # makes the channels-last embedding weights, once
     assert _copied_maps(model, torch.randn(1, 3, 64, 64)) == [[1, 3, 64, 64]]
@@ -201,74 +192,6 @@ def test_grad_checkpointing_gives_same_grads_and_statistics(tiny_overrides):
     _assert_grads_close(_grads(model), _grads(checkpointed))
     for (name, a), b in zip(model.state_dict().items(), checkpointed.state_dict().values(), strict=True):
         torch.testing.assert_close(a, b, rtol=0, atol=1e-6, msg=name)  # BN stats updated once, not twice
-
-
-def test_bench_quick_on_tiny_model(tmp_path):
-    tiny = {"embed_dim": [16, 32, 48], "num_heads": [1, 2, 3], "depth": [1, 2, 3]}
-    report = run_benchmark("cvt_13", cases=[Case("fp32", 1, 32), Case("bf16", 1, 32), Case("train", 2, 32)],
-                           warmup=1, repeats=1, **tiny)
-    assert report["max_logit_difference"] < 1e-4
-    assert [r.case.mode for r in report["results"]] == ["fp32", "bf16", "train"]
-    assert all(r.torchcvt_ips > 0 and r.hf_ips > 0 for r in report["results"])
-    train = report["results"][-1]
-    assert train.torchcvt_mem_mb is not None and train.hf_mem_mb > 0
-    for result in report["results"][:2]:  # inference: profiled; the products are most of the time
-        assert result.op_shares.keys() == {"matmul", "attention", "convolution", "other"}
-        assert sum(result.op_shares.values()) == pytest.approx(1.0)
-        assert result.op_shares["matmul"] > 0 and result.op_shares["convolution"] > 0
-    assert train.op_shares is None
-    table = format_markdown(report)
-    assert "| train step | 2 | 32 |" in table and "GFLOP/s" in table
-    fp32 = report["results"][0]
-    share = fp32.gflop_per_image * fp32.torchcvt_ips / report["peaks"]["fp32"]
-    assert f"- fp32 inference, batch 1: share of the fp32 matmul peak: {share:.0%} (" in table
-    assert f"- fp32 inference, batch 1: speed against transformers: {fp32.ratio:.2f} (" in table
-    assert "bf16 inference: time outside matmul, attention and convolution: " in table
-    assert "torchcvt's profile, fp32 inference, batch 1, 32 px (self CPU time):" in table
-    name, op_share, calls = fp32.top_ops[0]
-    assert f"| {name} | {100 * op_share:.1f}% | {calls} |" in table
-    assert f"| {100 * report['results'][0].op_shares['other']:.1f}% |" in table
-    header, rule = table.splitlines()[4:6]
-    assert header.count("|") == rule.count("|") == table.splitlines()[6].count("|")
-
-
-def test_report_replaces_only_its_own_section(tmp_path):
-    report = {"model": "cvt_13", "overrides": {}, "results": [], "peaks": {"fp32": 100.0, "bf16": 10.0},
-              "max_logit_difference": 0.0, "machine": "test machine"}
-    path = write_report(report, tmp_path / "benchmarks.md")
-    first = path.read_text()
-    assert first.startswith("# Benchmarks") and BEGIN in first and first.rstrip().endswith(END)
-    generated = first.split("\n", 2)[2]  # without the title
-    path.write_text("# Notes\n\nby hand before\n\n" + generated + "\n## Later\n\nby hand after\n")
-    write_report({**report, "machine": "another machine"}, path)
-    text = path.read_text()
-    assert text.startswith("# Notes\n\nby hand before\n\n" + BEGIN)
-    assert text.endswith(END + "\n\n## Later\n\nby hand after\n")
-    assert "another machine" in text and "test machine" not in text
-    assert "- fp32 inference, batch 16: share of the fp32 matmul peak: not measured in this run" in text
-
-
-def test_op_kinds_of_the_profiled_ops():
-    assert op_kind("mkldnn::_linear_pointwise") == op_kind("aten::addmm") == "matmul"
-    assert op_kind("aten::_scaled_dot_product_flash_attention_for_cpu") == "attention"
-    assert op_kind("aten::mkldnn_convolution") == op_kind("aten::_slow_conv2d_forward") == "convolution"
-    assert op_kind("aten::copy_") == op_kind("aten::native_layer_norm") == "other"
-    shares = op_shares([("aten::addmm", 3.0, 2), ("aten::cat", 1.0, 4)])
-    assert shares == {"matmul": 0.75, "attention": 0.0, "convolution": 0.0, "other": 0.25}
-
-
-def test_bench_cli_rejects_bad_repeats(capsys):
-    assert main(["bench", "--quick", "--repeats", "0"]) == 2
-    assert "torchcvt bench: error: --repeats must be at least 1, got 0" in capsys.readouterr().err
-
-
-def test_class_token_stage_stays_in_the_autocast_dtype(tiny_overrides: dict) -> None:
-    # A float32 class token would promote the last stage's residual stream to float32 under autocast,
-    # and every fused bf16 kernel there would fall back to casts.
-    model = torchcvt.create_model("cvt_13", **tiny_overrides).eval()
-    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
-        tokens = model.forward_features(torch.randn(2, 3, 64, 64))
-    assert tokens.dtype == torch.bfloat16
 
 
 def _fused_calls(fn) -> int:
@@ -384,44 +307,3 @@ def test_grad_checkpointing_updates_syncbatchnorm_statistics_once(tiny_overrides
     assert counts and set(counts.values()) == {1}
     for (name, a), b in zip(model.state_dict().items(), checkpointed.state_dict().values(), strict=True):
         torch.testing.assert_close(a, b, rtol=0, atol=1e-6, msg=name)
-
-
-@pytest.mark.parametrize("fused_linear", [True, False])
-def test_cached_weights_follow_training_and_loading(tiny_overrides, fused_state, fused_linear):
-    """Scaled QuickGELU weights and folded BatchNorm convolutions are kept between inference calls; a
-    training step or a load_state_dict changes the parameters and statistics in place, and the next
-    inference must use the new values: it must equal a fresh copy of the model, which has no cache."""
-    torchcvt.set_fused_linear(fused_linear)
-    model = _model(tiny_overrides, activation="quick_gelu")
-    x = torch.randn(2, 3, 64, 64)
-
-    def cached_and_fresh() -> tuple[torch.Tensor, torch.Tensor]:
-        model.eval()
-        fresh = copy.deepcopy(model)
-        with torch.no_grad():
-            return model(x), fresh(x)
-
-    first, _ = cached_and_fresh()
-    block = model.stage2.blocks[0]
-    assert weightcache.cached_for(block.mlp.fc1.weight) > 0  # the scaled fc1 weight is kept
-    assert weightcache.cached_for(block.attn.conv_proj_k.conv.weight) > 0  # and the folded convolution
-    original = copy.deepcopy(model.state_dict())
-    optimizer = torch.optim.SGD(model.parameters(), lr=0.5)
-    model.train()
-    model(x).square().mean().backward()  # also updates the BatchNorm running statistics
-    optimizer.step()
-    cached, fresh = cached_and_fresh()
-    torch.testing.assert_close(cached, fresh, rtol=0, atol=1e-5)
-    assert (cached - first).abs().max() > 1e-3  # the step changed the outputs, so stale weights would show
-    model.load_state_dict(original)
-    cached, fresh = cached_and_fresh()
-    torch.testing.assert_close(cached, fresh, rtol=0, atol=1e-5)
-    torch.testing.assert_close(cached, first, rtol=0, atol=1e-5)
-
-
-def test_full_benchmark_times_bf16_only_where_the_cpu_has_it(caplog: pytest.LogCaptureFixture) -> None:
-    assert any(case.mode == "bf16" for case in default_cases(quick=False, bf16=True))
-    assert not any(case.mode == "bf16" for case in default_cases(quick=False, bf16=False))
-    assert "no native bf16" in caplog.text
-    chosen = default_cases(quick=False)
-    assert any(case.mode == "bf16" for case in chosen) == native_bf16()

@@ -314,8 +314,8 @@ def test_resumed_with_fewer_epochs_summary_agrees_with_metrics(tmp_path, one_thr
 
 def test_no_internal_issue_numbers_in_user_facing_text() -> None:
     root = Path(__file__).resolve().parents[1]
-    # bench.py and docs/benchmarks.md are being rewritten with the bench harness; they are checked there.
-    skip = {root / "src/torchcvt/bench.py", root / "docs/benchmarks.md"}
+    # docs/benchmarks.md records measurements against the issues that asked for them.
+    skip = {root / "docs/benchmarks.md"}
     files = [
         *root.glob("src/**/*.py"),
         *root.glob("docs/*.md"),

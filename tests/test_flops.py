@@ -108,6 +108,6 @@ def test_info_bad_input(capsys):
         main(["info", "cvt_13", "--img-size", "3x"])
     assert "expected N or HxW" in capsys.readouterr().err
     assert main(["info", "cvt_13", "--img-size", "2"]) == 2
-    assert "leaves stage 1 without tokens" in capsys.readouterr().err
+    assert "input of 2x2 pixels is too small: stage 1" in capsys.readouterr().err
     with pytest.raises(ValueError, match="image size must be an int or"):
         count_flops(torchcvt.variant_config("cvt_13"), (1, 2, 3))

@@ -302,3 +302,54 @@ def test_attention_scale_is_the_stage_width(tiny_overrides):
     model = tiny(tiny_overrides)
     attn: Attention = blocks(model, 2)[0].attn
     assert attn.scale == 48**-0.5  # not the head width 16 ** -0.5: the official weights depend on it
+
+
+def test_xavier_init_leaves_the_head_as_the_official_code_does(tiny_overrides):
+    # The official code applies `init` inside the stages only: the head keeps trunc_normal(0.02) and
+    # PyTorch's default bias, uniform in +-1/sqrt(fan_in).
+    model = tiny(tiny_overrides, init="xavier", num_classes=1000)
+    fc1 = model.stage2.blocks[0].mlp.fc1
+    assert fc1.weight.std().item() == pytest.approx(math.sqrt(2 / (48 + 192)), rel=0.05)  # xavier
+    assert model.head.weight.std().item() == pytest.approx(0.02, rel=0.05)  # xavier would give 0.044
+    bound = 1 / math.sqrt(48)
+    assert model.head.bias.abs().max().item() <= bound
+    assert model.head.bias.std().item() == pytest.approx(bound / math.sqrt(3), rel=0.15)
+
+
+def test_reset_classifier_keeps_pytorchs_default_bias(tiny_overrides):
+    model = tiny(tiny_overrides)
+    model.reset_classifier(1000)
+    bound = 1 / math.sqrt(48)
+    assert model.head.weight.std().item() == pytest.approx(0.02, rel=0.05)
+    assert model.head.bias.abs().max().item() <= bound
+    assert model.head.bias.std().item() == pytest.approx(bound / math.sqrt(3), rel=0.15)  # not zeros
+
+
+def test_class_token_stage_runs_in_float32_under_autocast_as_the_official_code(tiny_overrides):
+    # The official float32 class token promotes its concatenation with the low-precision tokens, so the
+    # last stage's residual stream and the final norm run in float32; stages without one stay low.
+    model = tiny(tiny_overrides)
+    x = torch.randn(2, 3, 64, 64)
+    streams = {}
+    for i, stage in enumerate(model.stages):
+        stage.blocks[-1].register_forward_hook(lambda m, args, out, i=i: streams.update({i: out.dtype}))
+    with torch.no_grad():
+        reference = model(x)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            tokens = model.forward_features(x)
+            logits = model.forward_head(tokens)
+    assert streams == {0: torch.bfloat16, 1: torch.bfloat16, 2: torch.float32}
+    assert tokens.dtype == torch.float32
+    torch.testing.assert_close(logits.float(), reference, rtol=0.05, atol=0.03)
+
+
+@pytest.mark.parametrize("autocast", [False, True])
+def test_empty_batch_gives_empty_logits(tiny_overrides, autocast):
+    model = tiny(tiny_overrides, num_classes=7)
+    x = torch.randn(0, 3, 32, 32)
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+        with torch.no_grad():
+            assert model(x).shape == (0, 7)
+        assert model.train()(x).shape == (0, 7)
+        maps = model.forward_intermediates(x, intermediates_only=True)
+    assert [tuple(m.shape[:2]) for m in maps] == [(0, 16), (0, 16), (0, 32), (0, 48)]

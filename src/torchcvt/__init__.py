@@ -15,7 +15,7 @@ _COMMAND = bool(sys.argv) and (sys.argv[0] == "-m" or os.path.basename(sys.argv[
 
 try:
     with hold_interrupt() if _COMMAND else nullcontext():
-        from .attention import attention_map
+        from .attention_maps import attention_map
         from .config import VARIANTS, CvtConfig, get_variant, variant_config
         from .export import export_model
         from .factory import convert_checkpoint, create_model, list_models
@@ -23,6 +23,7 @@ try:
         from .fused import fused_linear_enabled, set_fused_linear
         from .model import CvT, CvtFeatures
         from .predict import Predictor, predictor
+        from .weightcache import clear_weight_cache, set_weight_cache
         from .weights import load_checkpoint, save_checkpoint
 except KeyboardInterrupt:
     if not _COMMAND:
@@ -39,6 +40,7 @@ __all__ = [
     "CvtFeatures",
     "Predictor",
     "attention_map",
+    "clear_weight_cache",
     "convert_checkpoint",
     "count_flops",
     "count_params",
@@ -52,5 +54,6 @@ __all__ = [
     "predictor",
     "save_checkpoint",
     "set_fused_linear",
+    "set_weight_cache",
     "variant_config",
 ]

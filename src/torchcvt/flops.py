@@ -15,7 +15,8 @@ import torch
 from torch import nn
 
 from .config import CvtConfig, get_variant, variant_config
-from .model import CvT, embedding_geometry, stage_grid
+from .geometry import embedding_geometry, projection_geometry, stage_grids
+from .model import CvT
 from .weights.catalogue import info_weights, paper_figures
 
 
@@ -45,55 +46,31 @@ def _pair(size: int | tuple[int, int]) -> tuple[int, int]:
     return int(size[0]), int(size[1])
 
 
-def _conv_out(size: tuple[int, int], kernel: int, stride: int, padding: int, ceil: bool) -> tuple[int, int]:
-    def side(n: int) -> int:
-        span = n + 2 * padding - kernel
-        out = -(-span // stride) + 1 if ceil else span // stride + 1
-        # PyTorch drops a last ceil-mode window that would start inside the right padding.
-        if ceil and (out - 1) * stride >= n + padding:
-            out -= 1
-        return out
-
-    return side(size[0]), side(size[1])
-
-
-def _projection(config: CvtConfig, i: int, grid: tuple[int, int], query: bool) -> tuple[tuple[int, int], int]:
-    """Grid after the convolutional projection of q (or of k and v), and its multiply-adds."""
-    method = config.qkv_projection_method[i]
-    if query and method == "avg":
-        method = "linear"  # pooling has nothing to learn for the query, so 'avg' keeps q linear
-    kernel, dim = config.kernel_qkv[i], config.embed_dim[i]
-    stride = config.stride_q[i] if query else config.stride_kv[i]
-    padding = config.padding_q[i] if query else config.padding_kv[i]
-    if method == "linear":
-        return grid, 0
-    out = _conv_out(grid, kernel, stride, padding, ceil=method == "avg")
+def _projection_flops(config: CvtConfig, i: int, grid: tuple[int, int], query: bool) -> int:
+    """Multiply-adds of the convolutional projection of q (or of k or v) onto grid."""
+    method, kernel, _, _ = projection_geometry(config, i, query)
     # A depthwise conv has one k x k kernel per channel; pooling has no multiply-adds.
-    return out, out[0] * out[1] * dim * kernel * kernel if method == "dw_bn" else 0
+    return grid[0] * grid[1] * config.embed_dim[i] * kernel * kernel if method == "dw_bn" else 0
 
 
 def stage_costs(config: CvtConfig, img_size: int | tuple[int, int]) -> list[StageCost]:
     """Per-stage grids and multiply-adds for an input of img_size (int or (height, width))."""
     height, width = _pair(img_size)
     costs = []
-    for i in range(config.num_stages):
-        grid = stage_grid(config, i, height, width)
-        if min(grid) < 1:
-            raise ValueError(f"input of {height}x{width} pixels leaves stage {i + 1} without tokens")
+    for i, grids in enumerate(stage_grids(config, height, width)):
+        grid, q_grid, kv_grid = grids.tokens, grids.queries, grids.keys
         dim = config.embed_dim[i]
         in_chans = config.num_channels if i == 0 else config.embed_dim[i - 1]
         kernel, _, _ = embedding_geometry(config, i)
         embed = grid[0] * grid[1] * dim * in_chans * kernel * kernel
-
-        q_grid, q_conv = _projection(config, i, grid, query=True)
-        kv_grid, kv_conv = _projection(config, i, grid, query=False)
         cls = int(config.cls_token[i])
         n_tokens = grid[0] * grid[1] + cls
         n_q = q_grid[0] * q_grid[1] + cls
         n_kv = kv_grid[0] * kv_grid[1] + cls
         hidden = int(dim * config.mlp_ratio[i])
         block = (
-            q_conv + 2 * kv_conv
+            _projection_flops(config, i, q_grid, query=True)
+            + 2 * _projection_flops(config, i, kv_grid, query=False)
             + (n_q + 2 * n_kv) * dim * dim  # proj_q, proj_k, proj_v
             + 2 * n_q * n_kv * dim  # q @ k^T and attn @ v, summed over heads
             + n_q * dim * dim  # output projection

@@ -6,7 +6,7 @@ F.linear gives, and never while tracing, compiling or under a dispatch mode. Whe
 per CPU (preferred_dtypes): oneDNN's fp32 kernels beat MKL's only with AVX-512, and bf16 is native only
 with AVX512-BF16 or AMX; elsewhere callers run plain PyTorch ops. TORCHCVT_FUSED=1 / 0 or
 set_fused_linear(True / False) force it on or off. Weights in another form (cast to bfloat16, scaled for
-QuickGELU) come from torchcvt.weightcache: made once, kept until the parameter changes.
+QuickGELU) come from torchcvt.weightcache: made on each call unless set_weight_cache(True) keeps them.
 """
 
 from __future__ import annotations
@@ -89,7 +89,7 @@ def linear(
     x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, dtype: torch.dtype,
     activation: str = "none", residual: torch.Tensor | None = None,
 ) -> torch.Tensor | None:
-    """act(x @ weight.T + bias) or that plus residual, in one oneDNN call, weights cast to dtype once.
+    """act(x @ weight.T + bias) or that plus residual, in one oneDNN call, weights cast to dtype.
 
     activation is "none", "gelu" (exact) or "swish" (y * sigmoid(y)). Returns None if the kernel fails;
     it is then switched off for dtype (with one warning) and the caller runs the plain path.

@@ -20,6 +20,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from . import fused
+from .geometry import projection_methods
 from .weightcache import derived, prepared_weight
 
 QUICK_GELU_ALPHA = 1.702
@@ -40,10 +41,12 @@ def linear(layer: nn.Linear, x: torch.Tensor, residual: torch.Tensor | None = No
     """`residual + layer(x)` (or layer(x)), fused for CPU inference when layer is a plain nn.Linear."""
     # A subclass or a replacement (quantize_dynamic's Linear) may compute something else: call it.
     dtype = fused.fused_dtype(x) if type(layer) is nn.Linear else None
-    if dtype is not None and (residual is None or residual.dtype == dtype):
-        out = fused.linear(x, layer.weight, layer.bias, dtype, residual=residual)
+    if dtype is not None:
+        # A float32 residual stream under bf16 autocast (a class-token stage) is added outside the kernel.
+        same = residual is None or residual.dtype == dtype
+        out = fused.linear(x, layer.weight, layer.bias, dtype, residual=residual if same else None)
         if out is not None:
-            return out
+            return out if same else residual + out
     out = layer(x)
     if residual is None:
         return out
@@ -72,7 +75,7 @@ def _is_float32(*tensors: torch.Tensor | None) -> bool:
 
 
 def _cached_inference() -> bool:
-    """Whether weights derived from parameters may come from torchcvt.weightcache: eager inference only
+    """Whether weights derived from parameters go through torchcvt.weightcache: eager inference only
     (a cached tensor has no autograd history, and tracers and compilers must see the ops that make it)."""
     return not torch.is_grad_enabled() and not fused.plain_ops_only()
 
@@ -157,7 +160,7 @@ class ConvProjection(nn.Sequential):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if "bn" in self._modules and not self.bn.training and self.bn.running_mean is not None:
             # Folded here rather than stored in the module: nothing to undo for training, checkpoints
-            # unchanged. Without gradients the folded weights are made once (weightcache).
+            # unchanged. Without gradients the folded weights may be kept (weightcache).
             weight, bias = self._cached_folded_conv(x) if _cached_inference() else self.folded_conv()
             conv = self.conv
             return F.conv2d(x, weight, bias, conv.stride, conv.padding, conv.dilation, conv.groups)
@@ -192,15 +195,14 @@ class Attention(nn.Module):
         # The official code scales by the whole stage width, not the head width; the pretrained
         # weights were trained with it, so changing it would change every output.
         self.scale = dim**-0.5
-        # Pooling has nothing to learn for the query, so the official 'avg' keeps q linear.
-        q_method = "linear" if method == "avg" else method
+        q_method, kv_method = projection_methods(method)
 
         def projection(method: str, padding: int, stride: int) -> ConvProjection | None:
             return None if method == "linear" else ConvProjection(dim, method, kernel_size, padding, stride)
 
         self.conv_proj_q = projection(q_method, padding_q, stride_q)
-        self.conv_proj_k = projection(method, padding_kv, stride_kv)
-        self.conv_proj_v = projection(method, padding_kv, stride_kv)
+        self.conv_proj_k = projection(kv_method, padding_kv, stride_kv)
+        self.conv_proj_v = projection(kv_method, padding_kv, stride_kv)
         self.proj_q = nn.Linear(dim, dim, bias=qkv_bias)
         self.proj_k = nn.Linear(dim, dim, bias=qkv_bias)
         self.proj_v = nn.Linear(dim, dim, bias=qkv_bias)
@@ -232,7 +234,7 @@ class Attention(nn.Module):
             inputs.append(out if cls is None else torch.cat((cls, out), dim=1))
         q, k, v = inputs
         q, k, v = (
-            linear(proj, t).view(batch, t.shape[1], self.num_heads, -1).transpose(1, 2)
+            linear(proj, t).view(batch, t.shape[1], self.num_heads, dim // self.num_heads).transpose(1, 2)
             for proj, t in ((self.proj_q, q), (self.proj_k, k), (self.proj_v, v))
         )
         if self.keep_attention:
@@ -242,7 +244,7 @@ class Attention(nn.Module):
         else:
             drop = self.attn_drop.p if self.training else 0.0
             out = F.scaled_dot_product_attention(q, k, v, dropout_p=drop, scale=self.scale)
-        out = out.transpose(1, 2).reshape(batch, -1, dim)
+        out = out.transpose(1, 2).reshape(batch, q.shape[2], dim)
         if self.training and self.proj_drop.p > 0:
             out = self.proj_drop(self.proj(out))
             return out if residual is None else residual + out
@@ -319,7 +321,8 @@ class Mlp(nn.Module):
         dtype = fused.fused_dtype(x)
         if dtype is not None:
             same = residual is None or residual.dtype == dtype
-            return self._fused_forward(x, residual, dtype) if same else None
+            out = self._fused_forward(x, residual if same else None, dtype)
+            return out if same or out is None else residual + out
         if torch.is_autocast_enabled("cpu") or not _same_dtype(x, residual, self.fc1):
             return None
         return self._row_block_forward(x, residual)
@@ -329,7 +332,7 @@ class Mlp(nn.Module):
 
         swish(y) = y * sigmoid(y); with y = 1.702 h it is 1.702 * QuickGELU(h), so for QuickGELU fc1 is
         scaled up by 1.702 and fc2 down by it: the same function, exact up to float rounding. The scaled
-        weights are made once (weightcache.prepared_weight), not on every call.
+        weights are made on each call, or kept if torchcvt.set_weight_cache is on (weightcache).
         """
         up, down = (QUICK_GELU_ALPHA, 1 / QUICK_GELU_ALPHA) if self.quick else (None, None)
         bias = self.fc1.bias
@@ -349,7 +352,8 @@ class Mlp(nn.Module):
     def _row_block_forward(self, x: torch.Tensor, residual: torch.Tensor | None) -> torch.Tensor:
         """CPU inference over blocks of rows: each block's hidden activation (4x the width) is made,
         activated in place and consumed while it is in cache, and never exists at full size."""
-        fc1_weight, fc1_bias, fc2_weight = self._weights(x.dtype)
+        # The weights as they are (no scaled copies to make): the activation runs on blocks in cache.
+        fc1_weight, fc1_bias, fc2_weight = self.fc1.weight, self.fc1.bias, self.fc2.weight
         rows = x.reshape(-1, x.shape[-1])
         residual_rows = None if residual is None else residual.reshape(rows.shape[0], -1)
         out = rows.new_empty(rows.shape[0], fc2_weight.shape[0])
@@ -357,10 +361,13 @@ class Mlp(nn.Module):
         for start in range(0, rows.shape[0], step):
             block = slice(start, start + step)
             hidden = F.linear(rows[block], fc1_weight, fc1_bias)
-            hidden = F.silu(hidden, inplace=True) if self.quick else torch.ops.aten.gelu_(hidden)
+            if self.quick:
+                hidden.mul_(hidden.mul(QUICK_GELU_ALPHA).sigmoid_())
+            else:
+                torch.ops.aten.gelu_(hidden)
             _linear_into(out[block], hidden, fc2_weight, self.fc2.bias,
                          None if residual_rows is None else residual_rows[block])
-        return out.view(*x.shape[:-1], -1)
+        return out.view(*x.shape[:-1], out.shape[-1])
 
 
 # Row blocks of about this many bytes of hidden activation stay in the L2/L3 caches of current CPUs
@@ -371,7 +378,7 @@ _BLOCK_BYTES = 4 << 20
 def _rows_per_block(rows: int, row_bytes: int) -> int:
     """About _BLOCK_BYTES of hidden activation a block, the rows split evenly (no small last block)."""
     blocks = -(-rows // max(64, _BLOCK_BYTES // row_bytes))
-    return -(-rows // blocks)
+    return -(-rows // blocks) if rows else 1
 
 
 def _linear_into(

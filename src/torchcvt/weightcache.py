@@ -1,9 +1,13 @@
-"""Tensors derived from parameters for inference (cast, scaled, BatchNorm-folded), made once.
+"""Tensors derived from parameters for inference (cast, scaled, BatchNorm-folded): made on every call by
+default, or, opted into with set_weight_cache(True), made once and kept.
 
-A derived tensor is kept, keyed by a parameter, for as long as every tensor it was made from is unchanged:
-same in-place version counter (an optimizer step, load_state_dict or a running-statistics update bumps
-it) and same storage (a .to() or a replaced .data gives new storage). It dies with its key parameter.
-Only inference uses it: a derived tensor carries no autograd history.
+Kept tensors cannot be made safe cheaply: a change through `.data` (`p.data.mul_(0.5)`, a copy into
+`p.data`, a module's .to()/.float() that frees a storage and gets the same address back) leaves no trace
+that a check could see without reading every weight, so a cache would answer with the old weights. It is
+therefore off unless asked for. When on, a derived tensor is remade after the in-place updates PyTorch
+counts (optimizer steps, load_state_dict, in-place ops under no_grad, BatchNorm statistics) and when a
+parameter or module is replaced; after anything else call clear_weight_cache(). Only inference uses it:
+a derived tensor carries no autograd history.
 """
 
 from __future__ import annotations
@@ -16,15 +20,40 @@ from torch.utils.weak import WeakIdKeyDictionary
 
 # key tensor -> {tag: (stamp of the sources, derived tensor)}
 _cache: WeakIdKeyDictionary = WeakIdKeyDictionary()
+_enabled = False
 
 T = TypeVar("T")
+
+
+def set_weight_cache(enable: bool = True) -> None:
+    """Keep weights derived for CPU inference between calls (faster at small batches) or make them on every
+    call (the default). With it on, call clear_weight_cache() after editing parameters through `.data` or
+    moving the model to another dtype or device."""
+    global _enabled
+    _enabled = bool(enable)
+    if not _enabled:
+        _cache.clear()
+
+
+def weight_cache_enabled() -> bool:
+    """Whether derived weights are kept between calls (set_weight_cache)."""
+    return _enabled
+
+
+def clear_weight_cache() -> None:
+    """Forget every kept derived tensor, so that the next call remakes them from the parameters."""
+    _cache.clear()
 
 
 def derived(
     key: torch.Tensor, tag: Hashable, sources: tuple[torch.Tensor | None, ...], make: Callable[[], T]
 ) -> T:
-    """make()'s result for (key, tag), made again only when one of sources has changed since."""
-    stamp = tuple(None if t is None else (t._version, t.data_ptr()) for t in sources)
+    """make()'s result, or with the cache on the one kept for (key, tag) while no source has changed."""
+    # Inference tensors (made under torch.inference_mode) have no version counter to watch.
+    if not _enabled or any(t is not None and t.is_inference() for t in (key, *sources)):
+        with torch.no_grad():
+            return make()
+    stamp = tuple(None if t is None else (t._version, t.data_ptr(), t.dtype, t.device) for t in sources)
     entries = _cache.get(key)
     if entries is None:
         entries = _cache[key] = {}
@@ -38,7 +67,7 @@ def derived(
 
 
 def prepared_weight(weight: torch.Tensor, dtype: torch.dtype, scale: float | None = None) -> torch.Tensor:
-    """weight cast to dtype (and times scale), made once for as long as the parameter is unchanged."""
+    """weight cast to dtype (and times scale)."""
     if weight.dtype == dtype and scale is None:
         return weight
     # Scaled in the parameter's own precision, then cast: one rounding, as for the plain path's cast.

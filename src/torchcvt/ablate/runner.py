@@ -20,6 +20,7 @@ from typing import Any
 
 from ..data import list_classes, walk_images
 from .plan import Plan, Run
+from .studies import STUDIES
 
 logger = logging.getLogger("torchcvt.ablate")
 
@@ -94,7 +95,7 @@ def open_suite(root: Path, settings: dict[str, Any], data: dict[str, Any], studi
                                  f"{'; '.join(changes[:3])}{more}; give another --output")
         else:
             suite = {"format": SUITE_FORMAT, "recipe": settings, "data": data, "studies": [], "seeds": []}
-        suite["studies"] = [name for name in _study_order() if name in set(suite["studies"]) | set(studies)]
+        suite["studies"] = [name for name in STUDIES if name in set(suite["studies"]) | set(studies)]
         suite["seeds"] = sorted(set(suite["seeds"]) | set(seeds))
         temporary = path.with_name(f"suite.json.tmp-{os.getpid()}")
         temporary.write_text(json.dumps(suite, indent=2))
@@ -107,12 +108,6 @@ def read_suite(root: Path) -> dict[str, Any]:
     if not path.is_file():
         raise FileNotFoundError(f"{root} holds no ablation suite (no suite.json)")
     return json.loads(path.read_text())
-
-
-def _study_order() -> list[str]:
-    from .studies import STUDIES
-
-    return list(STUDIES)
 
 
 @contextmanager

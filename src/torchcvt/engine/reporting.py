@@ -12,6 +12,8 @@ from typing import Any
 
 import torch
 
+from ..extras import require
+
 logger = logging.getLogger("torchcvt.engine")
 
 
@@ -79,6 +81,7 @@ class MetricsLog:
         records = self.read(self.path) if resume_step is not None and self.path.exists() else []
         kept = [r for r in records if r["step"] <= resume_step] if resume_step is not None else []
         self.path.write_text("".join(json.dumps(r) + "\n" for r in kept))
+        require("tensorboard", "TensorBoard logging")
         from torch.utils.tensorboard import SummaryWriter
 
         self.writer = SummaryWriter(str(output / "tensorboard"), purge_step=resume_step)
@@ -110,7 +113,7 @@ class MetricsLog:
 
 def _figure(width: float, height: float) -> Any:
     # A Figure with its own Agg canvas: no pyplot, so no global backend is chosen or changed.
-    from matplotlib.figure import Figure
+    Figure = require("matplotlib.figure", "plotting").Figure
 
     return Figure(figsize=(width, height))
 

@@ -4,8 +4,9 @@ import torch
 from PIL import Image
 
 from torchcvt import attention_map, create_model
-from torchcvt.attention import key_centres, record_attention, render_attention, token_centres
+from torchcvt.attention_maps import record_attention, render_attention
 from torchcvt.cli import main
+from torchcvt.geometry import projected_centres, token_centres
 from torchcvt.layers import Attention
 
 
@@ -33,7 +34,7 @@ def test_class_token_map_is_the_stored_softmax_row(model):
 
 
 def test_key_centres_match_receptive_fields(tiny_overrides):
-    """Each key's receptive field in the image is centred on the pixel attention.py places it at."""
+    """Each key's receptive field in the image is centred on the pixel torchcvt.geometry places it at."""
     model = create_model("cvt_13", **{**tiny_overrides, "depth": [0, 0, 1]}).eval()
     captured = {}
     attn = model.stage2.blocks[0].attn
@@ -42,7 +43,7 @@ def test_key_centres_match_receptive_fields(tiny_overrides):
     with record_attention(model):
         model.forward_features(x)
     keys = captured["k"]
-    scale, offset = key_centres(model.config, 2)
+    scale, offset = projected_centres(model.config, 2, query=False)
     # Stage tokens sit at 4t + 1, 8t + 1, 16t + 1 pixels; keys (stride 2 over stage 2's tokens) at 32k + 1.
     assert (scale, offset) == (32.0, 1.0)
     for row, col in [(1, 1), (1, 2)]:

@@ -17,8 +17,11 @@ import torch
 from PIL import Image
 
 from .config import CvtConfig
+from .extras import require
+from .files import replace_file
+from .geometry import projected_centres, projected_grid, stage_grid
 from .layers import Attention
-from .model import CvT, CvtFeatures, embedding_geometry, stage_grid
+from .model import CvT, CvtFeatures
 
 
 @dataclass
@@ -59,41 +62,8 @@ def _interpolation_matrix(centres: torch.Tensor, size: int) -> torch.Tensor:
     return torch.from_numpy(np.stack(columns, axis=1))
 
 
-def _affine(scale: float, offset: float, kernel: int, stride: int, padding: int) -> tuple[float, float]:
-    # Output cell o of a convolution is centred on input coordinate o * stride - padding + (kernel - 1) / 2.
-    return scale * stride, offset + scale * ((kernel - 1) / 2 - padding)
-
-
-def token_centres(config: CvtConfig, stage: int) -> tuple[float, float]:
-    """(scale, offset) so that token t of `stage` is centred on pixel scale * t + offset (per axis)."""
-    scale, offset = 1.0, 0.0
-    for i in range(stage + 1):
-        scale, offset = _affine(scale, offset, *embedding_geometry(config, i))
-    return scale, offset
-
-
-def key_centres(config: CvtConfig, stage: int) -> tuple[float, float]:
-    """(scale, offset) so that key k of `stage`'s attention is centred on pixel scale * k + offset."""
-    scale, offset = token_centres(config, stage)
-    if config.qkv_projection_method[stage] == "linear":
-        return scale, offset
-    return _affine(scale, offset, config.kernel_qkv[stage], config.stride_kv[stage], config.padding_kv[stage])
-
-
-def query_centres(config: CvtConfig, stage: int) -> tuple[float, float]:
-    """(scale, offset) for the query grid; only 'dw_bn' convolves (and may stride) the queries."""
-    scale, offset = token_centres(config, stage)
-    if config.qkv_projection_method[stage] != "dw_bn":
-        return scale, offset
-    return _affine(scale, offset, config.kernel_qkv[stage], config.stride_q[stage], config.padding_q[stage])
-
-
 def _query_grid(config: CvtConfig, stage: int, height: int, width: int) -> tuple[int, int]:
-    grid = stage_grid(config, stage, height, width)
-    if config.qkv_projection_method[stage] != "dw_bn":
-        return grid
-    k, s, p = config.kernel_qkv[stage], config.stride_q[stage], config.padding_q[stage]
-    return tuple((n + 2 * p - k) // s + 1 for n in grid)
+    return projected_grid(config, stage, stage_grid(config, stage, height, width), query=True)
 
 
 @contextmanager
@@ -146,7 +116,7 @@ def attention_map(
     with record_attention(cvt), torch.no_grad():
         cvt.forward_features(x)
         weights, (kv_h, kv_w) = attention.last_attention, attention.last_kv_grid
-    q_scale, q_offset = query_centres(config, stage)
+    q_scale, q_offset = projected_centres(config, stage, query=True)
     if query is None:
         row, query_pixel = 0, None
     else:
@@ -156,7 +126,7 @@ def attention_map(
         row = int(has_cls) + cell_y * q_w + cell_x
         query_pixel = (cell_x * q_scale + q_offset, cell_y * q_scale + q_offset)
     spatial = weights[:, :, row, int(has_cls):]
-    k_scale, k_offset = key_centres(config, stage)
+    k_scale, k_offset = projected_centres(config, stage, query=False)
     return AttentionMap(
         weights=spatial.reshape(*spatial.shape[:2], kv_h, kv_w).float(),
         key_rows=torch.arange(kv_h) * k_scale + k_offset,
@@ -178,8 +148,7 @@ def render_attention(
     image: np.ndarray | Image.Image, amap: AttentionMap, path: str | Path, index: int = 0, columns: int = 4
 ) -> Path:
     """Write a PNG: the image, the head-averaged map and each head's map as overlays (batch item `index`)."""
-    from matplotlib.figure import Figure
-
+    Figure = require("matplotlib.figure", "rendering attention maps").Figure
     picture = np.asarray(image)
     maps = amap.upsample()[index]
     panels = [("input", None), (f"mean of {maps.shape[0]} heads", maps.mean(0))]
@@ -202,12 +171,15 @@ def render_attention(
         ax.set_title(title, fontsize=9)
         ax.set_axis_off()
     path = png_path(path)
-    figure.savefig(path, dpi=100)
+    with replace_file(path) as handle:
+        figure.savefig(handle, format="png", dpi=100)
     return path
 
 
 def png_path(path: str | Path) -> Path:
-    """The file render_attention writes for path: path itself, with ".png" added when it has no suffix."""
+    """The file render_attention writes for path: path itself, with ".png" added when it has no suffix
+    (but not to a device such as /dev/stdout)."""
     # matplotlib would add the suffix itself; naming the file here lets callers report the real name.
     path = Path(path)
-    return path if path.suffix else path.with_suffix(".png")
+    device = path.exists() and not path.is_file() and not path.is_dir()
+    return path if path.suffix or device else path.with_suffix(".png")
