@@ -14,6 +14,7 @@ from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 
 from ..extras import MissingExtra
+from .ablate import add_ablate_command
 from .errors import CliError
 from .inference import add_attention_command, add_embed_command, add_export_command, add_predict_command
 from .training import add_eval_command, add_train_command
@@ -26,7 +27,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="torchcvt", description="CvT: Convolutional vision Transformers.")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for add_command in (add_info_command, add_train_command, add_eval_command, add_convert_command,
-                        add_predict_command, add_attention_command, add_export_command, add_embed_command):
+                        add_predict_command, add_attention_command, add_export_command, add_embed_command,
+                        add_ablate_command):
         add_command(sub)
     return parser
 
