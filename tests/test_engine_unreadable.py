@@ -83,3 +83,61 @@ def test_training_skips_batches_with_nothing_readable_and_strict_validation_stop
     assert main(argv) == 2
     err = capsys.readouterr().err.strip().splitlines()[-1]
     assert err.startswith("torchcvt train: error: unreadable image") and "!a.png" in err, err
+
+
+def test_a_batch_left_with_one_readable_image_joins_another_and_training_goes_on(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from torchcvt.model import CvT
+
+    data = digits_tree(tmp_path / "data")
+    for label in range(3):  # 4 unreadable among 12 images a class: batches of 2 often keep just one
+        for n in range(4):
+            _break(data / "train" / str(label), f"!{n}.png")
+    sizes: list[int] = []  # the batch of each training step
+    forward = CvT.forward
+
+    def spy(self: CvT, images):
+        if self.training:
+            sizes.append(len(images))
+        return forward(self, images)
+
+    monkeypatch.setattr(CvT, "forward", spy)
+    # The default projections: BatchNorm over a 1x1 key/value grid, which one image cannot feed.
+    extra = {"train.epochs": 1, "train.batch_size": 2}
+    summary = train(load_config(None, tiny_overrides(data, tmp_path / "run", **extra)))
+    assert 1 not in sizes and 3 in sizes, sizes  # a lone image trained with a batch next to it
+    assert sum(sizes) == 24  # every readable image once
+    assert summary["skipped_images"] == 12 and summary["left_out_images"] == 0
+
+
+def test_training_and_predict_name_a_broken_image_alike_and_classes_without_images_are_reported(
+    tmp_path: Path, capsys: pytest.CaptureFixture, caplog: pytest.LogCaptureFixture
+) -> None:
+    import logging
+
+    data = digits_tree(tmp_path / "data")
+    broken = [_break(data / "train" / "2", f"!{n}.png") for n in range(2)]
+    for path in (data / "train" / "2").glob("[0-9]*.png"):
+        path.unlink()  # class 2 keeps only unreadable images
+    (data / "val" / "3").mkdir()
+    (data / "train" / "3").mkdir()
+    argv = ["train", *tiny_overrides(data, tmp_path / "run", **{"train.epochs": 1})]
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and f"class folder {data / 'train' / '3'} holds no images" in err, err
+    assert "a class with nothing to learn" in err
+    # With train/3 holding an image, its empty val folder is a warning, and class 2 is unlearnable.
+    shutil.copy(next((data / "train" / "1").glob("*.png")), data / "train" / "3" / "x.png")
+    with caplog.at_level(logging.WARNING, logger="torchcvt"):
+        train(load_config(None, tiny_overrides(data, tmp_path / "run", **{"train.epochs": 1})))
+    assert f"class folder {data / 'val' / '3'} holds no images: class '3' is not scored" in caplog.text
+    assert "class '2' has no readable training image (2 unreadable): the model cannot learn it" in caplog.text
+    trained = next(r.getMessage() for r in caplog.records if str(broken[0]) in r.getMessage())
+    checkpoint = tmp_path / "run" / "last.pth"
+    capsys.readouterr()
+    assert main(["predict", "--model", "cvt_digits", "--checkpoint", str(checkpoint), str(broken[0]),
+                 "--workers", "0", "--quiet"]) == 1
+    named = next(line for line in capsys.readouterr().err.splitlines() if str(broken[0]) in line)
+    reason = named.split(f"{broken[0]}: ", 1)[1]
+    assert f"skipped unreadable image {broken[0]}: {reason};" in trained, (trained, named)

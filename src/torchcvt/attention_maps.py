@@ -21,6 +21,7 @@ from PIL import Image
 
 from .config import CvtConfig
 from .extras import require
+from .files import replace_file
 from .geometry import projected_centres, projected_grid, stage_grid
 from .layers import Attention
 from .model import CvT, CvtFeatures
@@ -217,12 +218,15 @@ def render_attention(
     bar = figure.colorbar(shown, ax=axes, shrink=0.8, pad=0.02)
     bar.set_label("attention weight per key", fontsize=9)
     path = png_path(path)
-    figure.savefig(path, dpi=100)
+    with replace_file(path) as handle:
+        figure.savefig(handle, format="png", dpi=100)
     return path
 
 
 def png_path(path: str | Path) -> Path:
-    """The file render_attention writes for path: path itself, with ".png" added when it has no suffix."""
+    """The file render_attention writes for path: path itself, with ".png" added when it has no suffix
+    (but not to a device such as /dev/stdout)."""
     # matplotlib would add the suffix itself; naming the file here lets callers report the real name.
     path = Path(path)
-    return path if path.suffix else path.with_suffix(".png")
+    device = path.exists() and not path.is_file() and not path.is_dir()
+    return path if path.suffix or device else path.with_suffix(".png")

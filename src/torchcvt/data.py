@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
 import random
 import shutil
@@ -13,13 +14,15 @@ from typing import Any, NamedTuple
 
 import numpy as np
 import torch
-from PIL import Image, ImageOps
+from PIL import Image, ImageOps, UnidentifiedImageError
 from torch.utils.data import Dataset, Sampler, default_collate, get_worker_info
 from torchvision import transforms as T
 from torchvision.transforms import InterpolationMode
 
 from .config import DIGITS_SIZE
 from .extras import require
+
+logger = logging.getLogger(__name__)
 
 # Images more elongated than this are resized crop-only by ResizeCenterCrop (bounded memory); the
 # others exactly as torchvision's Resize + CenterCrop do it.
@@ -55,6 +58,33 @@ def load_image(path: str | Path) -> Image.Image:
     with Image.open(path) as image:
         image.load()
         return to_rgb(image)
+
+
+def unreadable_reason(path: str | Path, error: BaseException) -> str:
+    """Why an image file could not be read: the words training, eval and predict all use for it."""
+    path = Path(path)
+    if path.is_symlink() and not path.exists():
+        return f"broken symbolic link (its target {os.readlink(path)} does not exist)"
+    if not path.exists():
+        return "file not found"
+    if path.is_dir():
+        if not os.access(path, os.R_OK | os.X_OK):
+            return "folder cannot be listed (permission denied)"
+        return "is a directory, not an image file"
+    if path.stat().st_size == 0:
+        return "empty file (0 bytes)"
+    if isinstance(error, UnidentifiedImageError):
+        return "not an image file (PIL cannot identify its format)"
+    if isinstance(error, Image.DecompressionBombError):
+        return f"image too large: {error}"
+    if isinstance(error, PermissionError):
+        return "permission denied"
+    if isinstance(error, MemoryError):
+        return "too large to decode in the memory this machine has"
+    message = str(error) or type(error).__name__
+    if "truncated" in message.lower():
+        return f"truncated image file ({message})"
+    return f"corrupt or truncated image ({message})"
 
 
 def walk_images(root: str | Path, seen: set[tuple[int, int]] | None = None) -> list[Path]:
@@ -172,6 +202,8 @@ class BadImage(NamedTuple):
 def list_classes(root: str | Path) -> list[str]:
     """Sorted class folder names of an ImageFolder tree; one-line errors for a missing or empty folder."""
     root = Path(root)
+    if root.exists() and not root.is_dir():
+        raise ValueError(f"data folder {root} is a file, not a folder: give the folder of class folders")
     if not root.is_dir():
         raise FileNotFoundError(f"data folder {root} does not exist")
     classes = sorted(d.name for d in root.iterdir() if d.is_dir() and not d.name.startswith("."))
@@ -218,13 +250,23 @@ class ImageFolder(Dataset):
     def targets(self) -> list[int]:
         return [target for _, target in self.samples]
 
+    def empty_classes(self) -> list[str]:
+        """The classes of the class list with no image file in this tree."""
+        present = set(self.targets)
+        return [name for i, name in enumerate(self.class_names) if i not in present]
+
+    def warn_empty_classes(self) -> None:
+        """A warning naming each class folder without images (its class cannot be scored here)."""
+        for name in self.empty_classes():
+            logger.warning(f"class folder {self.root / name} holds no images: class {name!r} is not scored")
+
     def __getitem__(self, item: int | tuple[int, int]) -> tuple[Any, int] | BadImage:
         index, seed = item if isinstance(item, tuple) else (item, None)
         path, target = self.samples[index]
         try:
             image = load_image(path)
         except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as error:
-            return BadImage(path, f"{type(error).__name__}: {error}")
+            return BadImage(path, unreadable_reason(path, error))
         if self.transform is None:
             return image, target
         if seed is None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import warnings
 from pathlib import Path
 
@@ -10,6 +11,7 @@ import torch
 from torch.export import Dim, ExportedProgram
 
 from .extras import require
+from .files import replace_file
 from .geometry import stage_grids
 from .model import CvT
 
@@ -111,7 +113,8 @@ def export_onnx(model: CvT | ExportedProgram, path: str | Path, example: torch.T
         warnings.simplefilter("ignore", DeprecationWarning)
         onnx_program = torch.onnx.export(program, dynamo=True, verbose=False, input_names=["image"],
                                          output_names=["logits"])
-    onnx_program.save(str(path))
+    with replace_file(path) as handle:
+        onnx_program.save(handle)
     return Path(path)
 
 
@@ -122,7 +125,9 @@ def export_torchscript(model: CvT, path: str | Path, example: torch.Tensor | Non
     with torch.no_grad(), warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*torch.jit.* is deprecated.*", category=FutureWarning)
         traced = torch.jit.trace(model, example, check_trace=False)
-    traced.save(str(path))
+    with replace_file(path) as handle, warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*torch.jit.* is deprecated.*", category=FutureWarning)
+        torch.jit.save(traced, handle)
     return Path(path)
 
 
@@ -135,6 +140,24 @@ def export_model(
     path = Path(path)
     if not path.parent.is_dir():
         raise FileNotFoundError(f"output folder {path.parent} does not exist")
+    height, width = example_size(model, height, width)
+    needed = 2 * model.config.num_channels * height * width * 4  # the float32 example batch of two
+    memory = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    if needed > memory:
+        raise ValueError(f"exporting at {height}x{width} needs {needed / 1e9:.0f} GB for the example input "
+                         f"alone, more than the {memory / 1e9:.0f} GB of memory here: export at a smaller "
+                         "size")
+    try:
+        return _export(model, path, format, height, width)
+    except (RuntimeError, MemoryError) as error:
+        exhausted = isinstance(error, (torch.OutOfMemoryError, MemoryError)) or "can't allocate" in str(error)
+        if not exhausted:
+            raise
+        message = f"exporting at {height}x{width} ran out of memory: export at a smaller size"
+        raise ValueError(message) from None
+
+
+def _export(model: CvT, path: Path, format: str, height: int, width: int) -> Path:
     example = example_input(model, height, width)
     if format != "torchscript":
         sizes = supported_sizes(model, *example.shape[2:])
@@ -148,5 +171,6 @@ def export_model(
     program = export_program(model, example)
     if format == "onnx":
         return export_onnx(program, path)
-    torch.export.save(program, str(path))
+    with replace_file(path) as handle:
+        torch.export.save(program, handle)
     return path

@@ -4,7 +4,6 @@ and decoding them in loader workers with a progress report."""
 from __future__ import annotations
 
 import logging
-import os
 import time
 import warnings
 from collections.abc import Callable, Iterator, Sequence
@@ -12,11 +11,11 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import torch
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 from torch.utils.data import Dataset
 from tqdm import tqdm
 
-from .data import load_image, walk_images
+from .data import load_image, unreadable_reason, walk_images
 
 # PIL warns above ~89 MP and refuses above ~179 MP; photos of tens of megapixels are ordinary, so
 # allow up to 2**28 pixels (16k x 16k) and refuse only beyond that.
@@ -46,33 +45,11 @@ def _large_images_allowed() -> Iterator[None]:
 
 def read_image(path: str | Path) -> Image.Image:
     """Load an image file as upright 8-bit RGB, or raise UnreadableImageError with a one-line reason."""
-    path = Path(path)
-    if path.is_symlink() and not path.exists():
-        raise UnreadableImageError(f"broken symbolic link (its target {os.readlink(path)} does not exist)")
-    if not path.exists():
-        raise UnreadableImageError("file not found")
-    if path.is_dir():
-        if not os.access(path, os.R_OK | os.X_OK):
-            raise UnreadableImageError("folder cannot be listed (permission denied)")
-        raise UnreadableImageError("is a directory, not an image file")
-    if path.stat().st_size == 0:
-        raise UnreadableImageError("empty file (0 bytes)")
     try:
         with _large_images_allowed():
             return load_image(path)
-    except UnidentifiedImageError:
-        raise UnreadableImageError("not an image file (PIL cannot identify its format)") from None
-    except Image.DecompressionBombError as error:
-        raise UnreadableImageError(f"image too large: {error}") from None
-    except PermissionError:
-        raise UnreadableImageError("permission denied") from None
-    except MemoryError:
-        raise UnreadableImageError("too large to decode in the memory this machine has") from None
     except Exception as error:  # PIL's decoders raise many exception types on corrupt data
-        message = str(error) or type(error).__name__
-        if "truncated" in message.lower():
-            raise UnreadableImageError(f"truncated image file ({message})") from None
-        raise UnreadableImageError(f"corrupt or truncated image ({message})") from None
+        raise UnreadableImageError(unreadable_reason(path, error)) from None
 
 
 def find_images(paths: Sequence[str | Path]) -> list[Path]:

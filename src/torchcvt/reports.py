@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import io
 import json
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -11,6 +12,8 @@ from typing import Any, NamedTuple
 
 import numpy as np
 import torch
+
+from .files import write_bytes
 
 
 class Prediction(NamedTuple):
@@ -36,19 +39,21 @@ class FileResult:
 def write_json_report(results: Sequence[FileResult], path: str | Path) -> None:
     """A JSON list, per file {"path", "predictions": [{"index", "label", "prob"}]} or {"path", "error"}."""
     # allow_nan=False: NaN is not JSON, so a report can never hold it.
-    Path(path).write_text(json.dumps([r.to_dict() for r in results], indent=2, allow_nan=False) + "\n")
+    text = json.dumps([r.to_dict() for r in results], indent=2, allow_nan=False) + "\n"
+    write_bytes(path, text.encode())
 
 
 def write_csv_report(results: Sequence[FileResult], path: str | Path) -> None:
     """One CSV row per prediction (path, rank, index, label, prob, error), or one with the error."""
-    with open(path, "w", newline="") as f:
-        writer = csv.writer(f)
-        writer.writerow(["path", "rank", "index", "label", "prob", "error"])
-        for result in results:
-            if result.error is not None:
-                writer.writerow([result.path, "", "", "", "", result.error])
-            for rank, p in enumerate(result.predictions or [], 1):
-                writer.writerow([result.path, rank, p.index, p.label, f"{p.prob:.6f}", ""])
+    text = io.StringIO(newline="")
+    writer = csv.writer(text)
+    writer.writerow(["path", "rank", "index", "label", "prob", "error"])
+    for result in results:
+        if result.error is not None:
+            writer.writerow([result.path, "", "", "", "", result.error])
+        for rank, p in enumerate(result.predictions or [], 1):
+            writer.writerow([result.path, rank, p.index, p.label, f"{p.prob:.6f}", ""])
+    write_bytes(path, text.getvalue().encode())
 
 
 def format_table(results: Sequence[FileResult]) -> str:

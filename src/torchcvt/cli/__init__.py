@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import errno
 import logging
 import os
 import signal
@@ -13,6 +14,7 @@ from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 
 from ..extras import MissingExtra
+from .ablate import add_ablate_command
 from .errors import CliError
 from .inference import add_attention_command, add_embed_command, add_export_command, add_predict_command
 from .training import add_eval_command, add_train_command
@@ -25,7 +27,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="torchcvt", description="CvT: Convolutional vision Transformers.")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for add_command in (add_info_command, add_train_command, add_eval_command, add_convert_command,
-                        add_predict_command, add_attention_command, add_export_command, add_embed_command):
+                        add_predict_command, add_attention_command, add_export_command, add_embed_command,
+                        add_ablate_command):
         add_command(sub)
     return parser
 
@@ -87,6 +90,10 @@ def hold_interrupt() -> Iterator[None]:
         raise KeyboardInterrupt
 
 
+# No space on the device, over the disk quota, file too large for the file system.
+_EXHAUSTED = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)
@@ -111,7 +118,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         # The reader went away (`torchcvt info cvt_13 | head`): stop quietly, as Unix tools do.
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 141
-    except Exception:
+    except Exception as error:
+        if isinstance(error, OSError) and error.errno in _EXHAUSTED:
+            # The machine ran out of something the command needed: what ran out, and where, in one line.
+            where = f": cannot write {error.filename}" if error.filename else ""
+            _stderr_line(f"torchcvt {args.command}: error{where}: {os.strerror(error.errno).lower()}")
+            return 2
         # Not a user error: a bug. Show where it happened instead of hiding it behind one line.
         traceback.print_exc()
         _stderr_line(f"torchcvt {args.command}: internal error: this is a bug in torchcvt; please report it "

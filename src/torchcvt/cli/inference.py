@@ -8,6 +8,20 @@ from .common import add_model_arguments, image_size, make_predictor, report_unre
 from .errors import CliError
 
 
+def _add_image_list_arguments(parser: argparse.ArgumentParser, quiet: str) -> None:
+    """The model, the images and how they are read: the options predict and embed share."""
+    add_model_arguments(parser)
+    parser.add_argument("paths", nargs="+", metavar="PATH", help="image files or folders")
+    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--workers", type=int, default=2, help="processes decoding images (0: the main one)")
+    parser.add_argument("--quiet", action="store_true", help=quiet)
+
+
+def _check_workers(args: argparse.Namespace) -> None:
+    if args.workers < 0:
+        raise CliError(f"--workers must be 0 or more, got {args.workers}")
+
+
 def add_predict_command(sub: argparse._SubParsersAction) -> None:
     parser = sub.add_parser(
         "predict", help="classify image files and folders (top-k with class names)",
@@ -15,14 +29,10 @@ def add_predict_command(sub: argparse._SubParsersAction) -> None:
         "An unreadable file is reported (stderr and the reports) and the rest go on; the exit code is 0 "
         "only when every file was read.",
     )
-    add_model_arguments(parser)
-    parser.add_argument("paths", nargs="+", metavar="PATH", help="image files or folders")
+    _add_image_list_arguments(parser, quiet="no table on stdout and no progress bar")
     parser.add_argument("--top-k", type=int, default=5, help="classes per image (default 5)")
     parser.add_argument("--json", help="write the JSON report here")
     parser.add_argument("--csv", help="write a CSV report here (one row per prediction)")
-    parser.add_argument("--batch-size", type=int, default=32)
-    parser.add_argument("--workers", type=int, default=2, help="processes decoding images (0: the main one)")
-    parser.add_argument("--quiet", action="store_true", help="no table on stdout and no progress bar")
     parser.set_defaults(run=_run_predict)
 
 
@@ -32,8 +42,7 @@ def _run_predict(args: argparse.Namespace) -> int:
 
     if args.top_k < 1:
         raise CliError(f"--top-k must be at least 1, got {args.top_k}")
-    if args.workers < 0:
-        raise CliError(f"--workers must be 0 or more, got {args.workers}")
+    _check_workers(args)
     for option, path in (("--json", args.json), ("--csv", args.csv)):
         if path is not None:
             check_output_file(path, option)
@@ -147,12 +156,8 @@ def add_embed_command(sub: argparse._SubParsersAction) -> None:
         ".safetensors file (file list in its metadata) or a .npy file (file list in OUT.files.json). "
         "Unreadable files are reported and left out; the exit code is 0 only when every file was read.",
     )
-    add_model_arguments(parser)
-    parser.add_argument("paths", nargs="+", metavar="PATH", help="image files or folders")
+    _add_image_list_arguments(parser, quiet="no progress bar")
     parser.add_argument("-o", "--output", required=True, help="OUT.safetensors or OUT.npy")
-    parser.add_argument("--batch-size", type=int, default=32)
-    parser.add_argument("--workers", type=int, default=2, help="processes decoding images (0: the main one)")
-    parser.add_argument("--quiet", action="store_true", help="no progress bar")
     parser.set_defaults(run=_run_embed)
 
 
@@ -162,8 +167,7 @@ def _run_embed(args: argparse.Namespace) -> int:
     from ..checks import check_output_file
     from ..reports import save_embeddings
 
-    if args.workers < 0:
-        raise CliError(f"--workers must be 0 or more, got {args.workers}")
+    _check_workers(args)
     if Path(args.output).suffix not in (".safetensors", ".npy"):
         raise CliError(f"-o must end in .safetensors or .npy, got {args.output!r}")
     check_output_file(args.output, "-o")

@@ -223,6 +223,15 @@ def build_components(cfg: TrainConfig | Mapping[str, Any], runtime: Runtime) -> 
     data_config = model.pretrained_cfg
     train_set = ImageFolder(train_dir, train_transform(a, data_config), class_names)
     val_set = ImageFolder(val_dir, eval_transform(data_config), class_names)
+    empty = train_set.empty_classes()
+    if empty:
+        raise ValueError(
+            f"class folder {train_dir / empty[0]} holds no images: a class with nothing to learn"
+            + (f" ({len(empty)} such classes)" if len(empty) > 1 else "")
+            + "; add images or remove the class from train and val"
+        )
+    if runtime.is_main:
+        val_set.warn_empty_classes()
     batch_size = per_process_batch(t, runtime.world_size)
     per_rank = math.ceil(len(train_set) / runtime.world_size)
     if batch_size < 1:

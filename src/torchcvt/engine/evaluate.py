@@ -142,6 +142,8 @@ def evaluate_checkpoint(
     model.to(runtime.device)
     data_config = model.pretrained_cfg
     dataset = ImageFolder(data, eval_transform(data_config), class_names=class_names)
+    if runtime.is_main:
+        dataset.warn_empty_classes()
     loader = DataLoader(
         dataset,
         batch_size=batch_size,

@@ -6,12 +6,14 @@ import logging
 import os
 import pickle
 import shutil
+import warnings
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from ..config import ARCHITECTURE_FIELDS, CvtConfig, architecture_differences
+from ..files import FailSoftly
 from .train_config import TrainConfig
 
 # Bumped whenever a key's meaning changes; files without the field were written before it existed (0).
@@ -35,6 +37,7 @@ def save_training_state(state: dict[str, Any], path: str | Path, keep_previous: 
     """Write atomically: a temporary file in the same folder, fsync, then rename over the old one.
 
     keep_previous keeps the replaced file as previous_path(path), a fallback should the new one be damaged.
+    A failed write (a full disk) raises its OSError and leaves the old file as it was.
     """
     path = Path(path)
     state = {**state, "format_version": FORMAT_VERSION}
@@ -43,7 +46,11 @@ def save_training_state(state: dict[str, Any], path: str | Path, keep_previous: 
     previous_tmp = previous.with_name(f".{previous.name}.tmp-{os.getpid()}")
     try:
         with open(tmp, "wb") as handle:
-            torch.save(state, handle)
+            # A full disk is the OSError it is, naming the file, not an internal error from torch's writer.
+            sink = FailSoftly(handle)
+            torch.save(state, sink)
+            if sink.error is not None:
+                raise OSError(sink.error.errno, sink.error.strerror, str(path))
             handle.flush()
             os.fsync(handle.fileno())
         if keep_previous and path.is_file():
@@ -111,7 +118,9 @@ def read_training_state(path: str | Path) -> dict[str, Any]:
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint {path} does not exist")
     try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
+        with warnings.catch_warnings():  # the protocol notice would come before the one-line refusal
+            warnings.filterwarnings("ignore", message="Detected pickle protocol", category=UserWarning)
+            state = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError:
         raise ValueError(
             f"checkpoint {path} is not a torchcvt training checkpoint: it holds pickled Python objects, "
@@ -166,8 +175,9 @@ FIXED_ON_RESUME = (
 )
 # How to leave a run folder's run behind instead of resuming it.
 START_AFRESH = "start afresh with --no-resume (the old run moves to OUTPUT/previous-N) or a new --output"
-# Where and how to resume, not what to train: never reported as a change.
-RESUME_KEYS = ("train.resume", "train.auto_resume")
+# Where and how to resume, not what to train: never reported as a change (a run folder copied or moved
+# to a new name resumes there as the same run).
+RESUME_KEYS = ("train.resume", "train.auto_resume", "train.output")
 
 
 def _flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:

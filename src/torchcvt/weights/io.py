@@ -12,6 +12,7 @@ import pickle
 import re
 import struct
 import tempfile
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -65,7 +66,11 @@ def _read_safetensors(path: Path) -> tuple[StateDict, dict[str, str]]:
 
 def _torch_load(path: Path) -> Any:
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+        with warnings.catch_warnings():
+            # A pickle protocol other than torch.save's is what an unsafe file often has: it is refused
+            # below in one line, without torch's notice about the protocol before it.
+            warnings.filterwarnings("ignore", message="Detected pickle protocol", category=UserWarning)
+            return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as error:
         found = re.search(r"GLOBAL (\S+)", str(error))
         what = f" ({found.group(1)})" if found else ""

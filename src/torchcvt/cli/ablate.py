@@ -1,0 +1,98 @@
+"""`torchcvt ablate`: the paper's ablation studies (Tables 5-8) on the embedded digits or a user's data."""
+
+from __future__ import annotations
+
+import argparse
+
+from .errors import CliError
+
+
+def add_ablate_command(sub: argparse._SubParsersAction) -> None:
+    parser = sub.add_parser(
+        "ablate",
+        help="run the paper's ablation studies (Tables 5-8) and write a report",
+        description="Train every row of the chosen studies (position-embedding, token-embedding, kv-stride, "
+        "projection) with one recipe, seed list and budget; each row x seed is an ordinary `torchcvt train` "
+        "run under OUTPUT/runs. Rerun the same command to resume; share OUTPUT between workers with --shard. "
+        "With neither --config nor --data it runs on the embedded digits task (docs/ablations.md).",
+    )
+    parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
+                        help="recipe overrides for every run, e.g. train.epochs=50")
+    parser.add_argument("--study", action="append", help="a study to run (repeatable; default: all four)")
+    parser.add_argument("--seeds", type=int, default=3, help="seeds per row, from the recipe's train.seed "
+                        "(default 3)")
+    parser.add_argument("--data", help="ImageFolder root holding train/ and val/")
+    parser.add_argument("--config", help="YAML recipe (configs/*.yaml); its model is the one ablated")
+    parser.add_argument("--output", default="runs/ablate", help="suite folder (default runs/ablate)")
+    parser.add_argument("--shard", help="I/N: train only every N-th run from the I-th (0-based); default: "
+                        "SLURM_ARRAY_TASK_ID/COUNT when set, else all")
+    parser.add_argument("--launcher", help="run each training as `LAUNCHER -m torchcvt train ...`, e.g. "
+                        "'torchrun --nproc-per-node 8' (default: in this process)")
+    parser.add_argument("--report-only", action="store_true", help="train nothing; rebuild the report in "
+                        "OUTPUT from the runs finished so far")
+    parser.add_argument("--dry-run", action="store_true", help="train nothing: print each row's settings, "
+                        "parameters and GFLOPs beside the paper's, then one JSON line")
+    parser.set_defaults(run=_run_ablate)
+
+
+def _shard(text: str | None) -> tuple[int, int]:
+    from ..ablate import default_shard
+
+    if text is None:
+        return default_shard()
+    index, sep, count = text.partition("/")
+    try:
+        index_number, count_number = int(index), int(count)
+    except ValueError:
+        raise CliError(f"--shard expects I/N (e.g. 0/4), got {text!r}") from None
+    if not sep or count_number < 1 or not 0 <= index_number < count_number:
+        raise CliError(f"--shard expects I/N with 0 <= I < N, got {text!r}")
+    return index_number, count_number
+
+
+def _run_ablate(args: argparse.Namespace) -> int:
+    import json
+    from pathlib import Path
+
+    from .. import ablate
+
+    studies = ablate.select_studies(args.study)
+    root = Path(args.output)
+    if args.report_only:
+        paths = ablate.write_report(root, ablate.suite_plan(root, studies if args.study else ()))
+        print(f"report: {paths['report']}\nplot:   {paths['plot']}\njson:   {paths['json']}")
+        return 0
+    if args.seeds < 1:
+        raise CliError(f"--seeds must be at least 1, got {args.seeds}")
+    shard = _shard(args.shard)
+    base, recipe = ablate.prepare(args.config, args.overrides, args.data)
+    seeds = [recipe.seed + i for i in range(args.seeds)]
+    if args.dry_run:
+        from ..data import list_classes
+
+        known = recipe.train_dir is not None and Path(recipe.train_dir).is_dir()
+        classes = len(list_classes(recipe.train_dir)) if known else 1000
+        plan = ablate.build_plan(recipe, studies, seeds, classes)
+        print(ablate.format_dry_run(plan))
+        print(json.dumps({"rows": ablate.dry_run_rows(plan)}))
+        return 0
+    if recipe.train_dir is None or recipe.val_dir is None:
+        raise CliError("the recipe names no data: give --data DIR (holding train/ and val/) or set "
+                       "data.train and data.val")
+    fingerprint = ablate.data_fingerprint(recipe.train_dir, recipe.val_dir)
+    plan = ablate.build_plan(recipe, studies, seeds, fingerprint["train"]["classes"])
+    suite = ablate.open_suite(root, recipe.settings, fingerprint, [s.name for s in studies], seeds)
+    everything = ablate.select_studies(suite["studies"])
+    full = ablate.build_plan(recipe, everything, suite["seeds"], plan.num_classes)
+    try:
+        progress = ablate.run_suite(plan, root, args.config, base, shard, args.launcher,
+                                    after_each=lambda: ablate.write_report(root, full))
+    except ablate.RunFailed as error:
+        raise CliError(str(error)) from None
+    paths = ablate.write_report(root, full)
+    share = f" (shard {shard[0]}/{shard[1]})" if shard[1] > 1 else ""
+    print(f"trained {len(progress.trained)} run(s){share}, {progress.already_done} already finished"
+          + (f", {len(progress.held_elsewhere)} held by other workers" if progress.held_elsewhere else "")
+          + (f", {len(progress.failed)} diverged: {', '.join(progress.failed)}" if progress.failed else ""))
+    print(f"report: {paths['report']}\nplot:   {paths['plot']}\njson:   {paths['json']}")
+    return 0
