@@ -4,7 +4,6 @@ bare --data, and the one-line errors that keep a run from silently training the 
 
 import json
 import re
-import shutil
 from pathlib import Path
 
 import pytest
@@ -225,8 +224,7 @@ def test_changed_weights_or_classes_under_a_run_folder_refuse_to_resume(tmp_path
     data = digits_tree(tmp_path / "data")
     out = tmp_path / "run"
     train_on_one_thread(tiny_overrides(data, out, **{"train.epochs": 1}))
-    weights = tmp_path / "weights.pth"
-    shutil.copyfile(out / "best.pth", weights)
+    weights = out / "best.pth"  # the folder's own run: read before --no-resume sets that run aside
     # Adding starting weights to a from-scratch run folder: they would be ignored by a resume.
     argv = ["train", *tiny_overrides(data, out, **{"train.epochs": 2}), f"model.checkpoint={weights}"]
     err = _error(capsys, argv)

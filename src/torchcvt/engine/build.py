@@ -146,11 +146,12 @@ def starting_weights(cfg: TrainConfig) -> Checkpoint | None:
     return read_weights(m.checkpoint) if m.checkpoint is not None else None
 
 
-def build_model(cfg: TrainConfig, class_names: list[str], resuming: bool, runtime: Runtime) -> CvT:
-    """The configured variant with its overrides; unless resuming, the starting weights with a head for the
-    data's classes (see model.head)."""
+def build_model(
+    cfg: TrainConfig, class_names: list[str], checkpoint: Checkpoint | None, runtime: Runtime
+) -> CvT:
+    """The configured variant with its overrides; with starting weights (not when resuming), those weights
+    with a head for the data's classes (see model.head)."""
     m = cfg.model
-    checkpoint = None if resuming else starting_weights(cfg)
     if checkpoint is None:
         model = create_model(m.name, num_classes=len(class_names), **m.overrides)
     else:
@@ -206,6 +207,8 @@ def build_components(cfg: TrainConfig | Mapping[str, Any], runtime: Runtime) -> 
     train_dir, val_dir = data_folders(cfg, runtime)
     class_names = checked_classes(train_dir, val_dir)
     resume_from = resume_path(cfg, output)
+    # Read before a previous run is set aside: the starting weights may be that run's best.pth.
+    starting = None if resume_from else starting_weights(cfg)
     if runtime.is_main:
         remove_leftover_temporaries(output)
         if resume_from is None:
@@ -219,7 +222,7 @@ def build_components(cfg: TrainConfig | Mapping[str, Any], runtime: Runtime) -> 
         if changes and runtime.is_main:
             listed = "; ".join(f"{key}: {old!r} -> {new!r}" for key, (old, new) in changes.items())
             logger.info(f"resuming with a changed config (the schedule and optimiser follow it): {listed}")
-    model = build_model(cfg, class_names, resume is not None, runtime)
+    model = build_model(cfg, class_names, starting, runtime)
     data_config = model.pretrained_cfg
     train_set = ImageFolder(train_dir, train_transform(a, data_config), class_names)
     val_set = ImageFolder(val_dir, eval_transform(data_config), class_names)
