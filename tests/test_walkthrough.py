@@ -69,7 +69,7 @@ def test_walkthrough_runs_as_written(tmp_path, monkeypatch, capsys) -> None:
     assert "recipe: from scratch (no --pretrained): cvt_digits, 1 epoch at batch 32" in out
     assert "recipe: fine-tune (weights given: runs/digits-0-4/best.pth)" in out
     assert re.search(r"top-1 \d+\.\d\d%  top-5 \d+\.\d\d%  loss .*\(181 images, 5 classes\)", out)
-    assert "drawing stage 2" in err and "(stage 2 of 3," in out
+    assert "drawing stage 2" in out and "(stage 2 of 3," in out
     difference = re.search(r"ONNX top-1: [5-9] \| max logit difference from torch: (\S+)", out)
     assert difference and float(difference.group(1)) < 1e-3
     # The pipeline's answer, with the class names and torchcvt predict's probability for the same image.

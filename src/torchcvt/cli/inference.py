@@ -106,8 +106,8 @@ def _run_attention(args: argparse.Namespace) -> int:
     block = -1 if args.block is None else args.block - 1
     amap = attention_map(model, x[None].to(predictor.device), stage, block, args.query)
     if args.stage is None and stage != stages - 1:
-        print(f"torchcvt attention: drawing stage {stage + 1}: the last stage's key grid is 1x1 at "
-              f"{width}x{height} (one key, a uniform map); --stage {stages} draws it anyway", file=sys.stderr)
+        print(f"drawing stage {stage + 1}: the last stage's key grid is 1x1 at {width}x{height} (one key, a "
+              f"uniform map); --stage {stages} draws it anyway")
     elif amap.single_key:
         others = [str(i + 1) for i in range(stages) if key_grid(model.config, i, height, width) != (1, 1)]
         hint = f"; stages with more keys: {', '.join(others)}" if others else ""
