@@ -133,7 +133,7 @@ def test_bad_device_is_one_line(command, tmp_path, image, digits_checkpoint, cap
 
 def test_attention_reports_the_file_it_wrote(tmp_path, image, capsys):
     assert main(["attention", "--model", "cvt_digits", str(image), "-o", str(tmp_path / "out")]) == 0
-    assert capsys.readouterr().out.startswith(f"wrote {tmp_path / 'out.png'} (")
+    assert capsys.readouterr().out.splitlines()[-1].startswith(f"wrote {tmp_path / 'out.png'} (")
     assert (tmp_path / "out.png").is_file() and not (tmp_path / "out").exists()
 
 
