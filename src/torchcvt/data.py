@@ -423,24 +423,45 @@ def write_digits(
         raise ValueError(f"labels must be digits 0-9, got {labels}")
     marker = json.dumps({"size": size, "labels": labels})
     if not (root / ".complete").exists() or (root / ".complete").read_text() != marker:
-        digits = require("sklearn.datasets", "the digits data set").load_digits()
-        staging = root.with_name(f"{root.name}.tmp-{os.getpid()}")
-        shutil.rmtree(staging, ignore_errors=True)
+        digits = load_digits()
+        staging = staging_folder(root)
         for label in labels:
             for n, i in enumerate(np.flatnonzero(digits.target == label)):
                 folder = staging / ("val" if n % 5 == 0 else "train") / str(label)
                 folder.mkdir(parents=True, exist_ok=True)
-                pixels = np.clip(digits.images[i] * (255.0 / 16.0) + 0.5, 0, 255).astype(np.uint8)
-                image = Image.fromarray(pixels, mode="L").resize((size, size), Image.BICUBIC)
-                image.save(folder / f"{i:04d}.png")
+                digit_image(digits.images[i], size).save(folder / f"{i:04d}.png")
         (staging / ".complete").write_text(marker)
-        root.parent.mkdir(parents=True, exist_ok=True)
-        shutil.rmtree(root, ignore_errors=True)
-        try:
-            os.replace(staging, root)
-        except OSError:
-            # Another process finished the same tree first; theirs is as good as ours.
-            shutil.rmtree(staging, ignore_errors=True)
-            if not (root / ".complete").exists():
-                raise
+        publish_tree(staging, root)
     return root / "train", root / "val"
+
+
+def load_digits() -> Any:
+    """scikit-learn's 1,797 handwritten digits (8x8 images, values 0-16)."""
+    return require("sklearn.datasets", "the digits data set").load_digits()
+
+
+def digit_image(pixels: np.ndarray, side: int) -> Image.Image:
+    """One 8x8 digit (values 0-16) as a grey side x side image, upsampled bicubically."""
+    grey = np.clip(pixels * (255.0 / 16.0) + 0.5, 0, 255).astype(np.uint8)
+    return Image.fromarray(grey, mode="L").resize((side, side), Image.BICUBIC)
+
+
+def staging_folder(root: Path) -> Path:
+    """An empty folder beside root, this process's own, to write a tree into before publish_tree."""
+    staging = root.with_name(f"{root.name}.tmp-{os.getpid()}")
+    shutil.rmtree(staging, ignore_errors=True)
+    return staging
+
+
+def publish_tree(staging: Path, root: Path) -> None:
+    """Put a tree written whole (with its .complete marker) at root in one rename."""
+    root.parent.mkdir(parents=True, exist_ok=True)
+    # A tree left incomplete by a crash, or written for other settings.
+    shutil.rmtree(root, ignore_errors=True)
+    try:
+        os.replace(staging, root)
+    except OSError:
+        # Another process finished the same tree first; theirs is as good as ours.
+        shutil.rmtree(staging, ignore_errors=True)
+        if not (root / ".complete").exists():
+            raise

@@ -16,12 +16,12 @@ from .recipe import Recipe, data_overrides, read_recipe, recipe_from_settings, s
 from .report import collect, write_report
 from .runner import RunFailed, data_fingerprint, default_shard, open_suite, read_suite, run_suite
 from .studies import STUDIES, Row, Study, select_studies
-from .task import EMBEDDED_RECIPE, write_task
+from .task import EMBEDDED_BUDGET, write_task
 
 logger = logging.getLogger("torchcvt.ablate")
 
 __all__ = [
-    "EMBEDDED_RECIPE", "STUDIES", "Plan", "PlannedRow", "Recipe", "Row", "Run", "RunFailed", "Study",
+    "EMBEDDED_BUDGET", "STUDIES", "Plan", "PlannedRow", "Recipe", "Row", "Run", "RunFailed", "Study",
     "build_plan", "collect", "data_fingerprint", "default_shard", "dry_run_rows", "format_dry_run",
     "open_suite", "prepare", "read_recipe",
     "read_suite", "recipe_from_settings", "row_config", "run_suite", "select_studies", "suite_plan",
@@ -36,13 +36,14 @@ def prepare(
     with neither a config file nor data (--data or a data.train override), the embedded task (written
     once) and its recipe; with data and no config file, the recipe chosen for the data (engine.recipes).
     """
-    from ..engine import load_config
+    from ..engine import DIGITS_RECIPE, load_config
     from ..engine.recipes import choose_recipe, given_weights
     from ..typed import parse_assignment
 
     given = dict(parse_assignment(text) for text in [*data_overrides(data), *overrides])
     if config is None and "data.train" not in given:
-        base = [*EMBEDDED_RECIPE, *data_overrides(write_task()), *overrides]
+        embedded = [*section_overrides(DIGITS_RECIPE), *EMBEDDED_BUDGET]
+        base = [*embedded, *data_overrides(write_task()), *overrides]
     elif config is None:
         chosen = choose_recipe(given["data.train"], *given_weights(given))
         logger.info(f"recipe: {chosen.why} (give --config FILE to choose another)")
