@@ -341,19 +341,6 @@ def test_no_internal_issue_numbers_in_user_facing_text() -> None:
     assert not found, found
 
 
-@pytest.fixture
-def offline_home(tmp_path, monkeypatch) -> Path:
-    """An empty HF_HOME with HF_HUB_OFFLINE=1 (huggingface_hub reads both at import: set there too)."""
-    import huggingface_hub.constants
-
-    home = tmp_path / "hf-home"
-    monkeypatch.setenv("HF_HOME", str(home))
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(home / "hub"))
-    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
-    return home
-
-
 def test_train_pretrained_tag_fine_tunes_from_the_hub_cache(
     tmp_path, offline_home, capsys, one_thread
 ) -> None:

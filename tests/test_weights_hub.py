@@ -7,7 +7,6 @@ import sys
 import warnings
 from pathlib import Path
 
-import huggingface_hub.constants
 import pytest
 import timm
 import torch
@@ -44,17 +43,6 @@ def build_cache(home: Path, model: CvtForImageClassification, weights: str) -> P
     (repo / "refs").mkdir(parents=True)
     (repo / "refs" / "main").write_text(REVISION)
     return snapshot
-
-
-@pytest.fixture
-def offline_home(tmp_path, monkeypatch) -> Path:
-    """An empty HF_HOME with HF_HUB_OFFLINE=1; huggingface_hub reads both at import, so set them there too."""
-    home = tmp_path / "hf-home"
-    monkeypatch.setenv("HF_HOME", str(home))
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(home / "hub"))
-    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
-    return home
 
 
 @pytest.mark.parametrize("weights", [WEIGHTS_NAME, HF_BIN_NAME])
