@@ -80,7 +80,7 @@ def test_a_checkpoint_that_does_not_fit_stops_in_one_line_and_keeps_the_previous
     run = tmp_path / "run"
     shutil.copytree(done, run)
     before = (run / "last.pth").read_bytes()
-    _fill_disk(monkeypatch, "torchcvt.engine.state", room=10_000)
+    _fill_disk(monkeypatch, "torchcvt.files", room=10_000)  # checkpoints are written through files
     assert main(["train", *tiny_overrides(data, run, **{"train.epochs": 2})]) == 2
     err = _one_error_line(capsys)
     assert err.startswith(f"torchcvt train: error: cannot write checkpoint {run}"), err

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import os
+import shutil
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -47,15 +48,17 @@ def _with_name(error: OSError, path: Path) -> OSError:
 
 
 @contextmanager
-def replace_file(path: str | Path) -> Iterator[FailSoftly]:
+def replace_file(path: str | Path, keep_previous_as: Path | None = None) -> Iterator[FailSoftly]:
     """A binary file whose bytes replace path only once all are written and on disk.
 
     A full disk or a kill leaves a file already at path whole; a device (/dev/null) is written in place.
-    A failed write raises its OSError (naming path) when the block ends.
+    A failed write raises its OSError (naming path) when the block ends. keep_previous_as gives the file
+    being replaced a second name first, so that some file is at path at every moment a kill may come.
     """
     path = Path(path)
     direct = path.exists() and not path.is_file()
     target = path if direct else path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    previous_tmp = None
     try:
         try:
             with open(target, "wb") as handle:
@@ -68,11 +71,31 @@ def replace_file(path: str | Path) -> Iterator[FailSoftly]:
                     os.fsync(handle.fileno())
         except OSError as error:
             raise _with_name(error, path) from None
-        if not direct:
-            os.replace(target, path)
+        if direct:
+            return
+        if keep_previous_as is not None and path.is_file():
+            previous_tmp = keep_previous_as.with_name(f".{keep_previous_as.name}.tmp-{os.getpid()}")
+            try:
+                os.link(path, previous_tmp)
+            except OSError:
+                shutil.copyfile(path, previous_tmp)
+            os.replace(previous_tmp, keep_previous_as)
+        os.replace(target, path)
+        _fsync_folder(path.parent)
     finally:
         if not direct:
             target.unlink(missing_ok=True)
+        if previous_tmp is not None:
+            previous_tmp.unlink(missing_ok=True)
+
+
+def _fsync_folder(folder: Path) -> None:
+    """Put a rename inside folder on disk."""
+    descriptor = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(descriptor)
+    finally:
+        os.close(descriptor)
 
 
 def write_bytes(path: str | Path, data: bytes) -> None:

@@ -5,7 +5,6 @@ from __future__ import annotations
 import logging
 import os
 import pickle
-import shutil
 import warnings
 from pathlib import Path
 from typing import Any
@@ -13,7 +12,7 @@ from typing import Any
 import torch
 
 from ..config import ARCHITECTURE_FIELDS, CvtConfig, architecture_differences
-from ..files import FailSoftly
+from ..files import replace_file
 from .train_config import TrainConfig
 
 # Bumped whenever a key's meaning changes; files without the field were written before it existed (0).
@@ -40,35 +39,8 @@ def save_training_state(state: dict[str, Any], path: str | Path, keep_previous: 
     A failed write (a full disk) raises its OSError and leaves the old file as it was.
     """
     path = Path(path)
-    state = {**state, "format_version": FORMAT_VERSION}
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    previous = previous_path(path)
-    previous_tmp = previous.with_name(f".{previous.name}.tmp-{os.getpid()}")
-    try:
-        with open(tmp, "wb") as handle:
-            # A full disk is the OSError it is, naming the file, not an internal error from torch's writer.
-            sink = FailSoftly(handle)
-            torch.save(state, sink)
-            if sink.error is not None:
-                raise OSError(sink.error.errno, sink.error.strerror, str(path))
-            handle.flush()
-            os.fsync(handle.fileno())
-        if keep_previous and path.is_file():
-            # A second name for the old file, so `path` exists at every moment a kill may come.
-            try:
-                os.link(path, previous_tmp)
-            except OSError:
-                shutil.copyfile(path, previous_tmp)
-            os.replace(previous_tmp, previous)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-        previous_tmp.unlink(missing_ok=True)
-    directory = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(directory)
-    finally:
-        os.close(directory)
+    with replace_file(path, previous_path(path) if keep_previous else None) as handle:
+        torch.save({**state, "format_version": FORMAT_VERSION}, handle)
 
 
 def remove_leftover_temporaries(folder: str | Path) -> list[Path]:
