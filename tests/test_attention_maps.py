@@ -107,7 +107,8 @@ def test_render_and_cli(tmp_path, model, tiny_overrides, capsys):
     assert main(["attention", "--model", "cvt_13", *overrides, str(tmp_path / "broken.jpg"),
                  "-o", str(tmp_path / "b.png")]) == 2
     err = capsys.readouterr().err
-    assert err.startswith("torchcvt attention: error: ") and "Traceback" not in err
+    assert err.startswith(f"torchcvt attention: error: {tmp_path / 'broken.jpg'}: ")
+    assert "Traceback" not in err
     assert not (tmp_path / "b.png").exists()
 
 

@@ -90,6 +90,7 @@ def _run_attention(args: argparse.Namespace) -> int:
         render_attention,
     )
     from ..checks import check_output_file
+    from ..inputs import UnreadableImageError
 
     check_output_file(png_path(args.output), "-o")
     predictor = make_predictor(args, 1)
@@ -97,7 +98,10 @@ def _run_attention(args: argparse.Namespace) -> int:
     stages = model.config.num_stages
     if args.stage is not None and not 1 <= args.stage <= stages:
         raise CliError(f"--stage {args.stage} does not exist: the model has stages 1..{stages}")
-    x = predictor.preprocess(args.image)
+    try:
+        x = predictor.preprocess(args.image)
+    except UnreadableImageError as error:
+        raise CliError(f"{args.image}: {error}") from None
     height, width = x.shape[-2:]
     stage = default_stage(model.config, height, width) if args.stage is None else args.stage - 1
     depth = len(model.stages[stage].blocks)
