@@ -20,6 +20,7 @@ import torch
 from PIL import Image
 
 from .config import CvtConfig
+from .errors import TorchcvtError
 from .extras import require
 from .files import replace_file
 from .geometry import projected_centres, projected_grid, stage_grid
@@ -126,12 +127,12 @@ def attention_map(
     if stage is None:
         stage = default_stage(config, height, width)
     if not -len(stages) <= stage < len(stages):
-        raise ValueError(f"stage index {stage} does not exist; the model has stages 0..{len(stages) - 1} "
+        raise TorchcvtError(f"stage index {stage} does not exist; the model has stages 0..{len(stages) - 1} "
                          "(indexed from 0)")
     stage %= len(stages)
     blocks = stages[stage].blocks
     if not -len(blocks) <= block < len(blocks):
-        raise ValueError(f"block {block} does not exist; stage {stage + 1} has {len(blocks)} block(s)")
+        raise TorchcvtError(f"block {block} does not exist; stage {stage + 1} has {len(blocks)} block(s)")
     block %= len(blocks)
     has_cls = config.cls_token[stage]
     if query is None and not has_cls:
@@ -139,7 +140,7 @@ def attention_map(
     if query is not None:
         qx, qy = query
         if not (0 <= qx < width and 0 <= qy < height):
-            raise ValueError(f"query ({qx}, {qy}) lies outside the {width}x{height} input")
+            raise TorchcvtError(f"query ({qx}, {qy}) lies outside the {width}x{height} input")
     attention = blocks[block].attn
     with record_attention(cvt), torch.no_grad():
         cvt.forward_features(x)

@@ -7,17 +7,19 @@ from pathlib import Path
 
 import torch
 
+from .errors import TorchcvtError
+
 
 def check_output_file(path: str | Path, what: str = "output") -> Path:
     """Raise a one-line ValueError/FileNotFoundError unless path can be written as a file; returns it."""
     path = Path(path)
     if path.is_dir():
-        raise ValueError(f"{what} {path} is a folder: give a file name")
+        raise TorchcvtError(f"{what} {path} is a folder: give a file name")
     folder = path.parent
     if not folder.exists():
-        raise FileNotFoundError(f"output folder {folder} does not exist")
+        raise TorchcvtError(f"output folder {folder} does not exist")
     if not folder.is_dir():
-        raise ValueError(f"{what} {path}: {folder} is a file, not a folder")
+        raise TorchcvtError(f"{what} {path}: {folder} is a file, not a folder")
     _check_writable(folder, what)
     return path
 
@@ -27,7 +29,7 @@ def check_output_folder(path: str | Path, what: str = "output") -> Path:
     path = Path(path)
     existing = next((p for p in (path, *path.parents) if p.exists()), Path("."))
     if not existing.is_dir():
-        raise ValueError(f"{what} {path}: {existing} is a file, not a folder")
+        raise TorchcvtError(f"{what} {path}: {existing} is a file, not a folder")
     _check_writable(existing, what)
     return path
 
@@ -38,7 +40,7 @@ def _check_writable(folder: Path, what: str) -> None:
         with tempfile.TemporaryFile(dir=folder):
             pass
     except OSError as error:
-        raise ValueError(f"{what}: cannot write in folder {folder} ({error.strerror or error})") from None
+        raise TorchcvtError(f"{what}: cannot write in folder {folder} ({error.strerror or error})") from None
 
 
 def resolve_device(device: str | torch.device = "auto", what: str = "device") -> torch.device:
@@ -49,15 +51,15 @@ def resolve_device(device: str | torch.device = "auto", what: str = "device") ->
     try:
         chosen = torch.device(device)
     except (RuntimeError, TypeError):
-        raise ValueError(f"{what}={name!r} is not a device: use auto, cpu, cuda or cuda:N") from None
+        raise TorchcvtError(f"{what}={name!r} is not a device: use auto, cpu, cuda or cuda:N") from None
     if chosen.type == "cuda":
         count = torch.cuda.device_count() if torch.cuda.is_available() else 0
         if not count:
-            raise ValueError(f"{what}={name!r} but CUDA is not available on this machine; use cpu")
+            raise TorchcvtError(f"{what}={name!r} but CUDA is not available on this machine; use cpu")
         if chosen.index is not None and chosen.index >= count:
-            raise ValueError(f"{what}={name!r} does not exist: this machine has {count} CUDA device(s)")
+            raise TorchcvtError(f"{what}={name!r} does not exist: this machine has {count} CUDA device(s)")
     elif chosen.type == "mps" and not torch.backends.mps.is_available():
-        raise ValueError(f"{what}={name!r} but MPS is not available on this machine; use cpu")
+        raise TorchcvtError(f"{what}={name!r} but MPS is not available on this machine; use cpu")
     elif chosen.type not in ("cpu", "cuda", "mps"):
-        raise ValueError(f"{what}={name!r} is not supported: use auto, cpu, cuda or cuda:N")
+        raise TorchcvtError(f"{what}={name!r} is not supported: use auto, cpu, cuda or cuda:N")
     return chosen

@@ -9,6 +9,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from .errors import TorchcvtError
 from .typed import from_mapping
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -112,16 +113,17 @@ class CvtConfig:
     def validate(self) -> None:
         """Normalise lists to tuples and raise ValueError naming the first field that is wrong."""
         if not isinstance(self.embed_dim, (list, tuple)) or not self.embed_dim:
-            raise ValueError(
+            raise TorchcvtError(
                 f"embed_dim must be a non-empty list with one width per stage, got {self.embed_dim!r}"
             )
         stages = len(self.embed_dim)
         for name, kind in STAGE_FIELDS.items():
             value = getattr(self, name)
             if not isinstance(value, (list, tuple)):
-                raise ValueError(f"{name} must be a list with one value per stage ({stages}), got {value!r}")
+                raise TorchcvtError(
+                    f"{name} must be a list with one value per stage ({stages}), got {value!r}")
             if len(value) != stages:
-                raise ValueError(
+                raise TorchcvtError(
                     f"{name} has {len(value)} values but the model has {stages} stages "
                     f"(len(embed_dim)): {list(value)!r}"
                 )
@@ -130,7 +132,7 @@ class CvtConfig:
                 if kind is float and isinstance(item, (int, float)) and not isinstance(item, bool):
                     item = float(item)
                 if not isinstance(item, kind) or (kind is int and isinstance(item, bool)):
-                    raise ValueError(f"{name} must hold {kind.__name__} values, got {list(value)!r}")
+                    raise TorchcvtError(f"{name} must hold {kind.__name__} values, got {list(value)!r}")
                 converted.append(item)
             setattr(self, name, tuple(converted))
         for name in (
@@ -143,29 +145,30 @@ class CvtConfig:
             "stride_q",
         ):
             if any(v < 1 for v in getattr(self, name)):
-                raise ValueError(f"{name} must be positive, got {list(getattr(self, name))!r}")
+                raise TorchcvtError(f"{name} must be positive, got {list(getattr(self, name))!r}")
         if any(v < 0 for v in self.depth):
-            raise ValueError(f"depth must not be negative, got {list(self.depth)!r}")
+            raise TorchcvtError(f"depth must not be negative, got {list(self.depth)!r}")
         for name in ("patch_padding", "padding_kv", "padding_q"):
             if any(v < 0 for v in getattr(self, name)):
-                raise ValueError(f"{name} must not be negative, got {list(getattr(self, name))!r}")
+                raise TorchcvtError(f"{name} must not be negative, got {list(getattr(self, name))!r}")
         for name in ("attention_drop_rate", "drop_rate", "drop_path_rate"):
             if any(not 0.0 <= v < 1.0 for v in getattr(self, name)):
-                raise ValueError(f"{name} must lie in [0, 1), got {list(getattr(self, name))!r}")
+                raise TorchcvtError(f"{name} must lie in [0, 1), got {list(getattr(self, name))!r}")
         for i, (dim, ratio) in enumerate(zip(self.embed_dim, self.mlp_ratio, strict=True)):
             # The MLP's hidden width is int(embed_dim * mlp_ratio): it must be a finite width of at least 1.
             if not math.isfinite(ratio) or int(dim * ratio) < 1:
-                raise ValueError(f"mlp_ratio[{i}] must be finite with embed_dim[{i}] * mlp_ratio[{i}] >= 1 "
+                raise TorchcvtError(
+                    f"mlp_ratio[{i}] must be finite with embed_dim[{i}] * mlp_ratio[{i}] >= 1 "
                                  f"(the MLP's hidden width), got {ratio!r}")
         for i, (dim, heads) in enumerate(zip(self.embed_dim, self.num_heads, strict=True)):
             if dim % heads:
-                raise ValueError(f"embed_dim[{i}]={dim} is not divisible by num_heads[{i}]={heads}")
+                raise TorchcvtError(f"embed_dim[{i}]={dim} is not divisible by num_heads[{i}]={heads}")
         _check_choice("qkv_projection_method", self.qkv_projection_method, PROJECTION_METHODS)
         for i, method in enumerate(self.qkv_projection_method):
             kernel, padding, stride = self.kernel_qkv[i], self.padding_q[i], self.stride_q[i]
             # Attention's output is added to its input, so the query map must keep the token grid.
             if method == "dw_bn" and (stride != 1 or kernel != 2 * padding + 1):
-                raise ValueError(
+                raise TorchcvtError(
                     f"the query projection of stage {i + 1} must keep the token grid: stride_q[{i}]=1 and "
                     f"kernel_qkv[{i}] = 2 * padding_q[{i}] + 1, got kernel_qkv[{i}]={kernel}, "
                     f"padding_q[{i}]={padding}, stride_q[{i}]={stride}"
@@ -182,13 +185,13 @@ class CvtConfig:
         for name in ("num_channels", "img_size"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                raise ValueError(f"{name} must be a positive int, got {value!r}")
+                raise TorchcvtError(f"{name} must be a positive int, got {value!r}")
         if (
             not isinstance(self.num_classes, int)
             or isinstance(self.num_classes, bool)
             or self.num_classes < 0
         ):
-            raise ValueError(
+            raise TorchcvtError(
                 f"num_classes must be an int >= 0 (0 removes the head), got {self.num_classes!r}"
             )
 
@@ -212,13 +215,13 @@ def _check_float(name: str, value: Any, wanted: str, valid: Callable[[float], bo
     # bool is an int to Python, and NaN compares false to everything, so both need their own test.
     number = isinstance(value, (int, float)) and not isinstance(value, bool)
     if not number or not math.isfinite(value) or not valid(value):
-        raise ValueError(f"{name} must be {wanted}, got {value!r}")
+        raise TorchcvtError(f"{name} must be {wanted}, got {value!r}")
 
 
 def _check_choice(name: str, values: tuple[str, ...], choices: tuple[str, ...]) -> None:
     for value in values:
         if value not in choices:
-            raise ValueError(f"{name} must be one of {list(choices)}, got {value!r}")
+            raise TorchcvtError(f"{name} must be one of {list(choices)}, got {value!r}")
 
 
 @dataclass(frozen=True)
@@ -319,7 +322,7 @@ def model_data_config(img_size: int, pretrained_cfg: Mapping[str, Any] | None = 
 def get_variant(name: str) -> Variant:
     """The registered variant called name, or a ValueError listing those that exist."""
     if name not in VARIANTS:
-        raise ValueError(f"unknown model {name!r}; available: {', '.join(sorted(VARIANTS))}")
+        raise TorchcvtError(f"unknown model {name!r}; available: {', '.join(sorted(VARIANTS))}")
     return VARIANTS[name]
 
 

@@ -20,6 +20,7 @@ from torchvision import transforms as T
 from torchvision.transforms import InterpolationMode
 
 from .config import DIGITS_SIZE
+from .errors import TorchcvtError
 from .extras import require
 
 logger = logging.getLogger(__name__)
@@ -168,26 +169,27 @@ def check_real_labels(path: str | Path, filenames: Sequence[str | Path], num_cla
     per file, the files named ILSVRC2012_val_<n>.JPEG as timm's RealLabelsImagenet looks them up."""
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"ImageNet-ReaL labels file {path} does not exist")
+        raise TorchcvtError(f"ImageNet-ReaL labels file {path} does not exist")
     try:
         labels = json.loads(path.read_text())
     except (UnicodeDecodeError, json.JSONDecodeError) as error:
-        raise ValueError(f"ImageNet-ReaL labels file {path} is not valid JSON ({error})") from None
+        raise TorchcvtError(f"ImageNet-ReaL labels file {path} is not valid JSON ({error})") from None
     expected = (f"ImageNet-ReaL labels file {path} must hold a list with one list of class indices "
                 f"(0 to {num_classes - 1}) per image")
     if not isinstance(labels, list) or not all(isinstance(row, list) for row in labels):
-        raise ValueError(f"{expected}, got a JSON {type(labels).__name__} of another shape")
+        raise TorchcvtError(f"{expected}, got a JSON {type(labels).__name__} of another shape")
     bad = next((row for row in labels for i in row
                 if not isinstance(i, int) or isinstance(i, bool) or not 0 <= i < num_classes), None)
     if bad is not None:
-        raise ValueError(f"{expected}, got {json.dumps(bad)[:60]}")
+        raise TorchcvtError(f"{expected}, got {json.dumps(bad)[:60]}")
     if len(labels) != len(filenames):
-        raise ValueError(f"ImageNet-ReaL labels file {path} labels {len(labels)} images but the data folder "
+        raise TorchcvtError(
+            f"ImageNet-ReaL labels file {path} labels {len(labels)} images but the data folder "
                          f"holds {len(filenames)}: ReaL needs the whole ImageNet validation set")
     names = {f"ILSVRC2012_val_{i + 1:08d}.JPEG" for i in range(len(labels))}
     stray = [name for name in map(str, filenames) if Path(name).name not in names]
     if stray:
-        raise ValueError(f"ImageNet-ReaL labels file {path} is looked up by file name, but {len(stray)} "
+        raise TorchcvtError(f"ImageNet-ReaL labels file {path} is looked up by file name, but {len(stray)} "
                          f"image(s) are not named ILSVRC2012_val_<n>.JPEG (n up to {len(labels)}), "
                          f"e.g. {stray[0]}")
 
@@ -203,12 +205,12 @@ def list_classes(root: str | Path) -> list[str]:
     """Sorted class folder names of an ImageFolder tree; one-line errors for a missing or empty folder."""
     root = Path(root)
     if root.exists() and not root.is_dir():
-        raise ValueError(f"data folder {root} is a file, not a folder: give the folder of class folders")
+        raise TorchcvtError(f"data folder {root} is a file, not a folder: give the folder of class folders")
     if not root.is_dir():
-        raise FileNotFoundError(f"data folder {root} does not exist")
+        raise TorchcvtError(f"data folder {root} does not exist")
     classes = sorted(d.name for d in root.iterdir() if d.is_dir() and not d.name.startswith("."))
     if not classes:
-        raise ValueError(f"data folder {root} is empty: expected one sub-folder of images per class")
+        raise TorchcvtError(f"data folder {root} is empty: expected one sub-folder of images per class")
     return classes
 
 
@@ -228,7 +230,7 @@ class ImageFolder(Dataset):
         self.class_names = list(class_names) if class_names is not None else folders
         unknown = sorted(set(folders) - set(self.class_names))
         if unknown:
-            raise ValueError(
+            raise TorchcvtError(
                 f"{root} has class folders the class list lacks: {', '.join(unknown[:5])}"
                 + (f" and {len(unknown) - 5} more" if len(unknown) > 5 else "")
             )
@@ -240,7 +242,7 @@ class ImageFolder(Dataset):
             if path.suffix.lower() in IMAGE_EXTENSIONS and path.is_file()
         ]
         if not self.samples:
-            raise ValueError(f"data folder {root} holds no images ({' '.join(IMAGE_EXTENSIONS)})")
+            raise TorchcvtError(f"data folder {root} holds no images ({' '.join(IMAGE_EXTENSIONS)})")
         self.transform = transform
 
     def __len__(self) -> int:
@@ -420,7 +422,7 @@ def write_digits(
     root = Path(root)
     labels = sorted(set(labels))
     if not labels or not all(0 <= label <= 9 for label in labels):
-        raise ValueError(f"labels must be digits 0-9, got {labels}")
+        raise TorchcvtError(f"labels must be digits 0-9, got {labels}")
     marker = json.dumps({"size": size, "labels": labels})
     if not (root / ".complete").exists() or (root / ".complete").read_text() != marker:
         digits = load_digits()

@@ -10,6 +10,7 @@ from pathlib import Path
 import torch
 from torch.export import Dim, ExportedProgram
 
+from .errors import TorchcvtError
 from .extras import require
 from .files import replace_file
 from .geometry import stage_grids
@@ -56,7 +57,7 @@ def supported_sizes(model: CvT, height: int, width: int) -> tuple[SizeRange, Siz
     """
     example = _unit_grids(model, height, width)
     if example is None:
-        raise ValueError(f"a {height}x{width} input is too small for this model")
+        raise TorchcvtError(f"a {height}x{width} input is too small for this model")
     ranges = []
     for axis, size in enumerate((height, width)):
         def same(n: int, axis: int = axis) -> bool:
@@ -136,15 +137,16 @@ def export_model(
 ) -> Path:
     """Export to `format` (onnx, torchscript or exported) at path; height/width set the example's size."""
     if format not in FORMATS:
-        raise ValueError(f"unknown export format {format!r}; choose one of {', '.join(FORMATS)}")
+        raise TorchcvtError(f"unknown export format {format!r}; choose one of {', '.join(FORMATS)}")
     path = Path(path)
     if not path.parent.is_dir():
-        raise FileNotFoundError(f"output folder {path.parent} does not exist")
+        raise TorchcvtError(f"output folder {path.parent} does not exist")
     height, width = example_size(model, height, width)
     needed = 2 * model.config.num_channels * height * width * 4  # the float32 example batch of two
     memory = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
     if needed > memory:
-        raise ValueError(f"exporting at {height}x{width} needs {needed / 1e9:.0f} GB for the example input "
+        raise TorchcvtError(
+            f"exporting at {height}x{width} needs {needed / 1e9:.0f} GB for the example input "
                          f"alone, more than the {memory / 1e9:.0f} GB of memory here: export at a smaller "
                          "size")
     try:
@@ -154,7 +156,7 @@ def export_model(
         if not exhausted:
             raise
         message = f"exporting at {height}x{width} ran out of memory: export at a smaller size"
-        raise ValueError(message) from None
+        raise TorchcvtError(message) from None
 
 
 def _export(model: CvT, path: Path, format: str, height: int, width: int) -> Path:

@@ -18,6 +18,7 @@ from timm.models import (
 )
 
 from .config import ARCHITECTURE_FIELDS, VARIANTS, get_variant, variant_config
+from .errors import TorchcvtError
 from .model import CvT, CvtFeatures
 from .weights import (
     WEIGHTS,
@@ -57,7 +58,7 @@ def resolve_pretrained(
         tag, pretrained_cfg = pretrained_cfg, None
     if tag and pretrained_cfg is None and f"{architecture}.{tag}" not in WEIGHTS:
         known = [n for n in WEIGHTS if n.startswith(f"{architecture}.")]
-        raise ValueError(f"{architecture} has no pretrained tag {tag!r}; "
+        raise TorchcvtError(f"{architecture} has no pretrained tag {tag!r}; "
                          f"tags: {', '.join(known) if known else 'none (it has no released weights)'}")
     cfg = resolve_pretrained_cfg(architecture, pretrained_cfg or tag or None, pretrained_cfg_overlay)
     return architecture, cfg
@@ -66,7 +67,7 @@ def resolve_pretrained(
 def _released(architecture: str, cfg: PretrainedCfg, name: str, cache_dir: str | Path | None) -> Checkpoint:
     """A tag's weights, with what the catalogue knows of them: their class names and training activation."""
     if not cfg.has_weights:
-        raise ValueError(f"{name} has no released weights; models with weights: {', '.join(WEIGHTS)}")
+        raise TorchcvtError(f"{name} has no released weights; models with weights: {', '.join(WEIGHTS)}")
     stored = read_pretrained(cfg.file, cfg.hf_hub_id, cache_dir)
     entry = WEIGHTS.get(f"{architecture}.{cfg.tag}")
     if entry is None:
@@ -133,13 +134,13 @@ def create_model(
     official config sets it) and a scalar drop_rate (before the head). Any config field can be overridden.
     """
     if pretrained and checkpoint is not None:
-        raise ValueError(f"{name}: pass pretrained=True or checkpoint=PATH, not both")
+        raise TorchcvtError(f"{name}: pass pretrained=True or checkpoint=PATH, not both")
     stored = read_checkpoint(checkpoint) if isinstance(checkpoint, (str, Path)) else checkpoint
     if name is None:
         name = checkpoint_variant(stored) if stored is not None else None
         if name is None:
             why = f"{stored.path} does not say which variant it holds" if stored else "no model named"
-            raise ValueError(f"{why}: name it (one of {', '.join(sorted(VARIANTS))})")
+            raise TorchcvtError(f"{why}: name it (one of {', '.join(sorted(VARIANTS))})")
     architecture, cfg = resolve_pretrained(name, pretrained_cfg, pretrained_cfg_overlay)
     if pretrained:
         stored = _released(architecture, cfg, name, cache_dir)
@@ -185,14 +186,14 @@ def convert_checkpoint(
     the source; an existing dst is replaced only with overwrite=True.
     """
     if to not in FORMATS:
-        raise ValueError(f"unknown checkpoint format {to!r}; choose one of {', '.join(FORMATS)}")
+        raise TorchcvtError(f"unknown checkpoint format {to!r}; choose one of {', '.join(FORMATS)}")
     check_destination(src.path if isinstance(src, Checkpoint) else src, dst, to, overwrite)
     stored = src if isinstance(src, Checkpoint) else read_checkpoint(src)
     name = model_name or checkpoint_variant(stored)
     if name is None:
         why = ("official checkpoints carry no config" if stored.format == "official"
                else "its config matches no registered variant")
-        raise ValueError(
+        raise TorchcvtError(
             f"{stored.path} does not say which variant it holds ({why}): name it with --model "
             f"(one of {', '.join(sorted(VARIANTS))})"
         )

@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from .config import CvtConfig, get_variant, variant_config
+from .errors import TorchcvtError
 from .geometry import embedding_geometry, projection_geometry, stage_grids
 from .model import CvT
 from .weights.catalogue import info_weights, paper_figures
@@ -40,9 +41,9 @@ def _pair(size: int | tuple[int, int]) -> tuple[int, int]:
     if isinstance(size, int) and not isinstance(size, bool):
         size = (size, size)
     if not (isinstance(size, (tuple, list)) and len(size) == 2 and all(isinstance(s, int) for s in size)):
-        raise ValueError(f"image size must be an int or (height, width), got {size!r}")
+        raise TorchcvtError(f"image size must be an int or (height, width), got {size!r}")
     if min(size) < 1:
-        raise ValueError(f"image size must be positive, got {size!r}")
+        raise TorchcvtError(f"image size must be positive, got {size!r}")
     return int(size[0]), int(size[1])
 
 

@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils._python_dispatch import _get_current_dispatch_mode
 
+from .errors import TorchcvtError
 from .weightcache import prepared_weight
 
 logger = logging.getLogger(__name__)
@@ -61,7 +62,7 @@ def fused_linear_enabled(dtype: torch.dtype = torch.float32) -> bool:
     if _setting is None:
         value = os.environ.get(ENV_VAR, "auto").strip().lower()
         if value not in _ON + _OFF + _AUTO:
-            raise ValueError(f"{ENV_VAR} must be 0, 1 or auto (or true/false, on/off), got {value!r}")
+            raise TorchcvtError(f"{ENV_VAR} must be 0, 1 or auto (or true/false, on/off), got {value!r}")
         _setting = "auto" if value in _AUTO else value in _ON
     return dtype in preferred_dtypes() if _setting == "auto" else _setting
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from .config import CvtConfig
+from .errors import TorchcvtError
 
 Grid = tuple[int, int]
 
@@ -78,7 +79,7 @@ def stage_grids(config: CvtConfig, height: int, width: int, stages: int | None =
     for i in range(config.num_stages if stages is None else stages):
         tokens = stage_grid(config, i, height, width)
         if min(tokens) < 1:
-            raise ValueError(
+            raise TorchcvtError(
                 f"input of {height}x{width} pixels is too small: stage {i + 1}'s token embedding leaves "
                 f"no tokens; the smallest size this model takes is {min_input_size(config)} pixels a side"
             )

@@ -16,6 +16,7 @@ from torch.utils.data import Dataset
 from tqdm import tqdm
 
 from .data import load_image, unreadable_reason, walk_images
+from .errors import TorchcvtError
 
 # PIL warns above ~89 MP and refuses above ~179 MP; photos of tens of megapixels are ordinary, so
 # allow up to 2**28 pixels (16k x 16k) and refuse only beyond that.
@@ -119,5 +120,5 @@ def input_files(paths: Sequence[str | Path]) -> list[Path]:
         paths = [paths]
     files = find_images(paths)
     if not files:
-        raise ValueError(f"no image files found in {', '.join(map(str, paths)) or 'the given paths'}")
+        raise TorchcvtError(f"no image files found in {', '.join(map(str, paths)) or 'the given paths'}")
     return files

@@ -9,6 +9,7 @@ from timm.models import FeatureInfo
 from torch import nn
 
 from .config import CvtConfig
+from .errors import TorchcvtError
 from .geometry import embedding_geometry, reductions, stage_grid, stage_grids
 from .geometry import min_input_size as _min_input_size
 from .layers import Block, ConvEmbed, LayerNorm, token_map
@@ -121,9 +122,9 @@ class CvT(TimmInterface, nn.Module):
         if global_pool is None:
             return "token" if self.has_cls_token else "avg"
         if global_pool not in GLOBAL_POOLS:
-            raise ValueError(f"global_pool must be one of {list(GLOBAL_POOLS)}, got {global_pool!r}")
+            raise TorchcvtError(f"global_pool must be one of {list(GLOBAL_POOLS)}, got {global_pool!r}")
         if global_pool == "token" and not self.has_cls_token:
-            raise ValueError("global_pool='token' needs a class token in the last stage (cls_token[-1]); "
+            raise TorchcvtError("global_pool='token' needs a class token in the last stage (cls_token[-1]); "
                              "use 'avg'")
         return global_pool
 
@@ -171,11 +172,11 @@ class CvT(TimmInterface, nn.Module):
     def check_input(self, x: torch.Tensor) -> None:
         """Raise ValueError with a readable message for a tensor the model cannot take."""
         if x.dim() != 4:
-            raise ValueError(
+            raise TorchcvtError(
                 f"expected a batch of images (B, C, H, W), got a tensor of shape {tuple(x.shape)}"
             )
         if x.shape[1] != self.config.num_channels:
-            raise ValueError(
+            raise TorchcvtError(
                 f"input has {x.shape[1]} channels but the model expects {self.config.num_channels} "
                 f"(shape {tuple(x.shape)})"
             )

@@ -13,6 +13,7 @@ from torch.utils.data import DataLoader
 from .checks import resolve_device
 from .config import model_data_config as data_config_of
 from .data import eval_transform, to_rgb
+from .errors import TorchcvtError
 from .factory import create_model
 from .inputs import ImageFiles, Progress, input_files, read_image, transformed
 from .model import CvT
@@ -54,7 +55,7 @@ class Predictor:
         batch_size: int = 32,
     ):
         if batch_size < 1:
-            raise ValueError(f"batch_size must be at least 1, got {batch_size}")
+            raise TorchcvtError(f"batch_size must be at least 1, got {batch_size}")
         self.device = resolve_device(device)
         self.model = model.eval().to(self.device)
         self.batch_size = batch_size
@@ -66,7 +67,7 @@ class Predictor:
             class_names = stored or default_class_names(num_classes)
         self.class_names = list(class_names)
         if num_classes and len(self.class_names) != num_classes:
-            raise ValueError(f"{len(self.class_names)} class names for a model with {num_classes} outputs")
+            raise TorchcvtError(f"{len(self.class_names)} class names for a model with {num_classes} outputs")
 
     @classmethod
     def create(
@@ -91,23 +92,24 @@ class Predictor:
         """One input as a model-ready (C, H, W) float tensor."""
         if isinstance(image, torch.Tensor):
             if image.dim() != 3:
-                raise ValueError(f"expected one image tensor (C, H, W), got shape {tuple(image.shape)}")
+                raise TorchcvtError(f"expected one image tensor (C, H, W), got shape {tuple(image.shape)}")
             if image.is_floating_point():
                 return image
             if image.dtype != torch.uint8:
-                raise ValueError(f"integer image tensors must be uint8, got {image.dtype}")
+                raise TorchcvtError(f"integer image tensors must be uint8, got {image.dtype}")
             image = Image.fromarray(image.permute(1, 2, 0).squeeze(-1).cpu().numpy())
         if isinstance(image, (str, Path)):
             image = read_image(image)
         elif isinstance(image, Image.Image):
             image = to_rgb(image)
         else:
-            raise ValueError(f"cannot read a {type(image).__name__}; give a PIL image, a path or a tensor")
+            raise TorchcvtError(f"cannot read a {type(image).__name__}; give a PIL image, a path or a tensor")
         return transformed(image, self.transform)
 
     def _check_head(self) -> None:
         if not self.model.num_classes:
-            raise ValueError("the model has no classifier head (num_classes=0): it can embed, not classify")
+            raise TorchcvtError(
+                "the model has no classifier head (num_classes=0): it can embed, not classify")
 
     def _batches(self, inputs: ImageInput | Sequence[ImageInput]) -> Iterator[torch.Tensor]:
         if isinstance(inputs, torch.Tensor) and inputs.dim() == 4 and inputs.is_floating_point():
@@ -139,7 +141,7 @@ class Predictor:
     def top_k(self, logits: torch.Tensor, k: int = 5) -> list[list[Prediction]]:
         """The k most probable classes of each row of logits."""
         if k < 1:
-            raise ValueError(f"top_k must be at least 1, got {k}")
+            raise TorchcvtError(f"top_k must be at least 1, got {k}")
         probs, indices = logits.softmax(dim=-1).topk(min(k, logits.shape[-1]), dim=-1)
         return [
             [Prediction(i, self.class_names[i], p) for i, p in zip(row_i, row_p, strict=True)]
@@ -159,7 +161,7 @@ class Predictor:
         """Decode files in a DataLoader (workers > 0: in that many processes) and yield each batch's results
         (errors filled in) with the outputs of its readable files."""
         if workers < 0:
-            raise ValueError(f"workers must be 0 or more, got {workers}")
+            raise TorchcvtError(f"workers must be 0 or more, got {workers}")
         loader = DataLoader(ImageFiles(paths, self.transform), batch_size=self.batch_size,
                             num_workers=workers,
                             collate_fn=list, pin_memory=self.device.type == "cuda")

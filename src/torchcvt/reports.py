@@ -13,6 +13,7 @@ from typing import Any, NamedTuple
 import numpy as np
 import torch
 
+from .errors import TorchcvtError
 from .files import write_bytes
 
 
@@ -79,7 +80,7 @@ def save_embeddings(path: str | Path, features: torch.Tensor, files: Sequence[st
     """
     path = Path(path)
     if len(files) != features.shape[0]:
-        raise ValueError(f"{features.shape[0]} feature rows but {len(files)} file names")
+        raise TorchcvtError(f"{features.shape[0]} feature rows but {len(files)} file names")
     if path.suffix == ".safetensors":
         from safetensors.torch import save_file
 
@@ -91,7 +92,7 @@ def save_embeddings(path: str | Path, features: torch.Tensor, files: Sequence[st
         listing = path.with_suffix(".files.json")
         listing.write_text(json.dumps(list(files), indent=1) + "\n")
         return [path, listing]
-    raise ValueError(f"embeddings go to a .safetensors or .npy file, got {path.name!r}")
+    raise TorchcvtError(f"embeddings go to a .safetensors or .npy file, got {path.name!r}")
 
 
 def load_embeddings(path: str | Path) -> tuple[torch.Tensor, list[str]]:

@@ -10,6 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .errors import TorchcvtError
 from .geometry import stage_grid
 from .layers import Block, token_map
 
@@ -49,13 +50,13 @@ class TimmInterface:
         Any input size runs without this call; it only matters for position embeddings and the data config.
         """
         if patch_size is not None:
-            raise ValueError("CvT's token embeddings are convolutions of a fixed size: patch_size "
+            raise TorchcvtError("CvT's token embeddings are convolutions of a fixed size: patch_size "
                              "cannot change")
         if img_size is None:
             return
         height, width = (img_size, img_size) if isinstance(img_size, int) else img_size
         if height != width:
-            raise ValueError(f"img_size must be square (config.img_size is one side), got {img_size!r}")
+            raise TorchcvtError(f"img_size must be square (config.img_size is one side), got {img_size!r}")
         for i, stage in enumerate(self.stages):
             if stage.pos_embed is not None:
                 grid = stage_grid(self.config, i, height, width)
@@ -84,7 +85,7 @@ class TimmInterface:
         stop_early runs the stages only as far as the last index asked for.
         """
         if output_fmt not in OUTPUT_FORMATS:
-            raise ValueError(f"output_fmt must be one of {list(OUTPUT_FORMATS)}, got {output_fmt!r}")
+            raise TorchcvtError(f"output_fmt must be one of {list(OUTPUT_FORMATS)}, got {output_fmt!r}")
         take, last_taken = self._take_indices(indices)
         self._check(x)
         last = len(self.feature_info) - 1
@@ -114,12 +115,12 @@ class TimmInterface:
             indices = count
         if isinstance(indices, int):
             if not 0 < indices <= count:
-                raise ValueError(f"indices={indices} asks for the last {indices} of {count} features")
+                raise TorchcvtError(f"indices={indices} asks for the last {indices} of {count} features")
             take = list(range(count - indices, count))
         else:
             take = [i + count if i < 0 else i for i in indices]
             if not take or any(not 0 <= i < count for i in take):
-                raise ValueError(f"feature indices {list(indices)} are out of range 0..{count - 1} "
+                raise TorchcvtError(f"feature indices {list(indices)} are out of range 0..{count - 1} "
                                  f"(0: stem, 1..{count - 1}: stages)")
         return take, max(take)
 

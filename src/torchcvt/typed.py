@@ -16,6 +16,8 @@ import typing
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, Literal
 
+from .errors import TorchcvtError
+
 Check = Callable[[str, Any], Any]
 
 
@@ -44,7 +46,7 @@ def read_yaml(text: str, origin: str) -> Any:
         mark = getattr(error, "problem_mark", None)
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
         problem = getattr(error, "problem", None) or str(error).splitlines()[0]
-        raise ValueError(f"{origin} is not valid YAML: {problem}{where}") from None
+        raise TorchcvtError(f"{origin} is not valid YAML: {problem}{where}") from None
 
 
 @functools.cache
@@ -76,7 +78,7 @@ def parse_assignment(
     """'optim.lr=1e-3' -> ('optim.lr', 0.001): the value read as YAML (an empty one is None)."""
     key, sep, raw = text.partition("=")
     if not sep or not key.strip():
-        raise ValueError(f"{what} expects {key_name}=VALUE (e.g. {example}), got {text!r}")
+        raise TorchcvtError(f"{what} expects {key_name}=VALUE (e.g. {example}), got {text!r}")
     value = read_yaml(raw, f"the value of {what} {text!r}") if raw.strip() else None
     return key.strip(), value
 
@@ -132,11 +134,11 @@ def merge(
         hint = hints[key]
         if _is_section(hint):
             if not isinstance(value, Mapping):
-                raise ValueError(f"{noun} {dotted!r}{where} is a section; got {value!r}")
+                raise TorchcvtError(f"{noun} {dotted!r}{where} is a section; got {value!r}")
             merge(hint, tree.setdefault(key, {}), value, origin, noun, root, dotted + ".")
         elif _is_mapping(hint):
             if value is not None and not isinstance(value, Mapping):
-                raise ValueError(f"{noun} {dotted!r}{where} must be a mapping, got {value!r}")
+                raise TorchcvtError(f"{noun} {dotted!r}{where} must be a mapping, got {value!r}")
             current = tree.get(key)
             tree[key] = {**(current if isinstance(current, Mapping) else {}), **(value or {})}
         else:
@@ -159,7 +161,7 @@ def set_path(
         if _is_section(hint):
             if last:
                 example = next(iter(_hints(hint)))
-                raise ValueError(
+                raise TorchcvtError(
                     f"{noun} {key!r} in {origin} is a section, not a value; set one of its keys "
                     f"(e.g. {key}.{example}=...)"
                 )
@@ -178,7 +180,7 @@ def from_mapping(
 ) -> Any:
     """cls (a dataclass, sections nested) from a nested mapping; missing keys keep their defaults."""
     if not isinstance(data, Mapping):
-        raise ValueError(f"{origin or cls.__name__} must be a mapping of {noun}s, got {data!r}")
+        raise TorchcvtError(f"{origin or cls.__name__} must be a mapping of {noun}s, got {data!r}")
     tree: dict[str, Any] = {}
     merge(cls, tree, data, origin, noun)
     return build(cls, tree)
@@ -272,9 +274,9 @@ def _integer(low: int | None, optional: bool) -> Check:
         if value is None and optional:
             return None
         if not _is_number(value, integral=True):
-            raise ValueError(f"{key} must be an integer{_null(optional)}, got {value!r}")
+            raise TorchcvtError(f"{key} must be an integer{_null(optional)}, got {value!r}")
         if low is not None and value < low:
-            raise ValueError(f"{key} must be at least {low}, got {value}")
+            raise TorchcvtError(f"{key} must be at least {low}, got {value}")
         return value
 
     return check
@@ -287,11 +289,11 @@ def _real(rules: dict[str, Any], optional: bool) -> Check:
         if value is None and optional:
             return None
         if not _is_number(value, integral=False) or not math.isfinite(value):
-            raise ValueError(f"{key} must be a number{_null(optional)}, got {value!r}")
+            raise TorchcvtError(f"{key} must be a number{_null(optional)}, got {value!r}")
         if low is not None and (value < low or (above and value == low)):
-            raise ValueError(f"{key} must be {'above' if above else 'at least'} {low}, got {value}")
+            raise TorchcvtError(f"{key} must be {'above' if above else 'at least'} {low}, got {value}")
         if high is not None and (value > high or (below and value == high)):
-            raise ValueError(f"{key} must be {'below' if below else 'at most'} {high}, got {value}")
+            raise TorchcvtError(f"{key} must be {'below' if below else 'at most'} {high}, got {value}")
         return float(value)
 
     return check
@@ -300,7 +302,7 @@ def _real(rules: dict[str, Any], optional: bool) -> Check:
 def _flag() -> Check:
     def check(key: str, value: Any) -> Any:
         if not isinstance(value, bool):
-            raise ValueError(f"{key} must be true or false, got {value!r}")
+            raise TorchcvtError(f"{key} must be true or false, got {value!r}")
         return value
 
     return check
@@ -311,9 +313,9 @@ def _text(choices: Sequence[str] | None, optional: bool) -> Check:
         if value is None and optional:
             return None
         if not isinstance(value, str) or (choices is None and not value):
-            raise ValueError(f"{key} must be a non-empty string{_null(optional)}, got {value!r}")
+            raise TorchcvtError(f"{key} must be a non-empty string{_null(optional)}, got {value!r}")
         if choices is not None and value not in choices:
-            raise ValueError(f"{key} must be one of {', '.join(choices)}{_null(optional)}, got {value!r}")
+            raise TorchcvtError(f"{key} must be one of {', '.join(choices)}{_null(optional)}, got {value!r}")
         return value
 
     return check
@@ -322,10 +324,10 @@ def _text(choices: Sequence[str] | None, optional: bool) -> Check:
 def _pair(item: Check, ordered: bool) -> Check:
     def check(key: str, value: Any) -> Any:
         if not isinstance(value, (list, tuple)) or len(value) != 2:
-            raise ValueError(f"{key} must be a list of two numbers, got {value!r}")
+            raise TorchcvtError(f"{key} must be a list of two numbers, got {value!r}")
         low, high = (item(f"{key}[{i}]", v) for i, v in enumerate(value))
         if ordered and low > high:
-            raise ValueError(f"{key} must be [low, high] with low <= high, got {list(value)!r}")
+            raise TorchcvtError(f"{key} must be [low, high] with low <= high, got {list(value)!r}")
         return (low, high)
 
     return check
@@ -336,7 +338,7 @@ def _mapping(what: str) -> Check:
         if value is None:
             return {}
         if not isinstance(value, Mapping):
-            raise ValueError(f"{key} must be a mapping of {what}, got {value!r}")
+            raise TorchcvtError(f"{key} must be a mapping of {what}, got {value!r}")
         return dict(value)
 
     return check

@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from ..config import CvtConfig, get_variant, variant_config
+from ..errors import TorchcvtError
 from ..flops import count_flops, count_params
 from .recipe import Recipe
 from .studies import Row, Study
@@ -79,7 +80,7 @@ def row_config(recipe: Recipe, study: Study, row: Row, num_classes: int) -> CvtC
     except ValueError as error:
         settings = ", ".join(f"{name}={list(values)}" for name, values in row.knobs.items())
         base = recipe.model_name + (" with the recipe's model.overrides" if recipe.model_overrides else "")
-        raise ValueError(f"study {study.name!r} row {row.letter} ({settings}) cannot be applied to "
+        raise TorchcvtError(f"study {study.name!r} row {row.letter} ({settings}) cannot be applied to "
                          f"{base}: {error}") from None
 
 

@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from ..data import list_classes, walk_images
+from ..errors import TorchcvtError
 from .plan import Plan, Run
 from .studies import STUDIES
 
@@ -49,7 +50,7 @@ def data_fingerprint(train_dir: str | Path, val_dir: str | Path) -> dict[str, An
     for split, folder in (("train", Path(train_dir)), ("val", Path(val_dir))):
         classes = list_classes(folder)
         if split == "train" and len(classes) < 2:
-            raise ValueError(f"data folder {folder} holds 1 class ({classes[0]}): an ablation needs a "
+            raise TorchcvtError(f"data folder {folder} holds 1 class ({classes[0]}): an ablation needs a "
                              "classifier, so at least 2 class folders")
         files = [path.relative_to(folder).as_posix() for path in walk_images(folder)]
         listing = hashlib.sha256("\n".join(files).encode()).hexdigest()[:16]
@@ -91,7 +92,7 @@ def open_suite(root: Path, settings: dict[str, Any], data: dict[str, Any], studi
                                    {"recipe": settings, "data": data})
             if changes:
                 more = f" and {len(changes) - 3} more" if len(changes) > 3 else ""
-                raise ValueError(f"output folder {root} holds a suite with another recipe or data: "
+                raise TorchcvtError(f"output folder {root} holds a suite with another recipe or data: "
                                  f"{'; '.join(changes[:3])}{more}; give another --output")
         else:
             suite = {"format": SUITE_FORMAT, "recipe": settings, "data": data, "studies": [], "seeds": []}
@@ -106,7 +107,7 @@ def open_suite(root: Path, settings: dict[str, Any], data: dict[str, Any], studi
 def read_suite(root: Path) -> dict[str, Any]:
     path = root / "suite.json"
     if not path.is_file():
-        raise FileNotFoundError(f"{root} holds no ablation suite (no suite.json)")
+        raise TorchcvtError(f"{root} holds no ablation suite (no suite.json)")
     return json.loads(path.read_text())
 
 

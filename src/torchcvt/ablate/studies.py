@@ -7,6 +7,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from ..errors import TorchcvtError
+
 
 @dataclass(frozen=True)
 class Row:
@@ -79,6 +81,6 @@ def select_studies(names: Sequence[str] | None) -> list[Study]:
     for name in names:
         if name not in STUDIES:
             close = difflib.get_close_matches(name, list(STUDIES), n=1, cutoff=0.0)
-            raise ValueError(f"unknown study {name!r}; did you mean {close[0]!r}? "
+            raise TorchcvtError(f"unknown study {name!r}; did you mean {close[0]!r}? "
                              f"(studies: {', '.join(STUDIES)})")
     return [study for study in STUDIES.values() if study.name in names]

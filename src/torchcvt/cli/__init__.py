@@ -13,14 +13,14 @@ import traceback
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 
+from ..errors import TorchcvtError
 from ..extras import MissingExtra
 from .ablate import add_ablate_command
-from .errors import CliError
 from .inference import add_attention_command, add_embed_command, add_export_command, add_predict_command
 from .training import add_eval_command, add_train_command
 from .weights import add_convert_command, add_info_command
 
-__all__ = ["CliError", "build_parser", "hold_interrupt", "main"]
+__all__ = ["TorchcvtError", "build_parser", "hold_interrupt", "main"]
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -107,8 +107,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         with _console_logging(args.command):
             return int(args.run(args) or 0)
-    except (CliError, ValueError, FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError,
-            FileExistsError, MissingExtra) as error:
+    except (TorchcvtError, MissingExtra) as error:
         _stderr_line(f"torchcvt {args.command}: error: {error}")
         return 2
     except KeyboardInterrupt:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from .errors import CliError
+from ..errors import TorchcvtError
 
 
 def add_ablate_command(sub: argparse._SubParsersAction) -> None:
@@ -44,9 +44,9 @@ def _shard(text: str | None) -> tuple[int, int]:
     try:
         index_number, count_number = int(index), int(count)
     except ValueError:
-        raise CliError(f"--shard expects I/N (e.g. 0/4), got {text!r}") from None
+        raise TorchcvtError(f"--shard expects I/N (e.g. 0/4), got {text!r}") from None
     if not sep or count_number < 1 or not 0 <= index_number < count_number:
-        raise CliError(f"--shard expects I/N with 0 <= I < N, got {text!r}")
+        raise TorchcvtError(f"--shard expects I/N with 0 <= I < N, got {text!r}")
     return index_number, count_number
 
 
@@ -63,7 +63,7 @@ def _run_ablate(args: argparse.Namespace) -> int:
         print(f"report: {paths['report']}\nplot:   {paths['plot']}\njson:   {paths['json']}")
         return 0
     if args.seeds < 1:
-        raise CliError(f"--seeds must be at least 1, got {args.seeds}")
+        raise TorchcvtError(f"--seeds must be at least 1, got {args.seeds}")
     shard = _shard(args.shard)
     base, recipe = ablate.prepare(args.config, args.overrides, args.data)
     seeds = [recipe.seed + i for i in range(args.seeds)]
@@ -77,7 +77,7 @@ def _run_ablate(args: argparse.Namespace) -> int:
         print(json.dumps({"rows": ablate.dry_run_rows(plan)}))
         return 0
     if recipe.train_dir is None or recipe.val_dir is None:
-        raise CliError("the recipe names no data: give --data DIR (holding train/ and val/) or set "
+        raise TorchcvtError("the recipe names no data: give --data DIR (holding train/ and val/) or set "
                        "data.train and data.val")
     fingerprint = ablate.data_fingerprint(recipe.train_dir, recipe.val_dir)
     plan = ablate.build_plan(recipe, studies, seeds, fingerprint["train"]["classes"])
@@ -88,7 +88,7 @@ def _run_ablate(args: argparse.Namespace) -> int:
         progress = ablate.run_suite(plan, root, args.config, base, shard, args.launcher,
                                     after_each=lambda: ablate.write_report(root, full))
     except ablate.RunFailed as error:
-        raise CliError(str(error)) from None
+        raise TorchcvtError(str(error)) from None
     paths = ablate.write_report(root, full)
     share = f" (shard {shard[0]}/{shard[1]})" if shard[1] > 1 else ""
     print(f"trained {len(progress.trained)} run(s){share}, {progress.already_done} already finished"

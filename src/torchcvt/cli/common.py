@@ -6,7 +6,7 @@ import argparse
 import sys
 from collections.abc import Sequence
 
-from .errors import CliError
+from ..errors import TorchcvtError
 
 
 def add_model_arguments(parser: argparse.ArgumentParser, checkpoint_required: bool = False) -> None:
@@ -43,19 +43,19 @@ def resolve_weights(args: argparse.Namespace, required: bool = False) -> None:
 
     if args.pretrained:
         if args.checkpoint:
-            raise CliError("--pretrained and --checkpoint exclude each other")
+            raise TorchcvtError("--pretrained and --checkpoint exclude each other")
         if args.model is None:
-            raise CliError("--pretrained needs --model NAME, e.g. --model cvt_13.ms_in1k")
+            raise TorchcvtError("--pretrained needs --model NAME, e.g. --model cvt_13.ms_in1k")
         args.model, args.checkpoint = pretrained_checkpoint(args.model)
     elif required and not args.checkpoint:
-        raise CliError("give --checkpoint CKPT or --pretrained")
+        raise TorchcvtError("give --checkpoint CKPT or --pretrained")
     if args.model is None:
         if not args.checkpoint:
-            raise CliError("give --model NAME (or a --checkpoint that records its variant)")
+            raise TorchcvtError("give --model NAME (or a --checkpoint that records its variant)")
         args.checkpoint = read_checkpoint(args.checkpoint)
         args.model = checkpoint_variant(args.checkpoint)
         if args.model is None:
-            raise CliError(f"{args.checkpoint.path} does not record which variant it holds: pass "
+            raise TorchcvtError(f"{args.checkpoint.path} does not record which variant it holds: pass "
                            f"--model NAME (one of {', '.join(sorted(VARIANTS))})")
     args.model = split_model_name_tag(args.model)[0]
 

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import argparse
 
+from ..errors import TorchcvtError
 from .common import add_model_arguments, image_size, make_predictor, report_unreadable, unreadable_summary
-from .errors import CliError
 
 
 def _add_image_list_arguments(parser: argparse.ArgumentParser, quiet: str) -> None:
@@ -19,7 +19,7 @@ def _add_image_list_arguments(parser: argparse.ArgumentParser, quiet: str) -> No
 
 def _check_workers(args: argparse.Namespace) -> None:
     if args.workers < 0:
-        raise CliError(f"--workers must be 0 or more, got {args.workers}")
+        raise TorchcvtError(f"--workers must be 0 or more, got {args.workers}")
 
 
 def add_predict_command(sub: argparse._SubParsersAction) -> None:
@@ -41,7 +41,7 @@ def _run_predict(args: argparse.Namespace) -> int:
     from ..reports import format_table, write_csv_report, write_json_report
 
     if args.top_k < 1:
-        raise CliError(f"--top-k must be at least 1, got {args.top_k}")
+        raise TorchcvtError(f"--top-k must be at least 1, got {args.top_k}")
     _check_workers(args)
     for option, path in (("--json", args.json), ("--csv", args.csv)):
         if path is not None:
@@ -97,16 +97,16 @@ def _run_attention(args: argparse.Namespace) -> int:
     model = predictor.model
     stages = model.config.num_stages
     if args.stage is not None and not 1 <= args.stage <= stages:
-        raise CliError(f"--stage {args.stage} does not exist: the model has stages 1..{stages}")
+        raise TorchcvtError(f"--stage {args.stage} does not exist: the model has stages 1..{stages}")
     try:
         x = predictor.preprocess(args.image)
     except UnreadableImageError as error:
-        raise CliError(f"{args.image}: {error}") from None
+        raise TorchcvtError(f"{args.image}: {error}") from None
     height, width = x.shape[-2:]
     stage = default_stage(model.config, height, width) if args.stage is None else args.stage - 1
     depth = len(model.stages[stage].blocks)
     if args.block is not None and not 1 <= args.block <= depth:
-        raise CliError(f"--block {args.block} does not exist: stage {stage + 1} has blocks 1..{depth}")
+        raise TorchcvtError(f"--block {args.block} does not exist: stage {stage + 1} has blocks 1..{depth}")
     block = -1 if args.block is None else args.block - 1
     amap = attention_map(model, x[None].to(predictor.device), stage, block, args.query)
     if args.stage is None and stage != stages - 1:
@@ -173,7 +173,7 @@ def _run_embed(args: argparse.Namespace) -> int:
 
     _check_workers(args)
     if Path(args.output).suffix not in (".safetensors", ".npy"):
-        raise CliError(f"-o must end in .safetensors or .npy, got {args.output!r}")
+        raise TorchcvtError(f"-o must end in .safetensors or .npy, got {args.output!r}")
     check_output_file(args.output, "-o")
     predictor = make_predictor(args, args.batch_size)
     features, results = predictor.embed_files(args.paths, progress=False if args.quiet else None,

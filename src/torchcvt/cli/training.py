@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import argparse
 
+from ..errors import TorchcvtError
 from .common import add_model_option, add_pretrained_argument, model_overrides, resolve_weights
-from .errors import CliError
 
 
 def add_train_command(sub: argparse._SubParsersAction) -> None:
@@ -51,7 +51,7 @@ def _run_train(args: argparse.Namespace) -> int:
     from ..typed import parse_assignment
 
     if args.world_size is not None and not args.dry_run:
-        raise CliError("--world-size only applies to --dry-run (torchrun sets the real one)")
+        raise TorchcvtError("--world-size only applies to --dry-run (torchrun sets the real one)")
 
     values = {"train.output": args.output, "train.resume": args.resume}
     if args.data:
@@ -62,7 +62,7 @@ def _run_train(args: argparse.Namespace) -> int:
         values.update({"model.pretrained": args.pretrained, "model.name": architecture})
     values = {key: value for key, value in values.items() if value is not None}
     if args.config and len(args.config) > 1:
-        raise CliError(f"--config given {len(args.config)} times ({', '.join(args.config)}); give one "
+        raise TorchcvtError(f"--config given {len(args.config)} times ({', '.join(args.config)}); give one "
                        "experiment file and change its keys with KEY=VALUE overrides")
     values.update({"train.auto_resume": False} if args.no_resume else {})
     values.update({"data.strict": True} if args.strict else {})
@@ -89,7 +89,7 @@ def _run_train(args: argparse.Namespace) -> int:
     try:
         summary = train(load_config(config, args.overrides, values, recipe))
     except TrainingDiverged as error:
-        raise CliError(str(error)) from None
+        raise TorchcvtError(str(error)) from None
     if os.environ.get("RANK", "0") == "0":
         print(f"best val top-1 {100 * summary['best_val_top1']:.2f}% "
               f"(top-5 {100 * summary['best_val_top5']:.2f}%), "

@@ -5,8 +5,8 @@ from __future__ import annotations
 import argparse
 import sys
 
+from ..errors import TorchcvtError
 from .common import image_size, model_overrides
-from .errors import CliError
 
 
 def add_convert_command(sub: argparse._SubParsersAction) -> None:
@@ -42,13 +42,13 @@ def _run_convert(args: argparse.Namespace) -> int:
     from ..factory import convert_checkpoint, pretrained_checkpoint
 
     if len(args.paths) > 2:
-        raise CliError(f"convert takes SRC and DST, got {len(args.paths)} paths: {' '.join(args.paths)}")
+        raise TorchcvtError(f"convert takes SRC and DST, got {len(args.paths)} paths: {' '.join(args.paths)}")
     if args.pretrained:
         if len(args.paths) != 1 or args.model is None:
-            raise CliError("--pretrained takes --model NAME and DST, without SRC")
+            raise TorchcvtError("--pretrained takes --model NAME and DST, without SRC")
         args.model, args.src = pretrained_checkpoint(args.model)  # with the activation they were trained with
     elif len(args.paths) != 2:
-        raise CliError("give SRC and DST, or --pretrained --model NAME and DST")
+        raise TorchcvtError("give SRC and DST, or --pretrained --model NAME and DST")
     else:
         args.src = args.paths[0]
     args.dst = args.paths[-1]

@@ -26,6 +26,7 @@ from ..data import (
     train_transform,
     write_digits,
 )
+from ..errors import TorchcvtError
 from ..factory import create_model
 from ..model import CvT
 from ..weights import Checkpoint
@@ -92,7 +93,8 @@ def data_folders(cfg: TrainConfig, runtime: Runtime) -> tuple[Path, Path]:
         return write_digits(root)
     train = Path(d.train)
     if d.val is None:
-        raise ValueError(f"data.val is not set (data.train is {train}); give the validation ImageFolder tree")
+        raise TorchcvtError(
+            f"data.val is not set (data.train is {train}); give the validation ImageFolder tree")
     return train, Path(d.val)
 
 
@@ -100,7 +102,7 @@ def checked_classes(train_dir: Path, val_dir: Path) -> list[str]:
     """The class list of the training tree; a one-line error when the validation tree's differs."""
     class_names = list_classes(train_dir)
     if len(class_names) < 2:
-        raise ValueError(
+        raise TorchcvtError(
             f"data folder {train_dir} holds 1 class ({class_names[0]}): a classifier needs at least 2 "
             "class folders"
         )
@@ -108,7 +110,7 @@ def checked_classes(train_dir: Path, val_dir: Path) -> list[str]:
     if val_classes != class_names:
         missing = sorted(set(class_names) - set(val_classes))
         extra = sorted(set(val_classes) - set(class_names))
-        raise ValueError(
+        raise TorchcvtError(
             f"val classes differ from train's ({len(val_classes)} in {val_dir}, {len(class_names)} "
             f"in {train_dir}): missing from val {missing[:5]}, not in train {extra[:5]}"
         )
@@ -118,13 +120,13 @@ def checked_classes(train_dir: Path, val_dir: Path) -> list[str]:
 def make_run_folder(output: Path) -> None:
     """Create the run folder; a one-line error when it is a file or cannot be written."""
     if output.exists() and not output.is_dir():
-        raise ValueError(f"train.output {output} is a file, not a folder")
+        raise TorchcvtError(f"train.output {output} is a file, not a folder")
     try:
         output.mkdir(parents=True, exist_ok=True)
     except OSError as error:
-        raise ValueError(f"train.output {output} cannot be created: {error.strerror}") from None
+        raise TorchcvtError(f"train.output {output} cannot be created: {error.strerror}") from None
     if not os.access(output, os.W_OK | os.X_OK):
-        raise ValueError(f"train.output {output} is not writable")
+        raise TorchcvtError(f"train.output {output} is not writable")
 
 
 def resume_path(cfg: TrainConfig, output: Path) -> Path | None:
@@ -183,7 +185,7 @@ def _needs_new_head(
     and the same names where the checkpoint records them)."""
     if head == "keep":
         if count != len(class_names):
-            raise ValueError(
+            raise TorchcvtError(
                 f"model.head=keep, but {source} has a {count}-class head and the data {len(class_names)} "
                 "classes: use model.head=auto for a new head"
             )
@@ -228,7 +230,7 @@ def build_components(cfg: TrainConfig | Mapping[str, Any], runtime: Runtime) -> 
     val_set = ImageFolder(val_dir, eval_transform(data_config), class_names)
     empty = train_set.empty_classes()
     if empty:
-        raise ValueError(
+        raise TorchcvtError(
             f"class folder {train_dir / empty[0]} holds no images: a class with nothing to learn"
             + (f" ({len(empty)} such classes)" if len(empty) > 1 else "")
             + "; add images or remove the class from train and val"
@@ -238,9 +240,9 @@ def build_components(cfg: TrainConfig | Mapping[str, Any], runtime: Runtime) -> 
     batch_size = per_process_batch(t, runtime.world_size)
     per_rank = math.ceil(len(train_set) / runtime.world_size)
     if batch_size < 1:
-        raise ValueError(f"train.batch_size must be positive, got {batch_size}")
+        raise TorchcvtError(f"train.batch_size must be positive, got {batch_size}")
     if batch_size > per_rank:
-        raise ValueError(
+        raise TorchcvtError(
             f"train.batch_size={batch_size} is larger than the {per_rank} training images each of "
             f"{runtime.world_size} process(es) gets from {train_dir} ({len(train_set)} in all)"
         )

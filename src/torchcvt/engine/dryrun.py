@@ -9,6 +9,7 @@ import torch
 
 from ..config import get_variant, variant_config
 from ..data import eval_transform, train_transform
+from ..errors import TorchcvtError
 from .optim import build_scheduler, learning_rate, update_lr
 from .train_config import AugSettings, TrainConfig, as_train_config, per_process_batch
 
@@ -54,7 +55,7 @@ def dry_run(cfg: TrainConfig | Mapping[str, Any], world_size: int = 1) -> dict[s
     """
     cfg = as_train_config(cfg)
     if world_size < 1:
-        raise ValueError(f"world_size must be a positive number of processes, got {world_size}")
+        raise TorchcvtError(f"world_size must be a positive number of processes, got {world_size}")
     m, a, o, s, t = cfg.model, cfg.aug, cfg.optim, cfg.sched, cfg.train
     data_config = get_variant(m.name).data_config()
     model_config = variant_config(m.name, **m.overrides)

@@ -14,6 +14,7 @@ from torch.utils.data import DataLoader
 from ..checks import check_output_folder
 from ..config import get_variant
 from ..data import BadImage, ImageFolder, check_real_labels, eval_transform, list_classes, loader_options
+from ..errors import TorchcvtError
 from ..factory import create_model
 from ..weights import Checkpoint, read_checkpoint
 from .reporting import plot_confusion
@@ -73,7 +74,7 @@ def evaluate(
         torch.cat([totals, counts]), runtime or Runtime(0, 1, device)
     )
     if not count:
-        raise ValueError(f"no image could be read ({int(bad_count)} unreadable): nothing to evaluate")
+        raise TorchcvtError(f"no image could be read ({int(bad_count)} unreadable): nothing to evaluate")
     result = {
         "top1": correct1 / count,
         "top5": correct5 / count,
@@ -133,7 +134,7 @@ def evaluate_checkpoint(
     if stored.num_classes != len(class_names):
         n = len(class_names)
         source = f"it names {n} classes" if stored.class_names else f"{data} has {n} class folders"
-        raise ValueError(
+        raise TorchcvtError(
             f"checkpoint {checkpoint} has a {stored.num_classes}-class head but {source}; evaluating "
             "never re-initialises a head"
         )

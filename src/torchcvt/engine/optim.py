@@ -8,6 +8,7 @@ import torch
 from timm.models import group_parameters
 from torch import nn
 
+from ..errors import TorchcvtError
 from ..model import CvT
 from .train_config import AugSettings, OptimSettings, SchedSettings
 
@@ -36,7 +37,7 @@ def param_groups(model: CvT, weight_decay: float, layer_decay: float | None = No
 def freeze_stages(model: CvT, count: int) -> None:
     """Stop gradients to the first `count` stages (their BN layers are kept in eval mode by the loop)."""
     if count > model.config.num_stages:
-        raise ValueError(f"model.freeze_stages={count} but the model has {model.config.num_stages} stages")
+        raise TorchcvtError(f"model.freeze_stages={count} but the model has {model.config.num_stages} stages")
     for stage in model.stages[:count]:
         stage.requires_grad_(False)
 

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from ..data import walk_images
+from ..errors import TorchcvtError
 
 # Augmentation by strength: light for a few thousand images (and for fine-tuning), the paper's for many.
 AUGMENTATION: dict[str, dict[str, Any]] = {
@@ -101,7 +102,7 @@ class DataShape:
         classes = list_classes(train_dir)
         paths = walk_images(train_dir)
         if not paths:
-            raise ValueError(f"data folder {train_dir} holds no images")
+            raise TorchcvtError(f"data folder {train_dir} holds no images")
         sample = paths[:: max(1, len(paths) // SIZE_SAMPLE)][:SIZE_SAMPLE]
         sides = []
         for path in sample:

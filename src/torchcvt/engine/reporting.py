@@ -12,6 +12,7 @@ from typing import Any
 
 import torch
 
+from ..errors import TorchcvtError
 from ..extras import require
 
 logger = logging.getLogger("torchcvt.engine")
@@ -96,7 +97,7 @@ class MetricsLog:
                 records.append(json.loads(line))
             except json.JSONDecodeError as error:
                 if number < len(lines):
-                    raise ValueError(f"{path} line {number} is not a JSON record ({error})") from None
+                    raise TorchcvtError(f"{path} line {number} is not a JSON record ({error})") from None
                 logger.warning(f"{path}: dropped its torn last line (a write cut short): {line[:60]!r}")
         return records
 

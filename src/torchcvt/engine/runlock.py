@@ -7,6 +7,8 @@ import os
 import socket
 from pathlib import Path
 
+from ..errors import TorchcvtError
+
 LOCK_NAME = ".train.lock"
 
 
@@ -29,7 +31,7 @@ class RunLock:
         except BlockingIOError:
             holder = os.read(fd, 200).decode(errors="replace").strip() or "a process starting up"
             os.close(fd)
-            raise ValueError(
+            raise TorchcvtError(
                 f"run folder {self.path.parent} is in use by another training ({holder}); wait for it to "
                 "finish or stop it, or give another train.output"
             ) from None

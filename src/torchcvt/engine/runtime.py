@@ -14,6 +14,7 @@ import torch
 import torch.distributed as dist
 
 from ..checks import resolve_device
+from ..errors import TorchcvtError
 
 
 @dataclass
@@ -81,7 +82,7 @@ def agree_on_failure(runtime: Runtime, error: ValueError | None) -> None:
         messages: list[Any] = [None] * runtime.world_size
         dist.all_gather_object(messages, None if error is None else str(error), group=runtime.control)
         rank, message = next((r, m) for r, m in enumerate(messages) if m is not None)
-        raise ValueError(message if rank == runtime.rank else f"{message} (on rank {rank})")
+        raise TorchcvtError(message if rank == runtime.rank else f"{message} (on rank {rank})")
 
 
 def seed_everything(seed: int) -> None:

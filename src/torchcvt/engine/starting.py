@@ -8,6 +8,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from ..errors import TorchcvtError
+
 if TYPE_CHECKING:
     from ..weights import Checkpoint
 
@@ -24,7 +26,7 @@ def tag_architecture(tag: str, key: str = "model.pretrained") -> str:
     error naming key for a name without released weights."""
     tags = released_tags()
     if tag not in tags and not any(known.startswith(f"{tag}.") for known in tags):
-        raise ValueError(f"{key}={tag!r} is not a released-weights tag; tags: {', '.join(tags)}")
+        raise TorchcvtError(f"{key}={tag!r} is not a released-weights tag; tags: {', '.join(tags)}")
     return tag.split(".", 1)[0]
 
 

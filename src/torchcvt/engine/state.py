@@ -12,6 +12,7 @@ from typing import Any
 import torch
 
 from ..config import ARCHITECTURE_FIELDS, CvtConfig, architecture_differences
+from ..errors import TorchcvtError
 from ..files import replace_file
 from .train_config import TrainConfig
 
@@ -86,15 +87,16 @@ def read_training_state(path: str | Path) -> dict[str, Any]:
     """
     path = Path(path)
     if path.is_dir():
-        raise ValueError(f"checkpoint {path} is a folder without last.pth; give a training checkpoint file")
+        raise TorchcvtError(
+            f"checkpoint {path} is a folder without last.pth; give a training checkpoint file")
     if not path.is_file():
-        raise FileNotFoundError(f"checkpoint {path} does not exist")
+        raise TorchcvtError(f"checkpoint {path} does not exist")
     try:
         with warnings.catch_warnings():  # the protocol notice would come before the one-line refusal
             warnings.filterwarnings("ignore", message="Detected pickle protocol", category=UserWarning)
             state = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError:
-        raise ValueError(
+        raise TorchcvtError(
             f"checkpoint {path} is not a torchcvt training checkpoint: it holds pickled Python objects, "
             "which are not loaded (only tensors and plain data are)"
         ) from None
@@ -103,13 +105,15 @@ def read_training_state(path: str | Path) -> dict[str, Any]:
             head = handle.read(len(ZIP_MAGIC))
         if head and not ZIP_MAGIC.startswith(head[: len(ZIP_MAGIC)]):
             reason = str(error).splitlines()[0] if str(error) else type(error).__name__
-            raise ValueError(f"checkpoint {path} is not a torch checkpoint file ({reason})") from None
-        raise ValueError(f"checkpoint {path} is damaged (cut short or corrupt); {_fallback(path)}") from None
+            raise TorchcvtError(
+                f"checkpoint {path} is not a torch checkpoint file ({reason})") from None
+        raise TorchcvtError(
+            f"checkpoint {path} is damaged (cut short or corrupt); {_fallback(path)}") from None
     if not isinstance(state, dict):
-        raise ValueError(f"checkpoint {path} holds a {type(state).__name__}, not a training checkpoint")
+        raise TorchcvtError(f"checkpoint {path} holds a {type(state).__name__}, not a training checkpoint")
     version = state.get("format_version", 0)
     if version > FORMAT_VERSION:
-        raise ValueError(
+        raise TorchcvtError(
             f"checkpoint {path} has training-state format {version}; this torchcvt reads up to "
             f"{FORMAT_VERSION}: upgrade torchcvt"
         )
@@ -120,7 +124,7 @@ def check_training_state(state: dict[str, Any], path: str | Path) -> None:
     """One-line error when a checkpoint holds weights only (an official .pth, a weights file)."""
     missing = [key for key in TRAINING_STATE_KEYS if key not in state]
     if missing:
-        raise ValueError(
+        raise TorchcvtError(
             f"checkpoint {path} is not a torchcvt training checkpoint (it lacks {', '.join(missing)}); "
             f"to start from its weights, set model.checkpoint={path} and train without resuming"
         )
@@ -182,13 +186,13 @@ def check_resumable(
         differences = architecture_differences(saved_config, config.to_dict(), fields)
         if differences:
             field, theirs, ours = differences[0]
-            raise ValueError(
+            raise TorchcvtError(
                 f"cannot resume from {path}: model {field} is {theirs} there but {ours} in this config; "
                 f"{START_AFRESH}"
             )
     saved_classes = state.get("class_names")
     if saved_classes is not None and list(saved_classes) != class_names:
-        raise ValueError(
+        raise TorchcvtError(
             f"cannot resume from {path}: it was trained on {len(saved_classes)} classes "
             f"{_preview(saved_classes)} but the data has {len(class_names)} classes {_preview(class_names)}; "
             f"{START_AFRESH}"
@@ -197,7 +201,7 @@ def check_resumable(
     for key in FIXED_ON_RESUME:
         if key in changes:
             old, new = changes[key]
-            raise ValueError(
+            raise TorchcvtError(
                 f"cannot resume from {path}: {key} is {old!r} there but {new!r} in this config; "
                 f"{START_AFRESH}"
             )

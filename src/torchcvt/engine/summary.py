@@ -8,6 +8,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+from ..errors import TorchcvtError
 from .build import Components
 from .evaluate import evaluate
 from .reporting import MetricsLog, plot_curves
@@ -37,7 +38,7 @@ class RunReport:
         """Count and name unreadable training images; a ValueError under data.strict."""
         for sample in bad:
             if self.strict:
-                raise ValueError(
+                raise TorchcvtError(
                     f"unreadable image {sample.path} ({sample.error}); data.strict stops the run"
                 )
             self.loop.skipped.add(sample.path)

@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from ..config import variant_config
+from ..errors import TorchcvtError
 from ..typed import (
     build,
     check_fields,
@@ -162,22 +163,24 @@ class TrainConfig:
         try:
             variant_config(m.name, **m.overrides)
         except (TypeError, ValueError) as error:
-            raise ValueError(f"model.name={m.name!r} with model.overrides {m.overrides}: {error}") from None
+            raise TorchcvtError(
+                f"model.name={m.name!r} with model.overrides {m.overrides}: {error}") from None
         _check_weights(m)
         if t.steps is not None:
             _check_steps(s, t)
             _check_recipe(self.aug)
             return
         if s.warmup_steps is not None:
-            raise ValueError(
+            raise TorchcvtError(
                 f"sched.warmup_steps={s.warmup_steps} needs a run counted in steps (train.steps); "
                 "an epoch-counted run warms up over sched.warmup_epochs"
             )
         decay_epochs = t.epochs - s.cooldown_epochs
         if decay_epochs < 1:
-            raise ValueError(f"train.epochs={t.epochs} must exceed sched.cooldown_epochs={s.cooldown_epochs}")
+            raise TorchcvtError(
+                f"train.epochs={t.epochs} must exceed sched.cooldown_epochs={s.cooldown_epochs}")
         if s.warmup_epochs >= decay_epochs:
-            raise ValueError(
+            raise TorchcvtError(
                 f"sched.warmup_epochs={s.warmup_epochs} must be less than train.epochs - "
                 f"sched.cooldown_epochs = {decay_epochs}, or the learning rate never decays"
             )
@@ -210,24 +213,24 @@ def _check_weights(m: ModelSettings) -> None:
     from .starting import released_tags, tag_architecture
 
     if m.pretrained is not None and m.checkpoint is not None:
-        raise ValueError(
+        raise TorchcvtError(
             f"model.pretrained={m.pretrained} and model.checkpoint={m.checkpoint} both name starting "
             "weights; give one"
         )
     if m.pretrained is not None:
         architecture = tag_architecture(m.pretrained)
         if architecture != m.name:
-            raise ValueError(
+            raise TorchcvtError(
                 f"model.pretrained={m.pretrained} holds {architecture} weights but model.name is {m.name}: "
                 f"set model.name={architecture} (--pretrained sets both)"
             )
     if m.checkpoint is not None and not Path(m.checkpoint).exists() and m.checkpoint in released_tags():
-        raise ValueError(
+        raise TorchcvtError(
             f"model.checkpoint={m.checkpoint} is a released-weights tag, not a file: use "
             f"model.pretrained={m.checkpoint} (--pretrained {m.checkpoint} on the command line)"
         )
     if m.require_weights and m.pretrained is None and m.checkpoint is None:
-        raise ValueError(
+        raise TorchcvtError(
             "this recipe fine-tunes (model.require_weights) but no starting weights are given: add "
             "--pretrained TAG (e.g. cvt_13_384.ms_in22k_ft_in1k) or model.checkpoint=PATH"
         )
@@ -236,19 +239,19 @@ def _check_weights(m: ModelSettings) -> None:
 def _check_steps(s: SchedSettings, t: TrainSettings) -> None:
     """A run counted in steps: its warm-up in steps, its LR moved every step, no epoch-counted cool-down."""
     if s.warmup_steps is None:
-        raise ValueError(
+        raise TorchcvtError(
             f"train.steps={t.steps} counts the run in steps: give its warm-up as sched.warmup_steps "
             "(sched.warmup_epochs counts epochs)"
         )
     if s.warmup_steps >= t.steps:
-        raise ValueError(
+        raise TorchcvtError(
             f"sched.warmup_steps={s.warmup_steps} must be less than train.steps={t.steps}, or the "
             "learning rate never decays"
         )
     if s.interval != "step":
-        raise ValueError(f"train.steps={t.steps} needs sched.interval=step, got {s.interval!r}")
+        raise TorchcvtError(f"train.steps={t.steps} needs sched.interval=step, got {s.interval!r}")
     if s.cooldown_epochs:
-        raise ValueError(
+        raise TorchcvtError(
             f"sched.cooldown_epochs={s.cooldown_epochs} counts epochs, which a run of train.steps="
             f"{t.steps} does not: set it to 0"
         )
@@ -259,7 +262,7 @@ def per_process_batch(t: TrainSettings, world_size: int) -> int:
     if t.global_batch is None:
         return t.batch_size
     if t.global_batch % world_size:
-        raise ValueError(
+        raise TorchcvtError(
             f"train.global_batch={t.global_batch} does not divide among {world_size} processes: run on a "
             "number of processes that divides it, or change train.global_batch"
         )
@@ -274,13 +277,13 @@ def _check_recipe(aug: AugSettings) -> None:
     for key in ("auto_augment", "color_jitter", "re_prob"):
         value = getattr(aug, key)
         if value:
-            raise ValueError(
+            raise TorchcvtError(
                 f"aug.{key}={value!r} needs aug.pipeline=timm (the torchvision pipeline only crops, "
                 "flips and normalizes)"
             )
     modes = ("bilinear", "bicubic", "nearest")
     if aug.interpolation not in modes:
-        raise ValueError(
+        raise TorchcvtError(
             f"aug.interpolation must be one of {', '.join(modes)} with aug.pipeline=torchvision, "
             f"got {aug.interpolation!r}"
         )
@@ -323,10 +326,10 @@ def load_config(
     if path is not None:
         path = Path(path)
         if not path.is_file():
-            raise FileNotFoundError(f"config file {path} does not exist")
+            raise TorchcvtError(f"config file {path} does not exist")
         loaded = read_yaml(path.read_text(), f"config file {path}") or {}
         if not isinstance(loaded, dict):
-            raise ValueError(
+            raise TorchcvtError(
                 f"config file {path} must hold a mapping of sections, not {type(loaded).__name__}"
             )
         merge(TrainConfig, tree, loaded, str(path))

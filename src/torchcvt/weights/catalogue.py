@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any, TypedDict
 
 from ..config import VARIANTS, get_variant
+from ..errors import TorchcvtError
 from .checkpoint import HF_BIN_NAME, WEIGHTS_NAME
 
 PAPER = "CvT: Introducing Convolutions to Vision Transformers"
@@ -119,7 +120,7 @@ def weights_of(architecture: str) -> list[Weights]:
 def class_names(classes: str) -> tuple[str, ...]:
     """The class names of a label set ('imagenet-1k': the first WordNet lemma of each synset, index order)."""
     if classes != IMAGENET_1K:
-        raise ValueError(f"unknown label set {classes!r}")
+        raise TorchcvtError(f"unknown label set {classes!r}")
     return tuple(resources.files("torchcvt").joinpath("imagenet_classes.txt").read_text().splitlines())
 
 

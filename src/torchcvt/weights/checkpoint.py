@@ -9,6 +9,7 @@ from typing import Any
 import torch
 
 from ..config import CvtConfig
+from ..errors import TorchcvtError
 from .formats import READ_FILTERS, config_from_hf, detect_layout
 from .io import parse_json, preview, read_tensor_file, unwrap_state_dict
 
@@ -45,12 +46,13 @@ def read_checkpoint(path: str | Path) -> Checkpoint:
     """Read any supported checkpoint file or directory; ValueError saying what it is not if it is none."""
     path = Path(path)
     if not path.exists():
-        raise FileNotFoundError(f"checkpoint {path} does not exist")
+        raise TorchcvtError(f"checkpoint {path} does not exist")
     if not path.is_dir():
         return _read_weights_file(path)
     weights = next((path / name for name in (WEIGHTS_NAME, HF_BIN_NAME) if (path / name).is_file()), None)
     if weights is None:
-        raise ValueError(f"{path} is a directory without {WEIGHTS_NAME} or {HF_BIN_NAME}, not a checkpoint")
+        raise TorchcvtError(
+            f"{path} is a directory without {WEIGHTS_NAME} or {HF_BIN_NAME}, not a checkpoint")
     checkpoint = _read_weights_file(weights)
     config_path = path / CONFIG_NAME
     if config_path.is_file():
@@ -63,7 +65,7 @@ def _read_weights_file(path: Path) -> Checkpoint:
     state_dict = unwrap_state_dict(obj, path)
     layout = detect_layout(state_dict)
     if layout is None:
-        raise ValueError(
+        raise TorchcvtError(
             f"{path} holds {len(state_dict)} tensors but none of a CvT (such as "
             f"stage0.patch_embed.proj.weight or cvt.encoder.stages.0.*): {preview(list(state_dict))}"
         )
@@ -86,7 +88,7 @@ def _apply_config_json(checkpoint: Checkpoint, config_path: Path) -> None:
         config, architecture, names = config_from_hf(meta, str(config_path))
         checkpoint.config, checkpoint.architecture, checkpoint.class_names = config, architecture, names
     else:
-        raise ValueError(
+        raise TorchcvtError(
             f"{config_path} is neither a transformers CvT config (model_type 'cvt') nor a torchcvt config "
             f"(model_type {meta.get('model_type')!r})"
         )
@@ -96,7 +98,7 @@ def _apply_torchcvt_meta(checkpoint: Checkpoint, meta: dict[str, Any]) -> None:
     try:
         config = CvtConfig.from_dict(meta["config"]).to_dict()
     except (KeyError, TypeError, ValueError) as error:
-        raise ValueError(f"{checkpoint.path}: torchcvt metadata has no valid config ({error})") from None
+        raise TorchcvtError(f"{checkpoint.path}: torchcvt metadata has no valid config ({error})") from None
     checkpoint.format = "torchcvt"
     checkpoint.config = config
     checkpoint.architecture = meta.get("architecture")

@@ -15,6 +15,7 @@ from typing import Any
 from PIL import Image
 
 from ..config import CvtConfig
+from ..errors import TorchcvtError
 from .io import StateDict
 
 StateDictFilter = Callable[[StateDict], StateDict]
@@ -134,7 +135,7 @@ def config_from_hf(meta: dict[str, Any], where: str
     try:
         full = CvtConfig().replace(**fields).to_dict()
     except (TypeError, ValueError) as error:
-        raise ValueError(f"{where}: {error}") from None
+        raise TorchcvtError(f"{where}: {error}") from None
     names = [name for _, name in sorted(meta.get("id2label", {}).items(), key=lambda item: int(item[0]))]
     generic = names == [f"LABEL_{i}" for i in range(len(names))]
     return {name: full[name] for name in fields}, architecture, None if generic else tuple(names)
@@ -158,7 +159,7 @@ def hf_config_json(config: CvtConfig, class_names: Sequence[str] | None, archite
                  for i, (on, width) in enumerate(zip(config.cls_token, config.embed_dim, strict=True))
                  if on and width != config.embed_dim[last]]
     if problems:
-        raise ValueError(f"transformers' CvT cannot represent {', '.join(problems)}")
+        raise TorchcvtError(f"transformers' CvT cannot represent {', '.join(problems)}")
     _warn_about_transformers(config)
     names = list(class_names) if class_names else [f"LABEL_{i}" for i in range(config.num_classes)]
     values = config.to_dict()
@@ -213,7 +214,7 @@ def hf_preprocessor_json(data_config: dict[str, Any]) -> dict[str, Any]:
     try:
         resample = int(Image.Resampling[interpolation.upper()])
     except KeyError:
-        raise ValueError(f"interpolation {interpolation!r} has no PIL resampling filter") from None
+        raise TorchcvtError(f"interpolation {interpolation!r} has no PIL resampling filter") from None
     common = {"do_resize": True, "resample": resample, "do_rescale": True, "rescale_factor": 1 / 255,
               "do_normalize": True, "image_mean": list(data_config["mean"]),
               "image_std": list(data_config["std"])}

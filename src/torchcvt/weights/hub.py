@@ -7,6 +7,7 @@ import logging
 from collections.abc import Sequence
 from pathlib import Path
 
+from ..errors import TorchcvtError
 from .checkpoint import HF_BIN_NAME, WEIGHTS_NAME, Checkpoint, read_checkpoint
 from .io import first_line
 
@@ -47,7 +48,7 @@ def download_weights(hf_hub_id: str, cache_dir: str | Path | None = None,
     else:
         why = (f"the download failed ({first_line(failures[-1])}); check the network, or set HF_HOME to a "
                f"cache that has them and HF_HUB_OFFLINE=1")
-    raise FileNotFoundError(
+    raise TorchcvtError(
         f"cannot get the weights of {hf_hub_id}: {why}; or download {' (or '.join(filenames)}"
         f"{')' * (len(filenames) - 1)} from {where} by hand and pass it as checkpoint=PATH "
         "(--checkpoint PATH on the command line)"
@@ -60,5 +61,5 @@ def read_pretrained(file: str | Path | None = None, hf_hub_id: str | None = None
     if file:
         return read_checkpoint(file)
     if not hf_hub_id:
-        raise ValueError("no pretrained weights: the pretrained config has neither 'file' nor 'hf_hub_id'")
+        raise TorchcvtError("no pretrained weights: the pretrained config has neither 'file' nor 'hf_hub_id'")
     return read_checkpoint(download_weights(hf_hub_id, cache_dir))

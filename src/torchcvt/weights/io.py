@@ -21,6 +21,8 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
+from ..errors import TorchcvtError
+
 StateDict = dict[str, torch.Tensor]
 
 # Wrappers whose prefix a saved state dict may carry: DistributedDataParallel and torch.compile.
@@ -37,14 +39,14 @@ def read_tensor_file(path: Path) -> tuple[Any, dict[str, str]]:
     """
     size = path.stat().st_size
     if size == 0:
-        raise ValueError(f"{path} is empty, not a checkpoint")
+        raise TorchcvtError(f"{path} is empty, not a checkpoint")
     with open(path, "rb") as file:
         head = file.read(512)
     if len(head) >= 9 and head[8:9] == b"{":
         (header_len,) = struct.unpack("<Q", head[:8])
         if header_len <= size - 8:
             return _read_safetensors(path)
-        raise ValueError(f"{path} is a truncated safetensors file ({size} bytes, its header alone needs "
+        raise TorchcvtError(f"{path} is a truncated safetensors file ({size} bytes, its header alone needs "
                          f"{header_len + 8})")
     if head.startswith(b"PK\x03\x04") or head.startswith(b"\x80"):  # torch.save's zip format or legacy pickle
         return _torch_load(path), {}
@@ -53,7 +55,8 @@ def read_tensor_file(path: Path) -> tuple[Any, dict[str, str]]:
         found = "a text file" if b"\0" not in head else "unrecognised binary data"
     except UnicodeDecodeError:
         found = "unrecognised binary data"
-    raise ValueError(f"{path} is not a checkpoint: it is {found}, neither safetensors nor a torch.save file")
+    raise TorchcvtError(
+        f"{path} is not a checkpoint: it is {found}, neither safetensors nor a torch.save file")
 
 
 def _read_safetensors(path: Path) -> tuple[StateDict, dict[str, str]]:
@@ -61,7 +64,8 @@ def _read_safetensors(path: Path) -> tuple[StateDict, dict[str, str]]:
         with safe_open(path, framework="pt") as file:
             return {key: file.get_tensor(key) for key in file.keys()}, file.metadata() or {}
     except (SafetensorError, OSError, ValueError) as error:
-        raise ValueError(f"{path} is a damaged or truncated safetensors file ({first_line(error)})") from None
+        raise TorchcvtError(
+            f"{path} is a damaged or truncated safetensors file ({first_line(error)})") from None
 
 
 def _torch_load(path: Path) -> Any:
@@ -74,12 +78,12 @@ def _torch_load(path: Path) -> Any:
     except pickle.UnpicklingError as error:
         found = re.search(r"GLOBAL (\S+)", str(error))
         what = f" ({found.group(1)})" if found else ""
-        raise ValueError(
+        raise TorchcvtError(
             f"{path} holds pickled Python objects besides tensors{what}; torchcvt loads weights only "
             "(torch.load weights_only=True): save the model's state_dict alone"
         ) from None
     except (RuntimeError, EOFError, OSError, ValueError) as error:  # how torch reports a damaged archive
-        raise ValueError(
+        raise TorchcvtError(
             f"{path} is not a readable PyTorch checkpoint, truncated or damaged ({first_line(error)})"
         ) from None
 
@@ -87,14 +91,14 @@ def _torch_load(path: Path) -> Any:
 def unwrap_state_dict(obj: Any, path: Path) -> StateDict:
     """The state dict inside a plain or training checkpoint, without DDP / torch.compile prefixes."""
     if not isinstance(obj, dict):
-        raise ValueError(f"{path} holds a {type(obj).__name__}, not a state dict")
+        raise TorchcvtError(f"{path} holds a {type(obj).__name__}, not a state dict")
     nested = next((obj[key] for key in NESTED_KEYS if isinstance(obj.get(key), dict)), None)
     if nested is not None and not any(isinstance(value, torch.Tensor) for value in obj.values()):
         obj = nested
     others = [key for key, value in obj.items() if not isinstance(value, torch.Tensor)]
     if others or not obj:
         found = f"non-tensor entries {preview(others)}" if obj else "it is empty"
-        raise ValueError(f"{path} is not a state dict of tensors: {found}")
+        raise TorchcvtError(f"{path} is not a state dict of tensors: {found}")
     for prefix in WRAPPER_PREFIXES:
         if all(key.startswith(prefix) for key in obj):
             obj = {key[len(prefix):]: value for key, value in obj.items()}
@@ -106,9 +110,9 @@ def parse_json(text: str, where: str) -> dict[str, Any]:
     try:
         data = json.loads(text)
     except json.JSONDecodeError as error:
-        raise ValueError(f"{where} is not valid JSON ({error})") from None
+        raise TorchcvtError(f"{where} is not valid JSON ({error})") from None
     if not isinstance(data, dict):
-        raise ValueError(f"{where} holds JSON {type(data).__name__}, not an object")
+        raise TorchcvtError(f"{where} holds JSON {type(data).__name__}, not an object")
     return data
 
 

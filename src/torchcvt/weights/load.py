@@ -10,6 +10,7 @@ from typing import Any
 from timm.models import adapt_input_conv
 
 from ..config import ARCHITECTURE_FIELDS, VARIANTS, CvtConfig, architecture_differences, variant_config
+from ..errors import TorchcvtError
 from ..model import CvT
 from .checkpoint import Checkpoint, read_checkpoint
 from .io import StateDict, preview
@@ -66,7 +67,7 @@ def fit_config(checkpoint: Checkpoint, name: str, requested: dict[str, Any]) -> 
                            checkpoint.path, name, listed)
         else:
             field, theirs, ours = differences[0]
-            raise ValueError(
+            raise TorchcvtError(
                 f"checkpoint {checkpoint.path} holds a {' or '.join(held)} whose {field} is {theirs} but "
                 f"{name}'s is {ours}, so {name} cannot hold it: use {held[0]} as the model (or leave it out)"
             )
@@ -132,7 +133,7 @@ def _fit_state_dict(model: CvT, checkpoint: Checkpoint) -> StateDict:
         problems = [f"{len(keys)} {label} ({preview(keys)})" for label, keys in
                     (("missing", missing), ("unexpected", unexpected), ("mis-shaped", misshaped)) if keys]
         hint = _layout_hint(checkpoint.state_dict, model.config)
-        raise ValueError(f"{checkpoint.path} does not fit the model{hint}: {'; '.join(problems)}")
+        raise TorchcvtError(f"{checkpoint.path} does not fit the model{hint}: {'; '.join(problems)}")
     return state_dict
 
 
@@ -141,7 +142,7 @@ def _raise_other_architecture(checkpoint: Checkpoint, saved: dict[str, Any],
     names = holding_variants(saved)
     like = f" (it looks like {' or '.join(names)})" if names else ""
     listed = "; ".join(f"{field} is {theirs} there but {ours} here" for field, theirs, ours in clashes)
-    raise ValueError(f"{checkpoint.path} was saved from another architecture{like}: {listed}; "
+    raise TorchcvtError(f"{checkpoint.path} was saved from another architecture{like}: {listed}; "
                      "create the model with matching overrides")
 
 

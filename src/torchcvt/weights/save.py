@@ -9,6 +9,7 @@ from pathlib import Path
 
 from ..checks import check_output_folder
 from ..config import CvtConfig, architecture_differences, model_data_config
+from ..errors import TorchcvtError
 from ..model import CvT
 from .card import TrainingRun, model_card
 from .checkpoint import CONFIG_NAME, FORMATS, TORCHCVT_FORMAT_VERSION, WEIGHTS_NAME
@@ -30,7 +31,7 @@ def model_class_names(model: CvT, class_names: ClassNames = None) -> list[str] |
     if names is None:
         return None
     if len(names) != model.num_classes:
-        raise ValueError(f"{len(names)} class names given for a model of {model.num_classes} classes")
+        raise TorchcvtError(f"{len(names)} class names given for a model of {model.num_classes} classes")
     return [str(name) for name in names]
 
 
@@ -112,7 +113,7 @@ def export_checkpoint(model: CvT, path: str | Path, to: str, class_names: ClassN
         return save_hf(model, path, class_names, run)
     if to == "torchcvt":
         return save_checkpoint(model, path, class_names)
-    raise ValueError(f"unknown checkpoint format {to!r}; choose one of {', '.join(FORMATS)}")
+    raise TorchcvtError(f"unknown checkpoint format {to!r}; choose one of {', '.join(FORMATS)}")
 
 
 def check_destination(src: str | Path, dst: str | Path, to: str, overwrite: bool = False) -> None:
@@ -121,14 +122,15 @@ def check_destination(src: str | Path, dst: str | Path, to: str, overwrite: bool
     src, dst = Path(src), Path(dst)
     # samefile compares inodes, so a hard link or a symlink to the source is caught too.
     if dst.exists() and src.exists() and (dst.samefile(src) or (dst.is_dir() and _inside(src, dst))):
-        raise ValueError(f"destination {dst} is the source checkpoint {src} or holds it: "
+        raise TorchcvtError(f"destination {dst} is the source checkpoint {src} or holds it: "
                          "choose another destination")
     as_file = to == "official" or (to == "torchcvt" and dst.suffix == ".safetensors")
     if as_file and dst.is_dir():
-        raise ValueError(f"destination {dst} is a folder: {to} writes a file, give a file name")
+        raise TorchcvtError(f"destination {dst} is a folder: {to} writes a file, give a file name")
     check_output_folder(dst.parent if as_file else dst, "destination")
     if dst.exists() and not overwrite and (not dst.is_dir() or any(dst.iterdir())):
-        raise ValueError(f"destination {dst} already exists: pass --overwrite (overwrite=True) to replace it")
+        raise TorchcvtError(
+            f"destination {dst} already exists: pass --overwrite (overwrite=True) to replace it")
 
 
 def _inside(path: Path, folder: Path) -> bool:
