@@ -1,5 +1,6 @@
 """Bad input to the non-training commands: one line on stderr, a non-zero exit, nothing lost."""
 
+import json
 import os
 import re
 from pathlib import Path
@@ -10,6 +11,7 @@ from PIL import Image
 import torchcvt
 from torchcvt.cli import main
 from torchcvt.data import check_real_labels
+from torchcvt.errors import TorchcvtError
 from torchcvt.weights import save_checkpoint
 
 
@@ -154,7 +156,7 @@ def test_real_labels_must_fit_the_data(tmp_path):
     check_real_labels(path, files, 10)
     with pytest.raises(ValueError, match=r"1 image\(s\) are not named ILSVRC2012_val_<n>.JPEG .* /val/x.png"):
         check_real_labels(path, [*files[:3], "/val/x.png"], 10)
-    with pytest.raises(FileNotFoundError, match="ImageNet-ReaL labels file .*gone.json does not exist"):
+    with pytest.raises(TorchcvtError, match="ImageNet-ReaL labels file .*gone.json does not exist"):
         check_real_labels(tmp_path / "gone.json", files, 10)
 
 
@@ -200,3 +202,27 @@ def test_error_line_is_one_write_so_ranks_sharing_stderr_never_interleave(monkey
     assert main(["info", "no_such_model"]) == 2
     assert len(stderr.calls) == 1 and stderr.calls[0].startswith("torchcvt info: error: ")
     assert stderr.calls[0].endswith("\n") and stderr.calls[0].count("\n") == 1
+
+
+@pytest.mark.parametrize("bug", [
+    ValueError("math domain error"),
+    json.JSONDecodeError("Expecting value", "{", 1),
+    FileNotFoundError(2, "No such file or directory", "/internal/cache.json"),
+])
+def test_a_builtin_error_from_a_bug_shows_its_traceback(bug, monkeypatch, capsys):
+    """Only TorchcvtError is a user error: a ValueError or an OSError raised by a bug keeps its traceback."""
+    import torchcvt.flops
+
+    def broken(name, img_size=None):
+        raise bug
+
+    monkeypatch.setattr(torchcvt.flops, "model_info", broken)
+    assert main(["info", "cvt_digits"]) == 1
+    err = capsys.readouterr().err
+    assert "Traceback (most recent call last)" in err and f"{type(bug).__name__}: " in err, err
+    assert err.strip().splitlines()[-1].startswith("torchcvt info: internal error: this is a bug in torchcvt")
+
+
+def test_a_user_error_from_the_same_place_stays_one_line(capsys):
+    assert main(["info", "cvt_nope"]) == 2
+    assert "unknown model 'cvt_nope'" in _one_error(capsys, "info")

@@ -4,6 +4,7 @@ import torch
 
 from torchcvt import create_model, export_model
 from torchcvt.cli import main
+from torchcvt.errors import TorchcvtError
 from torchcvt.export import export_onnx, export_program, supported_sizes, unbounded_size
 
 SMALL = {"embed_dim": [16, 32, 48], "num_heads": [1, 2, 3], "depth": [1, 1, 1]}
@@ -73,7 +74,7 @@ def test_compile_has_no_graph_breaks(model):
 def test_bad_export_arguments(model, tmp_path, capsys):
     with pytest.raises(ValueError, match="unknown export format 'tflite'"):
         export_model(model, tmp_path / "m.tflite", "tflite")
-    with pytest.raises(FileNotFoundError, match="output folder .*missing does not exist"):
+    with pytest.raises(TorchcvtError, match="output folder .*missing does not exist"):
         export_model(model, tmp_path / "missing" / "m.onnx", "onnx")
     out = str(tmp_path / "x" / "m.onnx")
     assert main(["export", "--model", "cvt_13", "--format", "onnx", "-o", out]) == 2

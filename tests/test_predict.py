@@ -192,7 +192,7 @@ def test_bad_arguments_are_clear_errors(tmp_path, tiny_model):
         model(torch.zeros(3, 64, 64), top_k=0)
     with pytest.raises(ValueError, match="file not found"):
         model(tmp_path / "nope.jpg")
-    with pytest.raises(ValueError, match="cannot read a int"):
+    with pytest.raises(TypeError, match="cannot read a int"):
         model([3])
     with pytest.raises(ValueError, match="3 class names for a model with 4 outputs"):
         Predictor(tiny_model, CLASSES[:3])

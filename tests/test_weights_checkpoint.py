@@ -10,6 +10,7 @@ import torch
 
 import torchcvt
 from torchcvt.cli import main
+from torchcvt.errors import TorchcvtError
 from torchcvt.factory import convert_checkpoint
 from torchcvt.weights import read_checkpoint, save_checkpoint, save_official
 
@@ -177,7 +178,7 @@ def test_a_file_that_is_not_a_checkpoint_is_a_one_line_error(tmp_path, model, ti
 
 
 def test_missing_checkpoint_and_directory_without_weights(tmp_path, tiny_overrides):
-    with pytest.raises(FileNotFoundError, match="checkpoint .*nothing.pth does not exist"):
+    with pytest.raises(TorchcvtError, match="checkpoint .*nothing.pth does not exist"):
         torchcvt.create_model("cvt_13", checkpoint=tmp_path / "nothing.pth", **tiny_overrides)
     with pytest.raises(ValueError, match="is a directory without model.safetensors or pytorch_model.bin"):
         torchcvt.create_model("cvt_13", checkpoint=tmp_path, **tiny_overrides)

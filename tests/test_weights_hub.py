@@ -15,6 +15,7 @@ from trainkit import perturb_weights
 from transformers import CvtConfig, CvtForImageClassification
 
 import torchcvt
+from torchcvt.errors import TorchcvtError
 from torchcvt.factory import pretrained_weights
 from torchcvt.weights import HF_BIN_NAME, WEIGHTS_NAME
 
@@ -70,7 +71,7 @@ def test_tags_and_timm_entry_points(offline_home, hf_model):
     pinned = timm.create_model("cvt_13", pretrained=True, pretrained_cfg_overlay=pin, **HF_TINY)
     torch.testing.assert_close(pinned.state_dict(), reference.state_dict(), atol=0, rtol=0)
     other = "0" * 40
-    with pytest.raises(FileNotFoundError, match=f"https://huggingface.co/{REPO}/tree/{other}"):
+    with pytest.raises(TorchcvtError, match=f"https://huggingface.co/{REPO}/tree/{other}"):
         overlay = {"hf_hub_id": f"{REPO}@{other}"}
         torchcvt.create_model("cvt_13", pretrained=True, pretrained_cfg_overlay=overlay, **HF_TINY)
     assert timm.list_pretrained("cvt*") == [
@@ -116,7 +117,7 @@ def test_new_head_and_in_chans_adapt_the_released_weights(offline_home, hf_model
 
 
 def test_missing_cache_is_a_one_line_error(offline_home):
-    with pytest.raises(FileNotFoundError) as error:
+    with pytest.raises(TorchcvtError) as error:
         torchcvt.create_model("cvt_21_384", pretrained=True)
     message = str(error.value)
     assert "microsoft/cvt-21-384-22k" in message and "HF_HUB_OFFLINE" in message and "HF_HOME" in message

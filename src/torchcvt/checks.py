@@ -11,7 +11,7 @@ from .errors import TorchcvtError
 
 
 def check_output_file(path: str | Path, what: str = "output") -> Path:
-    """Raise a one-line ValueError/FileNotFoundError unless path can be written as a file; returns it."""
+    """Raise a one-line TorchcvtError unless path can be written as a file; returns it."""
     path = Path(path)
     if path.is_dir():
         raise TorchcvtError(f"{what} {path} is a folder: give a file name")
@@ -25,7 +25,7 @@ def check_output_file(path: str | Path, what: str = "output") -> Path:
 
 
 def check_output_folder(path: str | Path, what: str = "output") -> Path:
-    """Raise a one-line ValueError unless path is a writable folder or can be created as one; returns it."""
+    """A one-line TorchcvtError unless path is a writable folder or can be created as one; returns it."""
     path = Path(path)
     existing = next((p for p in (path, *path.parents) if p.exists()), Path("."))
     if not existing.is_dir():

@@ -42,7 +42,7 @@ def _unit_grids(model: CvT, height: int, width: int) -> tuple[tuple[bool, ...], 
     """Which token and key/value grids are one token high, and which one wide; None if a stage has none."""
     try:
         stages = stage_grids(model.config, height, width)
-    except ValueError:
+    except TorchcvtError:
         return None
     grids = [grid for stage in stages for grid in (stage.tokens, stage.queries, stage.keys)]
     return tuple(g[0] == 1 for g in grids), tuple(g[1] == 1 for g in grids)

@@ -103,7 +103,7 @@ class Predictor:
         elif isinstance(image, Image.Image):
             image = to_rgb(image)
         else:
-            raise TorchcvtError(f"cannot read a {type(image).__name__}; give a PIL image, a path or a tensor")
+            raise TypeError(f"cannot read a {type(image).__name__}; give a PIL image, a path or a tensor")
         return transformed(image, self.transform)
 
     def _check_head(self) -> None:

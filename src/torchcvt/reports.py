@@ -80,7 +80,7 @@ def save_embeddings(path: str | Path, features: torch.Tensor, files: Sequence[st
     """
     path = Path(path)
     if len(files) != features.shape[0]:
-        raise TorchcvtError(f"{features.shape[0]} feature rows but {len(files)} file names")
+        raise ValueError(f"{features.shape[0]} feature rows but {len(files)} file names")
     if path.suffix == ".safetensors":
         from safetensors.torch import save_file
 

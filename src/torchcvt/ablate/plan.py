@@ -77,7 +77,7 @@ def row_config(recipe: Recipe, study: Study, row: Row, num_classes: int) -> CvtC
     try:
         settings = {**recipe.model_overrides, **row.knobs}
         return variant_config(recipe.model_name, num_classes=num_classes, **settings)
-    except ValueError as error:
+    except TorchcvtError as error:
         settings = ", ".join(f"{name}={list(values)}" for name, values in row.knobs.items())
         base = recipe.model_name + (" with the recipe's model.overrides" if recipe.model_overrides else "")
         raise TorchcvtError(f"study {study.name!r} row {row.letter} ({settings}) cannot be applied to "

@@ -20,6 +20,7 @@ from typing import Any
 
 from ..data import list_classes, walk_images
 from ..errors import TorchcvtError
+from ..weights.io import parse_json
 from .plan import Plan, Run
 from .studies import STUDIES
 
@@ -87,7 +88,7 @@ def open_suite(root: Path, settings: dict[str, Any], data: dict[str, Any], studi
     path = root / "suite.json"
     with _locked(root / "suite.lock"):
         if path.is_file():
-            suite = json.loads(path.read_text())
+            suite = _read_suite_file(path)
             changes = _differences({"recipe": suite["recipe"], "data": suite["data"]},
                                    {"recipe": settings, "data": data})
             if changes:
@@ -108,7 +109,15 @@ def read_suite(root: Path) -> dict[str, Any]:
     path = root / "suite.json"
     if not path.is_file():
         raise TorchcvtError(f"{root} holds no ablation suite (no suite.json)")
-    return json.loads(path.read_text())
+    return _read_suite_file(path)
+
+
+def _read_suite_file(path: Path) -> dict[str, Any]:
+    """suite.json as written, or a one-line error naming it when it is damaged (not JSON, not UTF-8)."""
+    try:
+        return parse_json(path.read_text(encoding="utf-8"), str(path))
+    except UnicodeDecodeError:
+        raise TorchcvtError(f"{path} is damaged: it is not UTF-8 text") from None
 
 
 @contextmanager

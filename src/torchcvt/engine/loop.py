@@ -10,6 +10,7 @@ from typing import Any
 
 import torch.distributed as dist
 
+from ..errors import TorchcvtError
 from .build import Components, build_components, make_run_folder
 from .optim import update_lr
 from .reporting import MetricsLog, Progress
@@ -54,7 +55,7 @@ class Trainer:
             try:
                 make_run_folder(output)
                 lock.acquire()
-            except ValueError as raised:
+            except TorchcvtError as raised:
                 error = raised
         agree_on_failure(runtime, error)
         try:
@@ -146,7 +147,7 @@ class Trainer:
             error = None
             try:
                 self.report.unreadable(bad)
-            except ValueError as raised:
+            except TorchcvtError as raised:
                 error = raised
             agree_on_failure(self.runtime, error)
             loss = self.steps.step(images, targets, loop.global_step)

@@ -65,7 +65,7 @@ def all_reduce(values: Sequence[float] | torch.Tensor, runtime: Runtime) -> list
     return tensor.tolist()
 
 
-def agree_on_failure(runtime: Runtime, error: ValueError | None) -> None:
+def agree_on_failure(runtime: Runtime, error: TorchcvtError | None) -> None:
     """Every rank calls this at the same point; if any rank brings an error, every rank raises it.
 
     So a user error one rank meets (a strict-mode unreadable image) stops all ranks with the same

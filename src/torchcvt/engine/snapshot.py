@@ -10,6 +10,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from ..errors import TorchcvtError
 from .build import Components
 from .optim import update_lr
 from .runtime import Runtime, agree_on_failure, rng_state, set_rng_state
@@ -106,7 +107,7 @@ class Checkpointer:
             except OSError as failed:
                 kept = f"{path} is unchanged" if path.exists() else "nothing was written"
                 reason = (failed.strerror or str(failed)).lower()
-                error = ValueError(f"cannot write checkpoint {path}: {reason}; {kept}")
+                error = TorchcvtError(f"cannot write checkpoint {path}: {reason}; {kept}")
         agree_on_failure(self.runtime, error)
 
     def _weights_finite(self) -> bool:
@@ -168,7 +169,7 @@ class Checkpointer:
             return
         try:
             saved = read_training_state(best)
-        except ValueError as error:
+        except TorchcvtError as error:
             logger.warning(f"{error}; the next epoch that improves on {loop.best_top1:.4f} replaces it")
             return
         if float(saved.get("best_top1", -1.0)) > loop.best_top1:

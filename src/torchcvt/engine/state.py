@@ -134,7 +134,7 @@ def _fallback(path: Path) -> str:
     previous = previous_path(path)
     try:
         read_training_state(previous)
-    except (ValueError, FileNotFoundError):
+    except TorchcvtError:
         return "no intact previous checkpoint is kept: start afresh with --no-resume"
     return f"the previous checkpoint {previous} is intact: resume from it with --resume {previous}"
 

@@ -327,7 +327,12 @@ def load_config(
         path = Path(path)
         if not path.is_file():
             raise TorchcvtError(f"config file {path} does not exist")
-        loaded = read_yaml(path.read_text(), f"config file {path}") or {}
+        try:
+            text = path.read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as error:
+            reason = error.strerror if isinstance(error, OSError) else "it is not UTF-8 text"
+            raise TorchcvtError(f"config file {path} cannot be read: {reason}") from None
+        loaded = read_yaml(text, f"config file {path}") or {}
         if not isinstance(loaded, dict):
             raise TorchcvtError(
                 f"config file {path} must hold a mapping of sections, not {type(loaded).__name__}"

@@ -15,7 +15,6 @@ from pathlib import Path
 from typing import Any, TypedDict
 
 from ..config import VARIANTS, get_variant
-from ..errors import TorchcvtError
 from .checkpoint import HF_BIN_NAME, WEIGHTS_NAME
 
 PAPER = "CvT: Introducing Convolutions to Vision Transformers"
@@ -120,7 +119,7 @@ def weights_of(architecture: str) -> list[Weights]:
 def class_names(classes: str) -> tuple[str, ...]:
     """The class names of a label set ('imagenet-1k': the first WordNet lemma of each synset, index order)."""
     if classes != IMAGENET_1K:
-        raise TorchcvtError(f"unknown label set {classes!r}")
+        raise ValueError(f"unknown label set {classes!r}")  # the catalogue names only known sets
     return tuple(resources.files("torchcvt").joinpath("imagenet_classes.txt").read_text().splitlines())
 
 

@@ -106,7 +106,7 @@ def unwrap_state_dict(obj: Any, path: Path) -> StateDict:
 
 
 def parse_json(text: str, where: str) -> dict[str, Any]:
-    """A JSON object, or a one-line ValueError naming where the text came from."""
+    """A JSON object, or a one-line TorchcvtError naming where the text came from."""
     try:
         data = json.loads(text)
     except json.JSONDecodeError as error:

@@ -113,7 +113,7 @@ def export_checkpoint(model: CvT, path: str | Path, to: str, class_names: ClassN
         return save_hf(model, path, class_names, run)
     if to == "torchcvt":
         return save_checkpoint(model, path, class_names)
-    raise TorchcvtError(f"unknown checkpoint format {to!r}; choose one of {', '.join(FORMATS)}")
+    raise ValueError(f"unknown checkpoint format {to!r}; choose one of {', '.join(FORMATS)}")
 
 
 def check_destination(src: str | Path, dst: str | Path, to: str, overwrite: bool = False) -> None:
