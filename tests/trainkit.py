@@ -83,7 +83,8 @@ def add_unreadable_image(folder: Path, name: str = "broken.png") -> Path:
 
 
 def train_process(overrides: list[str], *args: str, **popen: object):
-    """`python -m torchcvt train` on one thread as a real subprocess, with this checkout's src first."""
+    """`torchcvt train` on one thread as a real subprocess, with this checkout's src first: the entry point
+    the console script runs (torchcvt_launcher), which holds a Ctrl-C while torch loads."""
     import os
     import subprocess
     import sys
@@ -93,7 +94,8 @@ def train_process(overrides: list[str], *args: str, **popen: object):
         "OMP_NUM_THREADS": "1",
         "PYTHONPATH": str(Path(__file__).resolve().parents[1] / "src"),
     }
-    return subprocess.Popen([sys.executable, "-m", "torchcvt", "train", *args, *overrides], env=env, **popen)
+    command = [sys.executable, "-m", "torchcvt_launcher", "train", *args, *overrides]
+    return subprocess.Popen(command, env=env, **popen)
 
 
 @torch.no_grad()

@@ -6,9 +6,7 @@ import argparse
 import errno
 import logging
 import os
-import signal
 import sys
-import threading
 import traceback
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
@@ -20,7 +18,7 @@ from .inference import add_attention_command, add_embed_command, add_export_comm
 from .training import add_eval_command, add_train_command
 from .weights import add_convert_command, add_info_command
 
-__all__ = ["TorchcvtError", "build_parser", "hold_interrupt", "main"]
+__all__ = ["TorchcvtError", "build_parser", "main"]
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -72,22 +70,6 @@ def _console_logging(command: str) -> Iterator[None]:
     finally:
         logger.removeHandler(handler)
         logger.setLevel(level)
-
-
-@contextmanager
-def hold_interrupt() -> Iterator[None]:
-    """Hold a Ctrl-C until the block is done: some libraries swallow KeyboardInterrupt while importing."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-    caught: list[int] = []
-    previous = signal.signal(signal.SIGINT, lambda signum, frame: caught.append(signum))
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGINT, previous)
-    if caught:
-        raise KeyboardInterrupt
 
 
 # No space on the device, over the disk quota, file too large for the file system.
