@@ -1,6 +1,7 @@
 """Parity with transformers' CvtForImageClassification at random weights, both directions."""
 
 import json
+import logging
 
 import pytest
 import torch
@@ -107,20 +108,28 @@ def test_cli_convert_hf_to_official_and_back(tmp_path, hf_model, images):
     assert_logits_match(hf_logits(load_hf(tmp_path / "hf2"), images), hf_logits(hf_model, images))
 
 
-def test_quick_gelu_model_to_hf_warns_outputs_differ(tmp_path):
+def _warnings(caplog) -> list[str]:
+    return [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+
+
+def test_quick_gelu_model_to_hf_warns_outputs_differ(tmp_path, caplog):
     model = torchcvt.create_model("cvt_13", **{**OURS, "activation": "quick_gelu"})
-    with pytest.warns(UserWarning, match="exact GELU"):
+    with caplog.at_level(logging.WARNING, logger="torchcvt"):
         save_hf(model, tmp_path / "hf")
+    assert [m for m in _warnings(caplog) if "exact GELU" in m], caplog.text
     load_hf(tmp_path / "hf")
 
 
-def test_models_transformers_cannot_run_warn(tmp_path, tiny_overrides):
+def test_models_transformers_cannot_run_warn(tmp_path, tiny_overrides, caplog):
     model = torchcvt.create_model("cvt_13", activation="gelu", **tiny_overrides)
-    with pytest.warns(UserWarning, match=r"fails to build when depth\[i\] <= i \(stage 1 has depth 1\)"):
+    with caplog.at_level(logging.WARNING, logger="torchcvt"):
         save_hf(model, tmp_path / "hf")
+    assert [m for m in _warnings(caplog) if "fails to build when depth[i] <= i (stage 1 has depth 1)" in m]
+    caplog.clear()
     model = torchcvt.create_model("cvt_13", **{**OURS, "cls_token": [False] * 3})
-    with pytest.warns(UserWarning, match="fails without a class token in the last stage"):
+    with caplog.at_level(logging.WARNING, logger="torchcvt"):
         save_hf(model, tmp_path / "hf2")
+    assert [m for m in _warnings(caplog) if "fails without a class token in the last stage" in m]
 
 
 @pytest.mark.parametrize(

@@ -84,3 +84,36 @@ def test_module_and_class_sizes(name):
         if isinstance(node, ast.ClassDef):
             size = node.end_lineno - node.lineno + 1
             assert size <= MAX_CLASS_LINES, f"{name}.{node.name} has {size} lines"
+
+
+def test_errors_are_at_the_bottom_of_the_house():
+    """Every layer raises TorchcvtError, so errors.py itself depends on nothing of torchcvt."""
+    assert _imports("torchcvt.errors", MODULES["torchcvt.errors"]) == set()
+
+
+def _library_notices(tree: ast.AST) -> list[str]:
+    """print calls, warnings.warn calls other than deprecations, and hand-written "warning:" prefixes."""
+    found = []
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Call):
+            name = ast.unparse(node.func)
+            category = ast.unparse(node.args[1]) if len(node.args) > 1 else next(
+                (ast.unparse(k.value) for k in node.keywords if k.arg == "category"), "UserWarning")
+            if name == "print" or (name == "warnings.warn" and "Deprecation" not in category):
+                found.append(f"line {node.lineno}: {name}")
+        elif isinstance(node, ast.Constant) and "warning:" in str(node.value).lower():
+            found.append(f"line {node.lineno}: {node.value[:40]!r}")
+    return found
+
+
+def test_library_notices_go_through_logging():
+    """The command shows log records (INFO on stdout, WARNING on stderr); library code never prints."""
+    found = {name: _library_notices(ast.parse(path.read_text())) for name, path in MODULES.items()
+             if not name.startswith("torchcvt.cli")}
+    assert {name: notices for name, notices in found.items() if notices} == {}
+
+
+def test_the_notice_finder_finds_prints_and_warnings():
+    code = 'print(1)\nwarnings.warn("x")\nwarnings.warn("y", DeprecationWarning)\nlog("warning: z")\n'
+    expected = ["line 1: print", "line 2: warnings.warn", "line 4: 'warning: z'"]
+    assert _library_notices(ast.parse(code)) == expected

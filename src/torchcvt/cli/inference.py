@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import argparse
+import logging
 
 from ..errors import TorchcvtError
 from .common import add_model_arguments, image_size, make_predictor, report_unreadable, unreadable_summary
+
+logger = logging.getLogger(__name__)
 
 
 def _add_image_list_arguments(parser: argparse.ArgumentParser, quiet: str) -> None:
@@ -79,8 +82,6 @@ def add_attention_command(sub: argparse._SubParsersAction) -> None:
 
 
 def _run_attention(args: argparse.Namespace) -> int:
-    import sys
-
     from ..attention_maps import (
         attention_map,
         default_stage,
@@ -115,8 +116,8 @@ def _run_attention(args: argparse.Namespace) -> int:
     elif amap.single_key:
         others = [str(i + 1) for i in range(stages) if key_grid(model.config, i, height, width) != (1, 1)]
         hint = f"; stages with more keys: {', '.join(others)}" if others else ""
-        print(f"torchcvt attention: warning: stage {stage + 1}'s key grid is 1x1 at {width}x{height}: "
-              f"every query sees one key, so the map is uniform{hint}", file=sys.stderr)
+        logger.warning(f"stage {stage + 1}'s key grid is 1x1 at {width}x{height}: every query sees one key, "
+                       f"so the map is uniform{hint}")
     picture = denormalize(x, predictor.data_config["mean"], predictor.data_config["std"])
     written = render_attention(picture, amap, args.output)
     what = "class token" if amap.query is None else f"query at ({amap.query[0]:.0f}, {amap.query[1]:.0f})"

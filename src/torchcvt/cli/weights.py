@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import sys
 
 from ..errors import TorchcvtError
 from .common import image_size, model_overrides
@@ -37,8 +36,6 @@ def add_convert_command(sub: argparse._SubParsersAction) -> None:
 
 
 def _run_convert(args: argparse.Namespace) -> int:
-    import warnings
-
     from ..factory import convert_checkpoint, pretrained_checkpoint
 
     if len(args.paths) > 2:
@@ -52,12 +49,8 @@ def _run_convert(args: argparse.Namespace) -> int:
     else:
         args.src = args.paths[0]
     args.dst = args.paths[-1]
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        model = convert_checkpoint(args.src, args.dst, args.to, args.model, args.activation, args.overwrite,
-                                   model_overrides(args.model_overrides))
-    for warning in caught:
-        print(f"torchcvt convert: warning: {warning.message}", file=sys.stderr)
+    model = convert_checkpoint(args.src, args.dst, args.to, args.model, args.activation, args.overwrite,
+                               model_overrides(args.model_overrides))
     print(f"wrote {args.dst} ({args.to} format, {model.pretrained_cfg['architecture']}, "
           f"{model.num_classes} classes, activation {model.config.activation})")
     return 0

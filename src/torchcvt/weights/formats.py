@@ -7,8 +7,8 @@ by what the keys look like (timm's pretrained_filter_fn, passed in rather than h
 
 from __future__ import annotations
 
+import logging
 import re
-import warnings
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -17,6 +17,8 @@ from PIL import Image
 from ..config import CvtConfig
 from ..errors import TorchcvtError
 from .io import StateDict
+
+logger = logging.getLogger(__name__)
 
 StateDictFilter = Callable[[StateDict], StateDict]
 
@@ -177,28 +179,25 @@ def hf_config_json(config: CvtConfig, class_names: Sequence[str] | None, archite
 def _warn_about_transformers(config: CvtConfig) -> None:
     """What transformers will do differently with these files (torchcvt itself reloads them exactly)."""
     if config.activation != "gelu":
-        warnings.warn(
+        logger.warning(
             f"the model uses activation={config.activation!r}, which transformers' CvT config cannot express "
-            "(it always uses exact GELU): transformers' outputs will differ (torchcvt reloads it exactly)",
-            stacklevel=4,
+            "(it always uses exact GELU): transformers' outputs will differ (torchcvt reloads it exactly)"
         )
     if config.layer_norm_eps != HF_LAYER_NORM_EPS:
-        warnings.warn(
+        logger.warning(
             f"the model uses layer_norm_eps={config.layer_norm_eps} but transformers' CvT always uses "
-            f"{HF_LAYER_NORM_EPS}: transformers' outputs will differ (torchcvt reloads it exactly)",
-            stacklevel=4,
+            f"{HF_LAYER_NORM_EPS}: transformers' outputs will differ (torchcvt reloads it exactly)"
         )
     short = [i for i, depth in enumerate(config.depth) if depth <= i]
     if short:
-        warnings.warn(
+        logger.warning(
             f"transformers' CvtStage fails to build when depth[i] <= i (stage {short[0]} has depth "
-            f"{config.depth[short[0]]}): the files are correct but transformers cannot load them",
-            stacklevel=4,
+            f"{config.depth[short[0]]}): the files are correct but transformers cannot load them"
         )
     if not config.cls_token[config.num_stages - 1]:
-        warnings.warn(
+        logger.warning(
             "transformers' CvtForImageClassification.forward fails without a class token in the last stage: "
-            "the files are correct but transformers cannot run them", stacklevel=4,
+            "the files are correct but transformers cannot run them"
         )
 
 

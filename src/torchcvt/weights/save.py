@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import json
-import warnings
+import logging
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -15,6 +15,8 @@ from .card import TrainingRun, model_card
 from .checkpoint import CONFIG_NAME, FORMATS, TORCHCVT_FORMAT_VERSION, WEIGHTS_NAME
 from .formats import hf_config_json, hf_preprocessor_json, torchcvt_to_hf
 from .io import save_json, save_safetensors, save_text, save_torch
+
+logger = logging.getLogger(__name__)
 
 ClassNames = Sequence[str] | None
 # What the official code builds, and so what an official .pth implies beyond its keys.
@@ -49,9 +51,9 @@ def save_official(model: CvT, path: str | Path) -> Path:
         model.config.to_dict(), OFFICIAL_DEFAULTS, ("activation", "layer_norm_eps", "position_embedding",
                                                    "token_embedding"))]
     if unrecorded:
-        warnings.warn(
+        logger.warning(
             f"the official .pth layout records no config: reload {Path(path).name} with "
-            f"{', '.join(unrecorded)} (or write torchcvt's format, which records every field)", stacklevel=2,
+            f"{', '.join(unrecorded)} (or write torchcvt's format, which records every field)"
         )
     return save_torch({key: value.detach().cpu().contiguous() for key, value in model.state_dict().items()},
                       Path(path))
