@@ -117,3 +117,13 @@ def test_the_notice_finder_finds_prints_and_warnings():
     code = 'print(1)\nwarnings.warn("x")\nwarnings.warn("y", DeprecationWarning)\nlog("warning: z")\n'
     expected = ["line 1: print", "line 2: warnings.warn", "line 4: 'warning: z'"]
     assert _library_notices(ast.parse(code)) == expected
+
+
+def test_one_class_name_for_one_concept():
+    """No two classes of the package share a name (three were called Progress, each a different thing)."""
+    homes: dict[str, list[str]] = {}
+    for name, path in MODULES.items():
+        for node in ast.parse(path.read_text()).body:
+            if isinstance(node, ast.ClassDef):
+                homes.setdefault(node.name, []).append(name)
+    assert {cls: where for cls, where in homes.items() if len(where) > 1} == {}

@@ -90,7 +90,7 @@ class ImageFiles(Dataset):
             return path, None, str(error)
 
 
-class Progress:
+class ImageProgress:
     """A tqdm bar on a terminal; where stderr is a log, an INFO line every `interval` seconds instead."""
 
     def __init__(self, total: int, progress: bool | None, interval: float = 30.0):
@@ -108,7 +108,7 @@ class Progress:
             rate = self.done / max(now - self.start, 1e-9)
             logger.info("%d/%d images (%.1f img/s)", self.done, self.total, rate)
 
-    def __enter__(self) -> Progress:
+    def __enter__(self) -> ImageProgress:
         return self
 
     def __exit__(self, *exc: object) -> None:

@@ -11,11 +11,11 @@ from PIL import Image
 from torch.utils.data import DataLoader
 
 from .checks import resolve_device
-from .config import model_data_config as data_config_of
+from .config import model_data_config
 from .data import eval_transform, to_rgb
 from .errors import TorchcvtError
 from .factory import create_model
-from .inputs import ImageFiles, Progress, input_files, read_image, transformed
+from .inputs import ImageFiles, ImageProgress, input_files, read_image, transformed
 from .model import CvT
 from .reports import FileResult, Prediction
 from .weights import Checkpoint
@@ -32,11 +32,6 @@ def imagenet_class_names() -> list[str]:
 def default_class_names(num_classes: int) -> list[str]:
     """ImageNet-1k names for 1000 outputs, else the indices as strings."""
     return imagenet_class_names() if num_classes == 1000 else [str(i) for i in range(num_classes)]
-
-
-def model_data_config(model: CvT) -> dict[str, Any]:
-    """The preprocessing a model expects: its pretrained_cfg, or ImageNet defaults at its img_size."""
-    return data_config_of(model.config.img_size, getattr(model, "pretrained_cfg", None))
 
 
 class Predictor:
@@ -59,7 +54,8 @@ class Predictor:
         self.device = resolve_device(device)
         self.model = model.eval().to(self.device)
         self.batch_size = batch_size
-        self.data_config = {**model_data_config(model), **(data_config or {})}
+        expected = model_data_config(model.config.img_size, getattr(model, "pretrained_cfg", None))
+        self.data_config = {**expected, **(data_config or {})}
         self.transform = eval_transform(self.data_config)
         num_classes = model.num_classes
         if class_names is None:
@@ -165,7 +161,7 @@ class Predictor:
         loader = DataLoader(ImageFiles(paths, self.transform), batch_size=self.batch_size,
                             num_workers=workers,
                             collate_fn=list, pin_memory=self.device.type == "cuda")
-        with Progress(len(paths), progress) as bar:
+        with ImageProgress(len(paths), progress) as bar:
             for batch in loader:
                 results = [FileResult(path, error=error) for path, _, error in batch]
                 tensors = [tensor for _, tensor, _ in batch if tensor is not None]

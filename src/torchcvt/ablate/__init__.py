@@ -12,7 +12,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from .plan import Plan, PlannedRow, Run, build_plan, dry_run_rows, format_dry_run, row_config
-from .recipe import Recipe, data_overrides, read_recipe, recipe_from_settings, section_overrides
+from .recipe import SuiteRecipe, data_overrides, read_recipe, recipe_from_settings, section_overrides
 from .report import collect, write_report
 from .runner import RunFailed, data_fingerprint, default_shard, open_suite, read_suite, run_suite
 from .studies import STUDIES, Row, Study, select_studies
@@ -21,7 +21,7 @@ from .task import EMBEDDED_BUDGET, write_task
 logger = logging.getLogger("torchcvt.ablate")
 
 __all__ = [
-    "EMBEDDED_BUDGET", "STUDIES", "Plan", "PlannedRow", "Recipe", "Row", "Run", "RunFailed", "Study",
+    "EMBEDDED_BUDGET", "STUDIES", "Plan", "PlannedRow", "Row", "Run", "RunFailed", "Study", "SuiteRecipe",
     "build_plan", "collect", "data_fingerprint", "default_shard", "dry_run_rows", "format_dry_run",
     "open_suite", "prepare", "read_recipe",
     "read_suite", "recipe_from_settings", "row_config", "run_suite", "select_studies", "suite_plan",
@@ -31,7 +31,7 @@ __all__ = [
 
 def prepare(
     config: str | None, overrides: Sequence[str], data: str | Path | None
-) -> tuple[list[str], Recipe]:
+) -> tuple[list[str], SuiteRecipe]:
     """The KEY=VALUE strings every run starts from and the recipe they give, as `torchcvt train` decides:
     with neither a config file nor data (--data or a data.train override), the embedded task (written
     once) and its recipe; with data and no config file, the recipe chosen for the data (engine.recipes).

@@ -9,7 +9,7 @@ from typing import Any
 from ..config import CvtConfig, get_variant, variant_config
 from ..errors import TorchcvtError
 from ..flops import count_flops, count_params
-from .recipe import Recipe
+from .recipe import SuiteRecipe
 from .studies import Row, Study
 
 _PROJECTION_CODES = {"dw_bn": "c", "linear": "l", "avg": "a"}
@@ -49,7 +49,7 @@ class Run:
 
 @dataclass(frozen=True)
 class Plan:
-    recipe: Recipe
+    recipe: SuiteRecipe
     rows: tuple[PlannedRow, ...]
     seeds: tuple[int, ...]
     img_size: tuple[int, int]
@@ -72,7 +72,7 @@ def model_name(config: CvtConfig) -> str:
     return f"pos{positions}-tok{tokens}-kv{strides}-proj{projections}"
 
 
-def row_config(recipe: Recipe, study: Study, row: Row, num_classes: int) -> CvtConfig:
+def row_config(recipe: SuiteRecipe, study: Study, row: Row, num_classes: int) -> CvtConfig:
     """The recipe's model with a row's settings; a one-line error when the model cannot take them."""
     try:
         settings = {**recipe.model_overrides, **row.knobs}
@@ -84,7 +84,7 @@ def row_config(recipe: Recipe, study: Study, row: Row, num_classes: int) -> CvtC
                          f"{base}: {error}") from None
 
 
-def build_plan(recipe: Recipe, studies: Sequence[Study], seeds: Sequence[int], num_classes: int) -> Plan:
+def build_plan(recipe: SuiteRecipe, studies: Sequence[Study], seeds: Sequence[int], num_classes: int) -> Plan:
     """Every row of the studies on the recipe's model, counted at the model's input size."""
     img_size = tuple(get_variant(recipe.model_name).input_size[1:])
     rows = []

@@ -1,7 +1,7 @@
 """The suite's view of a training config: the one place that reads the engine's config contents.
 
-Everything else in the ablation package sees a Recipe and hands runs to the engine as KEY=VALUE strings,
-so a change in the engine's config type touches only `_config_tree` and `read_recipe`.
+Everything else in the ablation package sees a SuiteRecipe and hands runs to the engine as KEY=VALUE
+strings, so a change in the engine's config type touches only `_config_tree` and `read_recipe`.
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ RUN_LOCAL_KEYS = (
 
 
 @dataclass(frozen=True)
-class Recipe:
+class SuiteRecipe:
     """What the suite needs from a training config: the model, the data folders, the first seed and the
     recipe's settings (flattened to dotted keys) that every run of the suite must share."""
 
@@ -52,14 +52,14 @@ def _flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     return flat
 
 
-def read_recipe(cfg: Any) -> Recipe:
-    """The Recipe of a config returned by the engine's load_config."""
+def read_recipe(cfg: Any) -> SuiteRecipe:
+    """The SuiteRecipe of a config returned by the engine's load_config."""
     tree = _config_tree(cfg)
     model, data = tree["model"], tree["data"]
     settings = {key: value for key, value in _flatten(tree).items() if key not in RUN_LOCAL_KEYS}
     # JSON round trip: tuples become lists, so a recipe read back from suite.json compares equal.
     settings = json.loads(json.dumps(settings, default=str))
-    return Recipe(
+    return SuiteRecipe(
         model_name=model["name"],
         model_overrides=dict(model["overrides"] or {}),
         train_dir=data["train"],
@@ -97,7 +97,8 @@ def override(key: str, value: Any) -> str:
     return f"{key}={json.dumps(value)}"
 
 
-def recipe_from_settings(settings: dict[str, Any], seed: int) -> Recipe:
-    """The Recipe recorded in a suite's suite.json (its settings), for rebuilding the report."""
-    return Recipe(model_name=settings["model.name"], model_overrides=dict(settings["model.overrides"] or {}),
-                  train_dir=None, val_dir=None, seed=seed, settings=settings)
+def recipe_from_settings(settings: dict[str, Any], seed: int) -> SuiteRecipe:
+    """The SuiteRecipe recorded in a suite's suite.json (its settings), for rebuilding the report."""
+    return SuiteRecipe(model_name=settings["model.name"],
+                       model_overrides=dict(settings["model.overrides"] or {}),
+                       train_dir=None, val_dir=None, seed=seed, settings=settings)

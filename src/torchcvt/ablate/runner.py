@@ -157,7 +157,7 @@ def record(root: Path, event: str, run: Run, **details: Any) -> None:
 
 
 @dataclass
-class Progress:
+class WorkerTally:
     """What one worker did: counts for its closing line."""
 
     trained: list[str] = field(default_factory=list)
@@ -173,13 +173,13 @@ def shard_runs(runs: Sequence[Run], index: int, count: int) -> list[Run]:
 
 def run_suite(plan: Plan, root: Path, config: str | None, base_overrides: Sequence[str],
               shard: tuple[int, int] = (0, 1), launcher: str | None = None,
-              after_each: Callable[[], Any] | None = None) -> Progress:
+              after_each: Callable[[], Any] | None = None) -> WorkerTally:
     """Train this worker's share of the plan's runs that are not finished and not held by another worker;
     after_each (rebuilding the report, say) is called after every run this worker finishes."""
     from .recipe import run_overrides
 
     mine = shard_runs(plan.runs(), *shard)
-    progress = Progress()
+    progress = WorkerTally()
     rows_of = {}
     for planned in plan.rows:
         rows_of.setdefault(planned.model, []).append(f"{planned.study.table}{planned.row.letter}")

@@ -13,7 +13,7 @@ import torch.distributed as dist
 from ..errors import TorchcvtError
 from .build import Components, build_components, make_run_folder
 from .optim import update_lr
-from .reporting import MetricsLog, Progress
+from .reporting import MetricsLog, TrainingProgress
 from .runlock import RunLock
 from .runtime import Runtime, agree_on_failure, init_runtime, torch_settings
 from .snapshot import Checkpointer, LoopState
@@ -94,7 +94,7 @@ class Trainer:
         main = self.runtime.is_main
         resumed_at = loop.global_step if parts.resume_path else None
         self.metrics = MetricsLog(self.output, resumed_at) if main else None
-        progress = Progress(main, t.quiet, t.log_every_steps)
+        progress = TrainingProgress(main, t.quiet, t.log_every_steps)
         self._log(
             f"training {self.cfg.model.name} on {len(parts.train_set)} images of "
             f"{len(self.class_names)} classes ({parts.train_dir}), {self.runtime.world_size} process(es) on "
@@ -126,7 +126,7 @@ class Trainer:
     def _save(self, name: str, epoch: int, epoch_images: int) -> None:
         self.checkpoints.save(name, epoch, epoch_images, self.loop.left_out + self.steps.left_out)
 
-    def _train_epoch(self, epoch: int, progress: Progress) -> None:
+    def _train_epoch(self, epoch: int, progress: TrainingProgress) -> None:
         """The steps of one epoch, from the image a resumed run stopped at (counted in images, not steps,
         so a batch size changed on resume neither skips nor repeats any)."""
         parts, loop, world = self.parts, self.loop, self.runtime.world_size

@@ -18,7 +18,7 @@ from ..extras import require
 logger = logging.getLogger("torchcvt.engine")
 
 
-class Progress:
+class TrainingProgress:
     """A tqdm bar per epoch on a terminal; plain log lines otherwise or with quiet."""
 
     def __init__(self, enabled: bool, quiet: bool, every: int):
