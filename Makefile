@@ -3,7 +3,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: install demo test lint bench clean
+.PHONY: install demo test lint bench docs clean
 
 $(STAMP): pyproject.toml constraints.txt
 	python3 -m venv $(VENV)
@@ -14,7 +14,7 @@ $(STAMP): pyproject.toml constraints.txt
 install: $(STAMP)
 
 lint: install
-	$(PY) -m ruff check src tests benchmarks
+	$(PY) -m ruff check src tests benchmarks tools
 
 test: install lint
 	$(PY) -m pytest -q
@@ -26,6 +26,10 @@ demo: install
 
 bench: install
 	$(PY) benchmarks/bench.py
+
+# The tables of README.md and docs/pretrained.md that quote the weight catalogue.
+docs: install
+	$(PY) tools/update_docs.py
 
 clean:
 	rm -rf $(VENV) build src/*.egg-info .pytest_cache

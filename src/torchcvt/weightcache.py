@@ -73,8 +73,3 @@ def prepared_weight(weight: torch.Tensor, dtype: torch.dtype, scale: float | Non
     # Scaled in the parameter's own precision, then cast: one rounding, as for the plain path's cast.
     return derived(weight, (dtype, scale), (weight,),
                    lambda: (weight if scale is None else weight * scale).to(dtype))
-
-
-def cached_for(key: torch.Tensor) -> int:
-    """How many derived tensors are kept for key."""
-    return len(_cache.get(key) or ())
