@@ -10,7 +10,7 @@ from PIL import Image
 
 import torchcvt
 from torchcvt.cli import main
-from torchcvt.data import check_real_labels
+from torchcvt.data import check_real_labels, list_classes
 from torchcvt.errors import TorchcvtError
 from torchcvt.weights import save_checkpoint
 
@@ -226,3 +226,19 @@ def test_a_builtin_error_from_a_bug_shows_its_traceback(bug, monkeypatch, capsys
 def test_a_user_error_from_the_same_place_stays_one_line(capsys):
     assert main(["info", "cvt_nope"]) == 2
     assert "unknown model 'cvt_nope'" in _one_error(capsys, "info")
+
+
+def test_a_data_folder_that_cannot_be_listed_is_a_user_error(tmp_path, monkeypatch):
+    """Root lists any folder, so the refusal a user without the permission meets is injected."""
+    data = tmp_path / "data"
+    (data / "cat").mkdir(parents=True)
+    listing = Path.iterdir
+
+    def refuse(self):
+        if self == data:
+            raise PermissionError(13, "Permission denied", str(self))
+        return listing(self)
+
+    monkeypatch.setattr(Path, "iterdir", refuse)
+    with pytest.raises(TorchcvtError, match=f"^data folder {re.escape(str(data))} cannot be listed: Perm"):
+        list_classes(data)

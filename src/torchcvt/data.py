@@ -208,7 +208,10 @@ def list_classes(root: str | Path) -> list[str]:
         raise TorchcvtError(f"data folder {root} is a file, not a folder: give the folder of class folders")
     if not root.is_dir():
         raise TorchcvtError(f"data folder {root} does not exist")
-    classes = sorted(d.name for d in root.iterdir() if d.is_dir() and not d.name.startswith("."))
+    try:
+        classes = sorted(d.name for d in root.iterdir() if d.is_dir() and not d.name.startswith("."))
+    except OSError as error:
+        raise TorchcvtError(f"data folder {root} cannot be listed: {error.strerror or error}") from None
     if not classes:
         raise TorchcvtError(f"data folder {root} is empty: expected one sub-folder of images per class")
     return classes
