@@ -29,6 +29,7 @@ from ..data import (
 from ..errors import TorchcvtError
 from ..factory import create_model
 from ..model import CvT
+from ..typed import describe_changes
 from ..weights import Checkpoint
 from .optim import build_loss, build_optimizer, build_scheduler, freeze_stages, learning_rate
 from .runtime import Runtime, seed_everything
@@ -222,8 +223,8 @@ def build_components(cfg: TrainConfig | Mapping[str, Any], runtime: Runtime) -> 
         config = variant_config(m.name, num_classes=len(class_names), **m.overrides)
         changes = check_resumable(resume, cfg, config, class_names, resume_from)
         if changes and runtime.is_main:
-            listed = "; ".join(f"{key}: {old!r} -> {new!r}" for key, (old, new) in changes.items())
-            logger.info(f"resuming with a changed config (the schedule and optimiser follow it): {listed}")
+            logger.info("resuming with a changed config (the schedule and optimiser follow it): "
+                        + describe_changes(changes))
     model = build_model(cfg, class_names, starting, runtime)
     data_config = model.pretrained_cfg
     train_set = ImageFolder(train_dir, train_transform(a, data_config), class_names)

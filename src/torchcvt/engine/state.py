@@ -14,6 +14,7 @@ import torch
 from ..config import ARCHITECTURE_FIELDS, CvtConfig, architecture_differences
 from ..errors import TorchcvtError
 from ..files import replace_file
+from ..typed import UNSET, differences, flatten
 from .train_config import TrainConfig
 
 # Bumped whenever a key's meaning changes; files without the field were written before it existed (0).
@@ -139,10 +140,6 @@ def _fallback(path: Path) -> str:
     return f"the previous checkpoint {previous} is intact: resume from it with --resume {previous}"
 
 
-def _plain(value: Any) -> Any:
-    return list(value) if isinstance(value, tuple) else value
-
-
 # Changing one of these cannot continue a run: another model, other starting weights (a resumed run keeps
 # its own weights, so new ones would be ignored), or an optimiser state of another layout.
 FIXED_ON_RESUME = (
@@ -156,24 +153,18 @@ START_AFRESH = "start afresh with --no-resume (the old run moves to OUTPUT/previ
 RESUME_KEYS = ("train.resume", "train.auto_resume", "train.output")
 
 
-def _flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-    flat = {}
-    for key, value in tree.items():
-        if isinstance(value, dict):
-            flat.update(_flatten(value, f"{prefix}{key}."))
-        else:
-            flat[f"{prefix}{key}"] = _plain(value)
-    return flat
+def config_changes(saved: dict[str, Any], new: TrainConfig, model: dict[str, Any] | None = None
+                   ) -> dict[str, tuple[Any, Any]]:
+    """Every dotted key whose value differs between a checkpoint's train_config and a new config.
 
-
-def config_changes(saved: dict[str, Any], new: dict[str, Any]) -> dict[str, tuple[Any, Any]]:
-    """Every dotted key whose value differs between a checkpoint's train_config and a new config."""
-    old, ours = _flatten(saved), _flatten(new)
-    return {
-        key: (old.get(key), ours.get(key))
-        for key in sorted(set(old) | set(ours))
-        if key not in RESUME_KEYS and old.get(key) != ours.get(key)
-    }
+    A model.overrides entry the new config adds with the value of the model the checkpoint holds (model,
+    its recorded model config) is no change: that run's config left it to the starting weights.
+    """
+    changes = differences(saved, new, ignore=RESUME_KEYS)
+    prefix = "model.overrides."
+    return {key: (old, ours) for key, (old, ours) in changes.items()
+            if not (old is UNSET and key.startswith(prefix) and model is not None
+                    and flatten(model).get(key[len(prefix):], UNSET) == ours)}
 
 
 def check_resumable(
@@ -197,7 +188,8 @@ def check_resumable(
             f"{_preview(saved_classes)} but the data has {len(class_names)} classes {_preview(class_names)}; "
             f"{START_AFRESH}"
         )
-    changes = config_changes(state.get("train_config") or {}, cfg.to_dict())
+    changes = config_changes(state.get("train_config") or {}, cfg,
+                             saved_config if isinstance(saved_config, dict) else None)
     for key in FIXED_ON_RESUME:
         if key in changes:
             old, new = changes[key]
