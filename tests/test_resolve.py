@@ -93,14 +93,14 @@ def test_finetune_rerun_of_a_finished_run_says_it_is_finished(tmp_path, pretrain
     last = tmp_path / "runs" / "digits-5-7" / "last.pth"
     saved = read_training_state(last)
     # The config records the architecture it adopted from the checkpoint.
-    assert saved["train_config"]["model"]["overrides"]["depth"] == [1, 2, 3]
-    assert saved["train_config"]["model"]["overrides"]["activation"] == "gelu"
-    assert saved["config"]["depth"] == [1, 2, 3]
+    assert saved.train_config["model"]["overrides"]["depth"] == [1, 2, 3]
+    assert saved.train_config["model"]["overrides"]["activation"] == "gelu"
+    assert saved.config["depth"] == [1, 2, 3]
     with caplog.at_level(logging.INFO, logger="torchcvt"):
         assert main(argv) == 0
     assert "is already finished (2 epochs); nothing to do" in caplog.text
     assert "changed config" not in caplog.text
-    assert read_training_state(last)["global_step"] == saved["global_step"]
+    assert read_training_state(last).global_step == saved.global_step
 
 
 def test_finetune_rerun_of_an_interrupted_run_resumes(tmp_path, pretrained_run, caplog, monkeypatch,
@@ -119,16 +119,16 @@ def test_finetune_rerun_of_an_interrupted_run_resumes(tmp_path, pretrained_run, 
     assert main(argv) == 130  # interrupted
     monkeypatch.setattr(Checkpointer, "save", save)
     last = tmp_path / "runs" / "digits-5-7" / "last.pth"
-    assert read_training_state(last)["epoch"] == 1
+    assert read_training_state(last).epoch == 1
     with caplog.at_level(logging.INFO, logger="torchcvt"):
         assert main(argv) == 0
     assert f"resuming from {last} at epoch 2" in caplog.text
     assert "changed config" not in caplog.text
     state = read_training_state(last)
-    assert state["epoch"] == 2
+    assert state.epoch == 2
     summary = json.loads((last.parent / "summary.json").read_text())
     assert summary["epochs"] == 2
-    assert any(key.startswith("stage2.blocks.2.") for key in state["state_dict"])  # the adopted depth
+    assert any(key.startswith("stage2.blocks.2.") for key in state.state_dict)  # the adopted depth
 
 
 def test_finetune_run_written_before_adoption_resumes_quietly(tmp_path, pretrained_run, caplog,
@@ -142,7 +142,7 @@ def test_finetune_run_written_before_adoption_resumes_quietly(tmp_path, pretrain
     assert main(argv) == 0
     last = tmp_path / "runs" / "digits-5-7" / "last.pth"
     state = read_training_state(last)
-    state["train_config"]["model"]["overrides"] = {}
+    state.train_config["model"]["overrides"] = {}
     save_training_state(state, last)
     (last.parent / "summary.json").unlink()
     argv[argv.index("train.epochs=1")] = "train.epochs=2"

@@ -116,7 +116,7 @@ def unknown_key(key: str, cls: type, origin: str | None, noun: str = "config key
     close = difflib.get_close_matches(key, keys(cls), n=1, cutoff=0.5)
     where = f" in {origin}" if origin else ""
     hint = f"; did you mean {close[0]!r}?" if close else ""
-    return ValueError(f"unknown {noun} {key!r}{where}{hint}")
+    return TorchcvtError(f"unknown {noun} {key!r}{where}{hint}")
 
 
 def merge(

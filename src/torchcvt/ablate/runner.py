@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING, Any
 from ..data import list_classes, walk_images
 from ..errors import TorchcvtError
 from ..files import write_bytes
+from ..runrecord import LAST_NAME, SUMMARY_NAME
 from ..typed import describe_changes, differences
 from .plan import Plan, Run
 from .studies import STUDIES
@@ -43,7 +44,7 @@ def run_folder(root: Path, run: Run) -> Path:
 
 def is_finished(folder: Path) -> bool:
     """A run is finished when the engine has written its summary (after its last epoch)."""
-    return (folder / "summary.json").is_file()
+    return (folder / SUMMARY_NAME).is_file()
 
 
 def data_fingerprint(train_dir: str | Path, val_dir: str | Path) -> dict[str, Any]:
@@ -181,7 +182,7 @@ def run_suite(plan: Plan, root: Path, config: TrainConfig, shard: tuple[int, int
             if is_finished(folder):  # finished by another worker between the two checks
                 progress.already_done += 1
                 continue
-            resuming = (folder / "last.pth").is_file()
+            resuming = (folder / LAST_NAME).is_file()
             trained = len(progress.trained)
             eta = ""
             if trained:

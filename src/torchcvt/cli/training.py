@@ -80,11 +80,20 @@ def _run_train(args: argparse.Namespace) -> int:
     if os.environ.get("RANK", "0") == "0":
         print(f"best val top-1 {100 * summary['best_val_top1']:.2f}% "
               f"(top-5 {100 * summary['best_val_top5']:.2f}%), "
-              f"final {100 * summary['final_val_top1']:.2f}%, {summary['epochs']} epochs in "
-              f"{summary['wall_seconds']:.1f} s ({summary['images_per_second']:.0f} img/s)")
+              f"final {100 * summary['final_val_top1']:.2f}%{_ema_scores(summary)}, "
+              f"{summary['epochs']} epochs in {summary['wall_seconds']:.1f} s "
+              f"({summary['images_per_second']:.0f} img/s)")
         print(f"checkpoint: {summary['checkpoint']}\ncurves:     {summary['curves']}\n"
               f"report:     {summary['summary']}\nmetrics:    {summary['metrics']}")
     return 0
+
+
+def _ema_scores(summary: dict) -> str:
+    """The EMA model's final scores, for a run with train.ema."""
+    if summary.get("ema_final_val_top1") is None:
+        return ""
+    return (f" (EMA: final {100 * summary['ema_final_val_top1']:.2f}%, "
+            f"top-5 {100 * summary['ema_final_val_top5']:.2f}%; use it with --ema)")
 
 
 def add_eval_command(sub: argparse._SubParsersAction) -> None:

@@ -29,6 +29,7 @@ from ..data import (
 from ..errors import TorchcvtError
 from ..factory import create_model
 from ..model import CvT
+from ..runrecord import LAST_NAME
 from ..typed import describe_changes
 from ..weights import Checkpoint
 from .optim import build_loss, build_optimizer, build_scheduler, freeze_stages, learning_rate
@@ -136,8 +137,8 @@ def resume_path(cfg: TrainConfig, output: Path) -> Path | None:
     if t.resume:
         path = Path(t.resume)
         # A run folder stands for its last checkpoint.
-        return path / "last.pth" if path.is_dir() and (path / "last.pth").is_file() else path
-    last = output / "last.pth"
+        return path / LAST_NAME if path.is_dir() and (path / LAST_NAME).is_file() else path
+    last = output / LAST_NAME
     return last if t.auto_resume and last.is_file() else None
 
 
