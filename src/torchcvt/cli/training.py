@@ -5,7 +5,13 @@ from __future__ import annotations
 import argparse
 
 from ..errors import TorchcvtError
-from .common import add_model_option, add_pretrained_argument, model_overrides, resolve_weights
+from .common import (
+    add_ema_option,
+    add_model_option,
+    add_pretrained_argument,
+    model_overrides,
+    resolve_weights,
+)
 
 
 def add_train_command(sub: argparse._SubParsersAction) -> None:
@@ -103,6 +109,7 @@ def add_eval_command(sub: argparse._SubParsersAction) -> None:
     add_model_option(parser)
     parser.add_argument("--checkpoint", help="official, transformers or torchcvt checkpoint")
     add_pretrained_argument(parser)
+    add_ema_option(parser)
     parser.add_argument("--data", required=True, help="ImageFolder tree: DIR/<class>/<image>")
     parser.add_argument("--output", help="folder for the report (default: the checkpoint's folder; with "
                         "--pretrained the current one)")
