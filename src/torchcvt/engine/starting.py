@@ -55,14 +55,10 @@ def adopted_architecture(path: str | Path, name: str, overrides: Mapping[str, An
     """The model config fields a weights file records that building `name` with `overrides` from it
     takes over (create_model's rule), where they differ from that build's defaults: what a run's config
     must say for the model it trains. A checkpoint `name` cannot hold is a one-line error."""
-    from ..config import variant_config
+    from ..config import architecture_differences, variant_config
     from ..weights.load import fit_config
 
     fitted = fit_config(read_weights(path), name, dict(overrides))
     base = variant_config(name, **overrides).to_dict()
-    return {key: _plain(value) for key, value in fitted.items()
-            if key not in overrides and _plain(value) != _plain(base.get(key))}
-
-
-def _plain(value: Any) -> Any:
-    return list(value) if isinstance(value, tuple) else value
+    taken = tuple(key for key in fitted if key not in overrides)
+    return {key: value for key, value, _ in architecture_differences(fitted, base, taken)}
