@@ -10,6 +10,7 @@ import logging
 import os
 import shlex
 import socket
+import stat
 import subprocess
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -18,7 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ..data import list_classes, walk_images
+from ..data import class_images, list_classes
 from ..errors import TorchcvtError
 from .plan import Plan, Run
 from .studies import STUDIES
@@ -41,10 +42,15 @@ def is_finished(folder: Path) -> bool:
     return (folder / "summary.json").is_file()
 
 
-def data_fingerprint(train_dir: str | Path, val_dir: str | Path) -> dict[str, Any]:
-    """Class and image counts of both trees and a hash of their file lists (names only: no image is read).
+# Files whose whole content the data fingerprint hashes, spread evenly over each tree: a fixed cost however
+# large the data set, on top of one stat per file.
+FINGERPRINT_SAMPLE = 64
 
-    A training tree with fewer than two classes is a one-line error.
+
+def data_fingerprint(train_dir: str | Path, val_dir: str | Path) -> dict[str, Any]:
+    """Class and image counts of both trees, a hash of every image's path and size, and a hash of the bytes
+    of FINGERPRINT_SAMPLE images spread over the tree: one stat per image and a few dozen reads, so it stays
+    cheap for ImageNet. A training tree with fewer than two classes is a one-line error.
     """
     fingerprint = {}
     for split, folder in (("train", Path(train_dir)), ("val", Path(val_dir))):
@@ -52,10 +58,37 @@ def data_fingerprint(train_dir: str | Path, val_dir: str | Path) -> dict[str, An
         if split == "train" and len(classes) < 2:
             raise TorchcvtError(f"data folder {folder} holds 1 class ({classes[0]}): an ablation needs a "
                              "classifier, so at least 2 class folders")
-        files = [path.relative_to(folder).as_posix() for path in walk_images(folder)]
-        listing = hashlib.sha256("\n".join(files).encode()).hexdigest()[:16]
-        fingerprint[split] = {"classes": len(classes), "images": len(files), "file_list_sha256": listing}
+        paths = [path for path, _ in class_images(folder)]
+        files, sample = hashlib.sha256(), hashlib.sha256()
+        for path in paths:
+            files.update(f"{path.relative_to(folder).as_posix()}\t{_size(path)}\n".encode())
+        for path in paths[:: max(1, len(paths) // FINGERPRINT_SAMPLE)][:FINGERPRINT_SAMPLE]:
+            sample.update(f"{path.relative_to(folder).as_posix()}\t".encode() + _content_hash(path))
+        fingerprint[split] = {"classes": len(classes), "images": len(paths),
+                              "files_sha256": files.hexdigest()[:16], "sample_sha256": sample.hexdigest()[:16]}
     return fingerprint
+
+
+def _size(path: Path) -> int:
+    """A file's size, or -1 for an entry that cannot be read (reported as unreadable by the runs)."""
+    try:
+        info = path.stat()
+    except OSError:
+        return -1
+    return info.st_size if stat.S_ISREG(info.st_mode) else -1
+
+
+def _content_hash(path: Path) -> bytes:
+    if _size(path) < 0:
+        return b"unreadable"
+    digest = hashlib.sha256()
+    try:
+        with open(path, "rb") as handle:
+            while chunk := handle.read(1 << 20):
+                digest.update(chunk)
+    except OSError:
+        return b"unreadable"
+    return digest.digest()
 
 
 def _differences(saved: dict[str, Any], ours: dict[str, Any], prefix: str = "") -> list[str]:
@@ -230,8 +263,31 @@ def _train_one(config: str | None, overrides: list[str], launcher: str | None) -
 
 
 def default_shard() -> tuple[int, int]:
-    """SLURM's array task (index from its first id, count) when set, else the whole suite."""
-    if "SLURM_ARRAY_TASK_ID" in os.environ and "SLURM_ARRAY_TASK_COUNT" in os.environ:
-        first = int(os.environ.get("SLURM_ARRAY_TASK_MIN", "0"))
-        return int(os.environ["SLURM_ARRAY_TASK_ID"]) - first, int(os.environ["SLURM_ARRAY_TASK_COUNT"])
-    return 0, 1
+    """SLURM's array task as (index, count) when set, else the whole suite: task ids run from
+    SLURM_ARRAY_TASK_MIN by SLURM_ARRAY_TASK_STEP (`--array=0-28:2`); an id outside that sequence, or an
+    array that is not one (`--array=1,4,9`), is a one-line error asking for --shard."""
+    if "SLURM_ARRAY_TASK_ID" not in os.environ or "SLURM_ARRAY_TASK_COUNT" not in os.environ:
+        return 0, 1
+    task, count, first, step = (_slurm_integer(name, default) for name, default in (
+        ("SLURM_ARRAY_TASK_ID", None), ("SLURM_ARRAY_TASK_COUNT", None), ("SLURM_ARRAY_TASK_MIN", "0"),
+        ("SLURM_ARRAY_TASK_STEP", "1")))
+    last = _slurm_integer("SLURM_ARRAY_TASK_MAX", str(first + step * (count - 1)))
+    where = (f"SLURM array task {task} (SLURM_ARRAY_TASK_MIN={first}, SLURM_ARRAY_TASK_MAX={last}, "
+             f"SLURM_ARRAY_TASK_STEP={step}, SLURM_ARRAY_TASK_COUNT={count})")
+    if count < 1 or step < 1:
+        raise TorchcvtError(f"{where}: the count and step must be at least 1; give --shard I/N")
+    if first + step * (count - 1) != last:
+        raise TorchcvtError(f"{where}: the task ids are not one range with one step (an array such as "
+                            "--array=1,4,9); give --shard I/N")
+    index, off_step = divmod(task - first, step)
+    if off_step or not 0 <= index < count:
+        raise TorchcvtError(f"{where}: the id is not one of the array's {count} task ids; give --shard I/N")
+    return index, count
+
+
+def _slurm_integer(name: str, default: str | None) -> int:
+    text = os.environ.get(name, default) if default is not None else os.environ[name]
+    try:
+        return int(text)
+    except ValueError:
+        raise TorchcvtError(f"{name}={text[:40]!r} is not an integer; give --shard I/N") from None

@@ -81,15 +81,17 @@ def _run_ablate(args: argparse.Namespace) -> int:
                        "data.train and data.val")
     fingerprint = ablate.data_fingerprint(recipe.train_dir, recipe.val_dir)
     plan = ablate.build_plan(recipe, studies, seeds, fingerprint["train"]["classes"])
-    suite = ablate.open_suite(root, recipe.settings, fingerprint, [s.name for s in studies], seeds)
-    everything = ablate.select_studies(suite["studies"])
-    full = ablate.build_plan(recipe, everything, suite["seeds"], plan.num_classes)
+    ablate.open_suite(root, recipe.settings, fingerprint, [s.name for s in studies], seeds)
+    # The report covers every study and seed suite.json holds when it is written, including those another
+    # worker added after this one started.
+    def report() -> dict[str, Path]:
+        return ablate.write_report(root, ablate.suite_plan(root))
+
     try:
-        progress = ablate.run_suite(plan, root, args.config, base, shard, args.launcher,
-                                    after_each=lambda: ablate.write_report(root, full))
+        progress = ablate.run_suite(plan, root, args.config, base, shard, args.launcher, after_each=report)
     except ablate.RunFailed as error:
         raise TorchcvtError(str(error)) from None
-    paths = ablate.write_report(root, full)
+    paths = report()
     share = f" (shard {shard[0]}/{shard[1]})" if shard[1] > 1 else ""
     print(f"trained {len(progress.trained)} run(s){share}, {progress.already_done} already finished"
           + (f", {len(progress.held_elsewhere)} held by other workers" if progress.held_elsewhere else "")
