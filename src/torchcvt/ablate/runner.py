@@ -3,15 +3,18 @@ resumed from its own checkpoint after an interruption, and never mixed with anot
 
 from __future__ import annotations
 
+import ctypes
 import fcntl
 import hashlib
 import json
 import logging
 import os
 import shlex
+import signal
 import socket
 import stat
 import subprocess
+import sys
 import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
@@ -20,13 +23,15 @@ from pathlib import Path
 from typing import Any
 
 from ..data import class_images, list_classes
-from ..errors import TorchcvtError
+from ..engine.runlock import lock_holder
+from ..errors import TorchcvtError, shorten
 from .plan import Plan, Run
 from .studies import STUDIES
 
 logger = logging.getLogger("torchcvt.ablate")
 
 SUITE_FORMAT = 1
+PR_SET_PDEATHSIG = 1  # linux/prctl.h
 
 
 class RunFailed(Exception):
@@ -38,8 +43,11 @@ def run_folder(root: Path, run: Run) -> Path:
 
 
 def is_finished(folder: Path) -> bool:
-    """A run is finished when the engine has written its summary (after its last epoch)."""
-    return (folder / "summary.json").is_file()
+    """A run is finished when the engine has written its summary (after its last epoch): a JSON object."""
+    try:
+        return isinstance(json.loads((folder / "summary.json").read_bytes()), dict)
+    except (OSError, ValueError):
+        return False
 
 
 # Files whose whole content the data fingerprint hashes, spread evenly over each tree: a fixed cost however
@@ -221,6 +229,12 @@ def run_suite(plan: Plan, root: Path, config: str | None, base_overrides: Sequen
             if is_finished(folder):  # finished by another worker between the two checks
                 progress.already_done += 1
                 continue
+            training = lock_holder(folder)
+            if training is not None:  # a training left running by a worker that died (or started by hand)
+                progress.held_elsewhere.append(run.name)
+                logger.info(f"[{number}/{len(mine)}] {run.name}: a training ({training}) still runs in its "
+                            "folder; skipped")
+                continue
             resuming = (folder / "last.pth").is_file()
             trained = len(progress.trained)
             eta = ""
@@ -232,7 +246,7 @@ def run_suite(plan: Plan, root: Path, config: str | None, base_overrides: Sequen
                         f"(rows {' '.join(rows_of[run.model])}){eta}")
             record(root, "resume" if resuming else "start", run)
             overrides = [*base_overrides, *run_overrides(run.knobs, run.seed, folder)]
-            if _train_one(config, overrides, launcher):
+            if _train_one(config, overrides, launcher, folder):
                 record(root, "done", run)
                 progress.trained.append(run.name)
             else:
@@ -243,8 +257,12 @@ def run_suite(plan: Plan, root: Path, config: str | None, base_overrides: Sequen
     return progress
 
 
-def _train_one(config: str | None, overrides: list[str], launcher: str | None) -> bool:
-    """Train one run in this process, or as `LAUNCHER -m torchcvt train ...`; False if it diverged."""
+def _train_one(config: str | None, overrides: list[str], launcher: str | None, folder: Path) -> bool:
+    """Train one run in this process, or as `LAUNCHER -m torchcvt train ...`; False if it diverged.
+
+    A launched run counts as trained only when it leaves a valid summary.json in its folder, whatever its
+    exit code; it is stopped (SIGTERM) if this worker dies, so a killed worker leaves no training behind.
+    """
     from ..engine import TrainingDiverged, load_config, train
 
     if launcher is None:
@@ -256,10 +274,26 @@ def _train_one(config: str | None, overrides: list[str], launcher: str | None) -
         return True
     command = [*shlex.split(launcher), "-m", "torchcvt", "train", *(["--config", config] if config else []),
                *overrides]
-    code = subprocess.run(command, stdin=subprocess.DEVNULL).returncode
+    shown = shorten(shlex.join(command), 200)
+    code = subprocess.run(command, stdin=subprocess.DEVNULL, preexec_fn=_stop_with(os.getpid())).returncode
     if code != 0:
-        raise RunFailed(f"`{shlex.join(command)}` stopped with exit code {code}")
+        raise RunFailed(f"`{shown}` stopped with exit code {code}")
+    if not is_finished(folder):
+        raise RunFailed(f"`{shown}` exited with code 0 but left no valid summary.json in {folder}: the "
+                        "launcher did not train the run")
     return True
+
+
+def _stop_with(parent: int) -> Callable[[], None]:
+    """A preexec_fn asking Linux to send the child SIGTERM when this process dies (prctl PDEATHSIG)."""
+
+    def stop_with_parent() -> None:
+        if sys.platform.startswith("linux"):
+            ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+            if os.getppid() != parent:  # the parent died before the request took effect
+                os._exit(1)
+
+    return stop_with_parent
 
 
 def default_shard() -> tuple[int, int]:
