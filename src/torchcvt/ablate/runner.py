@@ -72,8 +72,8 @@ def data_fingerprint(train_dir: str | Path, val_dir: str | Path) -> dict[str, An
             files.update(f"{path.relative_to(folder).as_posix()}\t{_size(path)}\n".encode())
         for path in paths[:: max(1, len(paths) // FINGERPRINT_SAMPLE)][:FINGERPRINT_SAMPLE]:
             sample.update(f"{path.relative_to(folder).as_posix()}\t".encode() + _content_hash(path))
-        fingerprint[split] = {"classes": len(classes), "images": len(paths),
-                              "files_sha256": files.hexdigest()[:16], "sample_sha256": sample.hexdigest()[:16]}
+        fingerprint[split] = {"classes": len(classes), "images": len(paths), "files_sha256":
+                              files.hexdigest()[:16], "sample_sha256": sample.hexdigest()[:16]}
     return fingerprint
 
 
