@@ -16,7 +16,7 @@ import typing
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, Literal
 
-from .errors import TorchcvtError
+from .errors import TorchcvtError, shown
 
 Check = Callable[[str, Any], Any]
 
@@ -78,8 +78,8 @@ def parse_assignment(
     """'optim.lr=1e-3' -> ('optim.lr', 0.001): the value read as YAML (an empty one is None)."""
     key, sep, raw = text.partition("=")
     if not sep or not key.strip():
-        raise TorchcvtError(f"{what} expects {key_name}=VALUE (e.g. {example}), got {text!r}")
-    value = read_yaml(raw, f"the value of {what} {text!r}") if raw.strip() else None
+        raise TorchcvtError(f"{what} expects {key_name}=VALUE (e.g. {example}), got {shown(text)}")
+    value = read_yaml(raw, f"the value of {what} {shown(text)}") if raw.strip() else None
     return key.strip(), value
 
 
@@ -116,7 +116,7 @@ def unknown_key(key: str, cls: type, origin: str | None, noun: str = "config key
     close = difflib.get_close_matches(key, keys(cls), n=1, cutoff=0.5)
     where = f" in {origin}" if origin else ""
     hint = f"; did you mean {close[0]!r}?" if close else ""
-    return ValueError(f"unknown {noun} {key!r}{where}{hint}")
+    return TorchcvtError(f"unknown {noun} {shown(key)}{where}{hint}")
 
 
 def merge(
@@ -134,11 +134,11 @@ def merge(
         hint = hints[key]
         if _is_section(hint):
             if not isinstance(value, Mapping):
-                raise TorchcvtError(f"{noun} {dotted!r}{where} is a section; got {value!r}")
+                raise TorchcvtError(f"{noun} {dotted!r}{where} is a section; got {shown(value)}")
             merge(hint, tree.setdefault(key, {}), value, origin, noun, root, dotted + ".")
         elif _is_mapping(hint):
             if value is not None and not isinstance(value, Mapping):
-                raise TorchcvtError(f"{noun} {dotted!r}{where} must be a mapping, got {value!r}")
+                raise TorchcvtError(f"{noun} {dotted!r}{where} must be a mapping, got {shown(value)}")
             current = tree.get(key)
             tree[key] = {**(current if isinstance(current, Mapping) else {}), **(value or {})}
         else:
@@ -180,7 +180,7 @@ def from_mapping(
 ) -> Any:
     """cls (a dataclass, sections nested) from a nested mapping; missing keys keep their defaults."""
     if not isinstance(data, Mapping):
-        raise TorchcvtError(f"{origin or cls.__name__} must be a mapping of {noun}s, got {data!r}")
+        raise TorchcvtError(f"{origin or cls.__name__} must be a mapping of {noun}s, got {shown(data)}")
     tree: dict[str, Any] = {}
     merge(cls, tree, data, origin, noun)
     return build(cls, tree)
@@ -274,7 +274,7 @@ def _integer(low: int | None, optional: bool) -> Check:
         if value is None and optional:
             return None
         if not _is_number(value, integral=True):
-            raise TorchcvtError(f"{key} must be an integer{_null(optional)}, got {value!r}")
+            raise TorchcvtError(f"{key} must be an integer{_null(optional)}, got {shown(value)}")
         if low is not None and value < low:
             raise TorchcvtError(f"{key} must be at least {low}, got {value}")
         return value
@@ -289,7 +289,7 @@ def _real(rules: dict[str, Any], optional: bool) -> Check:
         if value is None and optional:
             return None
         if not _is_number(value, integral=False) or not math.isfinite(value):
-            raise TorchcvtError(f"{key} must be a number{_null(optional)}, got {value!r}")
+            raise TorchcvtError(f"{key} must be a number{_null(optional)}, got {shown(value)}")
         if low is not None and (value < low or (above and value == low)):
             raise TorchcvtError(f"{key} must be {'above' if above else 'at least'} {low}, got {value}")
         if high is not None and (value > high or (below and value == high)):
@@ -302,7 +302,7 @@ def _real(rules: dict[str, Any], optional: bool) -> Check:
 def _flag() -> Check:
     def check(key: str, value: Any) -> Any:
         if not isinstance(value, bool):
-            raise TorchcvtError(f"{key} must be true or false, got {value!r}")
+            raise TorchcvtError(f"{key} must be true or false, got {shown(value)}")
         return value
 
     return check
@@ -313,9 +313,10 @@ def _text(choices: Sequence[str] | None, optional: bool) -> Check:
         if value is None and optional:
             return None
         if not isinstance(value, str) or (choices is None and not value):
-            raise TorchcvtError(f"{key} must be a non-empty string{_null(optional)}, got {value!r}")
+            raise TorchcvtError(f"{key} must be a non-empty string{_null(optional)}, got {shown(value)}")
         if choices is not None and value not in choices:
-            raise TorchcvtError(f"{key} must be one of {', '.join(choices)}{_null(optional)}, got {value!r}")
+            raise TorchcvtError(
+                f"{key} must be one of {', '.join(choices)}{_null(optional)}, got {shown(value)}")
         return value
 
     return check
@@ -324,10 +325,10 @@ def _text(choices: Sequence[str] | None, optional: bool) -> Check:
 def _pair(item: Check, ordered: bool) -> Check:
     def check(key: str, value: Any) -> Any:
         if not isinstance(value, (list, tuple)) or len(value) != 2:
-            raise TorchcvtError(f"{key} must be a list of two numbers, got {value!r}")
+            raise TorchcvtError(f"{key} must be a list of two numbers, got {shown(value)}")
         low, high = (item(f"{key}[{i}]", v) for i, v in enumerate(value))
         if ordered and low > high:
-            raise TorchcvtError(f"{key} must be [low, high] with low <= high, got {list(value)!r}")
+            raise TorchcvtError(f"{key} must be [low, high] with low <= high, got {shown(list(value))}")
         return (low, high)
 
     return check
@@ -338,7 +339,7 @@ def _mapping(what: str) -> Check:
         if value is None:
             return {}
         if not isinstance(value, Mapping):
-            raise TorchcvtError(f"{key} must be a mapping of {what}, got {value!r}")
+            raise TorchcvtError(f"{key} must be a mapping of {what}, got {shown(value)}")
         return dict(value)
 
     return check

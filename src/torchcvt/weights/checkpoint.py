@@ -10,7 +10,7 @@ import torch
 
 from ..config import CvtConfig
 from ..errors import TorchcvtError
-from .formats import READ_FILTERS, config_from_hf, detect_layout
+from .formats import READ_FILTERS, config_from_hf, detect_layout, recorded_architecture, recorded_names
 from .io import parse_json, preview, read_tensor_file, unwrap_state_dict
 
 FORMATS = ("official", "hf", "torchcvt")
@@ -71,9 +71,10 @@ def _read_weights_file(path: Path) -> Checkpoint:
         )
     checkpoint = Checkpoint(path, layout, READ_FILTERS[layout][1](state_dict))
     if "torchcvt" in metadata:
-        _apply_torchcvt_meta(checkpoint, parse_json(metadata["torchcvt"], f"{path} (safetensors metadata)"))
+        where = f"{path} (safetensors metadata torchcvt)"
+        _apply_torchcvt_meta(checkpoint, parse_json(metadata["torchcvt"], where), where)
     elif isinstance(obj.get("config"), dict) and "model_name" in obj:  # `torchcvt train`'s best/last.pth
-        _apply_torchcvt_meta(checkpoint, {**obj, "architecture": obj["model_name"]})
+        _apply_torchcvt_meta(checkpoint, {**obj, "architecture": obj["model_name"]}, str(path))
         train_config = obj.get("train_config")
         checkpoint.train_config = train_config if isinstance(train_config, dict) else None
     return checkpoint
@@ -82,7 +83,7 @@ def _read_weights_file(path: Path) -> Checkpoint:
 def _apply_config_json(checkpoint: Checkpoint, config_path: Path) -> None:
     meta = parse_json(config_path.read_text(encoding="utf-8", errors="replace"), str(config_path))
     if meta.get("format") == "torchcvt":
-        _apply_torchcvt_meta(checkpoint, meta)
+        _apply_torchcvt_meta(checkpoint, meta, str(config_path))
     elif meta.get("model_type") == "cvt":
         checkpoint.format = "hf"
         config, architecture, names = config_from_hf(meta, str(config_path))
@@ -94,13 +95,12 @@ def _apply_config_json(checkpoint: Checkpoint, config_path: Path) -> None:
         )
 
 
-def _apply_torchcvt_meta(checkpoint: Checkpoint, meta: dict[str, Any]) -> None:
+def _apply_torchcvt_meta(checkpoint: Checkpoint, meta: dict[str, Any], where: str) -> None:
     try:
         config = CvtConfig.from_dict(meta["config"]).to_dict()
     except (KeyError, TypeError, ValueError) as error:
-        raise TorchcvtError(f"{checkpoint.path}: torchcvt metadata has no valid config ({error})") from None
+        raise TorchcvtError(f"{where}: torchcvt metadata has no valid config ({error})") from None
     checkpoint.format = "torchcvt"
     checkpoint.config = config
-    checkpoint.architecture = meta.get("architecture")
-    names = meta.get("class_names")
-    checkpoint.class_names = tuple(names) if names else None
+    checkpoint.architecture = recorded_architecture(meta.get("architecture"), where, "architecture")
+    checkpoint.class_names = recorded_names(meta.get("class_names"), where, "class_names")
