@@ -14,9 +14,11 @@ import re
 import types
 import typing
 from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
 from typing import Any, Literal
 
-from .errors import TorchcvtError, shown
+from .errors import TorchcvtError, shorten, shown
+from .paths import input_file_problem
 
 Check = Callable[[str, Any], Any]
 
@@ -33,20 +35,54 @@ def option(default: Any, **rules: Any) -> Any:
 # ----------------------------------------------------------------------------- reading values
 
 
-def read_yaml(text: str, origin: str) -> Any:
-    """Parse YAML text strictly; a syntax error or a repeated key is a one-line ValueError naming origin.
+# A config is a few kilobytes; these bound what a hostile or mistaken one can cost before it is checked.
+MAX_CONFIG_BYTES = 1 << 20
+MAX_YAML_VALUES = 100_000  # scalars, lists and mappings, with every alias expanded
 
-    1e-6 reads as a float (as in YAML 1.2), not as the string PyYAML's YAML 1.1 makes of it.
+_INT = "tag:yaml.org,2002:int"
+_FLOAT = "tag:yaml.org,2002:float"
+# YAML 1.2's core schema: no octal 010, no base-60 1:30, no 1_000 (YAML 1.1 reads them as 8, 90 and 1000).
+_INT_FORMS = re.compile(r"^(?:[-+]?[0-9]+|0o[0-7]+|0x[0-9a-fA-F]+)$")
+_FLOAT_FORMS = re.compile(
+    r"^(?:[-+]?(?:\.[0-9]+|[0-9]+(?:\.[0-9]*)?)(?:[eE][-+]?[0-9]+)?|[-+]?\.(?:inf|Inf|INF)|\.(?:nan|NaN|NAN))$")
+
+
+def read_config_file(path: str | Path, what: str = "config file") -> Any:
+    """The YAML in a config file: a one-line error naming it when it is not a regular file, is larger than
+    MAX_CONFIG_BYTES, is not UTF-8 or is not valid YAML."""
+    path = Path(path)
+    problem = input_file_problem(path)
+    if problem is not None:
+        raise TorchcvtError(f"{what} {path} {problem}")
+    with open(path, "rb") as handle:
+        data = handle.read(MAX_CONFIG_BYTES + 1)
+    if len(data) > MAX_CONFIG_BYTES:
+        raise TorchcvtError(f"{what} {path} is larger than {MAX_CONFIG_BYTES >> 20} MiB: not a config file")
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as error:
+        raise TorchcvtError(f"{what} {path} is not UTF-8 text (byte {error.start} is not)") from None
+    return read_yaml(text, f"{what} {path}")
+
+
+def read_yaml(text: str, origin: str) -> Any:
+    """Parse YAML text strictly; a syntax error, a repeated key or more than MAX_YAML_VALUES values (aliases
+    expanded) is a one-line error naming origin. Merge keys (<<: *base) work.
+
+    Numbers follow YAML 1.2: 1e-6 is a float, 010 is ten, and 1:30 or 1_000 are strings (which a number's
+    check refuses, naming the key), where PyYAML's YAML 1.1 reads 8, 90 and 1000.
     """
     import yaml
 
+    if len(text) > MAX_CONFIG_BYTES:
+        raise TorchcvtError(f"{origin} is larger than {MAX_CONFIG_BYTES >> 20} MiB")
     try:
         return yaml.load(text, Loader=_strict_loader())  # noqa: S506 - a SafeLoader subclass
     except yaml.YAMLError as error:
         mark = getattr(error, "problem_mark", None)
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
         problem = getattr(error, "problem", None) or str(error).splitlines()[0]
-        raise TorchcvtError(f"{origin} is not valid YAML: {problem}{where}") from None
+        raise TorchcvtError(f"{shorten(origin, 200)} is not valid YAML: {shorten(problem, 200)}{where}") from None
 
 
 @functools.cache
@@ -54,22 +90,62 @@ def _strict_loader() -> type:
     import yaml
 
     class StrictLoader(yaml.SafeLoader):
+        def construct_document(self, node: yaml.Node) -> Any:
+            _count_values(node, {}, set())
+            return super().construct_document(node)
+
         def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
             seen = set()
             for key_node, _ in node.value:
+                if key_node.tag == "tag:yaml.org,2002:merge":  # merged keys may be overridden
+                    continue
                 key = self.construct_object(key_node, deep=deep)
                 if key in seen:
                     raise yaml.constructor.ConstructorError(
-                        None, None, f"duplicate key {key!r}", key_node.start_mark
+                        None, None, f"duplicate key {shown(key)}", key_node.start_mark
                     )
                 seen.add(key)
             return super().construct_mapping(node, deep)
 
-    # YAML 1.1 wants a dot and a signed exponent in a float, so it reads 1e-6 and 5e3 as strings.
-    StrictLoader.add_implicit_resolver(
-        "tag:yaml.org,2002:float", re.compile(r"^[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+$"), list("-+0123456789.")
-    )
+        def construct_yaml_int(self, node: yaml.ScalarNode) -> int:
+            text = self.construct_scalar(node)
+            if not _INT_FORMS.match(text):
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"{shown(text)} is not an integer", node.start_mark)
+            base = {"0o": 8, "0x": 16}.get(text[:2], 10)
+            return int(text[2:] if base != 10 else text, base)
+
+    StrictLoader.yaml_implicit_resolvers = {
+        first: [(tag, regexp) for tag, regexp in resolvers if tag not in (_INT, _FLOAT)]
+        for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
+    }
+    StrictLoader.add_implicit_resolver(_INT, _INT_FORMS, list("-+0123456789"))
+    StrictLoader.add_implicit_resolver(_FLOAT, _FLOAT_FORMS, list("-+0123456789."))
+    StrictLoader.add_constructor(_INT, StrictLoader.construct_yaml_int)
     return StrictLoader
+
+
+def _count_values(node: Any, sizes: dict[int, int], open_nodes: set[int]) -> int:
+    """How many values node stands for with every alias expanded; an error beyond MAX_YAML_VALUES (a
+    'billion laughs' document) or for a value that contains itself."""
+    import yaml
+
+    key = id(node)
+    if key in sizes:
+        return sizes[key]
+    if key in open_nodes:
+        raise yaml.constructor.ConstructorError(None, None, "a value contains itself (a recursive alias)",
+                                                node.start_mark)
+    open_nodes.add(key)
+    children = [part for pair in node.value for part in pair] if isinstance(node, yaml.MappingNode) else (
+        node.value if isinstance(node, yaml.SequenceNode) else [])
+    size = 1 + sum(_count_values(child, sizes, open_nodes) for child in children)
+    open_nodes.discard(key)
+    if size > MAX_YAML_VALUES:
+        raise yaml.constructor.ConstructorError(
+            None, None, f"more than {MAX_YAML_VALUES} values with aliases expanded", node.start_mark)
+    sizes[key] = size
+    return size
 
 
 def parse_assignment(

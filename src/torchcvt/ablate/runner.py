@@ -24,7 +24,7 @@ from typing import Any
 
 from ..data import class_images, list_classes
 from ..engine.runlock import lock_holder
-from ..errors import TorchcvtError, shorten
+from ..errors import TorchcvtError, shorten, shown
 from .plan import Plan, Run
 from .studies import STUDIES
 
@@ -128,7 +128,7 @@ def open_suite(root: Path, settings: dict[str, Any], data: dict[str, Any], studi
     path = root / "suite.json"
     with _locked(root / "suite.lock"):
         if path.is_file():
-            suite = json.loads(path.read_text())
+            suite = _suite_record(path)
             changes = _differences({"recipe": suite["recipe"], "data": suite["data"]},
                                    {"recipe": settings, "data": data})
             if changes:
@@ -149,7 +149,32 @@ def read_suite(root: Path) -> dict[str, Any]:
     path = root / "suite.json"
     if not path.is_file():
         raise TorchcvtError(f"{root} holds no ablation suite (no suite.json)")
-    return json.loads(path.read_text())
+    return _suite_record(path)
+
+
+# What suite.json holds: each key and the JSON type of its value.
+SUITE_KEYS = {"recipe": dict, "data": dict, "studies": list, "seeds": list}
+
+
+def _suite_record(path: Path) -> dict[str, Any]:
+    """suite.json read and checked: a one-line error naming the file and the key that is wrong."""
+    try:
+        suite = json.loads(path.read_bytes())
+    except ValueError as error:  # not JSON, or not UTF-8
+        raise TorchcvtError(f"{path} is not valid JSON ({error})") from None
+    if not isinstance(suite, dict):
+        raise TorchcvtError(
+            f"{path} must hold a JSON object (a suite record), got a JSON {type(suite).__name__}")
+    for key, kind in SUITE_KEYS.items():
+        if not isinstance(suite.get(key), kind):
+            found = "nothing" if key not in suite else f"a JSON {type(suite[key]).__name__}"
+            wanted = "object" if kind is dict else "array"
+            raise TorchcvtError(f"{path}: key {key!r} must hold a JSON {wanted}, got {found}")
+    if not all(isinstance(name, str) for name in suite["studies"]):
+        raise TorchcvtError(f"{path}: key 'studies' must hold study names, got {shown(suite['studies'])}")
+    if not suite["seeds"] or not all(type(seed) is int for seed in suite["seeds"]):
+        raise TorchcvtError(f"{path}: key 'seeds' must hold one or more integers, got {shown(suite['seeds'])}")
+    return suite
 
 
 @contextmanager

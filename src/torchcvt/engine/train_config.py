@@ -18,7 +18,7 @@ from ..typed import (
     merge,
     option,
     parse_assignment,
-    read_yaml,
+    read_config_file,
     set_path,
     to_dict,
 )
@@ -325,9 +325,7 @@ def load_config(
     settings = [parse_assignment(text) for text in overrides] + list((values or {}).items())
     if path is not None:
         path = Path(path)
-        if not path.is_file():
-            raise TorchcvtError(f"config file {path} does not exist")
-        loaded = read_yaml(path.read_text(), f"config file {path}") or {}
+        loaded = read_config_file(path) or {}
         if not isinstance(loaded, dict):
             raise TorchcvtError(
                 f"config file {path} must hold a mapping of sections, not {type(loaded).__name__}"
