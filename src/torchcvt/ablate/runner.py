@@ -173,7 +173,8 @@ def _suite_record(path: Path) -> dict[str, Any]:
     if not all(isinstance(name, str) for name in suite["studies"]):
         raise TorchcvtError(f"{path}: key 'studies' must hold study names, got {shown(suite['studies'])}")
     if not suite["seeds"] or not all(type(seed) is int for seed in suite["seeds"]):
-        raise TorchcvtError(f"{path}: key 'seeds' must hold one or more integers, got {shown(suite['seeds'])}")
+        raise TorchcvtError(
+            f"{path}: key 'seeds' must hold one or more integers, got {shown(suite['seeds'])}")
     return suite
 
 
