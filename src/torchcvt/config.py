@@ -45,6 +45,17 @@ STAGE_FIELDS: dict[str, type] = {
 }
 
 
+# Upper bounds of the sizes a config gives, checked before any weight is allocated: far beyond any CvT
+# (CvT-W24: widths up to 1024, 20 blocks in a stage). A model of more than MAX_PARAMETERS estimated
+# weights is refused too, however its sizes combine.
+MAX_STAGES = 8
+STAGE_LIMITS = {"patch_sizes": 64, "patch_stride": 64, "patch_padding": 64, "embed_dim": 16384,
+                "num_heads": 1024, "depth": 256, "kernel_qkv": 64, "padding_kv": 64, "stride_kv": 64,
+                "padding_q": 64, "stride_q": 64}
+LIMITS = {"num_channels": 1024, "num_classes": 1_000_000, "img_size": 16384}
+MAX_PARAMETERS = 10**10
+
+
 # The fields that fix a model's weights and function (the drop rates, init and head size do not): a
 # checkpoint reloads, and a run resumes, only into a model with the same values of every one of them.
 ARCHITECTURE_FIELDS = (
@@ -117,6 +128,8 @@ class CvtConfig:
                 f"embed_dim must be a non-empty list with one width per stage, got {shown(self.embed_dim)}"
             )
         stages = len(self.embed_dim)
+        if stages > MAX_STAGES:
+            raise TorchcvtError(f"embed_dim has {stages} stages; at most {MAX_STAGES} are supported")
         for name, kind in STAGE_FIELDS.items():
             value = getattr(self, name)
             if not isinstance(value, (list, tuple)):
@@ -146,6 +159,10 @@ class CvtConfig:
         ):
             if any(v < 1 for v in getattr(self, name)):
                 raise TorchcvtError(f"{name} must be positive, got {shown(list(getattr(self, name)))}")
+        for name, limit in STAGE_LIMITS.items():
+            if any(v > limit for v in getattr(self, name)):
+                raise TorchcvtError(f"{name} must be at most {limit} in each stage, got "
+                                    f"{shown(list(getattr(self, name)))}")
         if any(v < 0 for v in self.depth):
             raise TorchcvtError(f"depth must not be negative, got {shown(list(self.depth))}")
         for name in ("patch_padding", "padding_kv", "padding_q"):
@@ -186,6 +203,18 @@ class CvtConfig:
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise TorchcvtError(f"{name} must be a positive int, got {shown(value)}")
+        for name, limit in LIMITS.items():
+            value = getattr(self, name)
+            if isinstance(value, int) and value > limit:
+                raise TorchcvtError(f"{name} must be at most {limit}, got {shown(value)}")
+        # Each block holds about (4 + 2 * mlp_ratio) * width**2 weights (attention and MLP).
+        weights = sum(depth * (4 + 2 * ratio) * dim * dim
+                      for dim, depth, ratio in zip(self.embed_dim, self.depth, self.mlp_ratio, strict=True))
+        if weights > MAX_PARAMETERS:
+            raise TorchcvtError(
+                f"embed_dim {list(self.embed_dim)}, depth {list(self.depth)} and mlp_ratio "
+                f"{list(self.mlp_ratio)} make about {weights / 1e9:.0f} billion weights; at most "
+                f"{MAX_PARAMETERS / 1e9:.0f} billion are supported")
         if (
             not isinstance(self.num_classes, int)
             or isinstance(self.num_classes, bool)

@@ -328,7 +328,8 @@ class SeededSampler(Sampler):
             if position >= self.start:
                 # The position across all ranks, so one process and N processes augment alike.
                 flat = position * self.world_size + self.rank
-                yield index, (self.seed * 1_000_003 + self.epoch) * 100_000_007 + flat
+                # Kept within int64 (the loader collates it as a tensor) for seeds up to 2**32 - 1.
+                yield index, ((self.seed * 1_000_003 + self.epoch) * 100_000_007 + flat) % 2**63
 
 
 class ShardSampler(Sampler):

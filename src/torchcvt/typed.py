@@ -25,8 +25,8 @@ Check = Callable[[str, Any], Any]
 
 def option(default: Any, **rules: Any) -> Any:
     """A dataclass field with value rules for check_fields: low, high, above, below (bounds, for a pair
-    on each number), ordered (a pair must be [low, high]; default true), of (what a mapping maps), check
-    (a callable(key, value) run after the type check)."""
+    on each number; every count a user gives has a high one), ordered (a pair must be [low, high]; default
+    true), of (what a mapping maps), check (a callable(key, value) run after the type check)."""
     if isinstance(default, (dict, list)):
         return dataclasses.field(default_factory=lambda: type(default)(default), metadata=rules)
     return dataclasses.field(default=default, metadata=rules)
@@ -41,10 +41,11 @@ MAX_YAML_VALUES = 100_000  # scalars, lists and mappings, with every alias expan
 
 _INT = "tag:yaml.org,2002:int"
 _FLOAT = "tag:yaml.org,2002:float"
-# YAML 1.2's core schema: no octal 010, no base-60 1:30, no 1_000 (YAML 1.1 reads them as 8, 90 and 1000).
-_INT_FORMS = re.compile(r"^(?:[-+]?[0-9]+|0o[0-7]+|0x[0-9a-fA-F]+)$")
-_FLOAT_FORMS = re.compile(
-    r"^(?:[-+]?(?:\.[0-9]+|[0-9]+(?:\.[0-9]*)?)(?:[eE][-+]?[0-9]+)?|[-+]?\.(?:inf|Inf|INF)|\.(?:nan|NaN|NAN))$")
+# YAML 1.2's core schema (plus 1_000 digit groups): 010 is ten and 1:30 no number, where YAML 1.1 reads
+# octal 8 and base-60 90.
+_INT_FORMS = re.compile(r"^(?:[-+]?[0-9][0-9_]*|0o[0-7]+|0x[0-9a-fA-F]+)$")
+_FLOAT_FORMS = re.compile(r"^(?:[-+]?(?:\.[0-9]+|[0-9][0-9_]*(?:\.[0-9_]*)?)(?:[eE][-+]?[0-9]+)?"
+                          r"|[-+]?\.(?:inf|Inf|INF)|\.(?:nan|NaN|NAN))$")
 
 
 def read_config_file(path: str | Path, what: str = "config file") -> Any:
@@ -69,8 +70,8 @@ def read_yaml(text: str, origin: str) -> Any:
     """Parse YAML text strictly; a syntax error, a repeated key or more than MAX_YAML_VALUES values (aliases
     expanded) is a one-line error naming origin. Merge keys (<<: *base) work.
 
-    Numbers follow YAML 1.2: 1e-6 is a float, 010 is ten, and 1:30 or 1_000 are strings (which a number's
-    check refuses, naming the key), where PyYAML's YAML 1.1 reads 8, 90 and 1000.
+    Numbers follow YAML 1.2: 1e-6 is a float, 010 is ten and 1:30 a string (which a number's check refuses,
+    naming the key), where PyYAML's YAML 1.1 reads a string, 8 and 90.
     """
     import yaml
 
@@ -82,7 +83,8 @@ def read_yaml(text: str, origin: str) -> Any:
         mark = getattr(error, "problem_mark", None)
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
         problem = getattr(error, "problem", None) or str(error).splitlines()[0]
-        raise TorchcvtError(f"{shorten(origin, 200)} is not valid YAML: {shorten(problem, 200)}{where}") from None
+        raise TorchcvtError(
+            f"{shorten(origin, 200)} is not valid YAML: {shorten(problem, 200)}{where}") from None
 
 
 @functools.cache
@@ -113,7 +115,7 @@ def _strict_loader() -> type:
                 raise yaml.constructor.ConstructorError(
                     None, None, f"{shown(text)} is not an integer", node.start_mark)
             base = {"0o": 8, "0x": 16}.get(text[:2], 10)
-            return int(text[2:] if base != 10 else text, base)
+            return int(text[2:] if base != 10 else text.replace("_", ""), base)
 
     StrictLoader.yaml_implicit_resolvers = {
         first: [(tag, regexp) for tag, regexp in resolvers if tag not in (_INT, _FLOAT)]
@@ -311,7 +313,7 @@ def _check_for(hint: Any, rules: dict[str, Any]) -> Check:
     if hint is bool:
         check = _flag()
     elif hint is int:
-        check = _integer(rules.get("low"), optional)
+        check = _integer(rules.get("low"), rules.get("high"), optional)
     elif hint is float:
         check = _real(rules, optional)
     elif hint is str or origin is Literal:
@@ -345,14 +347,16 @@ def _is_number(value: Any, integral: bool) -> bool:
     return isinstance(value, int) if integral else isinstance(value, (int, float))
 
 
-def _integer(low: int | None, optional: bool) -> Check:
+def _integer(low: int | None, high: int | None, optional: bool) -> Check:
     def check(key: str, value: Any) -> Any:
         if value is None and optional:
             return None
         if not _is_number(value, integral=True):
             raise TorchcvtError(f"{key} must be an integer{_null(optional)}, got {shown(value)}")
         if low is not None and value < low:
-            raise TorchcvtError(f"{key} must be at least {low}, got {value}")
+            raise TorchcvtError(f"{key} must be at least {low}, got {shown(value)}")
+        if high is not None and value > high:
+            raise TorchcvtError(f"{key} must be at most {high}, got {shown(value)}")
         return value
 
     return check
