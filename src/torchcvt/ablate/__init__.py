@@ -11,7 +11,7 @@ import logging
 from collections.abc import Sequence
 from pathlib import Path
 
-from .plan import Plan, PlannedRow, Run, build_plan, dry_run_rows, format_dry_run, row_config
+from .plan import MAX_SEEDS, Plan, PlannedRow, Run, build_plan, dry_run_rows, format_dry_run, row_config
 from .recipe import Recipe, data_overrides, read_recipe, recipe_from_settings, section_overrides
 from .report import collect, write_report
 from .runner import RunFailed, data_fingerprint, default_shard, open_suite, read_suite, run_suite
@@ -21,7 +21,8 @@ from .task import EMBEDDED_BUDGET, write_task
 logger = logging.getLogger("torchcvt.ablate")
 
 __all__ = [
-    "EMBEDDED_BUDGET", "STUDIES", "Plan", "PlannedRow", "Recipe", "Row", "Run", "RunFailed", "Study",
+    "EMBEDDED_BUDGET", "MAX_SEEDS", "STUDIES", "Plan", "PlannedRow", "Recipe", "Row", "Run", "RunFailed",
+    "Study",
     "build_plan", "collect", "data_fingerprint", "default_shard", "dry_run_rows", "format_dry_run",
     "open_suite", "prepare", "read_recipe",
     "read_suite", "recipe_from_settings", "row_config", "run_suite", "select_studies", "suite_plan",

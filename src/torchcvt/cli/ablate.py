@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import argparse
+import shlex
 
-from ..errors import TorchcvtError
+from ..errors import TorchcvtError, shown
 
 
 def add_ablate_command(sub: argparse._SubParsersAction) -> None:
@@ -62,9 +63,17 @@ def _run_ablate(args: argparse.Namespace) -> int:
         paths = ablate.write_report(root, ablate.suite_plan(root, studies if args.study else ()))
         print(f"report: {paths['report']}\nplot:   {paths['plot']}\njson:   {paths['json']}")
         return 0
-    if args.seeds < 1:
-        raise TorchcvtError(f"--seeds must be at least 1, got {args.seeds}")
+    if not 1 <= args.seeds <= ablate.MAX_SEEDS:
+        raise TorchcvtError(f"--seeds must be 1 to {ablate.MAX_SEEDS}, got {args.seeds}")
     shard = _shard(args.shard)
+    if args.launcher is not None:
+        try:
+            launcher = shlex.split(args.launcher)
+        except ValueError as error:
+            raise TorchcvtError(f"--launcher {shown(args.launcher)} is not a command line: {error}") from None
+        if not launcher:
+            raise TorchcvtError('--launcher "" names no command: give one (e.g. "torchrun --nproc-per-node '
+                                '8"), or leave --launcher out to train in this process')
     base, recipe = ablate.prepare(args.config, args.overrides, args.data)
     seeds = [recipe.seed + i for i in range(args.seeds)]
     if args.dry_run:

@@ -14,6 +14,7 @@ import torch
 from ..config import ARCHITECTURE_FIELDS, CvtConfig, architecture_differences
 from ..errors import TorchcvtError
 from ..files import replace_file
+from ..paths import input_file_problem
 from .train_config import TrainConfig
 
 # Bumped whenever a key's meaning changes; files without the field were written before it existed (0).
@@ -89,8 +90,9 @@ def read_training_state(path: str | Path) -> dict[str, Any]:
     if path.is_dir():
         raise TorchcvtError(
             f"checkpoint {path} is a folder without last.pth; give a training checkpoint file")
-    if not path.is_file():
-        raise TorchcvtError(f"checkpoint {path} does not exist")
+    problem = input_file_problem(path)
+    if problem is not None:
+        raise TorchcvtError(f"checkpoint {path} {problem}")
     try:
         with warnings.catch_warnings():  # the protocol notice would come before the one-line refusal
             warnings.filterwarnings("ignore", message="Detected pickle protocol", category=UserWarning)
