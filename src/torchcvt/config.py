@@ -351,7 +351,7 @@ def model_data_config(img_size: int, pretrained_cfg: Mapping[str, Any] | None = 
 def get_variant(name: str) -> Variant:
     """The registered variant called name, or a ValueError listing those that exist."""
     if name not in VARIANTS:
-        raise TorchcvtError(f"unknown model {name!r}; available: {', '.join(sorted(VARIANTS))}")
+        raise TorchcvtError(f"unknown model {shown(name)}; available: {', '.join(sorted(VARIANTS))}")
     return VARIANTS[name]
 
 

@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from ..config import variant_config
-from ..errors import TorchcvtError
+from ..errors import TorchcvtError, shown
 from ..typed import (
     build,
     check_fields,
@@ -175,7 +175,7 @@ class TrainConfig:
             variant_config(m.name, **m.overrides)
         except (TypeError, ValueError) as error:
             raise TorchcvtError(
-                f"model.name={m.name!r} with model.overrides {m.overrides}: {error}") from None
+                f"model.name={shown(m.name)} with model.overrides {shown(m.overrides)}: {error}") from None
         _check_weights(m)
         if t.steps is not None:
             _check_steps(s, t)
