@@ -174,3 +174,20 @@ def test_images_replaced_under_a_suite_with_the_same_names(tmp_path: Path) -> No
     other.write_bytes(other.read_bytes() + b"\0")  # a size changed
     with pytest.raises(ValueError, match=r"data val files_sha256 "):
         open_suite(root, recipe.settings, data_fingerprint(recipe.train_dir, recipe.val_dir), [], [0])
+
+
+@pytest.mark.parametrize(("record", "words"), [
+    ([1, 2], "must hold a JSON object (a suite record), got a JSON list"),
+    ({"recipe": {}, "data": {}, "studies": []}, "key 'seeds' must hold a JSON array, got nothing"),
+    ({"recipe": [], "data": {}, "studies": [], "seeds": [0]},
+     "key 'recipe' must hold a JSON object, got a JSON list"),
+    ({"recipe": {}, "data": {}, "studies": [], "seeds": ["a"] * 1000},
+     "key 'seeds' must hold one or more integers"),
+])
+def test_a_malformed_suite_json_is_one_line(tmp_path: Path, capsys: pytest.CaptureFixture, record: object,
+                                            words: str) -> None:
+    (tmp_path / "suite.json").write_text(json.dumps(record))
+    err = _one_line_error(capsys, "--report-only", "--output", str(tmp_path))
+    assert f"{tmp_path / 'suite.json'}" in err and words in err and len(err) < 300
+    (tmp_path / "suite.json").write_bytes(b"\xff\xfe{")
+    assert "is not valid JSON" in _one_line_error(capsys, "--report-only", "--output", str(tmp_path))
