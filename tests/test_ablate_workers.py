@@ -168,11 +168,11 @@ def test_images_replaced_under_a_suite_with_the_same_names(tmp_path: Path) -> No
     content = bytearray(image.read_bytes())
     content[-20] ^= 0xFF  # same name, same size, other bytes
     image.write_bytes(bytes(content))
-    with pytest.raises(ValueError, match=r"another recipe or data: data train sample_sha256 "):
+    with pytest.raises(ValueError, match=r"another recipe or data: data.train.sample_sha256: "):
         open_suite(root, recipe.settings, data_fingerprint(recipe.train_dir, recipe.val_dir), [], [0])
     other = sorted((data / "val" / "1").iterdir())[0]
     other.write_bytes(other.read_bytes() + b"\0")  # a size changed
-    with pytest.raises(ValueError, match=r"data val files_sha256 "):
+    with pytest.raises(ValueError, match=r"data.val.files_sha256: "):
         open_suite(root, recipe.settings, data_fingerprint(recipe.train_dir, recipe.val_dir), [], [0])
 
 

@@ -20,13 +20,19 @@ from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ..data import class_images, list_classes
 from ..engine.runlock import lock_holder
 from ..errors import TorchcvtError, shorten, shown
+from ..files import write_bytes
+from ..runrecord import LAST_NAME, SUMMARY_NAME
+from ..typed import describe_changes, differences
 from .plan import Plan, Run
 from .studies import STUDIES
+
+if TYPE_CHECKING:
+    from ..engine import TrainConfig
 
 logger = logging.getLogger("torchcvt.ablate")
 
@@ -45,7 +51,7 @@ def run_folder(root: Path, run: Run) -> Path:
 def is_finished(folder: Path) -> bool:
     """A run is finished when the engine has written its summary (after its last epoch): a JSON object."""
     try:
-        return isinstance(json.loads((folder / "summary.json").read_bytes()), dict)
+        return isinstance(json.loads((folder / SUMMARY_NAME).read_bytes()), dict)
     except (OSError, ValueError):
         return False
 
@@ -99,17 +105,6 @@ def _content_hash(path: Path) -> bytes:
     return digest.digest()
 
 
-def _differences(saved: dict[str, Any], ours: dict[str, Any], prefix: str = "") -> list[str]:
-    changes = []
-    for key in [*saved, *(key for key in ours if key not in saved)]:
-        old, new = saved.get(key, "unset"), ours.get(key, "unset")
-        if isinstance(old, dict) and isinstance(new, dict):
-            changes += _differences(old, new, f"{prefix}{key} ")
-        elif old != new:
-            changes.append(f"{prefix}{key} {json.dumps(old)} -> {json.dumps(new)}")
-    return changes
-
-
 @contextmanager
 def _locked(path: Path) -> Iterator[None]:
     with open(path, "a") as handle:
@@ -129,12 +124,11 @@ def open_suite(root: Path, settings: dict[str, Any], data: dict[str, Any], studi
     with _locked(root / "suite.lock"):
         if path.is_file():
             suite = _suite_record(path)
-            changes = _differences({"recipe": suite["recipe"], "data": suite["data"]},
-                                   {"recipe": settings, "data": data})
+            changes = differences({"recipe": suite["recipe"], "data": suite["data"]},
+                                  {"recipe": settings, "data": data})
             if changes:
-                more = f" and {len(changes) - 3} more" if len(changes) > 3 else ""
                 raise TorchcvtError(f"output folder {root} holds a suite with another recipe or data: "
-                                 f"{'; '.join(changes[:3])}{more}; give another --output")
+                                    f"{describe_changes(changes, 3)}; give another --output")
         else:
             suite = {"format": SUITE_FORMAT, "recipe": settings, "data": data, "studies": [], "seeds": []}
         suite["studies"] = [name for name in STUDIES if name in set(suite["studies"]) | set(studies)]
@@ -229,12 +223,12 @@ def shard_runs(runs: Sequence[Run], index: int, count: int) -> list[Run]:
     return [run for i, run in enumerate(runs) if i % count == index]
 
 
-def run_suite(plan: Plan, root: Path, config: str | None, base_overrides: Sequence[str],
-              shard: tuple[int, int] = (0, 1), launcher: str | None = None,
-              after_each: Callable[[], Any] | None = None) -> Progress:
-    """Train this worker's share of the plan's runs that are not finished and not held by another worker;
-    after_each (rebuilding the report, say) is called after every run this worker finishes."""
-    from .recipe import run_overrides
+def run_suite(plan: Plan, root: Path, config: TrainConfig, shard: tuple[int, int] = (0, 1),
+              launcher: str | None = None, after_each: Callable[[], Any] | None = None) -> Progress:
+    """Train this worker's share of the plan's runs that are not finished and not held by another worker,
+    each with the suite's resolved config and its own settings (recipe.run_values); after_each
+    (rebuilding the report, say) is called after every run this worker finishes."""
+    from .recipe import run_values
 
     mine = shard_runs(plan.runs(), *shard)
     progress = Progress()
@@ -261,7 +255,7 @@ def run_suite(plan: Plan, root: Path, config: str | None, base_overrides: Sequen
                 logger.info(f"[{number}/{len(mine)}] {run.name}: a training ({training}) still runs in its "
                             "folder; skipped")
                 continue
-            resuming = (folder / "last.pth").is_file()
+            resuming = (folder / LAST_NAME).is_file()
             trained = len(progress.trained)
             eta = ""
             if trained:
@@ -271,8 +265,7 @@ def run_suite(plan: Plan, root: Path, config: str | None, base_overrides: Sequen
             logger.info(f"[{number}/{len(mine)}] {'resuming' if resuming else 'training'} {run.name} "
                         f"(rows {' '.join(rows_of[run.model])}){eta}")
             record(root, "resume" if resuming else "start", run)
-            overrides = [*base_overrides, *run_overrides(run.knobs, run.seed, folder)]
-            if _train_one(config, overrides, launcher, folder):
+            if _train_one(config.override(run_values(run.knobs, run.seed, folder)), launcher, folder):
                 record(root, "done", run)
                 progress.trained.append(run.name)
             else:
@@ -283,30 +276,35 @@ def run_suite(plan: Plan, root: Path, config: str | None, base_overrides: Sequen
     return progress
 
 
-def _train_one(config: str | None, overrides: list[str], launcher: str | None, folder: Path) -> bool:
-    """Train one run in this process, or as `LAUNCHER -m torchcvt train ...`; False if it diverged.
+def _train_one(config: TrainConfig, launcher: str | None, folder: Path) -> bool:
+    """Train one run in this process, or as `LAUNCHER -m torchcvt train --config OUTPUT/config.yaml` (its
+    whole config, written to its run folder); False if it diverged.
 
     A launched run counts as trained only when it leaves a valid summary.json in its folder, whatever its
     exit code; it is stopped (SIGTERM) if this worker dies, so a killed worker leaves no training behind.
     """
-    from ..engine import TrainingDiverged, load_config, train
+    from ..engine import TrainingDiverged, train
 
     if launcher is None:
         try:
-            train(load_config(config, overrides))
+            train(config)
         except TrainingDiverged as error:
             logger.warning(str(error))
             return False
         return True
-    command = [*shlex.split(launcher), "-m", "torchcvt", "train", *(["--config", config] if config else []),
-               *overrides]
-    shown = shorten(shlex.join(command), 200)
+    import yaml
+
+    path = Path(config.train.output) / "config.yaml"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    write_bytes(path, yaml.safe_dump(config.to_dict(), sort_keys=False).encode())
+    command = [*shlex.split(launcher), "-m", "torchcvt", "train", "--config", str(path)]
+    command_line = shorten(shlex.join(command), 200)
     code = subprocess.run(command, stdin=subprocess.DEVNULL, preexec_fn=_stop_with(os.getpid())).returncode
     if code != 0:
-        raise RunFailed(f"`{shown}` stopped with exit code {code}")
+        raise RunFailed(f"`{command_line}` stopped with exit code {code}")
     if not is_finished(folder):
-        raise RunFailed(f"`{shown}` exited with code 0 but left no valid summary.json in {folder}: the "
-                        "launcher did not train the run")
+        raise RunFailed(f"`{command_line}` exited with code 0 but left no valid summary.json in {folder}: "
+                        "the launcher did not train the run")
     return True
 
 

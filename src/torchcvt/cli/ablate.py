@@ -74,7 +74,7 @@ def _run_ablate(args: argparse.Namespace) -> int:
         if not launcher:
             raise TorchcvtError('--launcher "" names no command: give one (e.g. "torchrun --nproc-per-node '
                                 '8"), or leave --launcher out to train in this process')
-    base, recipe = ablate.prepare(args.config, args.overrides, args.data)
+    config, recipe = ablate.prepare(args.config, args.overrides, args.data)
     seeds = [recipe.seed + i for i in range(args.seeds)]
     if args.dry_run:
         from ..data import list_classes
@@ -97,7 +97,7 @@ def _run_ablate(args: argparse.Namespace) -> int:
         return ablate.write_report(root, ablate.suite_plan(root))
 
     try:
-        progress = ablate.run_suite(plan, root, args.config, base, shard, args.launcher, after_each=report)
+        progress = ablate.run_suite(plan, root, config, shard, args.launcher, after_each=report)
     except ablate.RunFailed as error:
         raise TorchcvtError(str(error)) from None
     paths = report()
