@@ -191,7 +191,8 @@ def keys(cls: type, prefix: str = "") -> list[str]:
 
 def unknown_key(key: str, cls: type, origin: str | None, noun: str = "config key") -> TorchcvtError:
     """A TorchcvtError naming key, where it came from and the closest key cls knows."""
-    close = difflib.get_close_matches(key, keys(cls), n=1, cutoff=0.5)
+    # difflib's cost grows with the key's length squared: a key longer than any real one gets no hint.
+    close = difflib.get_close_matches(key, keys(cls), n=1, cutoff=0.5) if len(key) <= 100 else []
     where = f" in {origin}" if origin else ""
     hint = f"; did you mean {close[0]!r}?" if close else ""
     return TorchcvtError(f"unknown {noun} {shown(key)}{where}{hint}")
