@@ -344,8 +344,40 @@ def collate_skipping_bad(batch: list) -> tuple[torch.Tensor | None, torch.Tensor
     return images, targets, bad
 
 
-def loader_options(workers: int, pin_memory: bool, persistent_workers: bool, device: torch.device) -> dict:
-    """DataLoader keyword arguments shared by training, validation and evaluation."""
+def data_name(train: str | Path | None) -> str:
+    """The training data's name: DIR for DIR/train, the folder's own name otherwise, 'digits' for none
+    (the embedded digits)."""
+    if train is None:
+        return "digits"
+    path = Path(train)
+    if not path.parent.name:
+        path = path.resolve()  # `train` alone names the current folder's data
+    return path.parent.name if path.name in ("train", "training") and path.parent.name else path.name
+
+
+def usable_cpus() -> int:
+    """The CPUs this process may run on (its affinity, as PyTorch's DataLoader counts them)."""
+    if hasattr(os, "sched_getaffinity"):
+        return len(os.sched_getaffinity(0))
+    return os.cpu_count() or 1
+
+
+def sized_workers(workers: int, key: str = "data.workers") -> int:
+    """workers, capped at the usable CPUs (with a notice naming key): more loader processes than CPUs only
+    compete for them, and PyTorch warns about each such DataLoader."""
+    cpus = usable_cpus()
+    if workers <= cpus:
+        return workers
+    logger.info(f"{key}={workers} but this machine lets the run use {cpus} CPU(s): loading with {cpus} "
+                "worker process(es)")
+    return cpus
+
+
+def loader_options(workers: int, pin_memory: bool, persistent_workers: bool, device: torch.device,
+                   key: str = "data.workers") -> dict:
+    """DataLoader keyword arguments shared by training, validation and evaluation; workers sized to the
+    machine (sized_workers)."""
+    workers = sized_workers(workers, key)
     return {
         "num_workers": workers,
         "pin_memory": pin_memory and device.type == "cuda",

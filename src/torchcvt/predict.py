@@ -12,7 +12,7 @@ from torch.utils.data import DataLoader
 
 from .checks import resolve_device
 from .config import model_data_config as data_config_of
-from .data import eval_transform, to_rgb
+from .data import eval_transform, sized_workers, to_rgb
 from .errors import TorchcvtError
 from .factory import create_model
 from .inputs import ImageFiles, Progress, input_files, read_image, transformed
@@ -163,7 +163,7 @@ class Predictor:
         if workers < 0:
             raise TorchcvtError(f"workers must be 0 or more, got {workers}")
         loader = DataLoader(ImageFiles(paths, self.transform), batch_size=self.batch_size,
-                            num_workers=workers,
+                            num_workers=sized_workers(workers, "workers"),
                             collate_fn=list, pin_memory=self.device.type == "cuda")
         with Progress(len(paths), progress) as bar:
             for batch in loader:

@@ -47,6 +47,7 @@ def _run_train(args: argparse.Namespace) -> int:
 
     from ..engine import TrainingDiverged, dry_run, load_config, train
     from ..engine.recipes import choose_recipe, given_weights
+    from ..engine.reporting import accuracy_text
     from ..engine.starting import tag_architecture
     from ..typed import parse_assignment
 
@@ -91,8 +92,9 @@ def _run_train(args: argparse.Namespace) -> int:
     except TrainingDiverged as error:
         raise TorchcvtError(str(error)) from None
     if os.environ.get("RANK", "0") == "0":
-        print(f"best val top-1 {100 * summary['best_val_top1']:.2f}% "
-              f"(top-5 {100 * summary['best_val_top5']:.2f}%), "
+        best = accuracy_text(summary["best_val_top1"], summary["best_val_top5"], summary.get("classes"),
+                             " (top-5 {:.2f}%)")
+        print(f"best val {best}, "
               f"final {100 * summary['final_val_top1']:.2f}%, {summary['epochs']} epochs in "
               f"{summary['wall_seconds']:.1f} s ({summary['images_per_second']:.0f} img/s)")
         print(f"checkpoint: {summary['checkpoint']}\ncurves:     {summary['curves']}\n"
@@ -122,6 +124,7 @@ def add_eval_command(sub: argparse._SubParsersAction) -> None:
 
 def _run_eval(args: argparse.Namespace) -> int:
     from ..engine import evaluate_checkpoint
+    from ..engine.reporting import accuracy_text
 
     if args.pretrained and args.output is None:
         args.output = "."  # not next to the weights, inside the Hugging Face cache
@@ -131,7 +134,8 @@ def _run_eval(args: argparse.Namespace) -> int:
         workers=args.workers, real_labels=args.real_labels, device=args.device, strict=args.strict,
         overrides=model_overrides(args.model_overrides),
     )
-    print(f"top-1 {100 * report['top1']:.2f}%  top-5 {100 * report['top5']:.2f}%  loss {report['loss']:.4f}  "
+    scores = accuracy_text(report["top1"], report["top5"], report["classes"], "  top-5 {:.2f}%")
+    print(f"{scores}  loss {report['loss']:.4f}  "
           f"({report['images']} images, {report['classes']} classes)")
     if "real_top1" in report:
         print(f"ReaL top-1 {100 * report['real_top1']:.2f}%  ReaL top-5 {100 * report['real_top5']:.2f}%")

@@ -149,7 +149,7 @@ def evaluate_checkpoint(
         dataset,
         batch_size=batch_size,
         shuffle=False,
-        **loader_options(workers, True, False, runtime.device),
+        **loader_options(workers, True, False, runtime.device, "workers"),
     )
     real = None
     if real_labels is not None:

@@ -129,7 +129,7 @@ class TrainSettings:
     # Images per step over all processes, whatever their number: each process takes global_batch / N
     # (train.batch_size is then not used).
     global_batch: int | None = option(None, low=1)
-    output: str = "runs/cvt"
+    output: str | None = None  # None: a fresh folder runs/DATA-MODEL-TIMESTAMP (see with_run_folder)
     amp: Precision = "none"  # bf16, or fp16 (with loss scaling)
     val_amp: Precision | None = None  # validation precision; None: as train.amp
     ema: bool = False
@@ -306,7 +306,7 @@ DIGITS_RECIPE: dict[str, Any] = {
     },
     "optim": {"lr": 3e-3, "weight_decay": 0.05},
     "sched": {"warmup_epochs": 2, "min_lr": 1e-5, "cooldown_epochs": 0},
-    "train": {"epochs": 30, "batch_size": 64, "output": "runs/digits", "log_every_steps": 10},
+    "train": {"epochs": 30, "batch_size": 64, "log_every_steps": 10},
 }
 
 

@@ -13,6 +13,7 @@ from typing import Any
 from PIL import Image
 
 from ..config import CvtConfig
+from ..data import data_name
 from .checkpoint import Checkpoint
 
 logger = logging.getLogger(__name__)
@@ -58,14 +59,10 @@ def training_run(checkpoint: Checkpoint) -> TrainingRun | None:
 
 
 def _dataset_name(train_config: dict[str, Any] | None) -> str | None:
-    """The training data's folder name (DIR for DIR/train), or 'digits' for the embedded digits."""
+    """The training data's name (data_name) as the run's config records it."""
     if not train_config:
         return None
-    train = (train_config.get("data") or {}).get("train")
-    if train is None:
-        return "digits"
-    path = Path(train)
-    return path.parent.name if path.name in ("train", "training") and path.parent.name else path.name
+    return data_name((train_config.get("data") or {}).get("train"))
 
 
 def model_card(
