@@ -290,8 +290,12 @@ def test_plot_counts_small_models_in_mflops_with_a_legend(tmp_path: Path, monkey
 
     figures = []
     real_savefig = Figure.savefig
-    monkeypatch.setattr(Figure, "savefig",
-                        lambda self, *args, **kwargs: (figures.append(self), real_savefig(self, *args, **kwargs)))
+
+    def savefig(self, *args, **kwargs):
+        figures.append(self)
+        return real_savefig(self, *args, **kwargs)
+
+    monkeypatch.setattr(Figure, "savefig", savefig)
     plot(_fake_suite([0, 1, 2]), tmp_path / "ablation.png")
     (figure,) = figures
     axes = figure.axes[0]
