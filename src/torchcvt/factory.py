@@ -36,6 +36,7 @@ from .weights.card import training_run
 from .weights.catalogue import PretrainedCfgDict, builder_docstring, timm_default_cfgs
 from .weights.checkpoint import FORMATS
 from .weights.load import fit_config
+from .weights.timm_files import accept_checkpoint_files
 
 # timm reads default_cfgs from the module that registers a model: one entry per tag, the first the default.
 default_cfgs = generate_default_cfgs(timm_default_cfgs())
@@ -156,6 +157,7 @@ def create_model(
     })
     if stored is not None:
         load_into(model, stored)
+    accept_checkpoint_files(model)  # timm.create_model(..., checkpoint_path=FILE) on every file torchcvt writes
     if not features_only:
         return model
     features = CvtFeatures(model, out_indices)
