@@ -281,7 +281,8 @@ def test_timm_checkpoint_path_loads_every_file_torchcvt_writes(tmp_path, activat
         with torch.no_grad():
             torch.testing.assert_close(loaded(x), expected, rtol=0, atol=1e-6, msg=kind)
         # The class names come with every file that records them (an official .pth records none).
-        assert loaded.pretrained_cfg.get("label_names") == (None if kind == "official" else tuple(names)), kind
+        recorded = None if kind == "official" else tuple(names)
+        assert loaded.pretrained_cfg.get("label_names") == recorded, kind
 
 
 def test_timm_checkpoint_path_names_a_recorded_activation_it_cannot_build(tmp_path, caplog):

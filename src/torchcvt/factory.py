@@ -157,7 +157,7 @@ def create_model(
     })
     if stored is not None:
         load_into(model, stored)
-    accept_checkpoint_files(model)  # timm.create_model(..., checkpoint_path=FILE) on every file torchcvt writes
+    accept_checkpoint_files(model)  # timm.create_model(..., checkpoint_path=FILE) on any file torchcvt writes
     if not features_only:
         return model
     features = CvtFeatures(model, out_indices)
