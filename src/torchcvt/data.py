@@ -362,10 +362,17 @@ def usable_cpus() -> int:
     return os.cpu_count() or 1
 
 
-def sized_workers(workers: int, key: str = "data.workers") -> int:
-    """workers, capped at the usable CPUs (with a notice naming key): more loader processes than CPUs only
-    compete for them, and PyTorch warns about each such DataLoader."""
+# Data-loader processes when none are asked for: enough for a GPU's small-image pipeline, capped by the CPUs.
+DEFAULT_WORKERS = 4
+
+
+def sized_workers(workers: int | None, key: str = "data.workers") -> int:
+    """workers (None: DEFAULT_WORKERS), capped at the usable CPUs, with a notice naming key when a number
+    asked for is capped: more loader processes than CPUs only compete for them, and PyTorch warns about
+    each such DataLoader."""
     cpus = usable_cpus()
+    if workers is None:
+        return min(DEFAULT_WORKERS, cpus)
     if workers <= cpus:
         return workers
     logger.info(f"{key}={workers} but this machine lets the run use {cpus} CPU(s): loading with {cpus} "
@@ -373,7 +380,7 @@ def sized_workers(workers: int, key: str = "data.workers") -> int:
     return cpus
 
 
-def loader_options(workers: int, pin_memory: bool, persistent_workers: bool, device: torch.device,
+def loader_options(workers: int | None, pin_memory: bool, persistent_workers: bool, device: torch.device,
                    key: str = "data.workers") -> dict:
     """DataLoader keyword arguments shared by training, validation and evaluation; workers sized to the
     machine (sized_workers)."""

@@ -179,13 +179,15 @@ def convert_checkpoint(
     activation: str | None = None,
     overwrite: bool = False,
     config_overrides: dict[str, Any] | None = None,
+    remote_code: bool = False,
 ) -> CvT:
     """Read src in any supported format and write it to dst in format `to`; returns the model in between.
 
     The model is built by create_model, as every loader builds it: the variant is model_name, else the
     one the checkpoint records; activation (default: the checkpoint's, else torchcvt's with a notice) and
     config_overrides set fields a source does not record (e.g. depth for an official .pth). dst must not be
-    the source; an existing dst is replaced only with overwrite=True.
+    the source; an existing dst is replaced only with overwrite=True. remote_code (hf only) ships model
+    code that transformers runs exactly with trust_remote_code=True (save_hf).
     """
     if to not in FORMATS:
         raise TorchcvtError(f"unknown checkpoint format {to!r}; choose one of {', '.join(FORMATS)}")
@@ -206,7 +208,8 @@ def convert_checkpoint(
     if activation is not None:
         overrides["activation"] = activation
     model = create_model(name, checkpoint=stored, **overrides)
-    export_checkpoint(model.eval(), dst, to, run=training_run(stored) if to == "hf" else None)
+    export_checkpoint(model.eval(), dst, to, run=training_run(stored) if to == "hf" else None,
+                      remote_code=remote_code)
     return model
 
 

@@ -55,7 +55,7 @@ class DataSettings:
     train: str | None = None  # ImageFolder tree; none given and no config file: the embedded digits
     val: str | None = None
     digits_root: str | None = None  # where the digits tree is written; default ~/.cache/torchcvt/digits
-    workers: int = option(4, low=0)
+    workers: int | None = option(None, low=0)  # loader processes; None: 4, or fewer on a smaller machine
     pin_memory: bool = True
     persistent_workers: bool = True
     strict: bool = False  # stop at the first unreadable image instead of skipping it

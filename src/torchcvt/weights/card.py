@@ -15,10 +15,17 @@ from PIL import Image
 from ..config import CvtConfig
 from ..data import data_name
 from .checkpoint import Checkpoint
+from .remote_code import MODELING_NAME
 
 logger = logging.getLogger(__name__)
 
 SUMMARY_NAME = "summary.json"
+# What every place that offers the transformers export says of a QuickGELU model's copy there.
+APPROXIMATION = (
+    "its probabilities differ from torchcvt's (by up to 0.004 on the fine-tuned digits model of "
+    "docs/checkpoints.md, flipping a top-1 now and then). Exact copies: the same folder loaded by "
+    "torchcvt, torchcvt's own format, ONNX and TorchScript (`torchcvt export`), or this export written with "
+    "`--remote-code` and loaded with `trust_remote_code=True`.")
 _ACTIVATION = {"gelu": "exact GELU", "quick_gelu": "QuickGELU (x * sigmoid(1.702 x))"}
 
 
@@ -71,8 +78,10 @@ def model_card(
     class_names: Sequence[str],
     preprocessor: dict[str, Any],
     run: TrainingRun | None = None,
+    remote_code: bool = False,
 ) -> str:
-    """README.md for a transformers folder: Hub metadata (library, tags, datasets, metrics), then prose."""
+    """README.md for a transformers folder: Hub metadata (library, tags, datasets, metrics), then prose;
+    remote_code: the folder ships model code for trust_remote_code=True (remote_code.py)."""
     name = architecture or "cvt"
     lines = ["---", "library_name: transformers", "pipeline_tag: image-classification", "tags:"]
     lines += [f"- {tag}" for tag in ("image-classification", "vision", "cvt", "torchcvt")]
@@ -88,12 +97,12 @@ def model_card(
             label = {"top1": "Top-1 accuracy", "top5": "Top-5 accuracy"}[metric]
             lines += ["    - type: accuracy", f"      value: {value:.4f}", f"      name: {label}"]
     lines += ["---", "", f"# {name}", ""]
-    lines += _prose(config, name, class_names, preprocessor, run)
+    lines += _prose(config, name, class_names, preprocessor, run, remote_code)
     return "\n".join(lines) + "\n"
 
 
 def _prose(config: CvtConfig, name: str, class_names: Sequence[str], preprocessor: dict[str, Any],
-           run: TrainingRun | None) -> list[str]:
+           run: TrainingRun | None, remote_code: bool) -> list[str]:
     shown = ", ".join(f"`{label}`" for label in class_names[:10])
     more = f" and {len(class_names) - 10} more" if len(class_names) > 10 else ""
     activation = _ACTIVATION.get(config.activation, config.activation)
@@ -105,10 +114,14 @@ def _prose(config: CvtConfig, name: str, class_names: Sequence[str], preprocesso
         f"- Activation: {activation}.",
         f"- Input: {_describe(preprocessor)}",
     ]
-    if config.activation != "gelu":
-        lines.append(f"- **transformers' CvT always runs exact GELU**, so it gives different outputs from "
-                     f"the {activation} these weights were trained with; load them with torchcvt for the "
-                     "exact model.")
+    exact = config.activation == "gelu"
+    if not exact and remote_code:
+        lines.append(f"- **Exact in transformers only with `trust_remote_code=True`**: this folder ships "
+                     f"`{MODELING_NAME}`, transformers' CvT with the {activation} these weights were trained "
+                     "with. Without it transformers' CvT runs exact GELU: " + APPROXIMATION)
+    elif not exact:
+        lines.append(f"- **transformers' copy is an approximation**: transformers' CvT always runs "
+                     f"exact GELU, where these weights were trained with {activation}; " + APPROXIMATION)
     if run and run.metrics:
         scores = ", ".join(f"{'top-1' if key == 'top1' else 'top-5'} {100 * value:.2f}%"
                            for key, value in run.metrics.items())
@@ -122,7 +135,8 @@ def _prose(config: CvtConfig, name: str, class_names: Sequence[str], preprocesso
         "```python",
         "from transformers import pipeline",
         "",
-        'classify = pipeline("image-classification", model="THIS_FOLDER_OR_HUB_ID")',
+        'classify = pipeline("image-classification", model="THIS_FOLDER_OR_HUB_ID"'
+        + (", trust_remote_code=True)" if remote_code and not exact else ")"),
         'print(classify("image.jpg"))',
         "```",
         "",
