@@ -151,7 +151,8 @@ def test_remote_code_export_runs_a_quick_gelu_model_exactly_in_transformers(tmp_
     model = perturb_weights(torchcvt.create_model("cvt_digits", **{**HF_RUNNABLE, "activation": "quick_gelu",
                                                                     "layer_norm_eps": 1e-6}, num_classes=3))
     torchcvt.weights.save_checkpoint(model, tmp_path / "ours", class_names=CLASS_NAMES)
-    assert main(["convert", str(tmp_path / "ours"), str(tmp_path / "exact"), "--to", "hf", "--remote-code"]) == 0
+    ours_dir = str(tmp_path / "ours")
+    assert main(["convert", ours_dir, str(tmp_path / "exact"), "--to", "hf", "--remote-code"]) == 0
     assert main(["convert", str(tmp_path / "ours"), str(tmp_path / "plain"), "--to", "hf"]) == 0
     assert "exact GELU" in capsys.readouterr().err  # the plain export warns, once
     report = tmp_path / "predict.json"
@@ -170,7 +171,8 @@ def test_remote_code_export_runs_a_quick_gelu_model_exactly_in_transformers(tmp_
     assert exact.keys() == ours.keys()
     assert max(abs(exact[label] - ours[label]) for label in ours) < 1e-4
     # The same folder without trust_remote_code, and the plain export: transformers' GELU, visibly apart.
-    for approximate in (pipeline_probabilities(tmp_path / "exact"), pipeline_probabilities(tmp_path / "plain")):
+    for folder in ("exact", "plain"):
+        approximate = pipeline_probabilities(tmp_path / folder)
         assert max(abs(approximate[label] - ours[label]) for label in ours) > 1e-3
     card = (tmp_path / "exact" / "README.md").read_text()
     assert "trust_remote_code=True" in card and "modeling_torchcvt.py" in card
