@@ -26,11 +26,11 @@ class Progress:
     """A tqdm bar per epoch on a terminal; otherwise log lines every log_every_steps steps and at least
     every LOG_INTERVAL_SECONDS; with quiet neither (the per-epoch validation lines remain)."""
 
-    def __init__(self, enabled: bool, quiet: bool, every: int, interval: float = LOG_INTERVAL_SECONDS):
+    def __init__(self, enabled: bool, quiet: bool, every: int, interval: float | None = None):
         self.enabled = enabled and not quiet
         self.bar_mode = self.enabled and sys.stderr.isatty()
         self.every = max(1, every)
-        self.interval = interval
+        self.interval = LOG_INTERVAL_SECONDS if interval is None else interval
         self.bar = None
         self.epoch = self.epochs = self.total = self.initial = 0
         self.started = self.last_line = time.perf_counter()

@@ -24,7 +24,7 @@ def download_weights(hf_hub_id: str, cache_dir: str | Path | None = None,
                      filenames: Sequence[str] = (WEIGHTS_NAME, HF_BIN_NAME)) -> Path:
     """The local path of a Hub repository's weights: the first of filenames it has.
 
-    Uses huggingface_hub's cache; FileNotFoundError saying what to set or download when none is there.
+    Uses huggingface_hub's cache; a one-line TorchcvtError saying what to set or download when none is there.
     """
     from huggingface_hub import constants, hf_hub_download
     from huggingface_hub.errors import EntryNotFoundError, HfHubHTTPError
