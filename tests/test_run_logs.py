@@ -79,7 +79,8 @@ def test_curves_say_what_the_training_loss_includes(tmp_path, monkeypatch):
         "train (with label smoothing 0.1)", "val (plain cross-entropy)"]
     assert [text.get_text() for text in accuracy.get_legend().get_texts()] == ["top-1"]  # 3 classes
     assert reporting.train_loss_label(0.0, mixup=False) == "train"
-    assert reporting.train_loss_label(0.1, mixup=True) == "train (with label smoothing 0.1, mixup/CutMix targets)"
+    mixed = "train (with label smoothing 0.1, mixup/CutMix targets)"
+    assert reporting.train_loss_label(0.1, mixup=True) == mixed
 
 
 def test_a_run_without_output_gets_a_fresh_folder_named_from_data_and_model(data, tmp_path, monkeypatch):
