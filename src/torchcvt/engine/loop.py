@@ -168,9 +168,12 @@ class Trainer:
             show = log or progress.due()  # a line only: a log file shows progress every so often
             saving = bool(every) and loop.global_step % every == 0
             mean_loss = None
-            if show or saving:
+            if log or saving:
                 # The one host sync of a logging interval: divergence check and the window's loss.
                 mean_loss = self.steps.check_finite(window_loss, self.checkpoints.kept()) / window_steps
+            elif show:
+                # A line by the clock is rank 0's alone: its own window's loss, without a collective.
+                mean_loss = float(window_loss) / window_steps
             elapsed = time.perf_counter() - tick
             lr = self.optimizer.param_groups[-1]["lr"]
             speed = window_steps * self.global_batch / max(elapsed, 1e-9)
