@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 from trainkit import digits_tree, tiny_overrides
 
-import torchcvt.data
+import torchcvt.workers
 from torchcvt.cli import main
 from torchcvt.engine import load_config, reporting, train
 from torchcvt.engine.build import with_run_folder
@@ -102,7 +102,7 @@ def test_a_run_without_output_gets_a_fresh_folder_named_from_data_and_model(data
 def test_workers_are_sized_to_the_machine(monkeypatch, caplog, asked, used, notice):
     monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1}, raising=False)
     with caplog.at_level(logging.INFO, logger="torchcvt"):
-        assert torchcvt.data.sized_workers(asked) == used
+        assert torchcvt.workers.sized_workers(asked) == used
     said = "data.workers=8 but this machine lets the run use 2 CPU(s): loading with 2 worker process(es)"
     assert (said in caplog.text) == notice
 

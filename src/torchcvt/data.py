@@ -22,6 +22,7 @@ from torchvision.transforms import InterpolationMode
 from .config import DIGITS_SIZE
 from .errors import TorchcvtError
 from .extras import require
+from .workers import sized_workers
 
 logger = logging.getLogger(__name__)
 
@@ -353,31 +354,6 @@ def data_name(train: str | Path | None) -> str:
     if not path.parent.name:
         path = path.resolve()  # `train` alone names the current folder's data
     return path.parent.name if path.name in ("train", "training") and path.parent.name else path.name
-
-
-def usable_cpus() -> int:
-    """The CPUs this process may run on (its affinity, as PyTorch's DataLoader counts them)."""
-    if hasattr(os, "sched_getaffinity"):
-        return len(os.sched_getaffinity(0))
-    return os.cpu_count() or 1
-
-
-# Data-loader processes when none are asked for: enough for a GPU's small-image pipeline, capped by the CPUs.
-DEFAULT_WORKERS = 4
-
-
-def sized_workers(workers: int | None, key: str = "data.workers") -> int:
-    """workers (None: DEFAULT_WORKERS), capped at the usable CPUs, with a notice naming key when a number
-    asked for is capped: more loader processes than CPUs only compete for them, and PyTorch warns about
-    each such DataLoader."""
-    cpus = usable_cpus()
-    if workers is None:
-        return min(DEFAULT_WORKERS, cpus)
-    if workers <= cpus:
-        return workers
-    logger.info(f"{key}={workers} but this machine lets the run use {cpus} CPU(s): loading with {cpus} "
-                "worker process(es)")
-    return cpus
 
 
 def loader_options(workers: int | None, pin_memory: bool, persistent_workers: bool, device: torch.device,

@@ -12,7 +12,7 @@ from torch.utils.data import DataLoader
 
 from .checks import resolve_device
 from .config import model_data_config as data_config_of
-from .data import eval_transform, sized_workers, to_rgb
+from .data import eval_transform, to_rgb
 from .errors import TorchcvtError
 from .factory import create_model
 from .inputs import ImageFiles, Progress, input_files, read_image, transformed
@@ -20,6 +20,7 @@ from .model import CvT
 from .reports import FileResult, Prediction
 from .weights import Checkpoint
 from .weights.catalogue import IMAGENET_1K, class_names
+from .workers import sized_workers
 
 ImageInput = Image.Image | str | Path | torch.Tensor
 

@@ -24,7 +24,7 @@ __all__ = ["TorchcvtError", "build_parser", "hold_interrupt", "main"]
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from .. import __version__
+    from ..version import __version__
 
     parser = argparse.ArgumentParser(prog="torchcvt", description="CvT: Convolutional vision Transformers.")
     parser.add_argument("--version", action="version", version=f"torchcvt {__version__}")
