@@ -76,7 +76,15 @@ def test_walkthrough_runs_as_written(tmp_path, monkeypatch, capsys) -> None:
     worker_warnings = [str(w.message) for w in caught if "worker" in str(w.message)]
     assert not worker_warnings and "worker" not in err, worker_warnings
     assert "recipe: from scratch (no --pretrained): cvt_digits, 1 epoch at batch 32" in out
-    assert "recipe: fine-tune (weights given: runs/digits-0-4/best.pth)" in out
+    # The recipe line states the learning rate the run uses: the command's optim.lr=0.03.
+    assert "recipe: fine-tune (weights given: runs/digits-0-4/best.pth): SGD lr 0.03, 1 epoch" in out
+    # Step 3 again, as the page says: the run resolves the same config (the depth it took from the
+    # checkpoint included) and says it is finished, without announcing a resume at an epoch past its last.
+    step3 = next(argv for argv in walkthrough_commands(epochs=1) if "--data" in argv
+                 and "model.checkpoint=runs/digits-0-4/best.pth" in argv)
+    assert main(step3[1:]) == 0
+    rerun = capsys.readouterr().out
+    assert "is already finished" in rerun and not re.search(r"resuming from .* at epoch", rerun)
     # Five classes: top-5 is always 100%, so eval does not print it.
     assert re.search(r"top-1 \d+\.\d\d%  loss .*\(181 images, 5 classes\)", out) and "top-5" not in out
     assert "drawing stage 2" in out and "(stage 2 of 3," in out
