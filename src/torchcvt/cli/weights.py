@@ -6,7 +6,7 @@ import argparse
 import sys
 
 from ..errors import TorchcvtError
-from ..weights.card import APPROXIMATION
+from ..hf_notes import APPROXIMATION
 from .common import add_ema_option, image_size, model_overrides, select_ema
 
 

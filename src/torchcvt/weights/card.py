@@ -14,19 +14,13 @@ from PIL import Image
 
 from ..config import CvtConfig
 from ..data import data_name
+from ..hf_notes import APPROXIMATION
 from ..runrecord import LAST_NAME, SUMMARY_NAME, RunSummary
 from .checkpoint import Checkpoint
 from .remote_code import MODELING_NAME
 
 logger = logging.getLogger(__name__)
 
-# What every place that offers the transformers export says of a QuickGELU model's copy there.
-APPROXIMATION = (
-    "its probabilities differ from torchcvt's (measured: by up to 0.0048 on the 181 validation images of "
-    "docs/finetune.md's fine-tuned digits model trained with QuickGELU; a top-1 near a tie can flip). "
-    "Exact copies: the same folder loaded by torchcvt, torchcvt's own format, ONNX and TorchScript "
-    "(`torchcvt export`), or this export written with `--remote-code` and loaded with "
-    "`trust_remote_code=True`.")
 _ACTIVATION = {"gelu": "exact GELU", "quick_gelu": "QuickGELU (x * sigmoid(1.702 x))"}
 
 
