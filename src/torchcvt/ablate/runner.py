@@ -20,6 +20,7 @@ from typing import Any
 
 from ..data import list_classes, walk_images
 from ..errors import TorchcvtError
+from ..files import append_text, read_json, write_json
 from .plan import Plan, Run
 from .studies import STUDIES
 
@@ -36,9 +37,22 @@ def run_folder(root: Path, run: Run) -> Path:
     return root / "runs" / run.model / f"seed-{run.seed}"
 
 
+def read_summary(folder: Path) -> dict[str, Any] | None:
+    """The summary the engine writes after a run's last epoch; None when there is none, or one a kill left
+    unreadable (said in a warning: a rerun of the suite trains the run to its end again)."""
+    path = folder / "summary.json"
+    if not path.is_file():
+        return None
+    try:
+        return read_json(path, "run summary")
+    except TorchcvtError as error:
+        logger.warning(f"{error}; the run counts as not finished")
+        return None
+
+
 def is_finished(folder: Path) -> bool:
-    """A run is finished when the engine has written its summary (after its last epoch)."""
-    return (folder / "summary.json").is_file()
+    """A run is finished when the engine has written its summary (after its last epoch) and it reads."""
+    return read_summary(folder) is not None
 
 
 def data_fingerprint(train_dir: str | Path, val_dir: str | Path) -> dict[str, Any]:
@@ -87,7 +101,7 @@ def open_suite(root: Path, settings: dict[str, Any], data: dict[str, Any], studi
     path = root / "suite.json"
     with _locked(root / "suite.lock"):
         if path.is_file():
-            suite = json.loads(path.read_text())
+            suite = read_json(path, "suite record")
             changes = _differences({"recipe": suite["recipe"], "data": suite["data"]},
                                    {"recipe": settings, "data": data})
             if changes:
@@ -98,9 +112,7 @@ def open_suite(root: Path, settings: dict[str, Any], data: dict[str, Any], studi
             suite = {"format": SUITE_FORMAT, "recipe": settings, "data": data, "studies": [], "seeds": []}
         suite["studies"] = [name for name in STUDIES if name in set(suite["studies"]) | set(studies)]
         suite["seeds"] = sorted(set(suite["seeds"]) | set(seeds))
-        temporary = path.with_name(f"suite.json.tmp-{os.getpid()}")
-        temporary.write_text(json.dumps(suite, indent=2))
-        os.replace(temporary, path)
+        write_json(path, suite)
     return suite
 
 
@@ -108,7 +120,7 @@ def read_suite(root: Path) -> dict[str, Any]:
     path = root / "suite.json"
     if not path.is_file():
         raise TorchcvtError(f"{root} holds no ablation suite (no suite.json)")
-    return json.loads(path.read_text())
+    return read_json(path, "suite record")
 
 
 @contextmanager
@@ -143,8 +155,7 @@ def record(root: Path, event: str, run: Run, **details: Any) -> None:
     """Append one line to root/events.jsonl: which worker started, resumed or finished which run."""
     line = {"time": time.time(), "event": event, "run": run.name, "host": socket.gethostname(),
             "pid": os.getpid(), **details}
-    with open(root / "events.jsonl", "a") as handle:
-        handle.write(json.dumps(line) + "\n")
+    append_text(root / "events.jsonl", json.dumps(line) + "\n")
 
 
 @dataclass

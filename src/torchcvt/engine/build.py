@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import logging
 import math
-import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -15,11 +14,13 @@ import torch.distributed as dist
 from torch import nn
 from torch.utils.data import DataLoader, DistributedSampler
 
+from ..checks import check_output_folder
 from ..config import variant_config
 from ..data import (
     ImageFolder,
     SeededSampler,
     ShardSampler,
+    cache_folder,
     eval_transform,
     list_classes,
     loader_options,
@@ -84,8 +85,7 @@ def data_folders(cfg: TrainConfig, runtime: Runtime) -> tuple[Path, Path]:
     """The train and val ImageFolder trees; the embedded digits (written once) when none is given."""
     d = cfg.data
     if d.train is None:
-        cache = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache"))
-        root = Path(d.digits_root) if d.digits_root else cache / "torchcvt" / "digits"
+        root = Path(d.digits_root) if d.digits_root else cache_folder("digits")
         if runtime.is_main:
             write_digits(root)
         if runtime.distributed:
@@ -121,12 +121,11 @@ def make_run_folder(output: Path) -> None:
     """Create the run folder; a one-line error when it is a file or cannot be written."""
     if output.exists() and not output.is_dir():
         raise TorchcvtError(f"train.output {output} is a file, not a folder")
+    check_output_folder(output, "train.output")
     try:
         output.mkdir(parents=True, exist_ok=True)
     except OSError as error:
         raise TorchcvtError(f"train.output {output} cannot be created: {error.strerror}") from None
-    if not os.access(output, os.W_OK | os.X_OK):
-        raise TorchcvtError(f"train.output {output} is not writable")
 
 
 def resume_path(cfg: TrainConfig, output: Path) -> Path | None:

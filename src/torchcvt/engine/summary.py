@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-import json
 import logging
 import time
 from collections.abc import Callable
 from typing import Any
 
 from ..errors import TorchcvtError
+from ..files import read_json, write_json
 from .build import Components
 from .evaluate import evaluate
 from .reporting import MetricsLog, plot_curves
@@ -95,7 +95,10 @@ class RunReport:
         self._log(f"the run in {output} is already finished ({self.epochs} epochs); nothing to do")
         summary = output / "summary.json"
         if summary.is_file():
-            return json.loads(summary.read_text())
+            try:
+                return read_json(summary, "run summary")
+            except TorchcvtError as error:  # left torn by a kill or a full disk before writes were atomic
+                logger.warning(f"{error}; writing it again from {output / 'last.pth'}")
         if self.loop.last_val is None:
             self.loop.last_val = self.validate(self.epochs - 1, None)
         return self.finish(self.loop.last_val)
@@ -127,6 +130,6 @@ class RunReport:
             "summary": str(output / "summary.json"),
         }
         if self.runtime.is_main:
-            (output / "summary.json").write_text(json.dumps(summary, indent=2))
+            write_json(output / "summary.json", summary)
             plot_curves(output / "metrics.jsonl", output / "curves.png")
         return summary
