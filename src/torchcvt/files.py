@@ -230,8 +230,8 @@ def replace_folder(path: str | Path) -> Iterator[Path]:
     """
     path = Path(path)
     refuse_special(path)
+    _remove_leftovers(path)
     staging = _temporary(path)
-    shutil.rmtree(staging, ignore_errors=True)
     staging.mkdir(parents=True)
     try:
         yield staging
@@ -248,6 +248,26 @@ def replace_folder(path: str | Path) -> Iterator[Path]:
         raise _with_name(error, path) from None
     finally:
         shutil.rmtree(staging, ignore_errors=True)  # the old folder after a swap, or a failed new one
+
+
+def _remove_leftovers(path: Path) -> None:
+    """Delete what a killed replace_folder left beside path: folders named for a process that is gone."""
+    for leftover in [*path.parent.glob(f".{path.name}.tmp-*"), *path.parent.glob(f".{path.name}.old-*")]:
+        pid = leftover.name.rpartition("-")[2]
+        if pid.isdigit() and not _alive(int(pid)):
+            shutil.rmtree(leftover, ignore_errors=True)
+
+
+def _alive(pid: int) -> bool:
+    if pid == os.getpid():
+        return False  # our own leftover, from an earlier call that failed
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 def staging_folder(root: Path) -> Path:
