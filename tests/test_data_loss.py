@@ -395,3 +395,36 @@ def test_a_read_only_suite_folder_is_one_line(disk: Path, data: Path, capsys: py
     assert one_line(capsys.readouterr().err) == expected
     assert main(["ablate", "--study", "kv-stride", "--seeds", "1", "--output", str(root), *recipe_argv]) == 2
     assert one_line(capsys.readouterr().err) == expected
+
+
+# The writer's own guarantees.
+
+
+def test_an_append_on_a_full_disk_keeps_what_the_file_held(disk: Path) -> None:
+    from torchcvt.files import append_text
+
+    path = disk / "events.jsonl"
+    append_text(path, "one\n")
+    fill(disk)
+    with pytest.raises(OSError) as raised:
+        append_text(path, "x" * 100_000)
+    assert (raised.value.errno, raised.value.filename) == (errno.ENOSPC, str(path))
+    assert path.read_text() == "one\n"
+
+
+@pytest.mark.parametrize("one_step", [True, False], ids=["renameat2", "two renames"])
+def test_a_folder_is_replaced_whole_or_not_at_all(one_step: bool, tmp_path: Path,
+                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    from torchcvt.files import replace_folder, write_text
+
+    if not one_step:  # a file system without RENAME_EXCHANGE
+        monkeypatch.setattr("torchcvt.files._exchange", lambda a, b: False)
+    folder = tmp_path / "out"
+    for text in ("first", "second"):
+        with replace_folder(folder) as staging:
+            write_text(staging / "a.txt", text)
+    with pytest.raises(RuntimeError), replace_folder(folder) as staging:
+        write_text(staging / "a.txt", "third")
+        raise RuntimeError("stopped while writing")
+    assert [(p.name, p.read_text()) for p in folder.iterdir()] == [("a.txt", "second")]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]

@@ -164,15 +164,19 @@ def append_text(path: str | Path, text: str) -> None:
     path = Path(path)
     refuse_special(path)
     try:
-        with open(path, "ab") as handle:
-            size = handle.tell()
+        descriptor = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o666)
+        try:
+            size = os.fstat(descriptor).st_size
             try:
-                handle.write(text.encode("utf-8"))
-                handle.flush()
-                os.fsync(handle.fileno())
+                data = memoryview(text.encode("utf-8"))
+                while data:
+                    data = data[os.write(descriptor, data):]
+                os.fsync(descriptor)
             except OSError:
-                handle.truncate(size)
+                os.ftruncate(descriptor, size)
                 raise
+        finally:
+            os.close(descriptor)
     except OSError as error:
         raise _with_name(error, path) from None
 
