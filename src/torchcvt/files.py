@@ -5,7 +5,9 @@ Every output file is written beside its destination and renamed over it once its
 folder written as one unit (a transformers export, a data tree) is built beside its destination and put
 in place in one step. New files get mode 0666 less the umask (0644 as a rule), as torch.save's do.
 A path that exists and is not a regular file or folder (a device, a FIFO, a socket) is refused unless the
-writer streams to it on purpose (stream=True).
+writer streams to it on purpose (stream=True). Outside this module only lock files are opened for
+writing, and TensorBoard's SummaryWriter (third-party) writes its own event files
+(tests/test_files_structure.py keeps it so).
 """
 
 from __future__ import annotations

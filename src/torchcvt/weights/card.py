@@ -13,6 +13,8 @@ from typing import Any
 from PIL import Image
 
 from ..config import CvtConfig
+from ..errors import TorchcvtError
+from ..files import read_json
 from .checkpoint import Checkpoint
 
 logger = logging.getLogger(__name__)
@@ -41,9 +43,9 @@ def training_run(checkpoint: Checkpoint) -> TrainingRun | None:
     metrics, epochs, source = {}, None, None
     if summary_path.is_file():
         try:
-            summary = json.loads(summary_path.read_text(encoding="utf-8"))
-        except (OSError, ValueError) as error:
-            logger.warning("%s is unreadable, the model card has no metrics: %s", summary_path, error)
+            summary = read_json(summary_path, "run summary")
+        except TorchcvtError as error:
+            logger.warning("%s; the model card has no metrics", error)
             summary = {}
         which = {Path(str(summary.get(key, ""))).name: prefix
                  for key, prefix in (("checkpoint", "best_val"), ("last_checkpoint", "final_val"))}
