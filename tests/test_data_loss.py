@@ -279,6 +279,31 @@ def test_a_full_disk_during_embed_is_one_line_and_keeps_the_old_files(
     assert len(load_embeddings(out)[1]) == 3
 
 
+def test_no_space_for_the_file_list_keeps_the_old_features_too(
+    checkpoints: tuple[Path, Path], images: Path, tmp_path: Path, capsys: pytest.CaptureFixture,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    out = tmp_path / "features.npy"
+    argv = ["embed", "--checkpoint", str(checkpoints[0]), str(images), "--workers", "0", "--quiet", "-o",
+            str(out)]
+    assert main(argv) == 0
+    capsys.readouterr()
+    before = {path: path.read_bytes() for path in tmp_path.iterdir()}
+    real_open = open
+
+    def no_room_for_lists(path: str | Path, mode: str = "r", *args: object, **kwargs: object) -> object:
+        if ".files.json" in str(path) and "w" in mode:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        return real_open(path, mode, *args, **kwargs)
+
+    monkeypatch.setattr("torchcvt.files.open", no_room_for_lists, raising=False)
+    argv[2] = str(checkpoints[1])  # other weights: other features
+    assert main(argv) == 2
+    listing = out.with_suffix(".files.json")
+    assert one_line(capsys.readouterr().err) == f"torchcvt embed: error: cannot write {listing}: {NO_SPACE}"
+    assert {path: path.read_bytes() for path in tmp_path.iterdir()} == before
+
+
 def test_a_file_list_beside_other_features_is_refused(
     checkpoints: tuple[Path, Path], images: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
