@@ -232,11 +232,11 @@ def test_a_torn_summary_is_no_finished_run_and_train_writes_it_again(
     run = Path(shutil.copytree(finished, tmp_path / "run"))
     summary = run / "summary.json"
     summary.write_bytes(b"")
-    with pytest.raises(ValueError, match=f"run summary {summary} is empty: it was cut short or damaged"):
+    with pytest.raises(ValueError, match=rf"run summary {summary} is damaged \(empty\): a kill or a full disk"):
         read_json(summary, "run summary")
     with caplog.at_level(logging.WARNING, logger="torchcvt"):
         assert not is_finished(run)
-    assert f"run summary {summary} is empty" in caplog.text and "counts as not finished" in caplog.text
+    assert f"run summary {summary} is damaged (empty)" in caplog.text and "counts as not finished" in caplog.text
     summary.write_text('{"model": "cvt_di')
     assert main(["train", *tiny_overrides(data, run, **{"train.epochs": 1})]) == 0
     warning = [line for line in capsys.readouterr().err.splitlines() if "summary" in line]
@@ -253,7 +253,7 @@ def test_a_torn_suite_record_is_one_line_naming_it(data: Path, tmp_path: Path, c
     (root / "suite.json").write_text('{"format": 1, "reci')
     assert main(["ablate", "--report-only", "--output", str(root)]) == 2
     assert one_line(capsys.readouterr().err).startswith(
-        f"torchcvt ablate: error: suite record {root / 'suite.json'} is not valid JSON")
+        f"torchcvt ablate: error: suite record {root / 'suite.json'} is damaged (not valid JSON")
 
 
 # 4. embed -o: the pair is replaced together, or not at all.

@@ -193,8 +193,8 @@ def read_json(path: str | Path, what: str = "") -> Any:
     except OSError as error:
         raise TorchcvtError(f"cannot read {name}: {error.strerror or error}") from None
     except (UnicodeDecodeError, json.JSONDecodeError) as error:
-        found = "empty" if not path.stat().st_size else f"not valid JSON ({error})"
-        raise TorchcvtError(f"{name} is {found}: it was cut short or damaged") from None
+        found = "empty" if not path.stat().st_size else f"not valid JSON: {error}"
+        raise TorchcvtError(f"{name} is damaged ({found}): a kill or a full disk cut it short") from None
     if not isinstance(data, dict):
         raise TorchcvtError(f"{name} holds JSON {type(data).__name__}, not an object: it is damaged")
     return data

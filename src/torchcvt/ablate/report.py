@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from ..files import write_figure, write_json, write_text
+from ..runrecord import RunSummary
 from .plan import Plan, PlannedRow, Run
 from .runner import read_summary, run_folder
 
@@ -19,7 +20,7 @@ RULE = ("Top-1 is the validation top-1 (%) after the last epoch, mean ± standar
         "measurable difference\"; with one seed the spread is unknown and nothing is ranked.")
 
 
-def _summary(root: Path, run: Run) -> dict[str, Any] | None:
+def _summary(root: Path, run: Run) -> RunSummary | None:
     """The run's summary; None (not finished) when it has none or one that cannot be read."""
     return read_summary(run_folder(root, run))
 
@@ -32,9 +33,9 @@ def _row_record(root: Path, plan: Plan, planned: PlannedRow) -> dict[str, Any]:
     top1, speed = {}, []
     for seed in plan.seeds:
         summary = _summary(root, Run(planned.model, seed, planned.row.knobs))
-        top1[seed] = None if summary is None else 100.0 * summary["final_val_top1"]
+        top1[seed] = None if summary is None else 100.0 * summary.final_val_top1
         if summary is not None:
-            speed.append(summary["images_per_second"])
+            speed.append(summary.images_per_second)
     values = [value for value in top1.values() if value is not None]
     return {
         "study": planned.study.name,

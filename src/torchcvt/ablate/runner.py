@@ -16,13 +16,18 @@ from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ..data import list_classes, walk_images
 from ..errors import TorchcvtError
-from ..files import append_text, read_json, write_json
+from ..files import append_text, read_json, write_bytes, write_json
+from ..runrecord import LAST_NAME, SUMMARY_NAME, RunSummary
+from ..typed import describe_changes, differences
 from .plan import Plan, Run
 from .studies import STUDIES
+
+if TYPE_CHECKING:
+    from ..engine import TrainConfig
 
 logger = logging.getLogger("torchcvt.ablate")
 
@@ -37,14 +42,14 @@ def run_folder(root: Path, run: Run) -> Path:
     return root / "runs" / run.model / f"seed-{run.seed}"
 
 
-def read_summary(folder: Path) -> dict[str, Any] | None:
+def read_summary(folder: Path) -> RunSummary | None:
     """The summary the engine writes after a run's last epoch; None when there is none, or one a kill left
     unreadable (said in a warning: a rerun of the suite trains the run to its end again)."""
-    path = folder / "summary.json"
+    path = folder / SUMMARY_NAME
     if not path.is_file():
         return None
     try:
-        return read_json(path, "run summary")
+        return RunSummary.read(path)
     except TorchcvtError as error:
         logger.warning(f"{error}; the run counts as not finished")
         return None
@@ -72,17 +77,6 @@ def data_fingerprint(train_dir: str | Path, val_dir: str | Path) -> dict[str, An
     return fingerprint
 
 
-def _differences(saved: dict[str, Any], ours: dict[str, Any], prefix: str = "") -> list[str]:
-    changes = []
-    for key in [*saved, *(key for key in ours if key not in saved)]:
-        old, new = saved.get(key, "unset"), ours.get(key, "unset")
-        if isinstance(old, dict) and isinstance(new, dict):
-            changes += _differences(old, new, f"{prefix}{key} ")
-        elif old != new:
-            changes.append(f"{prefix}{key} {json.dumps(old)} -> {json.dumps(new)}")
-    return changes
-
-
 @contextmanager
 def _locked(path: Path) -> Iterator[None]:
     with open(path, "a") as handle:
@@ -102,12 +96,11 @@ def open_suite(root: Path, settings: dict[str, Any], data: dict[str, Any], studi
     with _locked(root / "suite.lock"):
         if path.is_file():
             suite = read_json(path, "suite record")
-            changes = _differences({"recipe": suite["recipe"], "data": suite["data"]},
-                                   {"recipe": settings, "data": data})
+            changes = differences({"recipe": suite["recipe"], "data": suite["data"]},
+                                  {"recipe": settings, "data": data})
             if changes:
-                more = f" and {len(changes) - 3} more" if len(changes) > 3 else ""
                 raise TorchcvtError(f"output folder {root} holds a suite with another recipe or data: "
-                                 f"{'; '.join(changes[:3])}{more}; give another --output")
+                                    f"{describe_changes(changes, 3)}; give another --output")
         else:
             suite = {"format": SUITE_FORMAT, "recipe": settings, "data": data, "studies": [], "seeds": []}
         suite["studies"] = [name for name in STUDIES if name in set(suite["studies"]) | set(studies)]
@@ -173,12 +166,12 @@ def shard_runs(runs: Sequence[Run], index: int, count: int) -> list[Run]:
     return [run for i, run in enumerate(runs) if i % count == index]
 
 
-def run_suite(plan: Plan, root: Path, config: str | None, base_overrides: Sequence[str],
-              shard: tuple[int, int] = (0, 1), launcher: str | None = None,
-              after_each: Callable[[], Any] | None = None) -> Progress:
-    """Train this worker's share of the plan's runs that are not finished and not held by another worker;
-    after_each (rebuilding the report, say) is called after every run this worker finishes."""
-    from .recipe import run_overrides
+def run_suite(plan: Plan, root: Path, config: TrainConfig, shard: tuple[int, int] = (0, 1),
+              launcher: str | None = None, after_each: Callable[[], Any] | None = None) -> Progress:
+    """Train this worker's share of the plan's runs that are not finished and not held by another worker,
+    each with the suite's resolved config and its own settings (recipe.run_values); after_each
+    (rebuilding the report, say) is called after every run this worker finishes."""
+    from .recipe import run_values
 
     mine = shard_runs(plan.runs(), *shard)
     progress = Progress()
@@ -199,7 +192,7 @@ def run_suite(plan: Plan, root: Path, config: str | None, base_overrides: Sequen
             if is_finished(folder):  # finished by another worker between the two checks
                 progress.already_done += 1
                 continue
-            resuming = (folder / "last.pth").is_file()
+            resuming = (folder / LAST_NAME).is_file()
             trained = len(progress.trained)
             eta = ""
             if trained:
@@ -209,8 +202,7 @@ def run_suite(plan: Plan, root: Path, config: str | None, base_overrides: Sequen
             logger.info(f"[{number}/{len(mine)}] {'resuming' if resuming else 'training'} {run.name} "
                         f"(rows {' '.join(rows_of[run.model])}){eta}")
             record(root, "resume" if resuming else "start", run)
-            overrides = [*base_overrides, *run_overrides(run.knobs, run.seed, folder)]
-            if _train_one(config, overrides, launcher):
+            if _train_one(config.override(run_values(run.knobs, run.seed, folder)), launcher):
                 record(root, "done", run)
                 progress.trained.append(run.name)
             else:
@@ -221,19 +213,24 @@ def run_suite(plan: Plan, root: Path, config: str | None, base_overrides: Sequen
     return progress
 
 
-def _train_one(config: str | None, overrides: list[str], launcher: str | None) -> bool:
-    """Train one run in this process, or as `LAUNCHER -m torchcvt train ...`; False if it diverged."""
-    from ..engine import TrainingDiverged, load_config, train
+def _train_one(config: TrainConfig, launcher: str | None) -> bool:
+    """Train one run in this process, or as `LAUNCHER -m torchcvt train --config OUTPUT/config.yaml` (its
+    whole config, written to its run folder); False if it diverged."""
+    from ..engine import TrainingDiverged, train
 
     if launcher is None:
         try:
-            train(load_config(config, overrides))
+            train(config)
         except TrainingDiverged as error:
             logger.warning(str(error))
             return False
         return True
-    command = [*shlex.split(launcher), "-m", "torchcvt", "train", *(["--config", config] if config else []),
-               *overrides]
+    import yaml
+
+    path = Path(config.train.output) / "config.yaml"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    write_bytes(path, yaml.safe_dump(config.to_dict(), sort_keys=False).encode())
+    command = [*shlex.split(launcher), "-m", "torchcvt", "train", "--config", str(path)]
     code = subprocess.run(command, stdin=subprocess.DEVNULL).returncode
     if code != 0:
         raise RunFailed(f"`{shlex.join(command)}` stopped with exit code {code}")
