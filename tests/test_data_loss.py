@@ -232,11 +232,12 @@ def test_a_torn_summary_is_no_finished_run_and_train_writes_it_again(
     run = Path(shutil.copytree(finished, tmp_path / "run"))
     summary = run / "summary.json"
     summary.write_bytes(b"")
-    with pytest.raises(ValueError, match=rf"run summary {summary} is damaged \(empty\): a kill or a full disk"):
+    with pytest.raises(ValueError, match=rf"run summary {summary} is damaged \(empty\): a kill or a full"):
         read_json(summary, "run summary")
     with caplog.at_level(logging.WARNING, logger="torchcvt"):
         assert not is_finished(run)
-    assert f"run summary {summary} is damaged (empty)" in caplog.text and "counts as not finished" in caplog.text
+    assert f"run summary {summary} is damaged (empty)" in caplog.text
+    assert "counts as not finished" in caplog.text
     summary.write_text('{"model": "cvt_di')
     assert main(["train", *tiny_overrides(data, run, **{"train.epochs": 1})]) == 0
     warning = [line for line in capsys.readouterr().err.splitlines() if "summary" in line]
