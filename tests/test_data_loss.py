@@ -127,24 +127,25 @@ def images(tmp_path_factory: pytest.TempPathFactory) -> Path:
 # 1. Devices and other special files are no output.
 
 
-@pytest.mark.parametrize("device", ["/dev/null", "/dev/full"])
+@pytest.mark.parametrize("name", ["null", "full"])
 def test_convert_onto_a_device_is_refused_and_the_device_stays(
-    device: str, checkpoints: tuple[Path, Path], capsys: pytest.CaptureFixture
+    name: str, devices: dict[str, Path], checkpoints: tuple[Path, Path], capsys: pytest.CaptureFixture
 ) -> None:
-    assert main(["convert", str(checkpoints[0]), device, "--to", "official", "--overwrite"]) == 2
+    device = devices[name]
+    assert main(["convert", str(checkpoints[0]), str(device), "--to", "official", "--overwrite"]) == 2
     assert one_line(capsys.readouterr().err) == (
         f"torchcvt convert: error: destination {device} is a character device, not a regular file: give a "
         "file name")
-    assert Path(device).is_char_device()
+    assert device.is_char_device()
 
 
-def test_a_library_write_onto_a_device_is_refused(tmp_path: Path) -> None:
+def test_a_library_write_onto_a_device_is_refused(devices: dict[str, Path]) -> None:
     from torchcvt.weights import export_checkpoint
 
     model = torchcvt.create_model("cvt_digits", num_classes=3)
-    with pytest.raises(ValueError, match="/dev/null is a character device, not a regular file"):
-        export_checkpoint(model, "/dev/null", "official")
-    assert Path("/dev/null").is_char_device()
+    with pytest.raises(ValueError, match=f"{devices['null']} is a character device, not a regular file"):
+        export_checkpoint(model, devices["null"], "official")
+    assert devices["null"].is_char_device()
 
 
 def test_embed_to_a_fifo_is_refused_before_any_work(
