@@ -255,7 +255,7 @@ def test_a_torn_suite_record_is_one_line_naming_it(data: Path, tmp_path: Path, c
     (root / "suite.json").write_text('{"format": 1, "reci')
     assert main(["ablate", "--report-only", "--output", str(root)]) == 2
     assert one_line(capsys.readouterr().err).startswith(
-        f"torchcvt ablate: error: suite record {root / 'suite.json'} is damaged (not valid JSON")
+        f"torchcvt ablate: error: {root / 'suite.json'} is not valid JSON")
 
 
 # 4. embed -o: the pair is replaced together, or not at all.
