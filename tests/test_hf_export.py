@@ -15,9 +15,9 @@ import torchcvt
 from torchcvt.cli import main
 from torchcvt.config import IMAGENET_MEAN, IMAGENET_STD
 from torchcvt.data import eval_transform
+from torchcvt.files import write_json
 from torchcvt.weights import save_official
 from torchcvt.weights.formats import hf_preprocessor_json
-from torchcvt.weights.io import save_json
 
 transformers = pytest.importorskip("transformers")
 
@@ -80,7 +80,7 @@ def _image(width: int, height: int) -> Image.Image:
 def test_preprocessor_config_reproduces_the_eval_transform(tmp_path, size, crop_pct, processor):
     data_config = {"input_size": (3, size, size), "crop_pct": crop_pct, "interpolation": "bicubic",
                    "mean": IMAGENET_MEAN, "std": IMAGENET_STD}
-    save_json(hf_preprocessor_json(data_config), tmp_path / "preprocessor_config.json")
+    write_json(tmp_path / "preprocessor_config.json", hf_preprocessor_json(data_config))
     loaded = transformers.AutoImageProcessor.from_pretrained(tmp_path, backend="pil")
     assert type(loaded).__name__ == f"{processor}Pil"
     ours = eval_transform(data_config)

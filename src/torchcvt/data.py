@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
+import io
 import json
 import logging
 import os
 import random
-import shutil
 import stat
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
@@ -23,6 +23,7 @@ from torchvision.transforms import InterpolationMode
 from .config import DIGITS_SIZE
 from .errors import TorchcvtError
 from .extras import require
+from .files import publish_tree, staging_folder, write_new
 from .workers import sized_workers
 
 logger = logging.getLogger(__name__)
@@ -459,9 +460,8 @@ def write_digits(
         for label in labels:
             for n, i in enumerate(np.flatnonzero(digits.target == label)):
                 folder = staging / ("val" if n % 5 == 0 else "train") / str(label)
-                folder.mkdir(parents=True, exist_ok=True)
-                digit_image(digits.images[i], size).save(folder / f"{i:04d}.png")
-        (staging / ".complete").write_text(marker)
+                write_new(folder / f"{i:04d}.png", png_bytes(digit_image(digits.images[i], size)))
+        write_new(staging / ".complete", marker.encode())
         publish_tree(staging, root)
     return root / "train", root / "val"
 
@@ -477,22 +477,13 @@ def digit_image(pixels: np.ndarray, side: int) -> Image.Image:
     return Image.fromarray(grey, mode="L").resize((side, side), Image.BICUBIC)
 
 
-def staging_folder(root: Path) -> Path:
-    """An empty folder beside root, this process's own, to write a tree into before publish_tree."""
-    staging = root.with_name(f"{root.name}.tmp-{os.getpid()}")
-    shutil.rmtree(staging, ignore_errors=True)
-    return staging
+def png_bytes(image: Image.Image) -> bytes:
+    """An image encoded as PNG."""
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    return buffer.getvalue()
 
 
-def publish_tree(staging: Path, root: Path) -> None:
-    """Put a tree written whole (with its .complete marker) at root in one rename."""
-    root.parent.mkdir(parents=True, exist_ok=True)
-    # A tree left incomplete by a crash, or written for other settings.
-    shutil.rmtree(root, ignore_errors=True)
-    try:
-        os.replace(staging, root)
-    except OSError:
-        # Another process finished the same tree first; theirs is as good as ours.
-        shutil.rmtree(staging, ignore_errors=True)
-        if not (root / ".complete").exists():
-            raise
+def cache_folder(name: str) -> Path:
+    """Where torchcvt keeps data it writes once (the digits trees): $XDG_CACHE_HOME/torchcvt/name."""
+    return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "torchcvt" / name

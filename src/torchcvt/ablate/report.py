@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 import socket
 import statistics
@@ -10,9 +9,10 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
-from ..runrecord import SUMMARY_NAME, RunSummary
+from ..files import write_figure, write_json, write_text
+from ..runrecord import RunSummary
 from .plan import Plan, PlannedRow, Run
-from .runner import run_folder
+from .runner import read_summary, run_folder
 
 # Fewer seeds than this: the standard deviation itself is too uncertain to rank differences near it.
 FEW_SEEDS = 5
@@ -23,8 +23,8 @@ RULE = ("Top-1 is the validation top-1 (%) after the last epoch, mean ± standar
 
 
 def _summary(root: Path, run: Run) -> RunSummary | None:
-    path = run_folder(root, run) / SUMMARY_NAME
-    return RunSummary.read(path) if path.is_file() else None
+    """The run's summary; None (not finished) when it has none or one that cannot be read."""
+    return read_summary(run_folder(root, run))
 
 
 def _std(values: list[float]) -> float | None:
@@ -216,21 +216,13 @@ def plot(data: dict[str, Any], path: Path) -> None:
                Line2D([], [], color="0.4", marker="|", markersize=12, linestyle="", label=spread)]
     figure.legend(handles=handles, loc="lower center", ncol=3, frameon=False)
     figure.tight_layout(rect=(0, 0.08, 1, 1))
-    figure.savefig(path, dpi=100)
-
-
-def _write(path: Path, text: str) -> None:
-    temporary = path.with_name(f"{path.name}.tmp-{os.getpid()}")
-    temporary.write_text(text)
-    os.replace(temporary, path)
+    write_figure(path, figure)
 
 
 def write_report(root: Path, plan: Plan) -> dict[str, Path]:
     """Rebuild report.md, ablation.json and ablation.png in root from the runs finished so far."""
     data = collect(root, plan)
-    _write(root / "ablation.json", json.dumps(data, indent=2))
-    _write(root / "report.md", markdown(data))
-    temporary = root / f"ablation.tmp-{os.getpid()}.png"
-    plot(data, temporary)
-    os.replace(temporary, root / "ablation.png")
+    write_json(root / "ablation.json", data)
+    write_text(root / "report.md", markdown(data))
+    plot(data, root / "ablation.png")
     return {"report": root / "report.md", "json": root / "ablation.json", "plot": root / "ablation.png"}

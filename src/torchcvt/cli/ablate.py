@@ -63,11 +63,14 @@ def _run_ablate(args: argparse.Namespace) -> int:
     from pathlib import Path
 
     from .. import ablate
+    from ..checks import check_output_folder
 
     studies = ablate.select_studies(args.study)
     root = Path(args.output)
     if args.report_only:
-        paths = ablate.write_report(root, ablate.suite_plan(root, studies if args.study else ()))
+        plan = ablate.suite_plan(root, studies if args.study else ())
+        check_output_folder(root, "--output")  # the report is written there
+        paths = ablate.write_report(root, plan)
         print(f"report: {paths['report']}\nplot:   {paths['plot']}\njson:   {paths['json']}")
         return 0
     if not 1 <= args.seeds <= ablate.MAX_SEEDS:
@@ -95,6 +98,7 @@ def _run_ablate(args: argparse.Namespace) -> int:
     if recipe.train_dir is None or recipe.val_dir is None:
         raise TorchcvtError("the recipe names no data: give --data DIR (holding train/ and val/) or set "
                        "data.train and data.val")
+    check_output_folder(root, "--output")
     fingerprint = ablate.data_fingerprint(recipe.train_dir, recipe.val_dir)
     plan = ablate.build_plan(recipe, studies, seeds, fingerprint["train"]["classes"])
     ablate.open_suite(root, recipe.settings, fingerprint, [s.name for s in studies], seeds)

@@ -5,7 +5,6 @@ from __future__ import annotations
 import dataclasses
 import logging
 import math
-import os
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -17,11 +16,13 @@ import torch.distributed as dist
 from torch import nn
 from torch.utils.data import DataLoader, DistributedSampler
 
+from ..checks import check_output_folder
 from ..config import variant_config
 from ..data import (
     ImageFolder,
     SeededSampler,
     ShardSampler,
+    cache_folder,
     data_name,
     eval_transform,
     list_classes,
@@ -89,8 +90,7 @@ def data_folders(cfg: TrainConfig, runtime: Runtime) -> tuple[Path, Path]:
     """The train and val ImageFolder trees; the embedded digits (written once) when none is given."""
     d = cfg.data
     if d.train is None:
-        cache = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache"))
-        root = Path(d.digits_root) if d.digits_root else cache / "torchcvt" / "digits"
+        root = Path(d.digits_root) if d.digits_root else cache_folder("digits")
         if runtime.is_main:
             write_digits(root)
         if runtime.distributed:
@@ -150,13 +150,12 @@ def make_run_folder(output: Path) -> list[Path]:
     it created, innermost first, for a start that fails to take away again (remove_created)."""
     if output.exists() and not output.is_dir():
         raise TorchcvtError(f"train.output {output} is a file, not a folder")
+    check_output_folder(output, "train.output")
     created = [folder for folder in (output, *output.parents) if not folder.exists()]
     try:
         output.mkdir(parents=True, exist_ok=True)
     except OSError as error:
         raise TorchcvtError(f"train.output {output} cannot be created: {error.strerror}") from None
-    if not os.access(output, os.W_OK | os.X_OK):
-        raise TorchcvtError(f"train.output {output} is not writable")
     return created
 
 

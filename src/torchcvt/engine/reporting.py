@@ -14,6 +14,7 @@ import torch
 
 from ..errors import TorchcvtError
 from ..extras import require
+from ..files import append_text, write_figure, write_text
 
 logger = logging.getLogger("torchcvt.engine")
 
@@ -116,7 +117,8 @@ class MetricsLog:
         self.path = output / "metrics.jsonl"
         records = self.read(self.path) if resume_step is not None and self.path.exists() else []
         kept = [r for r in records if r["step"] <= resume_step] if resume_step is not None else []
-        self.path.write_text("".join(json.dumps(r) + "\n" for r in kept))
+        # Replaced whole, never emptied first: a kill or a full disk here keeps the earlier epochs.
+        write_text(self.path, "".join(json.dumps(r) + "\n" for r in kept))
         require("tensorboard", "TensorBoard logging")
         from torch.utils.tensorboard import SummaryWriter
 
@@ -137,8 +139,7 @@ class MetricsLog:
         return records
 
     def write(self, record: dict[str, Any]) -> None:
-        with open(self.path, "a") as handle:
-            handle.write(json.dumps(record) + "\n")
+        append_text(self.path, json.dumps(record) + "\n")
         for key, value in record.items():
             if key not in ("step", "epoch", "kind") and isinstance(value, (int, float)):
                 self.writer.add_scalar(f"{record['kind']}/{key}", value, record["step"])
@@ -175,7 +176,7 @@ def plot_curves(metrics_path: Path, out_path: Path, num_classes: int | None = No
     axes[2].plot([r["step"] for r in train], [r["lr"] for r in train])
     axes[2].set(title="learning rate", xlabel="step")
     fig.tight_layout()
-    fig.savefig(out_path, dpi=100)
+    write_figure(out_path, fig)
 
 
 def train_loss_label(label_smoothing: float, mixup: bool) -> str:
@@ -216,4 +217,4 @@ def plot_confusion(matrix: torch.Tensor, class_names: Sequence[str], out_path: P
                         color="white" if rows[i, j] > 0.5 else "black",
                     )
     fig.tight_layout()
-    fig.savefig(out_path, dpi=100)
+    write_figure(out_path, fig)

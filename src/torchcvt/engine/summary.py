@@ -102,7 +102,10 @@ class RunReport:
         self._log(f"the run in {output} is already finished ({self.epochs} epochs); nothing to do")
         summary = output / SUMMARY_NAME
         if summary.is_file():
-            return RunSummary.read(summary).to_dict()
+            try:
+                return RunSummary.read(summary).to_dict()
+            except TorchcvtError as error:  # left torn by a kill or a full disk before writes were atomic
+                logger.warning(f"{error}; writing it again from {output / LAST_NAME}")
         if self.loop.last_val is None:
             self.loop.last_val = self.validate(self.epochs - 1, None)
         return self.finish(self.loop.last_val)
