@@ -1,7 +1,7 @@
 """Mutation testing of torchcvt's numeric core with mutmut: one module at a time, against fast tests.
 
-    python tools/mutation.py layers            # one module; `all` for every one; --list for the names
-    python tools/mutation.py data --seconds 1800
+    python tools/mutation.py layers            # one module; several; `all`; --list for the names and tests
+    python tools/mutation.py steps data --seconds 600     # a time bound per module
 
 Each module is mutated in its own scratch copy (default /tmp/torchcvt-mutation/MODULE, kept, so a rerun only
 tests what changed) and its mutants run against the tests named below. Prints the count of each outcome, the
@@ -23,19 +23,27 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 
+PARITY = "tests/test_numeric_parity.py::"
+# The official-layout reference at fp32, both kernels and both activations; the MLP alone; the key names.
+OFFICIAL = [f"{PARITY}test_official_layout_file_gives_the_reference_logits[{kernel}-{activation}-fp32]"
+            for kernel in ("fused", "plain") for activation in ("quick_gelu", "gelu")]
+MLP = [f"{PARITY}test_fused_and_plain_mlp_blocks_agree_with_the_formula"]
+KEYS = [f"{PARITY}test_official_key_names_and_shapes_are_the_official_module_trees"]
+HF = [f"{PARITY}test_transformers_weights_give_transformers_logits[{kernel}-fp32]"
+      for kernel in ("fused", "plain")]
+
 # module -> (file to mutate, the fast tests that check its numbers, mutant-name patterns or None for all).
 # The patterns keep data.py to its sampler and transforms (its folder walking and writing are not numeric).
 TARGETS: dict[str, tuple[str, list[str], list[str] | None]] = {
     "layers": ("src/torchcvt/layers.py",
-               ["tests/test_numeric_parity.py", "tests/test_fast.py", "tests/test_model.py"], None),
-    "model": ("src/torchcvt/model.py",
-              ["tests/test_numeric_parity.py", "tests/test_model.py", "tests/test_timm_interface.py"], None),
-    "fused": ("src/torchcvt/fused.py", ["tests/test_numeric_parity.py", "tests/test_fast.py"], None),
+               [*OFFICIAL, *MLP, "tests/test_fast.py::test_mlp_in_row_blocks_equals_the_whole_mlp"], None),
+    "model": ("src/torchcvt/model.py", [*OFFICIAL, *KEYS], None),
+    "fused": ("src/torchcvt/fused.py", [*OFFICIAL, *MLP], None),
     "formats": ("src/torchcvt/weights/formats.py",
-                ["tests/test_numeric_parity.py", "tests/test_parity_hf.py", "tests/test_hf_export.py"], None),
-    "load": ("src/torchcvt/weights/load.py",
-             ["tests/test_numeric_parity.py", "tests/test_weights_checkpoint.py", "tests/test_factory.py"],
-             None),
+                [*HF, *KEYS, "tests/test_parity_hf.py::test_cli_convert_hf_to_official_and_back",
+                 "tests/test_parity_hf.py::test_hf_config_that_differs_from_the_model_names_the_field"],
+                None),
+    "load": ("src/torchcvt/weights/load.py", [*OFFICIAL[:2], "tests/test_weights_checkpoint.py"], None),
     "steps": ("src/torchcvt/engine/steps.py", ["tests/test_steps.py"], None),
     "data": ("src/torchcvt/data.py", ["tests/test_data_numbers.py"],
              ["torchcvt.data.xǁResizeCenterCropǁ*", "torchcvt.data.x_eval_transform__*",
@@ -104,17 +112,20 @@ def report(module: str, results: dict[str, str]) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("module", nargs="?", choices=[*TARGETS, "all"])
+    parser.add_argument("modules", nargs="*", metavar="MODULE", help=f"{', '.join(TARGETS)} or all")
     parser.add_argument("--seconds", type=int, default=3600, help="time bound per module")
     parser.add_argument("--workdir", type=Path, default=Path("/tmp/torchcvt-mutation"))
     parser.add_argument("--children", type=int, default=1, help="mutants run at once")
     parser.add_argument("--list", action="store_true", help="print the modules and their tests")
     args = parser.parse_args()
-    if args.list or args.module is None:
+    if args.list or not args.modules:
         for name, (path, tests, _) in TARGETS.items():
             print(f"{name}: {path} <- {' '.join(tests)}")
         return
-    for module in TARGETS if args.module == "all" else [args.module]:
+    unknown = set(args.modules) - {*TARGETS, "all"}
+    if unknown:
+        parser.error(f"unknown module(s) {sorted(unknown)}: choose from {', '.join(TARGETS)} or all")
+    for module in TARGETS if "all" in args.modules else args.modules:
         report(module, run(module, args.seconds, args.workdir / module, args.children))
 
 
