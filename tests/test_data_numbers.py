@@ -62,6 +62,18 @@ def test_per_sample_seeds_are_the_same_for_one_process_and_for_two():
     assert [by_flat[i] for i in range(12)] == [seed for _, seed in one]
 
 
+def test_seeds_are_those_of_earlier_versions():
+    """A run resumed by a newer torchcvt draws the same augmentations: the seeds of a few samples, pinned."""
+    sampler = SeededSampler(ShardSampler(6), seed=7)
+    sampler.sampler.set_epoch = lambda epoch: None
+    assert list(sampler) == [(i, 700002149000147 + i) for i in range(6)]  # never set_epoch: epoch 0, start 0
+    sampler.set_epoch(3)
+    assert list(sampler)[:2] == [(0, 700002449000168), (1, 700002449000169)]
+    ranks = [SeededSampler(ShardSampler(6, rank, 2), seed=7, rank=rank, world_size=2) for rank in range(2)]
+    assert [seed for rank in ranks for _, seed in rank] == [700002149000147 + i for i in (0, 2, 4, 1, 3, 5)]
+    assert all(type(seed) is int for _, seed in sampler)
+
+
 def test_seeds_change_with_epoch_and_run_seed_and_resume_part_way():
     seeds = {tuple(s for _, s in _seeded(seed, epoch=epoch)[0]) for seed in (7, 8) for epoch in (0, 1)}
     assert len(seeds) == 4 and len({s for run in seeds for s in run}) == 48
@@ -106,6 +118,31 @@ def test_torchvision_pipeline_pixels(hflip):
     torch.testing.assert_close(train_transform(aug, CONFIG)(image), _normalised(want), rtol=0, atol=1e-5)
 
 
+@pytest.mark.parametrize("hflip", [0.0, 1.0])
+def test_timm_pipeline_pixels_of_a_whole_image_crop(hflip):
+    """Scale and ratio 1, no colour or RandAugment or erasing: the image resized, flipped or not, never
+    flipped upside down."""
+    aug = dataclasses.replace(TrainConfig().aug, scale=(1.0, 1.0), ratio=(1.0, 1.0), hflip=hflip,
+                              color_jitter=None, auto_augment=None, re_prob=0.0, interpolation="bilinear")
+    image = _image(40, 40)
+    want = image.resize((24, 24), Image.Resampling.BILINEAR)
+    want = want.transpose(Image.Transpose.FLIP_LEFT_RIGHT) if hflip else want
+    torch.testing.assert_close(train_transform(aug, CONFIG)(image), _normalised(want), rtol=0, atol=1e-5)
+
+
+def test_timm_pipeline_takes_every_augmentation_setting():
+    aug = dataclasses.replace(TrainConfig().aug, scale=(0.3, 0.9), ratio=(0.5, 2.0), hflip=0.25,
+                              color_jitter=0.4, auto_augment=None, re_prob=0.7, re_mode="rand", re_count=3)
+    steps = {type(step).__name__: step for step in train_transform(aug, CONFIG).transforms}
+    crop, erase = steps["RandomResizedCropAndInterpolation"], steps["RandomErasing"]
+    assert (crop.size, crop.scale, crop.ratio) == ((24, 24), (0.3, 0.9), (0.5, 2.0))
+    assert steps["RandomHorizontalFlip"].p == 0.25 and "RandomVerticalFlip" not in steps
+    assert steps["ColorJitter"].brightness == pytest.approx((0.6, 1.4))
+    assert (erase.probability, erase.mode, erase.max_count) == (0.7, "rand", 3)
+    no_jitter = train_transform(dataclasses.replace(aug, color_jitter=None), CONFIG)
+    assert not any(type(step).__name__ == "ColorJitter" for step in no_jitter.transforms)
+
+
 def test_timm_pipeline_without_augmentation_only_normalises_an_image_of_the_input_size():
     aug = dataclasses.replace(TrainConfig().aug, enabled=False)
     image = _image()
@@ -121,24 +158,46 @@ def test_randaugment_posterize_to_zero_bits_gives_black():
     for op in ops:
         assert not np.asarray(op.aug_fn(image, 0)).any()
         assert op.aug_fn(image, 8) is image
-        four = np.asarray(op.aug_fn(image, 4))
-        assert np.array_equal(four, np.asarray(image) & 0xF0)
+        for bits, mask in ((4, 0xF0), (1, 0x80)):
+            assert np.array_equal(np.asarray(op.aug_fn(image, bits)), np.asarray(image) & mask)
 
 
-def test_eval_transform_pixels():
-    """crop_pct 1: squashed to the size; below 1: the shorter side to size / crop_pct, then a centre crop."""
+@pytest.mark.parametrize("interpolation", ["bicubic", "bilinear"])
+def test_eval_transform_pixels(interpolation):
+    """crop_pct 1: squashed to the size; below 1: the shorter side to size / crop_pct, then a centre crop;
+    a non-square size: both sides by crop_pct. The same pixels as PIL's resize and crop."""
+    resample = Image.Resampling[interpolation.upper()]
+    config = {**CONFIG, "interpolation": interpolation}
     image = _image(50, 30)
-    squash = eval_transform({**CONFIG, "crop_pct": 1.0})(image)
-    torch.testing.assert_close(squash, _normalised(image.resize((24, 24), Image.Resampling.BICUBIC)),
-                               rtol=0, atol=2e-2)
-    cropped = eval_transform(CONFIG)(image)  # 27 a side: 45 x 27, crop 24 x 24 at (10, 2)
-    resized = image.resize((45, 27), Image.Resampling.BICUBIC).crop((10, 2, 34, 26))
-    torch.testing.assert_close(cropped, _normalised(resized), rtol=0, atol=2e-2)
+    squash = eval_transform({**config, "crop_pct": 1.0})(image)
+    torch.testing.assert_close(squash, _normalised(image.resize((24, 24), resample)), rtol=0, atol=1e-6)
+    cropped = eval_transform(config)(image)  # 27 a side: 45 x 27, crop 24 x 24 at (10, 2)
+    want = image.resize((45, 27), resample).crop((10, 2, 34, 26))
+    torch.testing.assert_close(cropped, _normalised(want), rtol=0, atol=1e-6)
+    wide = eval_transform({**config, "input_size": (3, 24, 32)})(image)  # 27 x 36, crop 24 x 32 at (2, 2)
+    want = image.resize((36, 27), resample).crop((2, 2, 34, 26))
+    torch.testing.assert_close(wide, _normalised(want), rtol=0, atol=1e-6)
 
 
-def test_resize_center_crop_of_extreme_aspect_ratio_keeps_the_centre():
-    image = Image.new("RGB", (4000, 10), (10, 20, 30))
-    image.paste((200, 100, 50), (1990, 0, 2010, 10))  # a stripe at the centre
-    out = np.asarray(ResizeCenterCrop(10, 8)(image))
-    assert out.shape == (8, 8, 3)
-    assert np.abs(out[4, 4].astype(int) - (200, 100, 50)).max() <= 2
+def test_eval_transform_defaults_are_bicubic_and_crop_pct_0875():
+    image = _image(50, 30)
+    bare = {"input_size": (3, 24, 24), "mean": MEAN, "std": STD}
+    torch.testing.assert_close(eval_transform(bare)(image), eval_transform(CONFIG)(image), rtol=0, atol=0)
+    bare_wide = {**bare, "input_size": (3, 24, 32)}
+    torch.testing.assert_close(eval_transform(bare_wide)(image),
+                               eval_transform({**CONFIG, "input_size": (3, 24, 32)})(image), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("interpolation", ["bicubic", "bilinear"])
+@pytest.mark.parametrize("size", [(4000, 10), (10, 4000), (160, 10), (10, 170)])
+def test_resize_center_crop_matches_resize_then_crop(size, interpolation):
+    """Up to an aspect of 16 exactly torchvision's Resize + CenterCrop; beyond, the same pixels up to
+    PIL's rounding (only the crop is resampled)."""
+    from torchvision import transforms as T
+
+    mode = T.InterpolationMode(interpolation)
+    image = _image(*size, seed=3)
+    got = np.asarray(ResizeCenterCrop(10, 8, mode)(image)).astype(int)
+    want = np.asarray(T.CenterCrop(8)(T.Resize(10, interpolation=mode)(image))).astype(int)
+    assert got.shape == want.shape == (8, 8, 3)
+    assert np.abs(got - want).max() <= (0 if max(size) <= 16 * min(size) else 2)
