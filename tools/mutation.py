@@ -66,6 +66,10 @@ def _prepare(workdir: Path, path: str, tests: list[str]) -> None:
         f'only_mutate = ["{path}"]',
         f"pytest_add_cli_args_test_selection = {tests!r}",
         'pytest_add_cli_args = ["-x", "-q", "-p", "no:cacheprovider", "-p", "no:randomly"]',
+        # torch's thread pools do not survive a fork from a process that ran tests: fork from a server
+        # that only collected them. A generous constant: a shared machine's load, not a mutant, is slow.
+        'process_isolation = "forkserver"',
+        "timeout_constant = 60.0",
     ]).replace("'", '"')
     (workdir / "pyproject.toml").write_text(config + "\n")
 
