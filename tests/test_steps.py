@@ -78,6 +78,23 @@ def test_a_batch_with_nothing_readable_trains_nothing():
     assert torch.equal(parts.model.weight.detach(), before)
 
 
+@pytest.mark.parametrize("previous", [False, True])
+def test_under_ddp_a_rank_without_a_batch_steps_with_weight_zero(previous):
+    """Every rank must take part in each step: on its previous batch, or a blank one, adding no gradient."""
+    parts = _parts()
+    parts.model.pretrained_cfg = {"input_size": (4,)}
+    runner = StepRunner(parts, Runtime(0, 2, torch.device("cpu")), clip_grad=None)
+    if previous:
+        runner.step(*_batch(3), global_step=0)
+    before = [p.detach().clone() for p in parts.model.parameters()]
+    calls = []
+    parts.ddp = lambda images: calls.append(images) or parts.model(images)
+    loss = runner.step(None, None, global_step=1)
+    assert loss.item() == 0 and len(calls) == 1
+    assert torch.equal(calls[0], _batch(3)[0] if previous else torch.zeros(2, 4))
+    assert all(torch.equal(p.detach(), b) for p, b in zip(parts.model.parameters(), before, strict=True))
+
+
 def test_the_first_non_finite_loss_is_reported_with_its_step():
     parts = _parts()
     runner = StepRunner(parts, CPU, clip_grad=None)
@@ -110,6 +127,7 @@ def _batches(*sizes: int | None) -> list:
         ((1, 4, 4), 4, [None, 5, 4], []),  # at the start, the batch after it
         ((None, 1, None, 3), 4, [None, None, None, 4], []),  # across unreadable batches
         ((4, 4), 4, [4, 4], []),
+        ((4, 2, 4), 4, [4, 2, 4], []),  # two images are enough for BatchNorm
         ((1,), 4, [None], [1]),  # no other readable image in the epoch
         ((1, 1), 1, [1, 1], []),  # batch size 1 is what was asked for
     ],
