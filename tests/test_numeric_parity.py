@@ -80,6 +80,17 @@ def test_official_layout_file_gives_the_reference_logits(tmp_path, kernel, activ
     _assert_close(_run(model.eval(), images, dtype, kernel), reference(images), dtype)
 
 
+def test_without_a_class_token_the_mean_of_the_normed_tokens_is_classified(tmp_path, kernel, images):
+    """The official pooling without a class token: LayerNorm of every token of the last map, then the mean."""
+    spec = Spec(cls_token=(False, False, False), qkv_bias=(True, False, True), stride_kv=(2, 1, 2))
+    reference = perturbed(OfficialCvT(spec, num_classes=7, activation="quick_gelu"))
+    torch.save(reference.state_dict(), tmp_path / "cvt.pth")
+    model = torchcvt.create_model("cvt_13", checkpoint=tmp_path / "cvt.pth", num_classes=7, **TINY,
+                                  cls_token=[False] * 3, qkv_bias=[True, False, True], stride_kv=[2, 1, 2])
+    assert model.global_pool == "avg"
+    _assert_close(_run(model.eval(), images, torch.float32, kernel), reference(images), torch.float32)
+
+
 @pytest.mark.parametrize("activation", ACTIVATIONS)
 def test_fused_and_plain_mlp_blocks_agree_with_the_formula(kernel, activation):
     """One block's MLP alone through the model's own Mlp, large biases: a wrong bias or scale is obvious."""
