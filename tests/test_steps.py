@@ -112,6 +112,30 @@ def test_the_first_non_finite_loss_is_reported_with_its_step():
     assert runner.zero().item() == 0 and runner.zero().dtype == torch.float64
 
 
+@pytest.fixture
+def gloo_group(tmp_path):
+    """A real Gloo process group of one process: the collectives run, each rank's value is the result."""
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    yield
+    dist.destroy_process_group()
+
+
+def test_distributed_divergence_check_agrees_on_the_first_bad_step(gloo_group):
+    """The collective MIN over steps, with 'no divergence' as +inf: none is no error, one is named."""
+    parts = _parts()
+    runner = StepRunner(parts, Runtime(0, 2, torch.device("cpu")), clip_grad=None)
+    images, targets = _batch(4)
+    total = runner.step(images, targets, global_step=0)
+    assert runner.check_finite(total, "kept") == pytest.approx(total.item())
+    bad = images.clone()
+    bad[0, 0] = float("inf")
+    runner.step(bad, targets, global_step=4)
+    with pytest.raises(TrainingDiverged, match=r"^loss is nan at step 5; stopped, kept$"):
+        runner.check_finite(runner.zero(), "kept")
+
+
 def _sizes(batches) -> list:
     return [None if images is None else len(images) for images, _, _ in batches]
 
