@@ -69,6 +69,20 @@ def test_mixup_leaves_the_odd_image_out_and_counts_it():
     assert loss.item() == pytest.approx(want["loss"].item(), rel=1e-6)
     runner.step(*_batch(4), global_step=1)
     assert seen == [4, 4] and runner.left_out == 1
+    runner.step(*_batch(3), global_step=2)
+    assert seen == [4, 4, 2] and runner.left_out == 2
+
+
+def test_the_forward_pass_runs_under_autocast_in_the_amp_dtype():
+    parts = _parts()
+    parts.amp_dtype = torch.bfloat16
+    images, targets = _batch(6)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        want = F.cross_entropy(parts.model(images), targets)
+    full = F.cross_entropy(parts.model(images), targets).item()
+    assert abs(want.item() - full) > 1e-5  # bf16 shows in the loss
+    loss = StepRunner(parts, CPU, clip_grad=None).step(images, targets, global_step=0)
+    assert loss.item() == pytest.approx(want.item(), rel=1e-6)
 
 
 def test_a_batch_with_nothing_readable_trains_nothing():
