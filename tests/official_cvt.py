@@ -2,7 +2,9 @@
 lib/models/cls_cvt.py), so that its state dict has the official key names and shapes, and a forward written
 from the paper's formulas with plain ops: no torchcvt code, no fused kernels, no fast paths.
 
-Only what the tests use: 'dw_bn' projections, convolutional token embedding, no position embedding.
+Only what the tests use: 'dw_bn' projections, convolutional token embedding. The official code has no
+position embedding; the paper's ablation adds one (Spec.pos_grid), resized bicubically as timm resizes
+ViT's to another grid.
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ class Spec:
     cls_token: tuple[bool, ...] = (False, False, True)
     qkv_bias: tuple[bool, ...] = (True, True, True)
     stride_kv: tuple[int, ...] = (2, 2, 2)
+    pos_grid: tuple[tuple[int, int] | None, ...] = (None, None, None)
     mlp_ratio: float = 4.0
     eps: float = 1e-5
 
@@ -79,6 +82,8 @@ class Stage(nn.Module):
         dim = spec.embed_dim[i]
         self.patch_embed = ConvEmbed(in_chans, dim, spec, i)
         self.cls_token = nn.Parameter(torch.zeros(1, 1, dim)) if spec.cls_token[i] else None
+        grid = spec.pos_grid[i]
+        self.pos_embed = nn.Parameter(torch.zeros(1, dim, *grid)) if grid else None
         self.blocks = nn.ModuleList(Block(dim, spec, i) for _ in range(spec.depth[i]))
 
 
@@ -105,6 +110,9 @@ class OfficialCvT(nn.Module):
         x = stage.patch_embed.proj(x)
         batch, dim, height, width = x.shape
         tokens = stage.patch_embed.norm(x.flatten(2).transpose(1, 2))
+        if stage.pos_embed is not None:
+            pos = F.interpolate(stage.pos_embed, size=(height, width), mode="bicubic", align_corners=False)
+            tokens = tokens + pos.flatten(2).transpose(1, 2)
         if stage.cls_token is not None:
             tokens = torch.cat((stage.cls_token.expand(batch, -1, -1), tokens), dim=1)
         for block in stage.blocks:

@@ -91,6 +91,20 @@ def test_without_a_class_token_the_mean_of_the_normed_tokens_is_classified(tmp_p
     _assert_close(_run(model.eval(), images, torch.float32, kernel), reference(images), torch.float32)
 
 
+@pytest.mark.parametrize("size", [(64, 64), (64, 72)], ids=["same-grid", "resized"])
+def test_position_embedding_is_added_and_resized_to_the_grid(tmp_path, size):
+    """The ablation's position embedding (stages 0 and 2), made for 64-pixel images: added as it is on a
+    64 x 64 image, resized bicubically to a 64 x 72 image's grid."""
+    spec = Spec(pos_grid=((16, 16), None, (4, 4)))
+    reference = perturbed(OfficialCvT(spec, num_classes=7, activation="quick_gelu"))
+    torch.save(reference.state_dict(), tmp_path / "cvt.pth")
+    model = torchcvt.create_model("cvt_13", checkpoint=tmp_path / "cvt.pth", num_classes=7, **TINY,
+                                  position_embedding=[True, False, True], img_size=64)
+    images = torch.randn(2, 3, *size, generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        _assert_close(model.eval()(images), reference(images), torch.float32)
+
+
 @pytest.mark.parametrize("activation", ACTIVATIONS)
 def test_fused_and_plain_mlp_blocks_agree_with_the_formula(kernel, activation):
     """One block's MLP alone through the model's own Mlp, large biases: a wrong bias or scale is obvious."""

@@ -29,6 +29,8 @@ OFFICIAL = [f"{PARITY}test_official_layout_file_gives_the_reference_logits[{kern
             for kernel in ("fused", "plain") for activation in ("quick_gelu", "gelu")]
 MLP = [f"{PARITY}test_fused_and_plain_mlp_blocks_agree_with_the_formula"]
 KEYS = [f"{PARITY}test_official_key_names_and_shapes_are_the_official_module_trees"]
+POOL_POS = [f"{PARITY}test_without_a_class_token_the_mean_of_the_normed_tokens_is_classified",
+            f"{PARITY}test_position_embedding_is_added_and_resized_to_the_grid"]
 HF = [f"{PARITY}test_transformers_weights_give_transformers_logits[{kernel}-fp32]"
       for kernel in ("fused", "plain")]
 
@@ -37,7 +39,7 @@ HF = [f"{PARITY}test_transformers_weights_give_transformers_logits[{kernel}-fp32
 TARGETS: dict[str, tuple[str, list[str], list[str] | None]] = {
     "layers": ("src/torchcvt/layers.py",
                [*OFFICIAL, *MLP, "tests/test_fast.py::test_mlp_in_row_blocks_equals_the_whole_mlp"], None),
-    "model": ("src/torchcvt/model.py", [*OFFICIAL, *KEYS], None),
+    "model": ("src/torchcvt/model.py", [*OFFICIAL, *KEYS, *POOL_POS], None),
     "fused": ("src/torchcvt/fused.py", [*OFFICIAL, *MLP], None),
     "formats": ("src/torchcvt/weights/formats.py",
                 [*HF, *KEYS, "tests/test_parity_hf.py::test_cli_convert_hf_to_official_and_back",
