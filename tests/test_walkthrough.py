@@ -67,7 +67,14 @@ def test_walkthrough_runs_as_written(tmp_path, monkeypatch, capsys) -> None:
         captured = capsys.readouterr()
         out, err = out + captured.out, err + captured.err
     assert "recipe: from scratch (no --pretrained): cvt_digits, 1 epoch at batch 32" in out
-    assert "recipe: fine-tune (weights given: runs/digits-0-4/best.pth)" in out
+    # The recipe line states the learning rate the run uses: the command's optim.lr=0.03.
+    assert "recipe: fine-tune (weights given: runs/digits-0-4/best.pth): SGD lr 0.03, 1 epoch" in out
+    # Step 3 again, as the page says: the run resolves the same config (the depth it took from the
+    # checkpoint included) and says it is finished.
+    step3 = next(argv for argv in walkthrough_commands(epochs=1) if "--data" in argv
+                 and "model.checkpoint=runs/digits-0-4/best.pth" in argv)
+    assert main(step3[1:]) == 0
+    assert "is already finished" in capsys.readouterr().out
     assert re.search(r"top-1 \d+\.\d\d%  top-5 \d+\.\d\d%  loss .*\(181 images, 5 classes\)", out)
     assert "drawing stage 2" in out and "(stage 2 of 3," in out
     difference = re.search(r"ONNX top-1: [5-9] \| max logit difference from torch: (\S+)", out)

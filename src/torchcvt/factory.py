@@ -122,6 +122,7 @@ def create_model(
     pretrained_cfg: str | dict[str, Any] | PretrainedCfg | None = None,
     pretrained_cfg_overlay: dict[str, Any] | None = None,
     cache_dir: str | Path | None = None,
+    use_ema: bool = False,
     **overrides: Any,
 ) -> CvT | CvtFeatures:
     """Build a variant ('cvt_13', or tagged 'cvt_13.ms_in1k'; None: the one the checkpoint records).
@@ -132,6 +133,7 @@ def create_model(
     (1000 without weights). The other keywords are timm's: in_chans, global_pool, out_indices (with
     features_only), a scalar drop_path_rate (the last stage's, rising linearly over its blocks, as every
     official config sets it) and a scalar drop_rate (before the head). Any config field can be overridden.
+    use_ema (timm's name) loads the checkpoint's EMA weights (`torchcvt train` with train.ema) instead.
     """
     if pretrained and checkpoint is not None:
         raise TorchcvtError(f"{name}: pass pretrained=True or checkpoint=PATH, not both")
@@ -144,6 +146,11 @@ def create_model(
     architecture, cfg = resolve_pretrained(name, pretrained_cfg, pretrained_cfg_overlay)
     if pretrained:
         stored = _released(architecture, cfg, name, cache_dir)
+    if use_ema:
+        if stored is None:
+            raise TorchcvtError(
+                f"{name}: use_ema=True selects a checkpoint's EMA weights: pass checkpoint=PATH too")
+        stored = stored.ema_weights()
     overrides = _timm_keywords(architecture, overrides, in_chans, drop_path_rate, drop_rate)
     if stored is not None:
         overrides = fit_config(stored, architecture, overrides)

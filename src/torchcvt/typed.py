@@ -342,3 +342,64 @@ def _mapping(what: str) -> Check:
         return dict(value)
 
     return check
+
+
+# ----------------------------------------------------------------------------- comparing configs
+
+
+class _Unset:
+    """The value of a key one side of a comparison does not have."""
+
+    def __repr__(self) -> str:
+        return "unset"
+
+
+UNSET: Any = _Unset()
+
+
+def flatten(tree: Any) -> dict[str, Any]:
+    """A config (a dataclass, nested sections, or dotted keys already) as {dotted key: plain value}: sections
+    and mapping fields alike are opened (model.overrides.depth), tuples become lists."""
+    flat: dict[str, Any] = {}
+
+    def visit(node: Any, prefix: str) -> None:
+        for key, value in node.items():
+            if isinstance(value, Mapping) and value:
+                visit(value, f"{prefix}{key}.")
+            else:
+                flat[f"{prefix}{key}"] = {} if isinstance(value, Mapping) else to_dict(value)
+
+    visit(to_dict(tree), "")
+    return flat
+
+
+def differences(old: Any, new: Any, ignore: Sequence[str] = ()) -> dict[str, tuple[Any, Any]]:
+    """{dotted key: (old value, new value)} for every key whose value differs between two configs (see
+    flatten), in key order; a key one side lacks has the value UNSET there. Keys under `ignore` (a key or
+    a section) are left out. The one comparison of configs: resume checks and suite records use it."""
+    ours, theirs = flatten(old), flatten(new)
+    skipped = tuple(ignore)
+    changes = {}
+    for key in sorted(set(ours) | set(theirs)):
+        if any(key == prefix or key.startswith(f"{prefix}.") for prefix in skipped):
+            continue
+        before, after = ours.get(key, UNSET), theirs.get(key, UNSET)
+        if before is UNSET and after == {} or after is UNSET and before == {}:
+            continue  # an empty mapping is no setting
+        if before != after:
+            changes[key] = (before, after)
+    return changes
+
+
+def describe_changes(changes: Mapping[str, tuple[Any, Any]], limit: int | None = None) -> str:
+    """The changes as 'key: old -> new; ...', values as JSON (null, true, "text"); the first `limit`
+    of them and how many more."""
+    import json
+
+    def show(value: Any) -> str:
+        return "unset" if value is UNSET else json.dumps(value, default=str)
+
+    items = [f"{key}: {show(old)} -> {show(new)}" for key, (old, new) in changes.items()]
+    shown = items if limit is None else items[:limit]
+    more = len(items) - len(shown)
+    return "; ".join(shown) + (f" and {more} more" if more else "")

@@ -10,6 +10,7 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
+from ..runrecord import SUMMARY_NAME, RunSummary
 from .plan import Plan, PlannedRow, Run
 from .runner import run_folder
 
@@ -19,9 +20,9 @@ RULE = ("Top-1 is the validation top-1 (%) after the last epoch, mean ± standar
         "measurable difference\"; with one seed the spread is unknown and nothing is ranked.")
 
 
-def _summary(root: Path, run: Run) -> dict[str, Any] | None:
-    path = run_folder(root, run) / "summary.json"
-    return json.loads(path.read_text()) if path.is_file() else None
+def _summary(root: Path, run: Run) -> RunSummary | None:
+    path = run_folder(root, run) / SUMMARY_NAME
+    return RunSummary.read(path) if path.is_file() else None
 
 
 def _std(values: list[float]) -> float | None:
@@ -32,9 +33,9 @@ def _row_record(root: Path, plan: Plan, planned: PlannedRow) -> dict[str, Any]:
     top1, speed = {}, []
     for seed in plan.seeds:
         summary = _summary(root, Run(planned.model, seed, planned.row.knobs))
-        top1[seed] = None if summary is None else 100.0 * summary["final_val_top1"]
+        top1[seed] = None if summary is None else 100.0 * summary.final_val_top1
         if summary is not None:
-            speed.append(summary["images_per_second"])
+            speed.append(summary.images_per_second)
     values = [value for value in top1.values() if value is not None]
     return {
         "study": planned.study.name,

@@ -16,12 +16,18 @@ from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ..data import list_classes, walk_images
 from ..errors import TorchcvtError
+from ..files import write_bytes
+from ..runrecord import LAST_NAME, SUMMARY_NAME
+from ..typed import describe_changes, differences
 from .plan import Plan, Run
 from .studies import STUDIES
+
+if TYPE_CHECKING:
+    from ..engine import TrainConfig
 
 logger = logging.getLogger("torchcvt.ablate")
 
@@ -38,7 +44,7 @@ def run_folder(root: Path, run: Run) -> Path:
 
 def is_finished(folder: Path) -> bool:
     """A run is finished when the engine has written its summary (after its last epoch)."""
-    return (folder / "summary.json").is_file()
+    return (folder / SUMMARY_NAME).is_file()
 
 
 def data_fingerprint(train_dir: str | Path, val_dir: str | Path) -> dict[str, Any]:
@@ -56,17 +62,6 @@ def data_fingerprint(train_dir: str | Path, val_dir: str | Path) -> dict[str, An
         listing = hashlib.sha256("\n".join(files).encode()).hexdigest()[:16]
         fingerprint[split] = {"classes": len(classes), "images": len(files), "file_list_sha256": listing}
     return fingerprint
-
-
-def _differences(saved: dict[str, Any], ours: dict[str, Any], prefix: str = "") -> list[str]:
-    changes = []
-    for key in [*saved, *(key for key in ours if key not in saved)]:
-        old, new = saved.get(key, "unset"), ours.get(key, "unset")
-        if isinstance(old, dict) and isinstance(new, dict):
-            changes += _differences(old, new, f"{prefix}{key} ")
-        elif old != new:
-            changes.append(f"{prefix}{key} {json.dumps(old)} -> {json.dumps(new)}")
-    return changes
 
 
 @contextmanager
@@ -88,12 +83,11 @@ def open_suite(root: Path, settings: dict[str, Any], data: dict[str, Any], studi
     with _locked(root / "suite.lock"):
         if path.is_file():
             suite = json.loads(path.read_text())
-            changes = _differences({"recipe": suite["recipe"], "data": suite["data"]},
-                                   {"recipe": settings, "data": data})
+            changes = differences({"recipe": suite["recipe"], "data": suite["data"]},
+                                  {"recipe": settings, "data": data})
             if changes:
-                more = f" and {len(changes) - 3} more" if len(changes) > 3 else ""
                 raise TorchcvtError(f"output folder {root} holds a suite with another recipe or data: "
-                                 f"{'; '.join(changes[:3])}{more}; give another --output")
+                                    f"{describe_changes(changes, 3)}; give another --output")
         else:
             suite = {"format": SUITE_FORMAT, "recipe": settings, "data": data, "studies": [], "seeds": []}
         suite["studies"] = [name for name in STUDIES if name in set(suite["studies"]) | set(studies)]
@@ -162,12 +156,12 @@ def shard_runs(runs: Sequence[Run], index: int, count: int) -> list[Run]:
     return [run for i, run in enumerate(runs) if i % count == index]
 
 
-def run_suite(plan: Plan, root: Path, config: str | None, base_overrides: Sequence[str],
-              shard: tuple[int, int] = (0, 1), launcher: str | None = None,
-              after_each: Callable[[], Any] | None = None) -> Progress:
-    """Train this worker's share of the plan's runs that are not finished and not held by another worker;
-    after_each (rebuilding the report, say) is called after every run this worker finishes."""
-    from .recipe import run_overrides
+def run_suite(plan: Plan, root: Path, config: TrainConfig, shard: tuple[int, int] = (0, 1),
+              launcher: str | None = None, after_each: Callable[[], Any] | None = None) -> Progress:
+    """Train this worker's share of the plan's runs that are not finished and not held by another worker,
+    each with the suite's resolved config and its own settings (recipe.run_values); after_each
+    (rebuilding the report, say) is called after every run this worker finishes."""
+    from .recipe import run_values
 
     mine = shard_runs(plan.runs(), *shard)
     progress = Progress()
@@ -188,7 +182,7 @@ def run_suite(plan: Plan, root: Path, config: str | None, base_overrides: Sequen
             if is_finished(folder):  # finished by another worker between the two checks
                 progress.already_done += 1
                 continue
-            resuming = (folder / "last.pth").is_file()
+            resuming = (folder / LAST_NAME).is_file()
             trained = len(progress.trained)
             eta = ""
             if trained:
@@ -198,8 +192,7 @@ def run_suite(plan: Plan, root: Path, config: str | None, base_overrides: Sequen
             logger.info(f"[{number}/{len(mine)}] {'resuming' if resuming else 'training'} {run.name} "
                         f"(rows {' '.join(rows_of[run.model])}){eta}")
             record(root, "resume" if resuming else "start", run)
-            overrides = [*base_overrides, *run_overrides(run.knobs, run.seed, folder)]
-            if _train_one(config, overrides, launcher):
+            if _train_one(config.override(run_values(run.knobs, run.seed, folder)), launcher):
                 record(root, "done", run)
                 progress.trained.append(run.name)
             else:
@@ -210,19 +203,24 @@ def run_suite(plan: Plan, root: Path, config: str | None, base_overrides: Sequen
     return progress
 
 
-def _train_one(config: str | None, overrides: list[str], launcher: str | None) -> bool:
-    """Train one run in this process, or as `LAUNCHER -m torchcvt train ...`; False if it diverged."""
-    from ..engine import TrainingDiverged, load_config, train
+def _train_one(config: TrainConfig, launcher: str | None) -> bool:
+    """Train one run in this process, or as `LAUNCHER -m torchcvt train --config OUTPUT/config.yaml` (its
+    whole config, written to its run folder); False if it diverged."""
+    from ..engine import TrainingDiverged, train
 
     if launcher is None:
         try:
-            train(load_config(config, overrides))
+            train(config)
         except TrainingDiverged as error:
             logger.warning(str(error))
             return False
         return True
-    command = [*shlex.split(launcher), "-m", "torchcvt", "train", *(["--config", config] if config else []),
-               *overrides]
+    import yaml
+
+    path = Path(config.train.output) / "config.yaml"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    write_bytes(path, yaml.safe_dump(config.to_dict(), sort_keys=False).encode())
+    command = [*shlex.split(launcher), "-m", "torchcvt", "train", "--config", str(path)]
     code = subprocess.run(command, stdin=subprocess.DEVNULL).returncode
     if code != 0:
         raise RunFailed(f"`{shlex.join(command)}` stopped with exit code {code}")

@@ -65,7 +65,7 @@ def _run_ablate(args: argparse.Namespace) -> int:
     if args.seeds < 1:
         raise TorchcvtError(f"--seeds must be at least 1, got {args.seeds}")
     shard = _shard(args.shard)
-    base, recipe = ablate.prepare(args.config, args.overrides, args.data)
+    config, recipe = ablate.prepare(args.config, args.overrides, args.data)
     seeds = [recipe.seed + i for i in range(args.seeds)]
     if args.dry_run:
         from ..data import list_classes
@@ -85,7 +85,7 @@ def _run_ablate(args: argparse.Namespace) -> int:
     everything = ablate.select_studies(suite["studies"])
     full = ablate.build_plan(recipe, everything, suite["seeds"], plan.num_classes)
     try:
-        progress = ablate.run_suite(plan, root, args.config, base, shard, args.launcher,
+        progress = ablate.run_suite(plan, root, config, shard, args.launcher,
                                     after_each=lambda: ablate.write_report(root, full))
     except ablate.RunFailed as error:
         raise TorchcvtError(str(error)) from None

@@ -6,7 +6,7 @@ import argparse
 import sys
 
 from ..errors import TorchcvtError
-from .common import image_size, model_overrides
+from .common import add_ema_option, image_size, model_overrides, select_ema
 
 
 def add_convert_command(sub: argparse._SubParsersAction) -> None:
@@ -29,6 +29,7 @@ def add_convert_command(sub: argparse._SubParsersAction) -> None:
     parser.add_argument("--overwrite", action="store_true", help="replace an existing DST (never SRC)")
     parser.add_argument("--set", dest="model_overrides", action="append", default=[], metavar="FIELD=VALUE",
                         help="model config override for a source without a config, e.g. --set depth=[1,2,4]")
+    add_ema_option(parser)
     parser.add_argument("--pretrained", action="store_true",
                         help="convert the released weights of --model (e.g. cvt_13.ms_in1k) from the Hugging "
                         "Face Hub instead of SRC; as the QuickGELU weights they are unless --activation says "
@@ -46,11 +47,12 @@ def _run_convert(args: argparse.Namespace) -> int:
     if args.pretrained:
         if len(args.paths) != 1 or args.model is None:
             raise TorchcvtError("--pretrained takes --model NAME and DST, without SRC")
+        select_ema(None, args.ema, "SRC")
         args.model, args.src = pretrained_checkpoint(args.model)  # with the activation they were trained with
     elif len(args.paths) != 2:
         raise TorchcvtError("give SRC and DST, or --pretrained --model NAME and DST")
     else:
-        args.src = args.paths[0]
+        args.src = select_ema(args.paths[0], args.ema, "SRC")
     args.dst = args.paths[-1]
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")

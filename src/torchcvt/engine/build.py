@@ -29,6 +29,8 @@ from ..data import (
 from ..errors import TorchcvtError
 from ..factory import create_model
 from ..model import CvT
+from ..runrecord import LAST_NAME
+from ..typed import describe_changes
 from ..weights import Checkpoint
 from .optim import build_loss, build_optimizer, build_scheduler, freeze_stages, learning_rate
 from .runtime import Runtime, seed_everything
@@ -135,8 +137,8 @@ def resume_path(cfg: TrainConfig, output: Path) -> Path | None:
     if t.resume:
         path = Path(t.resume)
         # A run folder stands for its last checkpoint.
-        return path / "last.pth" if path.is_dir() and (path / "last.pth").is_file() else path
-    last = output / "last.pth"
+        return path / LAST_NAME if path.is_dir() and (path / LAST_NAME).is_file() else path
+    last = output / LAST_NAME
     return last if t.auto_resume and last.is_file() else None
 
 
@@ -222,8 +224,8 @@ def build_components(cfg: TrainConfig | Mapping[str, Any], runtime: Runtime) -> 
         config = variant_config(m.name, num_classes=len(class_names), **m.overrides)
         changes = check_resumable(resume, cfg, config, class_names, resume_from)
         if changes and runtime.is_main:
-            listed = "; ".join(f"{key}: {old!r} -> {new!r}" for key, (old, new) in changes.items())
-            logger.info(f"resuming with a changed config (the schedule and optimiser follow it): {listed}")
+            logger.info("resuming with a changed config (the schedule and optimiser follow it): "
+                        + describe_changes(changes))
     model = build_model(cfg, class_names, starting, runtime)
     data_config = model.pretrained_cfg
     train_set = ImageFolder(train_dir, train_transform(a, data_config), class_names)

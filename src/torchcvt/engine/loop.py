@@ -10,6 +10,7 @@ from typing import Any
 
 import torch.distributed as dist
 
+from ..runrecord import BEST_NAME, LAST_NAME
 from .build import Components, build_components, make_run_folder
 from .optim import update_lr
 from .reporting import MetricsLog, Progress
@@ -110,8 +111,8 @@ class Trainer:
                 # best.pth first: last.pth then records a best score that best.pth already holds.
                 if last_val["top1"] > loop.best_top1:
                     loop.best_top1, loop.best_top5 = last_val["top1"], last_val["top5"]
-                    self._save("best.pth", epoch + 1, 0)
-                self._save("last.pth", epoch + 1, 0)
+                    self._save(BEST_NAME, epoch + 1, 0)
+                self._save(LAST_NAME, epoch + 1, 0)
         finally:
             progress.close()
             if self.metrics is not None:
@@ -176,7 +177,7 @@ class Trainer:
                 loop.train_seconds += elapsed
                 window_loss, window_steps, tick = self.steps.zero(), 0, time.perf_counter()
             if saving:
-                self._save("last.pth", epoch, drawn * world)
+                self._save(LAST_NAME, epoch, drawn * world)
         self.steps.check_finite(window_loss, self.checkpoints.kept())
         loop.train_seconds += time.perf_counter() - tick if window_steps else 0.0
         progress.close()

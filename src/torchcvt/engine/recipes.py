@@ -16,6 +16,7 @@ from typing import Any
 
 from ..data import walk_images
 from ..errors import TorchcvtError
+from .train_config import TrainConfig
 
 # Augmentation by strength: light for a few thousand images (and for fine-tuning), the paper's for many.
 AUGMENTATION: dict[str, dict[str, Any]] = {
@@ -78,11 +79,37 @@ SIZE_SAMPLE = 32
 
 @dataclass(frozen=True)
 class Recipe:
-    """A chosen recipe: its name, its config sections and why it was chosen, in one line."""
+    """A chosen recipe: its name, its config sections, the starting weights that chose it (None: from
+    scratch), its augmentation strength and the data it was sized for, in words."""
 
     name: str
     values: dict[str, Any]
-    why: str
+    weights: str | None = None
+    augmentation: str = "light"
+    data: str = ""
+
+    def describe(self, cfg: TrainConfig) -> str:
+        """Why this recipe, in one line, with the values cfg (the recipe after overrides) trains with."""
+        t, o = cfg.train, cfg.optim
+        batch = t.global_batch or t.batch_size
+        length = f"{t.steps} steps" if t.steps is not None else _epochs(t.epochs)
+        sized = f"{length} at batch {batch}, {self.augmentation} augmentation, for {self.data}"
+        if self.weights is not None:
+            lr = f"lr {o.lr:g}" if o.lr is not None else f"base lr {o.base_lr:g} per {o.base_batch_size}"
+            return f"fine-tune (weights given: {self.weights}): {_OPTIMIZERS.get(o.opt, o.opt)} {lr}, {sized}"
+        line = f"from scratch (no --pretrained): {cfg.model.name}, {sized}"
+        if cfg.model.name != "cvt_digits":
+            line += "; released weights (--pretrained TAG) usually do far better on a small folder"
+        return line
+
+    @property
+    def why(self) -> str:
+        """describe() of the recipe as chosen, before any override."""
+        return self.describe(TrainConfig.from_mapping(self.values, f"the {self.name} recipe"))
+
+
+# How the recipe line names timm's optimisers.
+_OPTIMIZERS = {"sgd": "SGD", "momentum": "SGD", "adamw": "AdamW", "adam": "Adam", "lamb": "LAMB"}
 
 
 @dataclass(frozen=True)
@@ -151,11 +178,7 @@ def choose_recipe(
         length = epochs if given else band.finetune_epochs
         values["train"] = {"epochs": length, "batch_size": batch}
         values["sched"]["warmup_epochs"] = _warmup(values["sched"]["warmup_epochs"], length)
-        why = (
-            f"fine-tune (weights given: {weights}): SGD lr {values['optim']['lr']}, "
-            f"{_epochs(length)} at batch {batch}, light augmentation, for {counted}"
-        )
-        return Recipe("finetune", values, why)
+        return Recipe("finetune", values, str(weights), "light", counted)
     model, base_lr = next(
         (name, lr) for most, name, lr in SCRATCH_MODELS if most is None or shape.side <= most
     )
@@ -166,13 +189,7 @@ def choose_recipe(
     length = epochs if given else band.scratch_epochs
     values["sched"]["warmup_epochs"] = _warmup(max(1, length // 20), length)
     values["train"] = {"epochs": length, "batch_size": batch}
-    why = (
-        f"from scratch (no --pretrained): {model}, {_epochs(length)} at batch {batch}, "
-        f"{band.augmentation} augmentation, for {counted}"
-    )
-    if model != "cvt_digits":
-        why += "; released weights (--pretrained TAG) usually do far better on a small folder"
-    return Recipe(f"scratch-{band.name}", values, why)
+    return Recipe(f"scratch-{band.name}", values, None, band.augmentation, counted)
 
 
 def given_weights(settings: Mapping[str, Any]) -> tuple[str | None, str | None]:

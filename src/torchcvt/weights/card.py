@@ -13,11 +13,11 @@ from typing import Any
 from PIL import Image
 
 from ..config import CvtConfig
+from ..runrecord import LAST_NAME, SUMMARY_NAME, RunSummary
 from .checkpoint import Checkpoint
 
 logger = logging.getLogger(__name__)
 
-SUMMARY_NAME = "summary.json"
 _ACTIVATION = {"gelu": "exact GELU", "quick_gelu": "QuickGELU (x * sigmoid(1.702 x))"}
 
 
@@ -34,27 +34,39 @@ class TrainingRun:
 
 def training_run(checkpoint: Checkpoint) -> TrainingRun | None:
     """The run a `torchcvt train` checkpoint comes from: summary.json beside it (when it names this file:
-    best.pth gets the best metrics, last.pth the final ones) and the training data its config names."""
+    best.pth gets the best metrics, last.pth the final ones, its EMA weights the EMA's final ones) and the
+    training data its config names."""
     dataset = _dataset_name(checkpoint.train_config)
     folder = checkpoint.path if checkpoint.path.is_dir() else checkpoint.path.parent
     summary_path = folder / SUMMARY_NAME
     metrics, epochs, source = {}, None, None
     if summary_path.is_file():
         try:
-            summary = json.loads(summary_path.read_text(encoding="utf-8"))
+            summary = RunSummary.read(summary_path)
         except (OSError, ValueError) as error:
             logger.warning("%s is unreadable, the model card has no metrics: %s", summary_path, error)
-            summary = {}
-        which = {Path(str(summary.get(key, ""))).name: prefix
-                 for key, prefix in (("checkpoint", "best_val"), ("last_checkpoint", "final_val"))}
-        prefix = which.get(checkpoint.path.name)
-        if prefix is not None:
-            metrics = {name: float(summary[f"{prefix}_{name}"]) for name in ("top1", "top5")
-                       if isinstance(summary.get(f"{prefix}_{name}"), (int, float))}
-            epochs, source = summary.get("epochs"), summary_path
+            summary = None
+        metrics = {} if summary is None else _scores(summary, checkpoint)
+        if metrics:
+            epochs, source = summary.epochs, summary_path
     if dataset is None and not metrics:
         return None
     return TrainingRun(dataset, metrics, epochs, source)
+
+
+def _scores(summary: RunSummary, checkpoint: Checkpoint) -> dict[str, float]:
+    """The validation scores summary gives for the weights of checkpoint ({} when it gives none)."""
+    name = checkpoint.path.name
+    if checkpoint.is_ema:
+        scores = (summary.ema_final_val_top1, summary.ema_final_val_top5) if name == LAST_NAME else (None,)
+    elif name == Path(summary.checkpoint).name:
+        scores = (summary.best_val_top1, summary.best_val_top5)
+    elif name == Path(summary.last_checkpoint).name:
+        scores = (summary.final_val_top1, summary.final_val_top5)
+    else:
+        return {}
+    return {key: float(value) for key, value in zip(("top1", "top5"), scores, strict=False)
+            if value is not None}
 
 
 def _dataset_name(train_config: dict[str, Any] | None) -> str | None:
