@@ -55,6 +55,9 @@ def _run(model: torch.nn.Module, images: torch.Tensor, dtype: torch.dtype, kerne
     if kernel and not calls:
         pytest.skip(f"oneDNN's fused linear does not run in {dtype} on this CPU (its first-use check failed)")
     assert kernel or calls == 0
+    if kernel:  # and it never failed and handed over to plain ops (which would hide a wrong call)
+        with torch.no_grad():
+            assert fused.fused_dtype(torch.zeros(1, dtype=dtype)) == dtype
     return out[0]
 
 
