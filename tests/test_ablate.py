@@ -198,7 +198,7 @@ def test_changed_data_under_a_suite_folder(tmp_path: Path) -> None:
     _, recipe = prepare(None, _recipe(data), None)
     open_suite(root, recipe.settings, data_fingerprint(recipe.train_dir, recipe.val_dir), ["kv-stride"], [0])
     (data / "train" / "0" / next(iter(os.listdir(data / "train" / "0")))).unlink()
-    changed = r'data.train.file_list_sha256: "[0-9a-f]+" -> "[0-9a-f]+"; data.train.images: 24 -> 23'
+    changed = r'data.train.files_sha256: "[0-9a-f]+" -> "[0-9a-f]+"; data.train.images: 24 -> 23'
     with pytest.raises(ValueError, match=changed):
         open_suite(root, recipe.settings, data_fingerprint(recipe.train_dir, recipe.val_dir), [], [0])
 

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from ..typed import parse_assignment
-from .plan import Plan, PlannedRow, Run, build_plan, dry_run_rows, format_dry_run, row_config
+from .plan import MAX_SEEDS, Plan, PlannedRow, Run, build_plan, dry_run_rows, format_dry_run, row_config
 from .recipe import Recipe, read_recipe, recipe_from_settings
 from .report import collect, write_report
 from .runner import RunFailed, data_fingerprint, default_shard, open_suite, read_suite, run_suite
@@ -27,7 +27,8 @@ if TYPE_CHECKING:
 logger = logging.getLogger("torchcvt.ablate")
 
 __all__ = [
-    "EMBEDDED_BUDGET", "STUDIES", "Plan", "PlannedRow", "Recipe", "Row", "Run", "RunFailed", "Study",
+    "EMBEDDED_BUDGET", "MAX_SEEDS", "STUDIES", "Plan", "PlannedRow", "Recipe", "Row", "Run", "RunFailed",
+    "Study",
     "build_plan", "collect", "data_fingerprint", "default_shard", "dry_run_rows", "embedded_recipe",
     "format_dry_run", "open_suite", "prepare", "read_recipe",
     "read_suite", "recipe_from_settings", "row_config", "run_suite", "select_studies", "suite_plan",

@@ -13,6 +13,8 @@ from .recipe import Recipe
 from .studies import Row, Study
 
 _PROJECTION_CODES = {"dw_bn": "c", "linear": "l", "avg": "a"}
+# Seeds per row a suite may ask for: the paper's spread needs a handful; each seed is a full set of runs.
+MAX_SEEDS = 100
 
 
 @dataclass(frozen=True)

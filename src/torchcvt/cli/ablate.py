@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import argparse
+import shlex
 
-from ..errors import TorchcvtError
+from ..errors import TorchcvtError, shown
 
 
 def add_ablate_command(sub: argparse._SubParsersAction) -> None:
@@ -62,9 +63,17 @@ def _run_ablate(args: argparse.Namespace) -> int:
         paths = ablate.write_report(root, ablate.suite_plan(root, studies if args.study else ()))
         print(f"report: {paths['report']}\nplot:   {paths['plot']}\njson:   {paths['json']}")
         return 0
-    if args.seeds < 1:
-        raise TorchcvtError(f"--seeds must be at least 1, got {args.seeds}")
+    if not 1 <= args.seeds <= ablate.MAX_SEEDS:
+        raise TorchcvtError(f"--seeds must be 1 to {ablate.MAX_SEEDS}, got {args.seeds}")
     shard = _shard(args.shard)
+    if args.launcher is not None:
+        try:
+            launcher = shlex.split(args.launcher)
+        except ValueError as error:
+            raise TorchcvtError(f"--launcher {shown(args.launcher)} is not a command line: {error}") from None
+        if not launcher:
+            raise TorchcvtError('--launcher "" names no command: give one (e.g. "torchrun --nproc-per-node '
+                                '8"), or leave --launcher out to train in this process')
     config, recipe = ablate.prepare(args.config, args.overrides, args.data)
     seeds = [recipe.seed + i for i in range(args.seeds)]
     if args.dry_run:
@@ -81,15 +90,17 @@ def _run_ablate(args: argparse.Namespace) -> int:
                        "data.train and data.val")
     fingerprint = ablate.data_fingerprint(recipe.train_dir, recipe.val_dir)
     plan = ablate.build_plan(recipe, studies, seeds, fingerprint["train"]["classes"])
-    suite = ablate.open_suite(root, recipe.settings, fingerprint, [s.name for s in studies], seeds)
-    everything = ablate.select_studies(suite["studies"])
-    full = ablate.build_plan(recipe, everything, suite["seeds"], plan.num_classes)
+    ablate.open_suite(root, recipe.settings, fingerprint, [s.name for s in studies], seeds)
+    # The report covers every study and seed suite.json holds when it is written, including those another
+    # worker added after this one started.
+    def report() -> dict[str, Path]:
+        return ablate.write_report(root, ablate.suite_plan(root))
+
     try:
-        progress = ablate.run_suite(plan, root, config, shard, args.launcher,
-                                    after_each=lambda: ablate.write_report(root, full))
+        progress = ablate.run_suite(plan, root, config, shard, args.launcher, after_each=report)
     except ablate.RunFailed as error:
         raise TorchcvtError(str(error)) from None
-    paths = ablate.write_report(root, full)
+    paths = report()
     share = f" (shard {shard[0]}/{shard[1]})" if shard[1] > 1 else ""
     print(f"trained {len(progress.trained)} run(s){share}, {progress.already_done} already finished"
           + (f", {len(progress.held_elsewhere)} held by other workers" if progress.held_elsewhere else "")

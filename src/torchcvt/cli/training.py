@@ -55,6 +55,13 @@ def _run_train(args: argparse.Namespace) -> int:
 
     if args.world_size is not None and not args.dry_run:
         raise TorchcvtError("--world-size only applies to --dry-run (torchrun sets the real one)")
+
+    if args.no_resume and args.resume is not None:
+        raise TorchcvtError("--no-resume and --resume both given: give one (--no-resume starts afresh, "
+                            "--resume continues from a checkpoint)")
+    if args.pretrained is not None and not args.pretrained.strip():
+        raise TorchcvtError('--pretrained "" names no weights: give a tag (e.g. cvt_13.ms_in1k), or leave '
+                            "--pretrained out to train from scratch")
     if args.config and len(args.config) > 1:
         raise TorchcvtError(f"--config given {len(args.config)} times ({', '.join(args.config)}); give one "
                             "experiment file and change its keys with KEY=VALUE overrides")

@@ -241,11 +241,12 @@ def build_components(cfg: TrainConfig | Mapping[str, Any], runtime: Runtime) -> 
         val_set.warn_empty_classes()
     batch_size = per_process_batch(t, runtime.world_size)
     per_rank = math.ceil(len(train_set) / runtime.world_size)
-    if batch_size < 1:
-        raise TorchcvtError(f"train.batch_size must be positive, got {batch_size}")
+    # The key the user set: train.global_batch (divided among the processes) or train.batch_size.
+    given = (f"train.global_batch={t.global_batch} ({batch_size} per process)" if t.global_batch is not None
+             else f"train.batch_size={batch_size}")
     if batch_size > per_rank:
         raise TorchcvtError(
-            f"train.batch_size={batch_size} is larger than the {per_rank} training images each of "
+            f"{given} is larger than the {per_rank} training images each of "
             f"{runtime.world_size} process(es) gets from {train_dir} ({len(train_set)} in all)"
         )
     global_batch = batch_size * runtime.world_size

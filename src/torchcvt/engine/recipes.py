@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ..data import walk_images
+from ..data import class_images, list_classes, open_image
 from ..errors import TorchcvtError
 from .train_config import TrainConfig
 
@@ -122,22 +122,17 @@ class DataShape:
 
     @classmethod
     def measure(cls, train_dir: str | Path) -> DataShape:
-        from PIL import Image
-
-        from ..data import list_classes
-
-        classes = list_classes(train_dir)
-        paths = walk_images(train_dir)
+        classes, paths = list_classes(train_dir), [path for path, _ in class_images(train_dir)]
         if not paths:
-            raise TorchcvtError(f"data folder {train_dir} holds no images")
+            raise TorchcvtError(f"data folder {train_dir} holds no images in its class folders")
         sample = paths[:: max(1, len(paths) // SIZE_SAMPLE)][:SIZE_SAMPLE]
         sides = []
         for path in sample:
-            try:
-                with Image.open(path) as image:
+            try:  # reads the header only; PIL's own pixel limit refuses decompression bombs here
+                with open_image(path) as image:
                     sides.append(min(image.size))
-            except OSError:
-                continue  # an unreadable image is reported (and skipped) by the run itself
+            except Exception:  # decoding one file; an unreadable image is reported (and skipped) by the run
+                continue
         return cls(len(paths), len(classes), int(statistics.median(sides)) if sides else 224)
 
 

@@ -15,6 +15,7 @@ import torch
 from ..config import ARCHITECTURE_FIELDS, CvtConfig, architecture_differences
 from ..errors import TorchcvtError
 from ..files import replace_file
+from ..paths import input_file_problem
 from ..runrecord import CHECKPOINT_FORMAT as FORMAT_VERSION
 from ..runrecord import LAST_NAME, PREVIOUS_NAME, RUN_FILES, TrainingCheckpoint
 from ..typed import UNSET, differences, flatten
@@ -90,8 +91,9 @@ def read_training_state(path: str | Path) -> TrainingCheckpoint:
     if path.is_dir():
         raise TorchcvtError(
             f"checkpoint {path} is a folder without last.pth; give a training checkpoint file")
-    if not path.is_file():
-        raise TorchcvtError(f"checkpoint {path} does not exist")
+    problem = input_file_problem(path)
+    if problem is not None:
+        raise TorchcvtError(f"checkpoint {path} {problem}")
     try:
         with warnings.catch_warnings():  # the protocol notice would come before the one-line refusal
             warnings.filterwarnings("ignore", message="Detected pickle protocol", category=UserWarning)

@@ -12,7 +12,7 @@ import torch
 from ..config import CvtConfig
 from ..errors import TorchcvtError
 from ..runrecord import TrainingCheckpoint
-from .formats import READ_FILTERS, config_from_hf, detect_layout
+from .formats import READ_FILTERS, config_from_hf, detect_layout, recorded_architecture, recorded_names
 from .io import parse_json, preview, read_tensor_file, unwrap_state_dict
 
 FORMATS = ("official", "hf", "torchcvt")
@@ -93,11 +93,12 @@ def _read_weights_file(path: Path) -> Checkpoint:
     checkpoint = Checkpoint(path, layout, READ_FILTERS[layout][1](state_dict))
     ema = obj.get("state_dict_ema")  # timm's train.py keeps its EMA weights there
     if "torchcvt" in metadata:
-        _apply_torchcvt_meta(checkpoint, parse_json(metadata["torchcvt"], f"{path} (safetensors metadata)"))
+        where = f"{path} (safetensors metadata torchcvt)"
+        _apply_torchcvt_meta(checkpoint, parse_json(metadata["torchcvt"], where), where)
     elif TrainingCheckpoint.recognise(obj):  # `torchcvt train`'s best/last.pth
         record = TrainingCheckpoint.from_dict(obj, path)
         _apply_torchcvt_meta(checkpoint, {"config": record.config, "architecture": record.model_name,
-                                          "class_names": record.class_names})
+                                          "class_names": record.class_names}, str(path))
         checkpoint.train_config = record.train_config if isinstance(record.train_config, dict) else None
         ema = record.ema
     if isinstance(ema, dict) and ema:
@@ -108,7 +109,7 @@ def _read_weights_file(path: Path) -> Checkpoint:
 def _apply_config_json(checkpoint: Checkpoint, config_path: Path) -> None:
     meta = parse_json(config_path.read_text(encoding="utf-8", errors="replace"), str(config_path))
     if meta.get("format") == "torchcvt":
-        _apply_torchcvt_meta(checkpoint, meta)
+        _apply_torchcvt_meta(checkpoint, meta, str(config_path))
     elif meta.get("model_type") == "cvt":
         checkpoint.format = "hf"
         config, architecture, names = config_from_hf(meta, str(config_path))
@@ -120,13 +121,12 @@ def _apply_config_json(checkpoint: Checkpoint, config_path: Path) -> None:
         )
 
 
-def _apply_torchcvt_meta(checkpoint: Checkpoint, meta: dict[str, Any]) -> None:
+def _apply_torchcvt_meta(checkpoint: Checkpoint, meta: dict[str, Any], where: str) -> None:
     try:
         config = CvtConfig.from_dict(meta["config"]).to_dict()
     except (KeyError, TypeError, ValueError) as error:
-        raise TorchcvtError(f"{checkpoint.path}: torchcvt metadata has no valid config ({error})") from None
+        raise TorchcvtError(f"{where}: torchcvt metadata has no valid config ({error})") from None
     checkpoint.format = "torchcvt"
     checkpoint.config = config
-    checkpoint.architecture = meta.get("architecture")
-    names = meta.get("class_names")
-    checkpoint.class_names = tuple(names) if names else None
+    checkpoint.architecture = recorded_architecture(meta.get("architecture"), where, "architecture")
+    checkpoint.class_names = recorded_names(meta.get("class_names"), where, "class_names")
