@@ -23,6 +23,7 @@ from torchvision.transforms import InterpolationMode
 from .config import DIGITS_SIZE
 from .errors import TorchcvtError
 from .extras import require
+from .workers import sized_workers
 
 logger = logging.getLogger(__name__)
 
@@ -358,8 +359,22 @@ def collate_skipping_bad(batch: list) -> tuple[torch.Tensor | None, torch.Tensor
     return images, targets, bad
 
 
-def loader_options(workers: int, pin_memory: bool, persistent_workers: bool, device: torch.device) -> dict:
-    """DataLoader keyword arguments shared by training, validation and evaluation."""
+def data_name(train: str | Path | None) -> str:
+    """The training data's name: DIR for DIR/train, the folder's own name otherwise, 'digits' for none
+    (the embedded digits)."""
+    if train is None:
+        return "digits"
+    path = Path(train)
+    if not path.parent.name:
+        path = path.resolve()  # `train` alone names the current folder's data
+    return path.parent.name if path.name in ("train", "training") and path.parent.name else path.name
+
+
+def loader_options(workers: int | None, pin_memory: bool, persistent_workers: bool, device: torch.device,
+                   key: str = "data.workers") -> dict:
+    """DataLoader keyword arguments shared by training, validation and evaluation; workers sized to the
+    machine (sized_workers)."""
+    workers = sized_workers(workers, key)
     return {
         "num_workers": workers,
         "pin_memory": pin_memory and device.type == "cuda",

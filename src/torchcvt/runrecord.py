@@ -130,6 +130,8 @@ class RunSummary:
     # The EMA model's scores after the last epoch (train.ema), beside the plain model's; else None.
     ema_final_val_top1: float | None = None
     ema_final_val_top5: float | None = None
+    # The number of classes, so a report can leave out top-5 where it is always 100% (None: not recorded).
+    classes: int | None = None
     format_version: int = SUMMARY_FORMAT
 
     @classmethod
