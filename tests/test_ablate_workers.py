@@ -149,7 +149,7 @@ def test_the_report_covers_studies_another_worker_added(tmp_path: Path, monkeypa
         suite = json.loads((root / "suite.json").read_text())
         recipe = ablate.recipe_from_settings(suite["recipe"], 0)
         ablate.open_suite(root, recipe.settings, suite["data"], ["projection"], [0])
-        return ablate.runner.Progress()
+        return ablate.runner.WorkerTally()
 
     monkeypatch.setattr(ablate, "run_suite", other_worker_joins)
     argv = ["ablate", "--study", "kv-stride", "--seeds", "1", "--output", str(root), *_recipe(data)]

@@ -102,9 +102,13 @@ def test_transfer_config_fine_tunes_a_digits_checkpoint_by_steps(tmp_path, digit
     rebuilt = build_components(
         cfg.override({"train.output": str(tmp_path / "fresh")}), init_runtime("cpu")
     ).model
-    body = "stage0.patch_embed.proj.weight"
-    torch.testing.assert_close(rebuilt.state_dict()[body], start[body])
-    assert not torch.equal(rebuilt.state_dict()["head.weight"], start["head.weight"])
+    rebuilt_state = rebuilt.state_dict()
+    body = sorted(key for key in start if not key.startswith("head."))
+    assert sorted(key for key in rebuilt_state if not key.startswith("head.")) == body
+    assert len(body) > 100, "every tensor of the body: weights, biases, BatchNorm statistics, class token"
+    changed = [key for key in body if not torch.equal(rebuilt_state[key], start[key])]
+    assert not changed, f"body tensors not taken from the checkpoint: {changed}"
+    assert not torch.equal(rebuilt_state["head.weight"], start["head.weight"])
     # The schedule: linear warm-up from 0 to the peak, then cosine to 0 over the remaining steps.
     records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     lrs = {r["step"]: r["lr"] for r in records if r["kind"] == "train"}

@@ -118,7 +118,9 @@ def test_ema_on_predict_eval_and_embed_uses_the_ema_weights(tmp_path, capsys) ->
         features = np.load(tmp_path / f"{tag}.npy")
         assert main(["eval", "--checkpoint", checkpoint, *flag, "--workers", "0", "--data", str(data / "val"),
                      "--output", str(tmp_path / tag)]) == 0
-        loss = json.loads(next((tmp_path / tag).glob("eval_*.json")).read_text())["loss"]
+        report = json.loads(next((tmp_path / tag).glob("eval_*.json")).read_text())
+        assert report["weights"] == ("ema" if flag else "plain")
+        loss = report["loss"]
         return predictions, features, loss
 
     selected, alone, plain = outputs(old, "--ema"), outputs(str(ema_only)), outputs(old)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
+from torchcvt.files import write_text
 from torchcvt.weights.catalogue import CATALOGUE
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -57,7 +58,7 @@ def update_docs(root: str | Path) -> list[Path]:
         table = render()
         updated = _marked(name).sub(lambda match, table=table: match.group(1) + table + match.group(3), text)
         if updated != text:
-            path.write_text(updated, encoding="utf-8")
+            write_text(path, updated)
             changed.append(path)
     return changed
 

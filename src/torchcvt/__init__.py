@@ -13,10 +13,9 @@ from .flops import count_flops, count_params, model_info
 from .fused import fused_linear_enabled, set_fused_linear
 from .model import CvT, CvtFeatures
 from .predict import Predictor, predictor
+from .version import __version__ as __version__
 from .weightcache import clear_weight_cache, set_weight_cache
 from .weights import load_checkpoint, save_checkpoint
-
-__version__ = "0.1.0"
 
 __all__ = [
     "VARIANTS",

@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
+import io
 import json
 import logging
 import os
 import random
-import shutil
 import stat
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
@@ -23,6 +23,8 @@ from torchvision.transforms import InterpolationMode
 from .config import DIGITS_SIZE
 from .errors import TorchcvtError
 from .extras import require
+from .files import publish_tree, staging_folder, write_new
+from .workers import sized_workers
 
 logger = logging.getLogger(__name__)
 
@@ -361,8 +363,22 @@ def collate_skipping_bad(batch: list) -> tuple[torch.Tensor | None, torch.Tensor
     return images, targets, bad
 
 
-def loader_options(workers: int, pin_memory: bool, persistent_workers: bool, device: torch.device) -> dict:
-    """DataLoader keyword arguments shared by training, validation and evaluation."""
+def data_name(train: str | Path | None) -> str:
+    """The training data's name: DIR for DIR/train, the folder's own name otherwise, 'digits' for none
+    (the embedded digits)."""
+    if train is None:
+        return "digits"
+    path = Path(train)
+    if not path.parent.name:
+        path = path.resolve()  # `train` alone names the current folder's data
+    return path.parent.name if path.name in ("train", "training") and path.parent.name else path.name
+
+
+def loader_options(workers: int | None, pin_memory: bool, persistent_workers: bool, device: torch.device,
+                   key: str = "data.workers") -> dict:
+    """DataLoader keyword arguments shared by training, validation and evaluation; workers sized to the
+    machine (sized_workers)."""
+    workers = sized_workers(workers, key)
     return {
         "num_workers": workers,
         "pin_memory": pin_memory and device.type == "cuda",
@@ -447,9 +463,8 @@ def write_digits(
         for label in labels:
             for n, i in enumerate(np.flatnonzero(digits.target == label)):
                 folder = staging / ("val" if n % 5 == 0 else "train") / str(label)
-                folder.mkdir(parents=True, exist_ok=True)
-                digit_image(digits.images[i], size).save(folder / f"{i:04d}.png")
-        (staging / ".complete").write_text(marker)
+                write_new(folder / f"{i:04d}.png", png_bytes(digit_image(digits.images[i], size)))
+        write_new(staging / ".complete", marker.encode())
         publish_tree(staging, root)
     return root / "train", root / "val"
 
@@ -465,22 +480,13 @@ def digit_image(pixels: np.ndarray, side: int) -> Image.Image:
     return Image.fromarray(grey, mode="L").resize((side, side), Image.BICUBIC)
 
 
-def staging_folder(root: Path) -> Path:
-    """An empty folder beside root, this process's own, to write a tree into before publish_tree."""
-    staging = root.with_name(f"{root.name}.tmp-{os.getpid()}")
-    shutil.rmtree(staging, ignore_errors=True)
-    return staging
+def png_bytes(image: Image.Image) -> bytes:
+    """An image encoded as PNG."""
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    return buffer.getvalue()
 
 
-def publish_tree(staging: Path, root: Path) -> None:
-    """Put a tree written whole (with its .complete marker) at root in one rename."""
-    root.parent.mkdir(parents=True, exist_ok=True)
-    # A tree left incomplete by a crash, or written for other settings.
-    shutil.rmtree(root, ignore_errors=True)
-    try:
-        os.replace(staging, root)
-    except OSError:
-        # Another process finished the same tree first; theirs is as good as ours.
-        shutil.rmtree(staging, ignore_errors=True)
-        if not (root / ".complete").exists():
-            raise
+def cache_folder(name: str) -> Path:
+    """Where torchcvt keeps data it writes once (the digits trees): $XDG_CACHE_HOME/torchcvt/name."""
+    return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "torchcvt" / name

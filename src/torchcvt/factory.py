@@ -36,6 +36,7 @@ from .weights.card import training_run
 from .weights.catalogue import PretrainedCfgDict, builder_docstring, timm_default_cfgs
 from .weights.checkpoint import FORMATS
 from .weights.load import fit_config
+from .weights.timm_files import accept_checkpoint_files
 
 # timm reads default_cfgs from the module that registers a model: one entry per tag, the first the default.
 default_cfgs = generate_default_cfgs(timm_default_cfgs())
@@ -163,6 +164,7 @@ def create_model(
     })
     if stored is not None:
         load_into(model, stored)
+    accept_checkpoint_files(model)  # timm.create_model(..., checkpoint_path=FILE) on any file torchcvt writes
     if not features_only:
         return model
     features = CvtFeatures(model, out_indices)
@@ -184,13 +186,15 @@ def convert_checkpoint(
     activation: str | None = None,
     overwrite: bool = False,
     config_overrides: dict[str, Any] | None = None,
+    remote_code: bool = False,
 ) -> CvT:
     """Read src in any supported format and write it to dst in format `to`; returns the model in between.
 
     The model is built by create_model, as every loader builds it: the variant is model_name, else the
     one the checkpoint records; activation (default: the checkpoint's, else torchcvt's with a notice) and
     config_overrides set fields a source does not record (e.g. depth for an official .pth). dst must not be
-    the source; an existing dst is replaced only with overwrite=True.
+    the source; an existing dst is replaced only with overwrite=True. remote_code (hf only) ships model
+    code that transformers runs exactly with trust_remote_code=True (save_hf).
     """
     if to not in FORMATS:
         raise TorchcvtError(f"unknown checkpoint format {to!r}; choose one of {', '.join(FORMATS)}")
@@ -211,7 +215,8 @@ def convert_checkpoint(
     if activation is not None:
         overrides["activation"] = activation
     model = create_model(name, checkpoint=stored, **overrides)
-    export_checkpoint(model.eval(), dst, to, run=training_run(stored) if to == "hf" else None)
+    export_checkpoint(model.eval(), dst, to, run=training_run(stored) if to == "hf" else None,
+                      remote_code=remote_code)
     return model
 
 

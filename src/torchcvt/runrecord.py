@@ -8,14 +8,13 @@ record types here and nowhere else. Imports nothing of torchcvt above files and 
 from __future__ import annotations
 
 import dataclasses
-import json
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from .errors import TorchcvtError
-from .files import write_bytes
+from .files import read_json, write_json
 
 LAST_NAME = "last.pth"
 BEST_NAME = "best.pth"
@@ -130,19 +129,15 @@ class RunSummary:
     # The EMA model's scores after the last epoch (train.ema), beside the plain model's; else None.
     ema_final_val_top1: float | None = None
     ema_final_val_top5: float | None = None
+    # The number of classes, so a report can leave out top-5 where it is always 100% (None: not recorded).
+    classes: int | None = None
     format_version: int = SUMMARY_FORMAT
 
     @classmethod
     def read(cls, path: str | Path) -> RunSummary:
         """summary.json read; a torn or foreign file is a one-line error naming it."""
         path = Path(path)
-        try:
-            data = json.loads(path.read_text(encoding="utf-8"))
-        except (UnicodeDecodeError, json.JSONDecodeError) as error:
-            raise TorchcvtError(f"run summary {path} is damaged ({error}); rerun the training command "
-                                "to write it again") from None
-        if not isinstance(data, dict):
-            raise TorchcvtError(f"run summary {path} holds JSON {type(data).__name__}, not an object")
+        data = read_json(path, "run summary")
         version = int(data.get("format_version", 0))
         if version > SUMMARY_FORMAT:
             raise TorchcvtError(f"run summary {path} has format {version}; this torchcvt reads up to "
@@ -158,5 +153,5 @@ class RunSummary:
         return {**dataclasses.asdict(self), "format_version": SUMMARY_FORMAT}
 
     def write(self, path: str | Path) -> None:
-        """Write as JSON, atomically (files.write_bytes): a full disk leaves an older summary whole."""
-        write_bytes(path, (json.dumps(self.to_dict(), indent=2) + "\n").encode())
+        """Write as JSON, atomically (files.write_json): a full disk leaves an older summary whole."""
+        write_json(path, self.to_dict())

@@ -25,8 +25,8 @@ from typing import TYPE_CHECKING, Any
 from ..data import class_images, list_classes
 from ..engine.runlock import lock_holder
 from ..errors import TorchcvtError, shorten, shown
-from ..files import write_bytes
-from ..runrecord import LAST_NAME, SUMMARY_NAME
+from ..files import append_text, write_bytes, write_json
+from ..runrecord import LAST_NAME, SUMMARY_NAME, RunSummary
 from ..typed import describe_changes, differences
 from .plan import Plan, Run
 from .studies import STUDIES
@@ -48,12 +48,22 @@ def run_folder(root: Path, run: Run) -> Path:
     return root / "runs" / run.model / f"seed-{run.seed}"
 
 
-def is_finished(folder: Path) -> bool:
-    """A run is finished when the engine has written its summary (after its last epoch): a JSON object."""
+def read_summary(folder: Path) -> RunSummary | None:
+    """The summary the engine writes after a run's last epoch; None when there is none, or one a kill left
+    unreadable (said in a warning: a rerun of the suite trains the run to its end again)."""
+    path = folder / SUMMARY_NAME
+    if not path.is_file():
+        return None
     try:
-        return isinstance(json.loads((folder / SUMMARY_NAME).read_bytes()), dict)
-    except (OSError, ValueError):
-        return False
+        return RunSummary.read(path)
+    except TorchcvtError as error:
+        logger.warning(f"{error}; the run counts as not finished")
+        return None
+
+
+def is_finished(folder: Path) -> bool:
+    """A run is finished when the engine has written its summary (after its last epoch) and it reads."""
+    return read_summary(folder) is not None
 
 
 # Files whose whole content the data fingerprint hashes, spread evenly over each tree: a fixed cost however
@@ -133,9 +143,7 @@ def open_suite(root: Path, settings: dict[str, Any], data: dict[str, Any], studi
             suite = {"format": SUITE_FORMAT, "recipe": settings, "data": data, "studies": [], "seeds": []}
         suite["studies"] = [name for name in STUDIES if name in set(suite["studies"]) | set(studies)]
         suite["seeds"] = sorted(set(suite["seeds"]) | set(seeds))
-        temporary = path.with_name(f"suite.json.tmp-{os.getpid()}")
-        temporary.write_text(json.dumps(suite, indent=2))
-        os.replace(temporary, path)
+        write_json(path, suite)
     return suite
 
 
@@ -204,8 +212,7 @@ def record(root: Path, event: str, run: Run, **details: Any) -> None:
     """Append one line to root/events.jsonl: which worker started, resumed or finished which run."""
     line = {"time": time.time(), "event": event, "run": run.name, "host": socket.gethostname(),
             "pid": os.getpid(), **details}
-    with open(root / "events.jsonl", "a") as handle:
-        handle.write(json.dumps(line) + "\n")
+    append_text(root / "events.jsonl", json.dumps(line) + "\n")
 
 
 @dataclass

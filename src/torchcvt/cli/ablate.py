@@ -25,7 +25,9 @@ def add_ablate_command(sub: argparse._SubParsersAction) -> None:
     parser.add_argument("--data", help="ImageFolder root holding train/ and val/")
     parser.add_argument("--config", help="YAML recipe (configs/*.yaml); its model is the one ablated")
     parser.add_argument("--output", default="runs/ablate", help="suite folder (default runs/ablate)")
-    parser.add_argument("--shard", help="I/N: train only every N-th run from the I-th (0-based); default: "
+    parser.add_argument("--shard", metavar="I/N",
+                        help="train only every N-th run from the I-th; I is 0-based (0/4 ... 3/4), so a "
+                        "1-based task id (SLURM's --array=1-4) is given as ID-1/N; default: "
                         "SLURM_ARRAY_TASK_ID/COUNT when set, else all")
     parser.add_argument("--launcher", help="run each training as `LAUNCHER -m torchcvt train ...`, e.g. "
                         "'torchrun --nproc-per-node 8' (default: in this process)")
@@ -46,8 +48,13 @@ def _shard(text: str | None) -> tuple[int, int]:
         index_number, count_number = int(index), int(count)
     except ValueError:
         raise TorchcvtError(f"--shard expects I/N (e.g. 0/4), got {text!r}") from None
+    if sep and index_number == count_number >= 1:
+        # The 1-based form of the last shard: 1/N would be ambiguous, so no 1-based form is guessed.
+        raise TorchcvtError(
+            f"--shard {text}: I is 0-based (0 to {count_number - 1}); for the 1-based task id {index_number} "
+            f"(SLURM's --array=1-{count_number}) give --shard {index_number - 1}/{count_number}")
     if not sep or count_number < 1 or not 0 <= index_number < count_number:
-        raise TorchcvtError(f"--shard expects I/N with 0 <= I < N, got {text!r}")
+        raise TorchcvtError(f"--shard expects I/N with 0 <= I < N (0-based), got {text!r}")
     return index_number, count_number
 
 
@@ -56,11 +63,14 @@ def _run_ablate(args: argparse.Namespace) -> int:
     from pathlib import Path
 
     from .. import ablate
+    from ..checks import check_output_folder
 
     studies = ablate.select_studies(args.study)
     root = Path(args.output)
     if args.report_only:
-        paths = ablate.write_report(root, ablate.suite_plan(root, studies if args.study else ()))
+        plan = ablate.suite_plan(root, studies if args.study else ())
+        check_output_folder(root, "--output")  # the report is written there
+        paths = ablate.write_report(root, plan)
         print(f"report: {paths['report']}\nplot:   {paths['plot']}\njson:   {paths['json']}")
         return 0
     if not 1 <= args.seeds <= ablate.MAX_SEEDS:
@@ -88,6 +98,7 @@ def _run_ablate(args: argparse.Namespace) -> int:
     if recipe.train_dir is None or recipe.val_dir is None:
         raise TorchcvtError("the recipe names no data: give --data DIR (holding train/ and val/) or set "
                        "data.train and data.val")
+    check_output_folder(root, "--output")
     fingerprint = ablate.data_fingerprint(recipe.train_dir, recipe.val_dir)
     plan = ablate.build_plan(recipe, studies, seeds, fingerprint["train"]["classes"])
     ablate.open_suite(root, recipe.settings, fingerprint, [s.name for s in studies], seeds)

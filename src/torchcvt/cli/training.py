@@ -51,6 +51,7 @@ def _run_train(args: argparse.Namespace) -> int:
     import os
 
     from ..engine import TrainingDiverged, dry_run, train
+    from ..engine.reporting import accuracy_text
     from ..engine.resolve import resolve_config
 
     if args.world_size is not None and not args.dry_run:
@@ -91,8 +92,9 @@ def _run_train(args: argparse.Namespace) -> int:
     except TrainingDiverged as error:
         raise TorchcvtError(str(error)) from None
     if os.environ.get("RANK", "0") == "0":
-        print(f"best val top-1 {100 * summary['best_val_top1']:.2f}% "
-              f"(top-5 {100 * summary['best_val_top5']:.2f}%), "
+        best = accuracy_text(summary["best_val_top1"], summary["best_val_top5"], summary.get("classes"),
+                             " (top-5 {:.2f}%)")
+        print(f"best val {best}, "
               f"final {100 * summary['final_val_top1']:.2f}%{_ema_scores(summary)}, "
               f"{summary['epochs']} epochs in {summary['wall_seconds']:.1f} s "
               f"({summary['images_per_second']:.0f} img/s)")
@@ -105,8 +107,11 @@ def _ema_scores(summary: dict) -> str:
     """The EMA model's final scores, for a run with train.ema."""
     if summary.get("ema_final_val_top1") is None:
         return ""
-    return (f" (EMA: final {100 * summary['ema_final_val_top1']:.2f}%, "
-            f"top-5 {100 * summary['ema_final_val_top5']:.2f}%; use it with --ema)")
+    from ..engine.reporting import accuracy_text
+
+    scores = accuracy_text(summary["ema_final_val_top1"], summary["ema_final_val_top5"],
+                           summary.get("classes"), ", top-5 {:.2f}%")
+    return f" (EMA: final {scores.removeprefix('top-1 ')}; use it with --ema)"
 
 
 def add_eval_command(sub: argparse._SubParsersAction) -> None:
@@ -132,6 +137,7 @@ def add_eval_command(sub: argparse._SubParsersAction) -> None:
 
 def _run_eval(args: argparse.Namespace) -> int:
     from ..engine import evaluate_checkpoint
+    from ..engine.reporting import accuracy_text
 
     if args.pretrained and args.output is None:
         args.output = "."  # not next to the weights, inside the Hugging Face cache
@@ -141,7 +147,8 @@ def _run_eval(args: argparse.Namespace) -> int:
         workers=args.workers, real_labels=args.real_labels, device=args.device, strict=args.strict,
         overrides=model_overrides(args.model_overrides),
     )
-    print(f"top-1 {100 * report['top1']:.2f}%  top-5 {100 * report['top5']:.2f}%  loss {report['loss']:.4f}  "
+    scores = accuracy_text(report["top1"], report["top5"], report["classes"], "  top-5 {:.2f}%")
+    print(f"{scores}  loss {report['loss']:.4f}  "
           f"({report['images']} images, {report['classes']} classes)")
     if "real_top1" in report:
         print(f"ReaL top-1 {100 * report['real_top1']:.2f}%  ReaL top-5 {100 * report['real_top5']:.2f}%")

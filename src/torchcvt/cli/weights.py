@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 
 from ..errors import TorchcvtError
+from ..hf_notes import APPROXIMATION
 from .common import add_ema_option, image_size, model_overrides, select_ema
 
 
@@ -14,7 +15,9 @@ def add_convert_command(sub: argparse._SubParsersAction) -> None:
         description="Read SRC in any supported format (detected by content) and write it to DST: 'official' "
         "writes a .pth state dict, 'hf' a directory for transformers' "
         "CvtForImageClassification.from_pretrained, 'torchcvt' a directory (or a .safetensors file) with "
-        "model.safetensors and config.json.",
+        "model.safetensors and config.json. transformers' CvT always runs exact GELU, so the hf copy of a "
+        "QuickGELU model (the released weights and everything fine-tuned from them) is an approximation: "
+        + APPROXIMATION,
     )
     parser.add_argument("paths", nargs="+", metavar="[SRC] DST",
                         help="SRC: checkpoint file or directory (not with --pretrained); DST: a .pth file "
@@ -25,6 +28,11 @@ def add_convert_command(sub: argparse._SubParsersAction) -> None:
     parser.add_argument("--activation", choices=("quick_gelu", "gelu"),
                         help="activation of the converted model (default: the one the source records; a "
                         "transformers folder that records none gets quick_gelu, with a notice)")
+    parser.add_argument("--remote-code", action="store_true",
+                        help="with --to hf: also write modeling_torchcvt.py, transformers' CvT with the "
+                        "model's activation, which transformers runs exactly when loaded with "
+                        "trust_remote_code=True (pipeline(..., trust_remote_code=True)); loading with "
+                        "trust_remote_code runs code from the folder, so it is never the default")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing DST (never SRC)")
     parser.add_argument("--set", dest="model_overrides", action="append", default=[], metavar="FIELD=VALUE",
                         help="model config override for a source without a config, e.g. --set depth=[1,2,4]")
@@ -52,7 +60,7 @@ def _run_convert(args: argparse.Namespace) -> int:
         args.src = select_ema(args.paths[0], args.ema, "SRC")
     args.dst = args.paths[-1]
     model = convert_checkpoint(args.src, args.dst, args.to, args.model, args.activation, args.overwrite,
-                               model_overrides(args.model_overrides))
+                               model_overrides(args.model_overrides), args.remote_code)
     print(f"wrote {args.dst} ({args.to} format, {model.pretrained_cfg['architecture']}, "
           f"{model.num_classes} classes, activation {model.config.activation})")
     return 0

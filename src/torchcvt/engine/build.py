@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
-import os
+import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -15,11 +16,14 @@ import torch.distributed as dist
 from torch import nn
 from torch.utils.data import DataLoader, DistributedSampler
 
+from ..checks import check_output_folder
 from ..config import variant_config
 from ..data import (
     ImageFolder,
     SeededSampler,
     ShardSampler,
+    cache_folder,
+    data_name,
     eval_transform,
     list_classes,
     loader_options,
@@ -86,8 +90,7 @@ def data_folders(cfg: TrainConfig, runtime: Runtime) -> tuple[Path, Path]:
     """The train and val ImageFolder trees; the embedded digits (written once) when none is given."""
     d = cfg.data
     if d.train is None:
-        cache = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache"))
-        root = Path(d.digits_root) if d.digits_root else cache / "torchcvt" / "digits"
+        root = Path(d.digits_root) if d.digits_root else cache_folder("digits")
         if runtime.is_main:
             write_digits(root)
         if runtime.distributed:
@@ -119,16 +122,54 @@ def checked_classes(train_dir: Path, val_dir: Path) -> list[str]:
     return class_names
 
 
-def make_run_folder(output: Path) -> None:
-    """Create the run folder; a one-line error when it is a file or cannot be written."""
+RUNS_ROOT = Path("runs")
+
+
+def with_run_folder(cfg: TrainConfig, runtime: Runtime) -> TrainConfig:
+    """cfg with train.output set: as given, else a fresh folder named from the data and the model, as timm
+    and transformers name theirs (runs/DATA-MODEL-YYYYmmdd-HHMMSS, -2, -3... if taken), rank 0's name on
+    every rank."""
+    if cfg.train.output is not None:
+        return cfg
+    folder = None
+    if runtime.is_main:
+        stem = RUNS_ROOT / f"{data_name(cfg.data.train)}-{cfg.model.name}-{time.strftime('%Y%m%d-%H%M%S')}"
+        folder, n = stem, 1
+        while folder.exists():
+            n += 1
+            folder = stem.with_name(f"{stem.name}-{n}")
+    if runtime.distributed:
+        chosen = [folder]
+        dist.broadcast_object_list(chosen, src=0, group=runtime.control)
+        folder = chosen[0]
+    return dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, output=str(folder)))
+
+
+def make_run_folder(output: Path) -> list[Path]:
+    """Create the run folder; a one-line error when it is a file or cannot be written. Returns the folders
+    it created, innermost first, for a start that fails to take away again (remove_created)."""
     if output.exists() and not output.is_dir():
         raise TorchcvtError(f"train.output {output} is a file, not a folder")
+    check_output_folder(output, "train.output")
+    created = [folder for folder in (output, *output.parents) if not folder.exists()]
     try:
         output.mkdir(parents=True, exist_ok=True)
     except OSError as error:
         raise TorchcvtError(f"train.output {output} cannot be created: {error.strerror}") from None
-    if not os.access(output, os.W_OK | os.X_OK):
-        raise TorchcvtError(f"train.output {output} is not writable")
+    return created
+
+
+def remove_created(paths: Sequence[Path]) -> None:
+    """Take away what a failed start created (its lock file, then its folders, innermost first), so no
+    folder is left holding nothing but a lock; a folder something else was written into stays."""
+    for path in paths:
+        try:
+            if path.is_dir():
+                path.rmdir()
+            else:
+                path.unlink(missing_ok=True)
+        except OSError:
+            return  # not empty: something besides this start lives there
 
 
 def resume_path(cfg: TrainConfig, output: Path) -> Path | None:

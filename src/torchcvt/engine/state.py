@@ -5,8 +5,6 @@ from __future__ import annotations
 
 import logging
 import os
-import pickle
-import warnings
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +17,7 @@ from ..paths import input_file_problem
 from ..runrecord import CHECKPOINT_FORMAT as FORMAT_VERSION
 from ..runrecord import LAST_NAME, PREVIOUS_NAME, RUN_FILES, TrainingCheckpoint
 from ..typed import UNSET, differences, flatten
+from ..weights.io import load_torch
 from .train_config import TrainConfig
 
 __all__ = ["FORMAT_VERSION", "TrainingCheckpoint", "read_training_state", "save_training_state"]
@@ -94,24 +93,7 @@ def read_training_state(path: str | Path) -> TrainingCheckpoint:
     problem = input_file_problem(path)
     if problem is not None:
         raise TorchcvtError(f"checkpoint {path} {problem}")
-    try:
-        with warnings.catch_warnings():  # the protocol notice would come before the one-line refusal
-            warnings.filterwarnings("ignore", message="Detected pickle protocol", category=UserWarning)
-            state = torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError:
-        raise TorchcvtError(
-            f"checkpoint {path} is not a torchcvt training checkpoint: it holds pickled Python objects, "
-            "which are not loaded (only tensors and plain data are)"
-        ) from None
-    except (RuntimeError, EOFError) as error:
-        with open(path, "rb") as handle:
-            head = handle.read(len(ZIP_MAGIC))
-        if head and not ZIP_MAGIC.startswith(head[: len(ZIP_MAGIC)]):
-            reason = str(error).splitlines()[0] if str(error) else type(error).__name__
-            raise TorchcvtError(
-                f"checkpoint {path} is not a torch checkpoint file ({reason})") from None
-        raise TorchcvtError(
-            f"checkpoint {path} is damaged (cut short or corrupt); {_fallback(path)}") from None
+    state = load_torch(path, lambda: _damaged(path))
     if not isinstance(state, dict):
         raise TorchcvtError(f"checkpoint {path} holds a {type(state).__name__}, not a training checkpoint")
     return TrainingCheckpoint.from_dict(state, path)
@@ -125,6 +107,14 @@ def check_training_state(state: TrainingCheckpoint, path: str | Path) -> None:
             f"checkpoint {path} is not a torchcvt training checkpoint (it lacks {', '.join(missing)}); "
             f"to start from its weights, set model.checkpoint={path} and train without resuming"
         )
+
+
+def _damaged(path: Path) -> str:
+    with open(path, "rb") as handle:
+        head = handle.read(len(ZIP_MAGIC))
+    if head and not ZIP_MAGIC.startswith(head):
+        return "it is not a torch checkpoint file"
+    return _fallback(path)
 
 
 def _fallback(path: Path) -> str:

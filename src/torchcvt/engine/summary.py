@@ -11,7 +11,7 @@ from ..errors import TorchcvtError
 from ..runrecord import BEST_NAME, CURVES_NAME, LAST_NAME, METRICS_NAME, SUMMARY_NAME, RunSummary
 from .build import Components
 from .evaluate import evaluate
-from .reporting import MetricsLog, plot_curves
+from .reporting import MetricsLog, TrainingProgress, accuracy_text, plot_curves, train_loss_label
 from .runtime import Runtime
 from .snapshot import LoopState
 from .train_config import TrainConfig
@@ -60,12 +60,16 @@ class RunReport:
                     logger.warning(f"class {name!r} has no readable training image ({len(files)} "
                                    "unreadable): the model cannot learn it")
 
-    def validate(self, epoch: int, metrics: MetricsLog | None) -> dict[str, Any]:
-        """Score the model (and its EMA) on the validation set; logged and written to metrics.jsonl."""
+    def validate(self, epoch: int, metrics: MetricsLog | None, progress: TrainingProgress | None = None
+                 ) -> dict[str, Any]:
+        """Score the model (and its EMA) on the validation set, shown by progress; logged and written to
+        metrics.jsonl."""
         parts = self.parts
-        args = (parts.val_loader, self.runtime.device, len(parts.class_names), self.runtime,
-                parts.val_amp_dtype)
-        result = evaluate(parts.model, *args, strict=self.strict)
+        loader = parts.val_loader
+        if progress is not None:
+            loader = progress.validating(loader, len(parts.val_loader))
+        args = (self.runtime.device, len(parts.class_names), self.runtime, parts.val_amp_dtype)
+        result = evaluate(parts.model, loader, *args, strict=self.strict)
         record = {
             "kind": "val",
             "step": self.loop.global_step,
@@ -77,16 +81,16 @@ class RunReport:
             "unreadable": result["unreadable"],
         }
         if parts.ema is not None:
-            ema = evaluate(parts.ema.module, *args, strict=self.strict)
+            ema = evaluate(parts.ema.module, parts.val_loader, *args, strict=self.strict)
             record.update(ema_top1=ema["top1"], ema_top5=ema["top5"], ema_loss=ema["loss"])
             result = {**result, "ema_top1": ema["top1"], "ema_top5": ema["top5"]}
         if metrics is not None:
             metrics.write(record)
-        ema_scores = (f", EMA top-1 {100 * result['ema_top1']:.2f}% top-5 {100 * result['ema_top5']:.2f}%"
+        ema_scores = (f", EMA {accuracy_text(result['ema_top1'], result['ema_top5'], len(parts.class_names))}"
                       if "ema_top1" in result else "")
+        scores = accuracy_text(result["top1"], result["top5"], len(parts.class_names))
         self._log(
-            f"epoch {epoch + 1}/{self.epochs}: val top-1 {100 * result['top1']:.2f}% "
-            f"top-5 {100 * result['top5']:.2f}% loss {result['loss']:.4f}{ema_scores}"
+            f"epoch {epoch + 1}/{self.epochs}: val {scores} loss {result['loss']:.4f}{ema_scores}"
         )
         return result
 
@@ -98,7 +102,10 @@ class RunReport:
         self._log(f"the run in {output} is already finished ({self.epochs} epochs); nothing to do")
         summary = output / SUMMARY_NAME
         if summary.is_file():
-            return RunSummary.read(summary).to_dict()
+            try:
+                return RunSummary.read(summary).to_dict()
+            except TorchcvtError as error:  # left torn by a kill or a full disk before writes were atomic
+                logger.warning(f"{error}; writing it again from {output / LAST_NAME}")
         if self.loop.last_val is None:
             self.loop.last_val = self.validate(self.epochs - 1, None)
         return self.finish(self.loop.last_val)
@@ -130,8 +137,10 @@ class RunReport:
             summary=str(output / SUMMARY_NAME),
             ema_final_val_top1=last_val.get("ema_top1"),
             ema_final_val_top5=last_val.get("ema_top5"),
+            classes=len(self.parts.class_names),
         )
         if self.runtime.is_main:
             summary.write(output / SUMMARY_NAME)
-            plot_curves(output / METRICS_NAME, output / CURVES_NAME)
+            plot_curves(output / METRICS_NAME, output / CURVES_NAME, len(self.parts.class_names),
+                        train_loss_label(self.cfg.aug.label_smoothing, self.parts.mixup is not None))
         return summary.to_dict()

@@ -62,7 +62,7 @@ class DataSettings:
     train: str | None = None  # ImageFolder tree; none given and no config file: the embedded digits
     val: str | None = None
     digits_root: str | None = None  # where the digits tree is written; default ~/.cache/torchcvt/digits
-    workers: int = option(4, low=0, high=256)
+    workers: int | None = option(None, low=0, high=256)  # loader processes; None: 4, or the CPUs if fewer
     pin_memory: bool = True
     persistent_workers: bool = True
     strict: bool = False  # stop at the first unreadable image instead of skipping it
@@ -139,7 +139,7 @@ class TrainSettings:
     # Images per step over all processes, whatever their number: each process takes global_batch / N
     # (train.batch_size is then not used).
     global_batch: int | None = option(None, low=1, high=MAX_BATCH)
-    output: str = "runs/cvt"
+    output: str | None = None  # None: a fresh folder runs/DATA-MODEL-TIMESTAMP (see with_run_folder)
     amp: Precision = "none"  # bf16, or fp16 (with loss scaling)
     val_amp: Precision | None = None  # validation precision; None: as train.amp
     ema: bool = False
@@ -317,7 +317,7 @@ DIGITS_RECIPE: dict[str, Any] = {
     },
     "optim": {"lr": 3e-3, "weight_decay": 0.05},
     "sched": {"warmup_epochs": 2, "min_lr": 1e-5, "cooldown_epochs": 0},
-    "train": {"epochs": 30, "batch_size": 64, "output": "runs/digits", "log_every_steps": 10},
+    "train": {"epochs": 30, "batch_size": 64, "log_every_steps": 10},
 }
 
 

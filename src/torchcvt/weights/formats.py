@@ -178,8 +178,8 @@ def recorded_architecture(value: Any, where: str, key: str) -> str | None:
     return value or None
 
 
-def hf_config_json(config: CvtConfig, class_names: Sequence[str] | None, architecture: str | None
-                   ) -> dict[str, Any]:
+def hf_config_json(config: CvtConfig, class_names: Sequence[str] | None, architecture: str | None,
+                   remote_code: bool = False) -> dict[str, Any]:
     """transformers' config.json for a model of this config; ValueError if transformers has no equivalent.
 
     Beside transformers' keys it records torchcvt's full config (activation, layer_norm_eps, ...) and the
@@ -197,7 +197,7 @@ def hf_config_json(config: CvtConfig, class_names: Sequence[str] | None, archite
                  if on and width != config.embed_dim[last]]
     if problems:
         raise TorchcvtError(f"transformers' CvT cannot represent {', '.join(problems)}")
-    _warn_about_transformers(config)
+    _warn_about_transformers(config, remote_code)
     names = list(class_names) if class_names else [f"LABEL_{i}" for i in range(config.num_classes)]
     values = config.to_dict()
     return {
@@ -211,14 +211,16 @@ def hf_config_json(config: CvtConfig, class_names: Sequence[str] | None, archite
     }
 
 
-def _warn_about_transformers(config: CvtConfig) -> None:
-    """What transformers will do differently with these files (torchcvt itself reloads them exactly)."""
-    if config.activation != "gelu":
+def _warn_about_transformers(config: CvtConfig, remote_code: bool = False) -> None:
+    """What transformers will do differently with these files (torchcvt itself reloads them exactly; with
+    remote_code, so does transformers under trust_remote_code=True)."""
+    if config.activation != "gelu" and not remote_code:
         logger.warning(
             f"the model uses activation={config.activation!r}, which transformers' CvT config cannot express "
-            "(it always uses exact GELU): transformers' outputs will differ (torchcvt reloads it exactly)"
+            "(it always uses exact GELU): transformers' copy is an approximation, its outputs differ; "
+            "--remote-code (remote_code=True) adds model code it runs exactly with trust_remote_code=True"
         )
-    if config.layer_norm_eps != HF_LAYER_NORM_EPS:
+    if config.layer_norm_eps != HF_LAYER_NORM_EPS and not remote_code:
         logger.warning(
             f"the model uses layer_norm_eps={config.layer_norm_eps} but transformers' CvT always uses "
             f"{HF_LAYER_NORM_EPS}: transformers' outputs will differ (torchcvt reloads it exactly)"
