@@ -4,6 +4,7 @@ by the lint step, tools/check_sizes.py, run by `make lint`)."""
 from __future__ import annotations
 
 import ast
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -123,7 +124,7 @@ def _library_notices(tree: ast.AST) -> list[str]:
                 (ast.unparse(k.value) for k in node.keywords if k.arg == "category"), "UserWarning")
             if name == "print" or (name == "warnings.warn" and "Deprecation" not in category):
                 found.append(f"line {node.lineno}: {name}")
-        elif isinstance(node, ast.Constant) and "warning:" in str(node.value).lower():
+        elif isinstance(node, ast.Constant) and re.search(r"(^|: )warning: ", str(node.value), re.IGNORECASE):
             found.append(f"line {node.lineno}: {node.value[:40]!r}")
     return found
 
@@ -137,6 +138,7 @@ def test_library_notices_go_through_logging():
 
 def test_the_notice_finder_finds_prints_and_warnings():
     code = 'print(1)\nwarnings.warn("x")\nwarnings.warn("y", DeprecationWarning)\nlog("warning: z")\n'
+    code += '"""Said in a warning: not a prefix."""\n'
     expected = ["line 1: print", "line 2: warnings.warn", "line 4: 'warning: z'"]
     assert _library_notices(ast.parse(code)) == expected
 
