@@ -341,11 +341,12 @@ def _rss_kb(field: str) -> int:
 def run_benchmark(
     name: str = "cvt_13", cases: list[Case] | None = None, quick: bool = False, memory: bool = True,
     warmup: int | None = None, repeats: int | None = None, bf16: bool | None = None, peak_size: int = 2048,
-    inductor: bool = False, **overrides: Any,
+    inductor: tuple[str, ...] = (), **overrides: Any,
 ) -> dict[str, Any]:
     """Run every case on both implementations; returns the results and the machine description.
 
-    peak_size is the largest side of the square products that measure the matmul peak.
+    peak_size is the largest side of the square products that measure the matmul peak; inductor names the
+    inference modes whose largest batch is also timed through torch.compile with freezing.
     """
     cases = cases or default_cases(quick, bf16)
     warmup = warmup if warmup is not None else 1
@@ -361,7 +362,8 @@ def run_benchmark(
         for case in tqdm(cases, desc="bench", disable=not sys.stderr.isatty()):
             # Compiling takes minutes: inductor runs beside the largest batch of each inference mode only.
             largest = max(c.batch for c in cases if c.mode == case.mode)
-            measured = time_case(directory, case, warmup, repeats, inductor and case.batch == largest)
+            compiled = case.mode in inductor and case.batch == largest
+            measured = time_case(directory, case, warmup, repeats, compiled)
             # The peak is the best seen over the run: a shared or throttled machine is slower at times,
             # and a peak taken only at the start would let later cases exceed 100%.
             key, dtype = ("bf16", torch.bfloat16) if case.mode == "bf16" else ("fp32", torch.float32)
@@ -555,8 +557,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repeats", type=int, help="timed runs per side (default 5, 1 with --quick)")
     parser.add_argument("--no-memory", action="store_true", help="skip the peak-memory measurement")
     parser.add_argument("--threads", type=int, help="torch threads (default: torch's own choice)")
-    parser.add_argument("--inductor", action="store_true", help="also time torch.compile with freezing "
-                        "at the largest batch of each inference mode (minutes)")
+    parser.add_argument("--inductor", nargs="?", const="fp32,bf16", default="", metavar="MODES",
+                        help="also time torch.compile with freezing at the largest batch of each inference "
+                        "mode named (default both: fp32,bf16); compiling takes minutes")
     parser.add_argument("--cases", help="comma-separated MODE:BATCH:SIZE (modes: " + ", ".join(MODES)
                         + "), instead of the default cases")
     parser.add_argument("--bf16", action="store_true", default=None,
@@ -571,7 +574,7 @@ def main(argv: list[str] | None = None) -> int:
             torch.set_num_threads(args.threads)
         report = run_benchmark(args.model, cases=parse_cases(args.cases) if args.cases else None,
                                quick=args.quick, memory=not args.no_memory, repeats=args.repeats,
-                               bf16=args.bf16, inductor=args.inductor)
+                               bf16=args.bf16, inductor=tuple(filter(None, args.inductor.split(","))))
     except ValueError as error:
         print(f"bench: error: {error}", file=sys.stderr)
         return 2
