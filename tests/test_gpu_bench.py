@@ -194,3 +194,16 @@ def test_the_dataset_is_written_before_the_budget_clock_starts(tmp_path, monkeyp
     assert report["data_generation_s"] >= 1.5
     assert [case.status for case in report["cases"]] == ["done"]
     assert seen[0][0] == "train-run" and seen[0][1].name == "data" and seen[0][2] > 1
+
+
+def test_a_timeout_that_dynamo_wraps_is_still_a_stop_at_the_cap():
+    s = gpu.Settings.smoke_run()
+    case = gpu.Case("train-compiled", {"implementation": "torchcvt", "checkpointing": False})
+    try:
+        try:
+            raise gpu.CaseTimeout
+        except gpu.CaseTimeout as timeout:
+            raise RuntimeError("InternalTorchDynamoError: CaseTimeout") from timeout
+    except RuntimeError as wrapped:
+        assert gpu._failure(case, wrapped, s.caps[case.kind], s) == "stopped at its cap (120 s)"
+    assert gpu._failure(case, ValueError("bad"), 5, s) == "failed: ValueError: bad"
