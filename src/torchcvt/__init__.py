@@ -32,7 +32,7 @@ except KeyboardInterrupt:
     print(f"torchcvt {sys.argv[1] if len(sys.argv) > 1 else ''}".rstrip() + ": interrupted", file=sys.stderr)
     raise SystemExit(130) from None
 
-__version__ = "0.1.0"
+from .version import __version__ as __version__  # noqa: E402  (after the guarded imports above)
 
 __all__ = [
     "VARIANTS",

@@ -7,6 +7,7 @@ import logging
 import os
 import random
 import shutil
+import stat
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
@@ -22,6 +23,7 @@ from torchvision.transforms import InterpolationMode
 from .config import DIGITS_SIZE
 from .errors import TorchcvtError
 from .extras import require
+from .workers import sized_workers
 
 logger = logging.getLogger(__name__)
 
@@ -54,9 +56,17 @@ def to_rgb(image: Image.Image) -> Image.Image:
     return image.convert("RGB")
 
 
+def open_image(path: str | Path) -> Image.Image:
+    """PIL's Image.open of a regular file; anything else (a FIFO, a device) is an OSError, never opened,
+    since reading it would block or never end."""
+    if not stat.S_ISREG(os.stat(path).st_mode):
+        raise OSError(f"{path} is not a regular file")
+    return Image.open(path)
+
+
 def load_image(path: str | Path) -> Image.Image:
     """Open an image file fully (so truncation is caught here) and return it as RGB."""
-    with Image.open(path) as image:
+    with open_image(path) as image:
         image.load()
         return to_rgb(image)
 
@@ -72,6 +82,8 @@ def unreadable_reason(path: str | Path, error: BaseException) -> str:
         if not os.access(path, os.R_OK | os.X_OK):
             return "folder cannot be listed (permission denied)"
         return "is a directory, not an image file"
+    if not path.is_file():
+        return "not a regular file (a FIFO, socket or device), so not an image file"
     if path.stat().st_size == 0:
         return "empty file (0 bytes)"
     if isinstance(error, UnidentifiedImageError):
@@ -89,11 +101,12 @@ def unreadable_reason(path: str | Path, error: BaseException) -> str:
 
 
 def walk_images(root: str | Path, seen: set[tuple[int, int]] | None = None) -> list[Path]:
-    """Image files under root, recursively and sorted, following symlinked folders (each folder once).
+    """Image files under root, recursively and sorted, following symlinked folders (each folder once): the
+    one listing of images that training, evaluation, recipes, fingerprints and predict all use.
 
     Hidden files and folders are skipped. Also listed, so that reading them reports why: image-named
-    entries that are not files (broken symlinks) and folders that cannot be listed. seen holds the
-    (device, inode) of folders already walked; share one set across roots to list each folder once.
+    entries that are not regular files (broken symlinks, FIFOs) and folders that cannot be listed. seen
+    holds the (device, inode) of folders already walked; share one set across roots to list each folder once.
     """
     root = Path(root)
     seen = set() if seen is None else seen
@@ -214,6 +227,12 @@ def list_classes(root: str | Path) -> list[str]:
     return classes
 
 
+def class_images(root: str | Path) -> list[tuple[Path, str]]:
+    """(image file, class folder name) for every image of an ImageFolder tree, class by class."""
+    root = Path(root)
+    return [(path, name) for name in list_classes(root) for path in walk_images(root / name)]
+
+
 class ImageFolder(Dataset):
     """An ImageNet-layout tree root/<class>/<image>, labelled by a given class list (default: sorted folders).
 
@@ -235,12 +254,7 @@ class ImageFolder(Dataset):
                 + (f" and {len(unknown) - 5} more" if len(unknown) > 5 else "")
             )
         index = {name: i for i, name in enumerate(self.class_names)}
-        self.samples = [
-            (str(path), index[folder])
-            for folder in folders
-            for path in sorted((self.root / folder).rglob("*"))
-            if path.suffix.lower() in IMAGE_EXTENSIONS and path.is_file()
-        ]
+        self.samples = [(str(path), index[folder]) for path, folder in class_images(root)]
         if not self.samples:
             raise TorchcvtError(f"data folder {root} holds no images ({' '.join(IMAGE_EXTENSIONS)})")
         self.transform = transform
@@ -267,7 +281,7 @@ class ImageFolder(Dataset):
         path, target = self.samples[index]
         try:
             image = load_image(path)
-        except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as error:
+        except Exception as error:  # decoding one file: corrupt data raises many types (struct.error...)
             return BadImage(path, unreadable_reason(path, error))
         if self.transform is None:
             return image, target
@@ -315,7 +329,8 @@ class SeededSampler(Sampler):
             if position >= self.start:
                 # The position across all ranks, so one process and N processes augment alike.
                 flat = position * self.world_size + self.rank
-                yield index, (self.seed * 1_000_003 + self.epoch) * 100_000_007 + flat
+                # Kept within int64 (the loader collates it as a tensor) for seeds up to 2**32 - 1.
+                yield index, ((self.seed * 1_000_003 + self.epoch) * 100_000_007 + flat) % 2**63
 
 
 class ShardSampler(Sampler):
@@ -344,8 +359,22 @@ def collate_skipping_bad(batch: list) -> tuple[torch.Tensor | None, torch.Tensor
     return images, targets, bad
 
 
-def loader_options(workers: int, pin_memory: bool, persistent_workers: bool, device: torch.device) -> dict:
-    """DataLoader keyword arguments shared by training, validation and evaluation."""
+def data_name(train: str | Path | None) -> str:
+    """The training data's name: DIR for DIR/train, the folder's own name otherwise, 'digits' for none
+    (the embedded digits)."""
+    if train is None:
+        return "digits"
+    path = Path(train)
+    if not path.parent.name:
+        path = path.resolve()  # `train` alone names the current folder's data
+    return path.parent.name if path.name in ("train", "training") and path.parent.name else path.name
+
+
+def loader_options(workers: int | None, pin_memory: bool, persistent_workers: bool, device: torch.device,
+                   key: str = "data.workers") -> dict:
+    """DataLoader keyword arguments shared by training, validation and evaluation; workers sized to the
+    machine (sized_workers)."""
+    workers = sized_workers(workers, key)
     return {
         "num_workers": workers,
         "pin_memory": pin_memory and device.type == "cuda",

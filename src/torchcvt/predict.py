@@ -21,6 +21,7 @@ from .model import CvT
 from .reports import FileResult, Prediction
 from .weights import Checkpoint
 from .weights.catalogue import IMAGENET_1K, class_names
+from .workers import sized_workers
 
 ImageInput = Image.Image | str | Path | torch.Tensor
 
@@ -169,7 +170,7 @@ class Predictor:
         if workers < 0:
             raise TorchcvtError(f"workers must be 0 or more, got {workers}")
         loader = DataLoader(ImageFiles(paths, self.transform), batch_size=self.batch_size,
-                            num_workers=workers,
+                            num_workers=sized_workers(workers, "workers"),
                             collate_fn=list, pin_memory=self.device.type == "cuda")
         with Progress(len(paths), progress) as bar:
             for batch in loader:

@@ -66,6 +66,9 @@ def format_table(results: Sequence[FileResult]) -> str:
         for rank, p in enumerate(result.predictions or [], 1):
             shown = result.path if rank == 1 else ""
             rows.append((shown, str(rank), f"{p.prob:.4f}", f"{p.label} ({p.index})"))
+    # A newline or tab in a class name or file name would break the table's one line per prediction.
+    rows = [tuple("".join(c if c.isprintable() else repr(c)[1:-1] for c in cell) for cell in row)
+            for row in rows]
     widths = [max(len(row[i]) for row in rows) for i in range(3)]
     return "\n".join(
         "  ".join([*(cell.ljust(width) for cell, width in zip(row[:3], widths, strict=True)), row[3]])

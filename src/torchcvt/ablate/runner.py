@@ -3,29 +3,41 @@ resumed from its own checkpoint after an interruption, and never mixed with anot
 
 from __future__ import annotations
 
+import ctypes
 import fcntl
 import hashlib
 import json
 import logging
 import os
 import shlex
+import signal
 import socket
+import stat
 import subprocess
+import sys
 import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from ..data import list_classes, walk_images
-from ..errors import TorchcvtError
+from ..data import class_images, list_classes
+from ..engine.runlock import lock_holder
+from ..errors import TorchcvtError, shorten, shown
+from ..files import write_bytes
+from ..runrecord import LAST_NAME, SUMMARY_NAME
+from ..typed import describe_changes, differences
 from .plan import Plan, Run
 from .studies import STUDIES
+
+if TYPE_CHECKING:
+    from ..engine import TrainConfig
 
 logger = logging.getLogger("torchcvt.ablate")
 
 SUITE_FORMAT = 1
+PR_SET_PDEATHSIG = 1  # linux/prctl.h
 
 
 class RunFailed(Exception):
@@ -37,14 +49,22 @@ def run_folder(root: Path, run: Run) -> Path:
 
 
 def is_finished(folder: Path) -> bool:
-    """A run is finished when the engine has written its summary (after its last epoch)."""
-    return (folder / "summary.json").is_file()
+    """A run is finished when the engine has written its summary (after its last epoch): a JSON object."""
+    try:
+        return isinstance(json.loads((folder / SUMMARY_NAME).read_bytes()), dict)
+    except (OSError, ValueError):
+        return False
+
+
+# Files whose whole content the data fingerprint hashes, spread evenly over each tree: a fixed cost however
+# large the data set, on top of one stat per file.
+FINGERPRINT_SAMPLE = 64
 
 
 def data_fingerprint(train_dir: str | Path, val_dir: str | Path) -> dict[str, Any]:
-    """Class and image counts of both trees and a hash of their file lists (names only: no image is read).
-
-    A training tree with fewer than two classes is a one-line error.
+    """Class and image counts of both trees, a hash of every image's path and size, and a hash of the bytes
+    of FINGERPRINT_SAMPLE images spread over the tree: one stat per image and a few dozen reads, so it stays
+    cheap for ImageNet. A training tree with fewer than two classes is a one-line error.
     """
     fingerprint = {}
     for split, folder in (("train", Path(train_dir)), ("val", Path(val_dir))):
@@ -52,21 +72,37 @@ def data_fingerprint(train_dir: str | Path, val_dir: str | Path) -> dict[str, An
         if split == "train" and len(classes) < 2:
             raise TorchcvtError(f"data folder {folder} holds 1 class ({classes[0]}): an ablation needs a "
                              "classifier, so at least 2 class folders")
-        files = [path.relative_to(folder).as_posix() for path in walk_images(folder)]
-        listing = hashlib.sha256("\n".join(files).encode()).hexdigest()[:16]
-        fingerprint[split] = {"classes": len(classes), "images": len(files), "file_list_sha256": listing}
+        paths = [path for path, _ in class_images(folder)]
+        files, sample = hashlib.sha256(), hashlib.sha256()
+        for path in paths:
+            files.update(f"{path.relative_to(folder).as_posix()}\t{_size(path)}\n".encode())
+        for path in paths[:: max(1, len(paths) // FINGERPRINT_SAMPLE)][:FINGERPRINT_SAMPLE]:
+            sample.update(f"{path.relative_to(folder).as_posix()}\t".encode() + _content_hash(path))
+        fingerprint[split] = {"classes": len(classes), "images": len(paths), "files_sha256":
+                              files.hexdigest()[:16], "sample_sha256": sample.hexdigest()[:16]}
     return fingerprint
 
 
-def _differences(saved: dict[str, Any], ours: dict[str, Any], prefix: str = "") -> list[str]:
-    changes = []
-    for key in [*saved, *(key for key in ours if key not in saved)]:
-        old, new = saved.get(key, "unset"), ours.get(key, "unset")
-        if isinstance(old, dict) and isinstance(new, dict):
-            changes += _differences(old, new, f"{prefix}{key} ")
-        elif old != new:
-            changes.append(f"{prefix}{key} {json.dumps(old)} -> {json.dumps(new)}")
-    return changes
+def _size(path: Path) -> int:
+    """A file's size, or -1 for an entry that cannot be read (reported as unreadable by the runs)."""
+    try:
+        info = path.stat()
+    except OSError:
+        return -1
+    return info.st_size if stat.S_ISREG(info.st_mode) else -1
+
+
+def _content_hash(path: Path) -> bytes:
+    if _size(path) < 0:
+        return b"unreadable"
+    digest = hashlib.sha256()
+    try:
+        with open(path, "rb") as handle:
+            while chunk := handle.read(1 << 20):
+                digest.update(chunk)
+    except OSError:
+        return b"unreadable"
+    return digest.digest()
 
 
 @contextmanager
@@ -87,13 +123,12 @@ def open_suite(root: Path, settings: dict[str, Any], data: dict[str, Any], studi
     path = root / "suite.json"
     with _locked(root / "suite.lock"):
         if path.is_file():
-            suite = json.loads(path.read_text())
-            changes = _differences({"recipe": suite["recipe"], "data": suite["data"]},
-                                   {"recipe": settings, "data": data})
+            suite = _suite_record(path)
+            changes = differences({"recipe": suite["recipe"], "data": suite["data"]},
+                                  {"recipe": settings, "data": data})
             if changes:
-                more = f" and {len(changes) - 3} more" if len(changes) > 3 else ""
                 raise TorchcvtError(f"output folder {root} holds a suite with another recipe or data: "
-                                 f"{'; '.join(changes[:3])}{more}; give another --output")
+                                    f"{describe_changes(changes, 3)}; give another --output")
         else:
             suite = {"format": SUITE_FORMAT, "recipe": settings, "data": data, "studies": [], "seeds": []}
         suite["studies"] = [name for name in STUDIES if name in set(suite["studies"]) | set(studies)]
@@ -108,7 +143,33 @@ def read_suite(root: Path) -> dict[str, Any]:
     path = root / "suite.json"
     if not path.is_file():
         raise TorchcvtError(f"{root} holds no ablation suite (no suite.json)")
-    return json.loads(path.read_text())
+    return _suite_record(path)
+
+
+# What suite.json holds: each key and the JSON type of its value.
+SUITE_KEYS = {"recipe": dict, "data": dict, "studies": list, "seeds": list}
+
+
+def _suite_record(path: Path) -> dict[str, Any]:
+    """suite.json read and checked: a one-line error naming the file and the key that is wrong."""
+    try:
+        suite = json.loads(path.read_bytes())
+    except ValueError as error:  # not JSON, or not UTF-8
+        raise TorchcvtError(f"{path} is not valid JSON ({error})") from None
+    if not isinstance(suite, dict):
+        raise TorchcvtError(
+            f"{path} must hold a JSON object (a suite record), got a JSON {type(suite).__name__}")
+    for key, kind in SUITE_KEYS.items():
+        if not isinstance(suite.get(key), kind):
+            found = "nothing" if key not in suite else f"a JSON {type(suite[key]).__name__}"
+            wanted = "object" if kind is dict else "array"
+            raise TorchcvtError(f"{path}: key {key!r} must hold a JSON {wanted}, got {found}")
+    if not all(isinstance(name, str) for name in suite["studies"]):
+        raise TorchcvtError(f"{path}: key 'studies' must hold study names, got {shown(suite['studies'])}")
+    if not suite["seeds"] or not all(type(seed) is int for seed in suite["seeds"]):
+        raise TorchcvtError(
+            f"{path}: key 'seeds' must hold one or more integers, got {shown(suite['seeds'])}")
+    return suite
 
 
 @contextmanager
@@ -162,12 +223,12 @@ def shard_runs(runs: Sequence[Run], index: int, count: int) -> list[Run]:
     return [run for i, run in enumerate(runs) if i % count == index]
 
 
-def run_suite(plan: Plan, root: Path, config: str | None, base_overrides: Sequence[str],
-              shard: tuple[int, int] = (0, 1), launcher: str | None = None,
-              after_each: Callable[[], Any] | None = None) -> Progress:
-    """Train this worker's share of the plan's runs that are not finished and not held by another worker;
-    after_each (rebuilding the report, say) is called after every run this worker finishes."""
-    from .recipe import run_overrides
+def run_suite(plan: Plan, root: Path, config: TrainConfig, shard: tuple[int, int] = (0, 1),
+              launcher: str | None = None, after_each: Callable[[], Any] | None = None) -> Progress:
+    """Train this worker's share of the plan's runs that are not finished and not held by another worker,
+    each with the suite's resolved config and its own settings (recipe.run_values); after_each
+    (rebuilding the report, say) is called after every run this worker finishes."""
+    from .recipe import run_values
 
     mine = shard_runs(plan.runs(), *shard)
     progress = Progress()
@@ -188,7 +249,13 @@ def run_suite(plan: Plan, root: Path, config: str | None, base_overrides: Sequen
             if is_finished(folder):  # finished by another worker between the two checks
                 progress.already_done += 1
                 continue
-            resuming = (folder / "last.pth").is_file()
+            training = lock_holder(folder)
+            if training is not None:  # a training left running by a worker that died (or started by hand)
+                progress.held_elsewhere.append(run.name)
+                logger.info(f"[{number}/{len(mine)}] {run.name}: a training ({training}) still runs in its "
+                            "folder; skipped")
+                continue
+            resuming = (folder / LAST_NAME).is_file()
             trained = len(progress.trained)
             eta = ""
             if trained:
@@ -198,8 +265,7 @@ def run_suite(plan: Plan, root: Path, config: str | None, base_overrides: Sequen
             logger.info(f"[{number}/{len(mine)}] {'resuming' if resuming else 'training'} {run.name} "
                         f"(rows {' '.join(rows_of[run.model])}){eta}")
             record(root, "resume" if resuming else "start", run)
-            overrides = [*base_overrides, *run_overrides(run.knobs, run.seed, folder)]
-            if _train_one(config, overrides, launcher):
+            if _train_one(config.override(run_values(run.knobs, run.seed, folder)), launcher, folder):
                 record(root, "done", run)
                 progress.trained.append(run.name)
             else:
@@ -210,28 +276,76 @@ def run_suite(plan: Plan, root: Path, config: str | None, base_overrides: Sequen
     return progress
 
 
-def _train_one(config: str | None, overrides: list[str], launcher: str | None) -> bool:
-    """Train one run in this process, or as `LAUNCHER -m torchcvt train ...`; False if it diverged."""
-    from ..engine import TrainingDiverged, load_config, train
+def _train_one(config: TrainConfig, launcher: str | None, folder: Path) -> bool:
+    """Train one run in this process, or as `LAUNCHER -m torchcvt train --config OUTPUT/config.yaml` (its
+    whole config, written to its run folder); False if it diverged.
+
+    A launched run counts as trained only when it leaves a valid summary.json in its folder, whatever its
+    exit code; it is stopped (SIGTERM) if this worker dies, so a killed worker leaves no training behind.
+    """
+    from ..engine import TrainingDiverged, train
 
     if launcher is None:
         try:
-            train(load_config(config, overrides))
+            train(config)
         except TrainingDiverged as error:
             logger.warning(str(error))
             return False
         return True
-    command = [*shlex.split(launcher), "-m", "torchcvt", "train", *(["--config", config] if config else []),
-               *overrides]
-    code = subprocess.run(command, stdin=subprocess.DEVNULL).returncode
+    import yaml
+
+    path = Path(config.train.output) / "config.yaml"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    write_bytes(path, yaml.safe_dump(config.to_dict(), sort_keys=False).encode())
+    command = [*shlex.split(launcher), "-m", "torchcvt", "train", "--config", str(path)]
+    command_line = shorten(shlex.join(command), 200)
+    code = subprocess.run(command, stdin=subprocess.DEVNULL, preexec_fn=_stop_with(os.getpid())).returncode
     if code != 0:
-        raise RunFailed(f"`{shlex.join(command)}` stopped with exit code {code}")
+        raise RunFailed(f"`{command_line}` stopped with exit code {code}")
+    if not is_finished(folder):
+        raise RunFailed(f"`{command_line}` exited with code 0 but left no valid summary.json in {folder}: "
+                        "the launcher did not train the run")
     return True
 
 
+def _stop_with(parent: int) -> Callable[[], None]:
+    """A preexec_fn asking Linux to send the child SIGTERM when this process dies (prctl PDEATHSIG)."""
+
+    def stop_with_parent() -> None:
+        if sys.platform.startswith("linux"):
+            ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+            if os.getppid() != parent:  # the parent died before the request took effect
+                os._exit(1)
+
+    return stop_with_parent
+
+
 def default_shard() -> tuple[int, int]:
-    """SLURM's array task (index from its first id, count) when set, else the whole suite."""
-    if "SLURM_ARRAY_TASK_ID" in os.environ and "SLURM_ARRAY_TASK_COUNT" in os.environ:
-        first = int(os.environ.get("SLURM_ARRAY_TASK_MIN", "0"))
-        return int(os.environ["SLURM_ARRAY_TASK_ID"]) - first, int(os.environ["SLURM_ARRAY_TASK_COUNT"])
-    return 0, 1
+    """SLURM's array task as (index, count) when set, else the whole suite: task ids run from
+    SLURM_ARRAY_TASK_MIN by SLURM_ARRAY_TASK_STEP (`--array=0-28:2`); an id outside that sequence, or an
+    array that is not one (`--array=1,4,9`), is a one-line error asking for --shard."""
+    if "SLURM_ARRAY_TASK_ID" not in os.environ or "SLURM_ARRAY_TASK_COUNT" not in os.environ:
+        return 0, 1
+    task, count, first, step = (_slurm_integer(name, default) for name, default in (
+        ("SLURM_ARRAY_TASK_ID", None), ("SLURM_ARRAY_TASK_COUNT", None), ("SLURM_ARRAY_TASK_MIN", "0"),
+        ("SLURM_ARRAY_TASK_STEP", "1")))
+    last = _slurm_integer("SLURM_ARRAY_TASK_MAX", str(first + step * (count - 1)))
+    where = (f"SLURM array task {task} (SLURM_ARRAY_TASK_MIN={first}, SLURM_ARRAY_TASK_MAX={last}, "
+             f"SLURM_ARRAY_TASK_STEP={step}, SLURM_ARRAY_TASK_COUNT={count})")
+    if count < 1 or step < 1:
+        raise TorchcvtError(f"{where}: the count and step must be at least 1; give --shard I/N")
+    if first + step * (count - 1) != last:
+        raise TorchcvtError(f"{where}: the task ids are not one range with one step (an array such as "
+                            "--array=1,4,9); give --shard I/N")
+    index, off_step = divmod(task - first, step)
+    if off_step or not 0 <= index < count:
+        raise TorchcvtError(f"{where}: the id is not one of the array's {count} task ids; give --shard I/N")
+    return index, count
+
+
+def _slurm_integer(name: str, default: str | None) -> int:
+    text = os.environ.get(name, default) if default is not None else os.environ[name]
+    try:
+        return int(text)
+    except ValueError:
+        raise TorchcvtError(f"{name}={text[:40]!r} is not an integer; give --shard I/N") from None

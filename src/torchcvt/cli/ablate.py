@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import argparse
+import shlex
 
-from ..errors import TorchcvtError
+from ..errors import TorchcvtError, shown
 
 
 def add_ablate_command(sub: argparse._SubParsersAction) -> None:
@@ -24,7 +25,9 @@ def add_ablate_command(sub: argparse._SubParsersAction) -> None:
     parser.add_argument("--data", help="ImageFolder root holding train/ and val/")
     parser.add_argument("--config", help="YAML recipe (configs/*.yaml); its model is the one ablated")
     parser.add_argument("--output", default="runs/ablate", help="suite folder (default runs/ablate)")
-    parser.add_argument("--shard", help="I/N: train only every N-th run from the I-th (0-based); default: "
+    parser.add_argument("--shard", metavar="I/N",
+                        help="train only every N-th run from the I-th; I is 0-based (0/4 ... 3/4), so a "
+                        "1-based task id (SLURM's --array=1-4) is given as ID-1/N; default: "
                         "SLURM_ARRAY_TASK_ID/COUNT when set, else all")
     parser.add_argument("--launcher", help="run each training as `LAUNCHER -m torchcvt train ...`, e.g. "
                         "'torchrun --nproc-per-node 8' (default: in this process)")
@@ -45,8 +48,13 @@ def _shard(text: str | None) -> tuple[int, int]:
         index_number, count_number = int(index), int(count)
     except ValueError:
         raise TorchcvtError(f"--shard expects I/N (e.g. 0/4), got {text!r}") from None
+    if sep and index_number == count_number >= 1:
+        # The 1-based form of the last shard: 1/N would be ambiguous, so no 1-based form is guessed.
+        raise TorchcvtError(
+            f"--shard {text}: I is 0-based (0 to {count_number - 1}); for the 1-based task id {index_number} "
+            f"(SLURM's --array=1-{count_number}) give --shard {index_number - 1}/{count_number}")
     if not sep or count_number < 1 or not 0 <= index_number < count_number:
-        raise TorchcvtError(f"--shard expects I/N with 0 <= I < N, got {text!r}")
+        raise TorchcvtError(f"--shard expects I/N with 0 <= I < N (0-based), got {text!r}")
     return index_number, count_number
 
 
@@ -62,10 +70,18 @@ def _run_ablate(args: argparse.Namespace) -> int:
         paths = ablate.write_report(root, ablate.suite_plan(root, studies if args.study else ()))
         print(f"report: {paths['report']}\nplot:   {paths['plot']}\njson:   {paths['json']}")
         return 0
-    if args.seeds < 1:
-        raise TorchcvtError(f"--seeds must be at least 1, got {args.seeds}")
+    if not 1 <= args.seeds <= ablate.MAX_SEEDS:
+        raise TorchcvtError(f"--seeds must be 1 to {ablate.MAX_SEEDS}, got {args.seeds}")
     shard = _shard(args.shard)
-    base, recipe = ablate.prepare(args.config, args.overrides, args.data)
+    if args.launcher is not None:
+        try:
+            launcher = shlex.split(args.launcher)
+        except ValueError as error:
+            raise TorchcvtError(f"--launcher {shown(args.launcher)} is not a command line: {error}") from None
+        if not launcher:
+            raise TorchcvtError('--launcher "" names no command: give one (e.g. "torchrun --nproc-per-node '
+                                '8"), or leave --launcher out to train in this process')
+    config, recipe = ablate.prepare(args.config, args.overrides, args.data)
     seeds = [recipe.seed + i for i in range(args.seeds)]
     if args.dry_run:
         from ..data import list_classes
@@ -81,15 +97,17 @@ def _run_ablate(args: argparse.Namespace) -> int:
                        "data.train and data.val")
     fingerprint = ablate.data_fingerprint(recipe.train_dir, recipe.val_dir)
     plan = ablate.build_plan(recipe, studies, seeds, fingerprint["train"]["classes"])
-    suite = ablate.open_suite(root, recipe.settings, fingerprint, [s.name for s in studies], seeds)
-    everything = ablate.select_studies(suite["studies"])
-    full = ablate.build_plan(recipe, everything, suite["seeds"], plan.num_classes)
+    ablate.open_suite(root, recipe.settings, fingerprint, [s.name for s in studies], seeds)
+    # The report covers every study and seed suite.json holds when it is written, including those another
+    # worker added after this one started.
+    def report() -> dict[str, Path]:
+        return ablate.write_report(root, ablate.suite_plan(root))
+
     try:
-        progress = ablate.run_suite(plan, root, args.config, base, shard, args.launcher,
-                                    after_each=lambda: ablate.write_report(root, full))
+        progress = ablate.run_suite(plan, root, config, shard, args.launcher, after_each=report)
     except ablate.RunFailed as error:
         raise TorchcvtError(str(error)) from None
-    paths = ablate.write_report(root, full)
+    paths = report()
     share = f" (shard {shard[0]}/{shard[1]})" if shard[1] > 1 else ""
     print(f"trained {len(progress.trained)} run(s){share}, {progress.already_done} already finished"
           + (f", {len(progress.held_elsewhere)} held by other workers" if progress.held_elsewhere else "")

@@ -118,7 +118,8 @@ def evaluate_checkpoint(
 ) -> dict[str, Any]:
     """Score a checkpoint on an ImageFolder tree with the checkpoint's own class list; write a JSON report.
 
-    The report goes to output (default: next to the checkpoint) as eval_<data>.json, with a
+    The report goes to output (default: next to the checkpoint) as eval_<data>.json (eval_<data>_ema.json
+    for a checkpoint's EMA weights, Checkpoint.ema_weights()), with a
     confusion-matrix PNG for up to 100 classes. Unreadable images are counted and listed, never scored;
     with strict the first one is an error. `overrides` sets model config fields a checkpoint does not
     record (an official .pth of a non-default architecture).
@@ -129,7 +130,7 @@ def evaluate_checkpoint(
     out_dir = check_output_folder(output if output is not None else path.parent, "output")
     # Any format, read once: class list, architecture and weights come from it.
     stored = checkpoint if isinstance(checkpoint, Checkpoint) else read_checkpoint(path)
-    checkpoint = path
+    checkpoint, ema = path, stored.is_ema
     class_names = list(stored.class_names) if stored.class_names else list_classes(data)
     if stored.num_classes != len(class_names):
         n = len(class_names)
@@ -149,7 +150,7 @@ def evaluate_checkpoint(
         dataset,
         batch_size=batch_size,
         shuffle=False,
-        **loader_options(workers, True, False, runtime.device),
+        **loader_options(workers, True, False, runtime.device, "workers"),
     )
     real = None
     if real_labels is not None:
@@ -166,10 +167,12 @@ def evaluate_checkpoint(
         model, loader, runtime.device, len(class_names), real_labels=real, confusion=confusion, strict=strict
     )
     out_dir.mkdir(parents=True, exist_ok=True)
-    stem = f"eval_{Path(data).resolve().name}"
+    # The EMA weights' report stands beside the plain weights' one.
+    stem = f"eval_{Path(data).resolve().name}{'_ema' if ema else ''}"
     report = {
         "model": model_name,
         "checkpoint": str(checkpoint),
+        "weights": "ema" if ema else "plain",
         "data": str(data),
         "classes": len(class_names),
         **{k: v for k, v in result.items() if k != "confusion"},

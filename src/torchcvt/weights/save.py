@@ -15,6 +15,7 @@ from .card import TrainingRun, model_card
 from .checkpoint import CONFIG_NAME, FORMATS, TORCHCVT_FORMAT_VERSION, WEIGHTS_NAME
 from .formats import hf_config_json, hf_preprocessor_json, torchcvt_to_hf
 from .io import save_json, save_safetensors, save_text, save_torch
+from .remote_code import MODELING_NAME, MODELING_SOURCE, remote_code_config
 
 ClassNames = Sequence[str] | None
 # What the official code builds, and so what an official .pth implies beyond its keys.
@@ -82,35 +83,44 @@ def save_checkpoint(model: CvT, path: str | Path, class_names: ClassNames = None
     return path
 
 
-def save_hf(model: CvT, path: str | Path, class_names: ClassNames = None, run: TrainingRun | None = None
-            ) -> Path:
+def save_hf(model: CvT, path: str | Path, class_names: ClassNames = None, run: TrainingRun | None = None,
+            remote_code: bool = False) -> Path:
     """Write a directory that transformers' pipeline, AutoImageProcessor and CvtForImageClassification load.
 
     config.json (with id2label from the class names) also records torchcvt's full config (activation,
     layer_norm_eps, variant), so torchcvt rebuilds exactly this model from it; preprocessor_config.json
     does torchcvt's eval preprocessing; README.md is a model card with the Hub's metadata (metrics from run).
+    transformers' own CvT runs exact GELU: a QuickGELU model is approximated there unless remote_code adds
+    model code (remote_code.py) that transformers runs, exactly, when loaded with trust_remote_code=True.
     """
     path = Path(path)
-    config = hf_config_json(model.config, model_class_names(model, class_names), _architecture(model))
+    config = hf_config_json(model.config, model_class_names(model, class_names), _architecture(model),
+                            remote_code)
+    if remote_code:
+        config = remote_code_config(config)
     data_config = model_data_config(model.config.img_size, getattr(model, "pretrained_cfg", None))
     preprocessor = hf_preprocessor_json(data_config)
     names = [config["id2label"][str(i)] for i in range(len(config["id2label"]))]
-    card = model_card(model.config, _architecture(model), names, preprocessor, run)
+    card = model_card(model.config, _architecture(model), names, preprocessor, run, remote_code)
     save_safetensors(torchcvt_to_hf(model.state_dict()), path / WEIGHTS_NAME)
     save_json(preprocessor, path / PREPROCESSOR_NAME)
     save_text(card, path / CARD_NAME)
+    if remote_code:
+        save_text(MODELING_SOURCE, path / MODELING_NAME)
     save_json(config, path / CONFIG_NAME)
     return path
 
 
 def export_checkpoint(model: CvT, path: str | Path, to: str, class_names: ClassNames = None,
-                      run: TrainingRun | None = None) -> Path:
-    """Write model in one of FORMATS: 'official' (.pth file), 'hf' (directory, its card citing run) or
-    'torchcvt'."""
+                      run: TrainingRun | None = None, remote_code: bool = False) -> Path:
+    """Write model in one of FORMATS: 'official' (.pth file), 'hf' (directory, its card citing run, with
+    exact model code for trust_remote_code=True if remote_code) or 'torchcvt'."""
+    if remote_code and to != "hf":
+        raise TorchcvtError(f"remote code is for the transformers format (hf), not {to!r}")
     if to == "official":
         return save_official(model, path)
     if to == "hf":
-        return save_hf(model, path, class_names, run)
+        return save_hf(model, path, class_names, run, remote_code)
     if to == "torchcvt":
         return save_checkpoint(model, path, class_names)
     raise TorchcvtError(f"unknown checkpoint format {to!r}; choose one of {', '.join(FORMATS)}")
