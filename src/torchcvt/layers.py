@@ -434,7 +434,8 @@ class Block(nn.Module):
 
             if torch.compiler.is_compiling():
                 # Compiled, the recomputation is the partitioner's: it replays the ops backward needs, and
-                # the statistics updates (functionalized buffer writes) are not among them.
+                # the statistics updates (functionalized buffer writes) are not among them. (The "eager"
+                # backend has no partitioner and reruns the block: use aot_eager or inductor with it.)
                 return checkpoint(run, x, use_reentrant=False)
             # Eager, checkpoint reruns run in backward: there under frozen_running_stats, so that
             # BatchNorm's statistics are updated once, as without checkpointing.
