@@ -11,6 +11,7 @@ from .export import export_model
 from .factory import convert_checkpoint, create_model, list_models
 from .flops import count_flops, count_params, model_info
 from .fused import fused_linear_enabled, set_fused_linear
+from .inference import InferenceCvT, optimize_for_inference
 from .model import CvT, CvtFeatures
 from .predict import Predictor, predictor
 from .version import __version__ as __version__
@@ -22,6 +23,7 @@ __all__ = [
     "CvT",
     "CvtConfig",
     "CvtFeatures",
+    "InferenceCvT",
     "Predictor",
     "attention_map",
     "clear_weight_cache",
@@ -36,6 +38,7 @@ __all__ = [
     "list_models",
     "load_checkpoint",
     "model_info",
+    "optimize_for_inference",
     "predictor",
     "save_checkpoint",
     "set_fused_linear",

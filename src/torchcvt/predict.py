@@ -15,6 +15,7 @@ from .config import model_data_config
 from .data import eval_transform, to_rgb
 from .errors import TorchcvtError
 from .factory import create_model
+from .inference import optimize_for_inference
 from .inputs import ImageFiles, ImageProgress, input_files, read_image, transformed
 from .model import CvT
 from .reports import FileResult, Prediction
@@ -39,7 +40,9 @@ class Predictor:
     """A model in eval mode with its preprocessing and class names: classifies and embeds images.
 
     Inputs are PIL images, file paths, uint8 image tensors (C, H, W) that get the same preprocessing,
-    or float tensors (C, H, W) / (B, C, H, W) taken as already preprocessed model input.
+    or float tensors (C, H, W) / (B, C, H, W) taken as already preprocessed model input. It runs
+    optimize_for_inference's snapshot of the model (in dtype, default the model's own): later edits to
+    the model do not reach it.
     """
 
     def __init__(
@@ -49,11 +52,13 @@ class Predictor:
         data_config: dict[str, Any] | None = None,
         device: str | torch.device = "cpu",
         batch_size: int = 32,
+        dtype: torch.dtype | None = None,
     ):
         if batch_size < 1:
             raise TorchcvtError(f"batch_size must be at least 1, got {batch_size}")
         self.device = resolve_device(device)
-        self.model = model.eval().to(self.device)
+        # model.eval() as before this snapshot existed: callers compare against the model in eval mode.
+        self.model = optimize_for_inference(model.eval(), dtype).to(self.device)
         self.batch_size = batch_size
         expected = model_data_config(model.config.img_size, getattr(model, "pretrained_cfg", None))
         self.data_config = {**expected, **(data_config or {})}
@@ -76,6 +81,7 @@ class Predictor:
         class_names: Sequence[str] | None = None,
         device: str | torch.device = "cpu",
         batch_size: int = 32,
+        dtype: torch.dtype | None = None,
         **overrides: Any,
     ) -> Predictor:
         """create_model(name, checkpoint=...) with its preprocessing: the weights' head and class names are
@@ -83,7 +89,7 @@ class Predictor:
         if num_classes is None and class_names is not None and checkpoint is None:
             num_classes = len(class_names)
         model = create_model(name, checkpoint=checkpoint, num_classes=num_classes, **overrides)
-        return cls(model, class_names, device=device, batch_size=batch_size)
+        return cls(model, class_names, device=device, batch_size=batch_size, dtype=dtype)
 
     def preprocess(self, image: ImageInput) -> torch.Tensor:
         """One input as a model-ready (C, H, W) float tensor."""
