@@ -10,7 +10,7 @@ from torchcvt.weights.io import read_tensor_file, save_safetensors, save_torch, 
 
 WEIGHTS = Path(__file__).resolve().parents[1] / "src" / "torchcvt" / "weights"
 # Bottom to top: a module may import only those before it.
-ORDER = ["io", "formats", "checkpoint", "load", "card", "save", "catalogue", "hub"]
+ORDER = ["io", "formats", "checkpoint", "load", "remote_code", "card", "save", "catalogue", "hub"]
 
 
 def torchcvt_imports(path: Path) -> set[str]:
