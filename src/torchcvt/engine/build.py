@@ -154,6 +154,7 @@ def build_model(
     """The configured variant with its overrides; with starting weights (not when resuming), those weights
     with a head for the data's classes (see model.head)."""
     m = cfg.model
+    fresh = True
     if checkpoint is None:
         model = create_model(m.name, num_classes=len(class_names), **m.overrides)
     else:
@@ -171,6 +172,9 @@ def build_model(
             logger.info(
                 f"fine-tuning {source} with {head} for the data's {len(class_names)} classes"
             )
+    if fresh and m.head_init == "zero":
+        nn.init.zeros_(model.head.weight)
+        nn.init.zeros_(model.head.bias)
     freeze_stages(model, m.freeze_stages)
     model.to(runtime.device)
     if m.sync_bn and runtime.distributed:

@@ -56,9 +56,11 @@ SIZE_BANDS = (
 # CvT-13 at 224 above. Learning rates per 256 images (AdamW), scaled to the batch.
 SCRATCH_MODELS = ((64, "cvt_digits", 1e-2), (None, "cvt_13", 5e-4))
 
-# Fine-tuning released (or your own) weights: the paper's transfer protocol (SGD with momentum 0.9, no weight
-# decay, gradient clipping at 1, cosine decay with warm-up; Section 4.1 after ViT) at one machine's batch,
-# counted in epochs of the user's data, with light augmentation. LR 0.003: the middle of ViT's sweep.
+# Fine-tuning released (or your own) weights on a user's folder: a default for small folders, not the
+# paper's transfer protocol (that is configs/transfer-*.yaml and `torchcvt transfer`). It borrows the
+# optimiser (plain SGD with momentum 0.9, no weight decay, gradient clipping at 1, cosine decay with
+# warm-up) at one machine's batch, counted in epochs of the user's data, with light augmentation and label
+# smoothing. LR 0.003: the middle of ViT's sweep.
 FINETUNE_RECIPE: dict[str, Any] = {
     "model": {"head": "auto"},
     "aug": {"hflip": 0.5},
