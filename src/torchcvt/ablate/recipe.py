@@ -70,11 +70,14 @@ def read_recipe(cfg: Any) -> Recipe:
 
 
 def data_overrides(data: str | Path | None) -> list[str]:
-    """KEY=VALUE strings pointing a run at an ImageFolder root holding train/ and val/."""
+    """KEY=VALUE strings pointing a run at --data: an ImageFolder root holding train/ and val/, or a
+    Hugging Face dataset's train and validation splits (data.data_roots)."""
     if data is None:
         return []
-    root = Path(data)
-    return [override("data.train", str(root / "train")), override("data.val", str(root / "val"))]
+    from ..data import data_roots
+
+    train, val = data_roots(data)
+    return [override("data.train", train), override("data.val", val)]
 
 
 def section_overrides(sections: dict[str, Any]) -> list[str]:

@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ..data import list_classes, walk_images
+from ..data import is_folder_tree, list_classes, walk_images
 from ..errors import TorchcvtError
 from .plan import Plan, Run
 from .studies import STUDIES
@@ -48,6 +48,11 @@ def data_fingerprint(train_dir: str | Path, val_dir: str | Path) -> dict[str, An
     """
     fingerprint = {}
     for split, folder in (("train", Path(train_dir)), ("val", Path(val_dir))):
+        if not is_folder_tree(folder):
+            from ..hfdata import fingerprint as dataset_fingerprint
+
+            fingerprint[split] = dataset_fingerprint(str(folder))
+            continue
         classes = list_classes(folder)
         if split == "train" and len(classes) < 2:
             raise TorchcvtError(f"data folder {folder} holds 1 class ({classes[0]}): an ablation needs a "

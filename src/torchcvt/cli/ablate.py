@@ -21,7 +21,8 @@ def add_ablate_command(sub: argparse._SubParsersAction) -> None:
     parser.add_argument("--study", action="append", help="a study to run (repeatable; default: all four)")
     parser.add_argument("--seeds", type=int, default=3, help="seeds per row, from the recipe's train.seed "
                         "(default 3)")
-    parser.add_argument("--data", help="ImageFolder root holding train/ and val/")
+    parser.add_argument("--data", help="ImageFolder root holding train/ and val/, or a Hugging Face dataset "
+                        "(hf:OWNER/NAME[:CONFIG], a save_to_disk or parquet folder)")
     parser.add_argument("--config", help="YAML recipe (configs/*.yaml); its model is the one ablated")
     parser.add_argument("--output", default="runs/ablate", help="suite folder (default runs/ablate)")
     parser.add_argument("--shard", help="I/N: train only every N-th run from the I-th (0-based); default: "
@@ -68,10 +69,11 @@ def _run_ablate(args: argparse.Namespace) -> int:
     base, recipe = ablate.prepare(args.config, args.overrides, args.data)
     seeds = [recipe.seed + i for i in range(args.seeds)]
     if args.dry_run:
-        from ..data import list_classes
+        from ..data import is_folder_tree, source_classes
 
-        known = recipe.train_dir is not None and Path(recipe.train_dir).is_dir()
-        classes = len(list_classes(recipe.train_dir)) if known else 1000
+        known = recipe.train_dir is not None and (
+            Path(recipe.train_dir).is_dir() or not is_folder_tree(recipe.train_dir))
+        classes = len(source_classes(recipe.train_dir)) if known else 1000
         plan = ablate.build_plan(recipe, studies, seeds, classes)
         print(ablate.format_dry_run(plan))
         print(json.dumps({"rows": ablate.dry_run_rows(plan)}))

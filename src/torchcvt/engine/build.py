@@ -13,16 +13,17 @@ from typing import Any
 import torch
 import torch.distributed as dist
 from torch import nn
-from torch.utils.data import DataLoader, DistributedSampler
+from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 from ..config import variant_config
 from ..data import (
-    ImageFolder,
     SeededSampler,
     ShardSampler,
     eval_transform,
-    list_classes,
+    is_folder_tree,
     loader_options,
+    open_images,
+    source_classes,
     train_transform,
     write_digits,
 )
@@ -57,8 +58,8 @@ class Components:
     class_names: list[str]
     model: CvT
     ddp: nn.Module  # the model as the forward pass calls it (DistributedDataParallel when distributed)
-    train_set: ImageFolder
-    val_set: ImageFolder
+    train_set: Dataset  # data.ImageFolder or hfdata.HFImages
+    val_set: Dataset
     sampler: SeededSampler
     train_loader: DataLoader
     val_loader: DataLoader
@@ -99,14 +100,14 @@ def data_folders(cfg: TrainConfig, runtime: Runtime) -> tuple[Path, Path]:
 
 
 def checked_classes(train_dir: Path, val_dir: Path) -> list[str]:
-    """The class list of the training tree; a one-line error when the validation tree's differs."""
-    class_names = list_classes(train_dir)
+    """The class list of the training data; a one-line error when the validation data's differs."""
+    class_names = source_classes(train_dir)
     if len(class_names) < 2:
         raise TorchcvtError(
             f"data folder {train_dir} holds 1 class ({class_names[0]}): a classifier needs at least 2 "
             "class folders"
         )
-    val_classes = list_classes(val_dir)
+    val_classes = source_classes(val_dir)
     if val_classes != class_names:
         missing = sorted(set(class_names) - set(val_classes))
         extra = sorted(set(val_classes) - set(class_names))
@@ -230,12 +231,14 @@ def build_components(cfg: TrainConfig | Mapping[str, Any], runtime: Runtime) -> 
             logger.info(f"resuming with a changed config (the schedule and optimiser follow it): {listed}")
     model = build_model(cfg, class_names, starting, runtime)
     data_config = model.pretrained_cfg
-    train_set = ImageFolder(train_dir, train_transform(a, data_config), class_names)
-    val_set = ImageFolder(val_dir, eval_transform(data_config), class_names)
+    train_set = open_images(train_dir, train_transform(a, data_config), class_names)
+    val_set = open_images(val_dir, eval_transform(data_config), class_names)
     empty = train_set.empty_classes()
     if empty:
+        where = f"class folder {train_dir / empty[0]}" if is_folder_tree(train_dir) else (
+            f"class {empty[0]!r} of {train_dir}")
         raise TorchcvtError(
-            f"class folder {train_dir / empty[0]} holds no images: a class with nothing to learn"
+            f"{where} holds no images: a class with nothing to learn"
             + (f" ({len(empty)} such classes)" if len(empty) > 1 else "")
             + "; add images or remove the class from train and val"
         )

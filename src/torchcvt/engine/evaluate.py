@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
@@ -13,7 +14,15 @@ from torch.utils.data import DataLoader
 
 from ..checks import check_output_folder
 from ..config import get_variant
-from ..data import BadImage, ImageFolder, check_real_labels, eval_transform, list_classes, loader_options
+from ..data import (
+    BadImage,
+    check_real_labels,
+    eval_transform,
+    is_folder_tree,
+    loader_options,
+    open_images,
+    source_classes,
+)
 from ..errors import TorchcvtError
 from ..factory import create_model
 from ..weights import Checkpoint, read_checkpoint
@@ -116,7 +125,8 @@ def evaluate_checkpoint(
     strict: bool = False,
     overrides: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """Score a checkpoint on an ImageFolder tree with the checkpoint's own class list; write a JSON report.
+    """Score a checkpoint on an ImageFolder tree or a Hugging Face dataset split (a whole dataset: its
+    validation split, hfdata.evaluation_split) with the checkpoint's own class list; write a JSON report.
 
     The report goes to output (default: next to the checkpoint) as eval_<data>.json, with a
     confusion-matrix PNG for up to 100 classes. Unreadable images are counted and listed, never scored;
@@ -130,7 +140,11 @@ def evaluate_checkpoint(
     # Any format, read once: class list, architecture and weights come from it.
     stored = checkpoint if isinstance(checkpoint, Checkpoint) else read_checkpoint(path)
     checkpoint = path
-    class_names = list(stored.class_names) if stored.class_names else list_classes(data)
+    if not is_folder_tree(data):
+        from ..hfdata import evaluation_split
+
+        data = str(evaluation_split(str(data)))
+    class_names = list(stored.class_names) if stored.class_names else source_classes(data)
     if stored.num_classes != len(class_names):
         n = len(class_names)
         source = f"it names {n} classes" if stored.class_names else f"{data} has {n} class folders"
@@ -142,7 +156,7 @@ def evaluate_checkpoint(
     del stored
     model.to(runtime.device)
     data_config = model.pretrained_cfg
-    dataset = ImageFolder(data, eval_transform(data_config), class_names=class_names)
+    dataset = open_images(data, eval_transform(data_config), class_names=class_names)
     if runtime.is_main:
         dataset.warn_empty_classes()
     loader = DataLoader(
@@ -166,7 +180,8 @@ def evaluate_checkpoint(
         model, loader, runtime.device, len(class_names), real_labels=real, confusion=confusion, strict=strict
     )
     out_dir.mkdir(parents=True, exist_ok=True)
-    stem = f"eval_{Path(data).resolve().name}"
+    stem = f"eval_{Path(data).resolve().name}" if is_folder_tree(data) else (
+        "eval_" + re.sub(r"[^\w.-]+", "_", str(data).removeprefix("hf:")).strip("_"))
     report = {
         "model": model_name,
         "checkpoint": str(checkpoint),

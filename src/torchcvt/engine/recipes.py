@@ -99,7 +99,10 @@ class DataShape:
     def measure(cls, train_dir: str | Path) -> DataShape:
         from PIL import Image
 
-        from ..data import list_classes
+        from ..data import is_folder_tree, list_classes
+
+        if not is_folder_tree(train_dir):
+            return cls.measure_dataset(train_dir)
 
         classes = list_classes(train_dir)
         paths = walk_images(train_dir)
@@ -114,6 +117,16 @@ class DataShape:
             except OSError:
                 continue  # an unreadable image is reported (and skipped) by the run itself
         return cls(len(paths), len(classes), int(statistics.median(sides)) if sides else 224)
+
+
+    @classmethod
+    def measure_dataset(cls, source: str | Path) -> DataShape:
+        """The same of a Hugging Face dataset split: SIZE_SAMPLE of its images decoded."""
+        from ..hfdata import HFImages
+
+        images = HFImages(source)
+        sides = [min(images.image(i).size) for i in range(0, len(images), max(1, len(images) // SIZE_SAMPLE))]
+        return cls(len(images), len(images.class_names), int(statistics.median(sides[:SIZE_SAMPLE])))
 
 
 def size_band(images: int) -> SizeBand:
