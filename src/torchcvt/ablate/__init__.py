@@ -11,10 +11,11 @@ import logging
 from collections.abc import Sequence
 from pathlib import Path
 
+from ..suite import RunFailed, default_shard
 from .plan import Plan, PlannedRow, Run, build_plan, dry_run_rows, format_dry_run, row_config
 from .recipe import Recipe, data_overrides, read_recipe, recipe_from_settings, section_overrides
 from .report import collect, write_report
-from .runner import RunFailed, data_fingerprint, default_shard, open_suite, read_suite, run_suite
+from .runner import data_fingerprint, open_suite, read_suite, run_suite
 from .studies import STUDIES, Row, Study, select_studies
 from .task import EMBEDDED_BUDGET, write_task
 

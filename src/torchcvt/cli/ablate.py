@@ -36,26 +36,12 @@ def add_ablate_command(sub: argparse._SubParsersAction) -> None:
     parser.set_defaults(run=_run_ablate)
 
 
-def _shard(text: str | None) -> tuple[int, int]:
-    from ..ablate import default_shard
-
-    if text is None:
-        return default_shard()
-    index, sep, count = text.partition("/")
-    try:
-        index_number, count_number = int(index), int(count)
-    except ValueError:
-        raise TorchcvtError(f"--shard expects I/N (e.g. 0/4), got {text!r}") from None
-    if not sep or count_number < 1 or not 0 <= index_number < count_number:
-        raise TorchcvtError(f"--shard expects I/N with 0 <= I < N, got {text!r}")
-    return index_number, count_number
-
-
 def _run_ablate(args: argparse.Namespace) -> int:
     import json
     from pathlib import Path
 
     from .. import ablate
+    from ..suite import parse_shard
 
     studies = ablate.select_studies(args.study)
     root = Path(args.output)
@@ -65,7 +51,7 @@ def _run_ablate(args: argparse.Namespace) -> int:
         return 0
     if args.seeds < 1:
         raise TorchcvtError(f"--seeds must be at least 1, got {args.seeds}")
-    shard = _shard(args.shard)
+    shard = parse_shard(args.shard)
     base, recipe = ablate.prepare(args.config, args.overrides, args.data)
     seeds = [recipe.seed + i for i in range(args.seeds)]
     if args.dry_run:
@@ -92,9 +78,6 @@ def _run_ablate(args: argparse.Namespace) -> int:
     except ablate.RunFailed as error:
         raise TorchcvtError(str(error)) from None
     paths = ablate.write_report(root, full)
-    share = f" (shard {shard[0]}/{shard[1]})" if shard[1] > 1 else ""
-    print(f"trained {len(progress.trained)} run(s){share}, {progress.already_done} already finished"
-          + (f", {len(progress.held_elsewhere)} held by other workers" if progress.held_elsewhere else "")
-          + (f", {len(progress.failed)} diverged: {', '.join(progress.failed)}" if progress.failed else ""))
+    print(progress.line(shard))
     print(f"report: {paths['report']}\nplot:   {paths['plot']}\njson:   {paths['json']}")
     return 0
