@@ -270,6 +270,11 @@ def parse_shard(text: str | None) -> tuple[int, int]:
     return index_number, count_number
 
 
+def override(key: str, value: Any) -> str:
+    """KEY=VALUE with the value as JSON, which the engine reads back as YAML to the same value."""
+    return f"{key}={json.dumps(value)}"
+
+
 def write_text(path: Path, text: str) -> None:
     """Replace a report file whole (readers never see half of it)."""
     from .files import write_bytes

@@ -13,6 +13,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from ..suite import override
+
 # Keys that say how or where a run goes, not what it trains: they may differ between the workers and
 # invocations of one suite. Data folders are compared by their content (see data_fingerprint) instead.
 RUN_LOCAL_KEYS = (
@@ -93,11 +95,6 @@ def run_overrides(knobs: dict[str, Sequence[Any]], seed: int, output: Path) -> l
         override("train.seed", seed),
         override("train.output", str(output)),
     ]
-
-
-def override(key: str, value: Any) -> str:
-    """KEY=VALUE with the value as JSON, which the engine reads back as YAML to the same value."""
-    return f"{key}={json.dumps(value)}"
 
 
 def recipe_from_settings(settings: dict[str, Any], seed: int) -> Recipe:
