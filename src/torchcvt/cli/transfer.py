@@ -56,9 +56,9 @@ def _run_transfer(args: argparse.Namespace) -> int:
 
     if args.seeds < 1:
         raise TorchcvtError(f"--seeds must be at least 1, got {args.seeds}")
-    for name, value in (("--steps", args.steps), ("--pretrain-epochs", args.pretrain_epochs)):
-        if value is not None and value < 2:
-            raise TorchcvtError(f"{name} must be at least 2, got {value}")
+    for name, value, least in (("--steps", args.steps, 2), ("--pretrain-epochs", args.pretrain_epochs, 1)):
+        if value is not None and value < least:
+            raise TorchcvtError(f"{name} must be at least {least}, got {value}")
     if args.grid and any(lr <= 0 for lr in args.grid):
         raise TorchcvtError(f"--grid takes positive learning rates, got {args.grid}")
     root = Path(args.output)

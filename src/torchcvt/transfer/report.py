@@ -88,7 +88,8 @@ def plot(data: dict[str, Any], path: Path) -> None:
         axes.set(xscale="log", title=f"{row['model']} on {row['title']}", xlabel="learning rate",
                  ylabel="top-1 (%)")
         axes.grid(alpha=0.3)
-        axes.legend(fontsize="small")
+        if axes.get_legend_handles_labels()[0]:
+            axes.legend(fontsize="small")
     figure.tight_layout()
     figure.savefig(path, dpi=100)
 
