@@ -29,7 +29,8 @@ def test_the_weights_layer_imports_downward_only():
         assert "torchcvt.factory" not in imports, name
         inside = {module.split(".")[2] for module in imports if module.startswith("torchcvt.weights.")}
         assert inside <= set(ORDER[: ORDER.index(name)]), (name, inside)
-    assert torchcvt_imports(WEIGHTS / "io.py") == set()  # pure I/O: nothing of torchcvt
+    # pure I/O: nothing of torchcvt but the bottom modules (the error family, the file writer)
+    assert torchcvt_imports(WEIGHTS / "io.py") <= {"torchcvt.errors", "torchcvt.files"}
 
 
 @pytest.mark.parametrize("save", [save_safetensors, save_torch], ids=["safetensors", "torch"])

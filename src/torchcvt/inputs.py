@@ -25,7 +25,7 @@ MAX_IMAGE_PIXELS = 2**28
 logger = logging.getLogger(__name__)
 
 
-class UnreadableImageError(ValueError):
+class UnreadableImageError(TorchcvtError):
     """An input file that is missing, empty, truncated or not an image; the message is the reason."""
 
 

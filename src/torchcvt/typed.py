@@ -111,12 +111,12 @@ def keys(cls: type, prefix: str = "") -> list[str]:
     return found
 
 
-def unknown_key(key: str, cls: type, origin: str | None, noun: str = "config key") -> ValueError:
-    """A ValueError naming key, where it came from and the closest key cls knows."""
+def unknown_key(key: str, cls: type, origin: str | None, noun: str = "config key") -> TorchcvtError:
+    """A TorchcvtError naming key, where it came from and the closest key cls knows."""
     close = difflib.get_close_matches(key, keys(cls), n=1, cutoff=0.5)
     where = f" in {origin}" if origin else ""
     hint = f"; did you mean {close[0]!r}?" if close else ""
-    return ValueError(f"unknown {noun} {key!r}{where}{hint}")
+    return TorchcvtError(f"unknown {noun} {key!r}{where}{hint}")
 
 
 def merge(

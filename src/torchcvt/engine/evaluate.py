@@ -30,9 +30,9 @@ from .reporting import plot_confusion
 from .runtime import Runtime, all_reduce, init_runtime
 
 
-def unreadable_error(sample: BadImage, where: str) -> ValueError:
+def unreadable_error(sample: BadImage, where: str) -> TorchcvtError:
     """The error strict mode stops with at an unreadable image."""
-    return ValueError(f"unreadable image {sample.path} ({sample.error}); {where} stops at the first one")
+    return TorchcvtError(f"unreadable image {sample.path} ({sample.error}); {where} stops at the first one")
 
 
 @torch.no_grad()

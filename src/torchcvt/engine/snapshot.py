@@ -10,6 +10,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from ..errors import TorchcvtError
 from .build import Components
 from .optim import update_lr
 from .runtime import Runtime, agree_on_failure, rng_state, set_rng_state
@@ -106,7 +107,7 @@ class Checkpointer:
             except OSError as failed:
                 kept = f"{path} is unchanged" if path.exists() else "nothing was written"
                 reason = (failed.strerror or str(failed)).lower()
-                error = ValueError(f"cannot write checkpoint {path}: {reason}; {kept}")
+                error = TorchcvtError(f"cannot write checkpoint {path}: {reason}; {kept}")
         agree_on_failure(self.runtime, error)
 
     def _weights_finite(self) -> bool:
