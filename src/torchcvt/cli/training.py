@@ -56,8 +56,8 @@ def _run_train(args: argparse.Namespace) -> int:
 
     values = {"train.output": args.output, "train.resume": args.resume}
     if args.data:
-        train, val = data_roots(args.data)
-        values.update({"data.train": train, "data.val": val})
+        train_data, val_data = data_roots(args.data)
+        values.update({"data.train": train_data, "data.val": val_data})
     if args.pretrained:
         architecture = tag_architecture(args.pretrained, "--pretrained")
         values.update({"model.pretrained": args.pretrained, "model.name": architecture})
