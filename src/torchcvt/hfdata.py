@@ -75,12 +75,18 @@ class Source:
         return text + ("?" + "&".join(options) if options else "")
 
 
+# Where a folder of parquet files keeps them, as the Hub's repositories do (data/<split>-*.parquet) or by
+# split; only these are listed, so that telling an ImageFolder tree apart never walks its images.
+_PARQUET_FOLDERS = ("", "data", "train", "test", "validation")
+
+
 def _is_dataset_folder(path: Path) -> bool:
     if not path.is_dir():
         return False
     if (path / "dataset_dict.json").is_file() or (path / "state.json").is_file():
         return True
-    return any(path.rglob("*.parquet"))
+    folders = [path / sub for sub in _PARQUET_FOLDERS if (path / sub).is_dir()]
+    return any(next(folder.glob("*.parquet"), None) is not None for folder in folders)
 
 
 def is_hf_source(text: str | Path) -> bool:
@@ -173,7 +179,7 @@ def _open(dataset: str) -> Any:
                 raise TorchcvtError(f"data source {dataset} does not exist")
         if (folder / "dataset_dict.json").is_file() or (folder / "state.json").is_file():
             return ds.load_from_disk(str(folder))
-        if not any(folder.rglob("*.parquet")):
+        if not _is_dataset_folder(folder):
             raise TorchcvtError(f"data source {dataset} holds no parquet files and was not written by "
                                 "save_to_disk")
         try:
