@@ -13,8 +13,10 @@ $(STAMP): pyproject.toml constraints.txt
 
 install: $(STAMP)
 
+# Besides ruff, the size limits of the developers' guide (tools/ is not installed with the package).
 lint: install
-	$(PY) -m ruff check src tests benchmarks
+	$(PY) -m ruff check src tests benchmarks tools
+	$(PY) tools/check_sizes.py
 
 test: install lint
 	$(PY) -m pytest -q

@@ -2,7 +2,11 @@
 weights, written into docs/benchmarks.md.
 
     python benchmarks/bench.py [--model cvt_13] [--output docs/benchmarks.md] [--quick] [--repeats N]
-        [--no-memory] [--threads N] [--bf16]
+        [--no-memory] [--threads N] [--bf16] [--inductor] [--cases MODE:BATCH:SIZE,...]
+
+torchcvt's inference runs the model from torchcvt.optimize_for_inference (in bf16 for the bf16 case, no
+autocast); transformers runs its model as its users do (under autocast for bf16). --inductor adds a third
+contender to each inference case: torch.compile with freezing on torchcvt's model in the case's dtype.
 
 Tooling, not part of the installed package: it needs transformers (`pip install torchcvt[bench]`).
 
@@ -40,6 +44,7 @@ from tqdm import tqdm
 from torchcvt.factory import create_model
 from torchcvt.flops import count_flops
 from torchcvt.fused import fused_linear_enabled
+from torchcvt.inference import optimize_for_inference
 from torchcvt.weights import save_hf
 
 logger = logging.getLogger(__name__)
@@ -51,8 +56,9 @@ TOP_OPS = 8  # ops listed in the report's profile of each inference mode
 # The CPU inference targets, checked in every report: overhead share of the bf16 forward, share of the matmul
 # peak reached by fp32 and bf16 inference at batch 16, and the speed ratio against transformers.
 TARGET_OVERHEAD = 0.10
-TARGET_PEAK = {"fp32": 0.80, "bf16": 0.70}
+TARGET_PEAK = {"fp32": 0.80, "bf16": 0.50}
 TARGET_RATIO = 1.5
+TARGET_INDUCTOR = 0.95  # torchcvt's eager speed against torch.compile with freezing, same model and dtype
 
 
 @dataclass
@@ -75,6 +81,8 @@ class CaseResult:
     hf_mem_mb: float | None = None
     op_shares: dict[str, float] | None = None  # torchcvt's profiled self CPU time by op kind (inference)
     top_ops: list[tuple[str, float, int]] | None = None  # (op, share of self CPU time, calls per call)
+    first_call_s: tuple[float, float] | None = None  # fresh process: torchcvt (optimize included), hf
+    inductor_ips: float | None = None  # torch.compile with freezing, when asked for (--inductor)
 
     @property
     def ratio(self) -> float:
@@ -186,18 +194,37 @@ def build_pair(name: str, directory: Path, **overrides: Any) -> tuple[nn.Module,
     return model, hf
 
 
-def _step_fn(model: nn.Module, case: Case, hf: bool) -> Callable[[], Any]:
-    """A closure running one case on model: inference under no_grad, or a full AdamW training step."""
+def _step_fn(model: nn.Module, case: Case, hf: bool, inductor: bool = False) -> Callable[[], Any]:
+    """A closure running one case on model: inference under no_grad, or a full AdamW training step.
+
+    torchcvt infers with optimize_for_inference's model (bf16 for the bf16 case), transformers under
+    autocast; inductor: torchcvt's model in the case's dtype through torch.compile with freezing."""
     x = torch.randn(case.batch, 3, case.img_size, case.img_size, generator=torch.Generator().manual_seed(0))
+    bf16 = case.mode == "bf16"
+    if not hf:
+        model.set_grad_checkpointing(case.mode == "train_ckpt")
+    if case.mode not in TRAINING and not hf:
+        dtype = torch.bfloat16 if bf16 else torch.float32
+        if inductor:
+            from torch._inductor import config as inductor_config
+
+            inductor_config.freezing = True  # a child process of its own: nothing to restore
+            model = torch.compile(model.eval().to(dtype))
+        else:
+            model = optimize_for_inference(model, dtype)
+        x = x.to(dtype)
+
+        def infer_ours() -> None:
+            with torch.no_grad():
+                model(x)
+
+        return infer_ours
 
     def logits() -> torch.Tensor:
         return model(x).logits if hf else model(x)
 
-    if not hf:
-        model.set_grad_checkpointing(case.mode == "train_ckpt")
     if case.mode not in TRAINING:
         model.eval()
-        bf16 = case.mode == "bf16"
 
         def infer() -> None:
             with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
@@ -216,18 +243,16 @@ def _step_fn(model: nn.Module, case: Case, hf: bool) -> Callable[[], Any]:
     return train
 
 
-def time_alternating(
-    a: Callable[[], Any], b: Callable[[], Any], warmup: int, repeats: int
-) -> tuple[float, float]:
-    """Median seconds of a and b, run a, b, a, b, ... after warm-up of each."""
+def time_alternating(fns: dict[str, Callable[[], Any]], warmup: int, repeats: int) -> dict[str, float]:
+    """Median seconds of each function, run in turn (a, b, c, a, b, c, ...) after warm-up of each."""
     for _ in range(warmup):
-        a()
-        b()
-    times_a, times_b = [], []
+        for fn in fns.values():
+            fn()
+    times: dict[str, list[float]] = {name: [] for name in fns}
     for _ in range(repeats):
-        times_a.append(_timed(a))
-        times_b.append(_timed(b))
-    return statistics.median(times_a), statistics.median(times_b)
+        for name, fn in fns.items():
+            times[name].append(_timed(fn))
+    return {name: statistics.median(t) for name, t in times.items()}
 
 
 def max_logit_difference(model: nn.Module, hf: nn.Module, img_size: int) -> float:
@@ -261,22 +286,35 @@ def _load(directory: Path, which: str) -> nn.Module:
     return torch.load(directory / "torchcvt.pt", weights_only=False)
 
 
-def time_case(directory: Path, case: Case, warmup: int, repeats: int) -> dict[str, Any]:
+def time_case(directory: Path, case: Case, warmup: int, repeats: int, inductor: bool = False
+              ) -> dict[str, Any]:
     """Time one case on both models in a fresh process (each case starts from the same heap, not from
     what earlier cases, training ones above all, left behind); inference cases are also profiled."""
-    args = [sys.executable, __file__, "--case-child", str(directory), case.mode,
-            str(case.batch), str(case.img_size), str(warmup), str(repeats), str(torch.get_num_threads())]
+    args = [sys.executable, __file__, "--case-child", str(directory), case.mode, str(case.batch),
+            str(case.img_size), str(warmup), str(repeats), str(torch.get_num_threads()), str(int(inductor))]
     done = subprocess.run(args, capture_output=True, text=True, check=False)
     if done.returncode != 0:
         raise RuntimeError(f"timing {case} failed: {done.stderr.strip().splitlines()[-1:]}")
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
-def _case_child(directory: Path, case: Case, warmup: int, repeats: int) -> dict[str, Any]:
+def _case_child(directory: Path, case: Case, warmup: int, repeats: int, inductor: bool) -> dict[str, Any]:
+    # The first call of a fresh process, torchcvt's with optimize_for_inference's preparation in it.
+    started = time.perf_counter()
     ours = _step_fn(_load(directory, "torchcvt"), case, hf=False)
+    ours()
+    first_ours = time.perf_counter() - started
+    started = time.perf_counter()
     theirs = _step_fn(_load(directory, "hf"), case, hf=True)
-    t_ours, t_hf = time_alternating(ours, theirs, warmup, repeats)
-    measured: dict[str, Any] = {"torchcvt_s": t_ours, "hf_s": t_hf}
+    theirs()
+    first_hf = time.perf_counter() - started
+    fns = {"torchcvt": ours, "hf": theirs}
+    if inductor and case.mode not in TRAINING:
+        fns["inductor"] = _step_fn(_load(directory, "torchcvt"), case, hf=False, inductor=True)
+        fns["inductor"]()  # compiles
+    seconds = time_alternating(fns, warmup, repeats)
+    measured: dict[str, Any] = {f"{name}_s": t for name, t in seconds.items()}
+    measured["first_call_s"] = (first_ours, first_hf)
     if case.mode not in TRAINING:
         measured["ops"] = profile_ops(ours)
     return measured
@@ -303,11 +341,12 @@ def _rss_kb(field: str) -> int:
 def run_benchmark(
     name: str = "cvt_13", cases: list[Case] | None = None, quick: bool = False, memory: bool = True,
     warmup: int | None = None, repeats: int | None = None, bf16: bool | None = None, peak_size: int = 2048,
-    **overrides: Any,
+    inductor: tuple[str, ...] = (), **overrides: Any,
 ) -> dict[str, Any]:
     """Run every case on both implementations; returns the results and the machine description.
 
-    peak_size is the largest side of the square products that measure the matmul peak.
+    peak_size is the largest side of the square products that measure the matmul peak; inductor names the
+    inference modes whose largest batch is also timed through torch.compile with freezing.
     """
     cases = cases or default_cases(quick, bf16)
     warmup = warmup if warmup is not None else 1
@@ -321,13 +360,19 @@ def run_benchmark(
         difference = max_logit_difference(model, hf, cases[0].img_size)
         results = []
         for case in tqdm(cases, desc="bench", disable=not sys.stderr.isatty()):
-            measured = time_case(directory, case, warmup, repeats)
+            # Compiling takes minutes: inductor runs beside the largest batch of each inference mode only.
+            largest = max(c.batch for c in cases if c.mode == case.mode)
+            compiled = case.mode in inductor and case.batch == largest
+            measured = time_case(directory, case, warmup, repeats, compiled)
             # The peak is the best seen over the run: a shared or throttled machine is slower at times,
             # and a peak taken only at the start would let later cases exceed 100%.
             key, dtype = ("bf16", torch.bfloat16) if case.mode == "bf16" else ("fp32", torch.float32)
             peaks[key] = max(peaks[key], matmul_peak_gflops(dtype, peak_size))
             result = CaseResult(case, case.batch / measured["torchcvt_s"], case.batch / measured["hf_s"],
-                                2 * count_flops(model.config, case.img_size) / 1e9)
+                                2 * count_flops(model.config, case.img_size) / 1e9,
+                                first_call_s=tuple(measured["first_call_s"]))
+            if "inductor_s" in measured:
+                result.inductor_ips = case.batch / measured["inductor_s"]
             if case.mode not in TRAINING:
                 ops = [tuple(op) for op in measured["ops"]]
                 total = sum(seconds for _, seconds, _ in ops) or 1.0
@@ -338,7 +383,8 @@ def run_benchmark(
                 result.hf_mem_mb = measure_peak_memory(directory, "hf", case)
             results.append(result)
     return {"model": name, "overrides": overrides, "results": results, "peaks": peaks,
-            "max_logit_difference": difference, "machine": machine_description()}
+            "max_logit_difference": difference, "machine": machine_description(),
+            "native_bf16": native_bf16()}
 
 
 def machine_description() -> str:
@@ -369,26 +415,31 @@ def format_markdown(report: dict[str, Any]) -> str:
         "",
         "| case | batch | size | torchcvt img/s | transformers img/s | ratio | torchcvt GFLOP/s (% peak) "
         "| transformers GFLOP/s (% peak) | peak mem torchcvt / transformers (MB) | mem ratio "
-        "| torchcvt time outside matmul/attention/conv |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
+        "| torchcvt time outside matmul/attention/conv "
+        "| first call s, fresh process (torchcvt / transformers) | inductor img/s (torchcvt / inductor) |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in report["results"]:
         c = r.case
         # A training step costs about three forward passes (forward, and two products per layer backward).
         work = r.gflop_per_image * (3 if c.mode in TRAINING else 1)
         peak = peaks["bf16" if c.mode == "bf16" else "fp32"]
-        mode = {"fp32": "inference fp32", "bf16": "inference bf16 autocast", "train": "train step",
+        mode = {"fp32": "inference fp32",
+                "bf16": "inference bf16 (torchcvt bf16 model, transformers autocast)", "train": "train step",
                 "train_ckpt": "train step, torchcvt checkpointing"}[c.mode]
         mem = mem_ratio = "-"
         if r.torchcvt_mem_mb is not None and r.hf_mem_mb:
             mem = f"{r.torchcvt_mem_mb:.0f} / {r.hf_mem_mb:.0f}"
             mem_ratio = f"{r.torchcvt_mem_mb / r.hf_mem_mb:.2f}x"
         other = "-" if r.op_shares is None else f"{100 * r.op_shares['other']:.1f}%"
+        first = "-" if r.first_call_s is None else f"{r.first_call_s[0]:.1f} / {r.first_call_s[1]:.1f}"
+        inductor = "-" if r.inductor_ips is None else (
+            f"{r.inductor_ips:.2f} ({r.torchcvt_ips / r.inductor_ips:.2f}x)")
         lines.append(
             f"| {mode} | {c.batch} | {c.img_size} | {r.torchcvt_ips:.2f} | {r.hf_ips:.2f} | {r.ratio:.2f}x "
             f"| {work * r.torchcvt_ips:.0f} ({100 * work * r.torchcvt_ips / peak:.0f}%) "
             f"| {work * r.hf_ips:.0f} ({100 * work * r.hf_ips / peak:.0f}%) | {mem} | {mem_ratio} "
-            f"| {other} |"
+            f"| {other} | {first} | {inductor} |"
         )
     lines += ["", *format_targets(report), "", *format_profiles(report)]
     lines += [
@@ -402,7 +453,11 @@ def format_markdown(report: dict[str, Any]) -> str:
         "its start, in a fresh process per model with `MALLOC_MMAP_THRESHOLD_=65536` so freed tensors "
         "leave the RSS; it covers activations, gradients and optimizer temporaries. The last column is the "
         "share of torchcvt's self CPU time (torch.profiler, one inference call) outside matrix products, "
-        "attention and convolutions: casts, copies, concatenation, LayerNorm and elementwise ops.",
+        "attention and convolutions: casts, copies, concatenation, LayerNorm and elementwise ops. torchcvt "
+        "infers with `torchcvt.optimize_for_inference(model, dtype)` (bf16 weights for the bf16 case, no "
+        "autocast), transformers under autocast; the first call is timed in the case's fresh process, "
+        "torchcvt's with the preparation in it; inductor is `torch.compile` with freezing on torchcvt's "
+        "model in the same dtype (`--inductor`), compiled before timing.",
     ]
     return "\n".join(lines) + "\n"
 
@@ -425,16 +480,21 @@ def format_targets(report: dict[str, Any]) -> list[str]:
         lines.append(f"- {text}: {value:{unit}} ({'met' if met else 'not met'}; target "
                      f"{'at least' if above else 'below'} {goal:{unit}})")
 
+    if not report.get("native_bf16", True):
+        lines.append("- bf16: this CPU has no native bf16 (neither AVX512-BF16 nor AMX): oneDNN would "
+                     "emulate it, so the bf16 targets are not measured here (`--bf16` times it anyway)")
     for mode in ("fp32", "bf16"):
         result = _largest_batch(report, mode)
-        share = ratio = None
+        share = ratio = against_inductor = None
         if result is not None:
             peak = report["peaks"][mode]
             share = result.gflop_per_image * result.torchcvt_ips / peak
             ratio = result.ratio
+            against_inductor = result.inductor_ips and result.torchcvt_ips / result.inductor_ips
         name = f"{mode} inference, batch {result.case.batch if result else 16}"
         line(f"{name}: share of the {mode} matmul peak", share, TARGET_PEAK[mode], ".0%")
         line(f"{name}: speed against transformers", ratio, TARGET_RATIO, ".2f")
+        line(f"{name}: speed against torch.compile with freezing", against_inductor, TARGET_INDUCTOR, ".2f")
     bf16 = _largest_batch(report, "bf16")
     overhead = None if bf16 is None or bf16.op_shares is None else bf16.op_shares["other"]
     line("bf16 inference: time outside matmul, attention and convolution", overhead, TARGET_OVERHEAD, ".1%",
@@ -476,6 +536,17 @@ def write_report(report: dict[str, Any], path: str | Path) -> Path:
     return path
 
 
+def parse_cases(text: str) -> list[Case]:
+    """Cases from 'MODE:BATCH:SIZE,...' (--cases)."""
+    cases = []
+    for item in text.split(","):
+        parts = item.split(":")
+        if len(parts) != 3 or parts[0] not in MODES or not all(p.isdigit() and int(p) > 0 for p in parts[1:]):
+            raise ValueError(f"--cases: {item!r} is not MODE:BATCH:SIZE with MODE one of {', '.join(MODES)}")
+        cases.append(Case(parts[0], int(parts[1]), int(parts[2])))
+    return cases
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         description="Time torchcvt and transformers' CvtForImageClassification side by side (fp32 and bf16 "
@@ -486,6 +557,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repeats", type=int, help="timed runs per side (default 5, 1 with --quick)")
     parser.add_argument("--no-memory", action="store_true", help="skip the peak-memory measurement")
     parser.add_argument("--threads", type=int, help="torch threads (default: torch's own choice)")
+    parser.add_argument("--inductor", nargs="?", const="fp32,bf16", default="", metavar="MODES",
+                        help="also time torch.compile with freezing at the largest batch of each inference "
+                        "mode named (default both: fp32,bf16); compiling takes minutes")
+    parser.add_argument("--cases", help="comma-separated MODE:BATCH:SIZE (modes: " + ", ".join(MODES)
+                        + "), instead of the default cases")
     parser.add_argument("--bf16", action="store_true", default=None,
                         help="time bf16 inference even on a CPU without native bf16 (tens of minutes there)")
     args = parser.parse_args(argv)
@@ -496,8 +572,9 @@ def main(argv: list[str] | None = None) -> int:
             if args.threads < 1:
                 raise ValueError(f"--threads must be at least 1, got {args.threads}")
             torch.set_num_threads(args.threads)
-        report = run_benchmark(args.model, quick=args.quick, memory=not args.no_memory,
-                               repeats=args.repeats, bf16=args.bf16)
+        report = run_benchmark(args.model, cases=parse_cases(args.cases) if args.cases else None,
+                               quick=args.quick, memory=not args.no_memory, repeats=args.repeats,
+                               bf16=args.bf16, inductor=tuple(filter(None, args.inductor.split(","))))
     except ValueError as error:
         print(f"bench: error: {error}", file=sys.stderr)
         return 2
@@ -509,11 +586,11 @@ def main(argv: list[str] | None = None) -> int:
 if __name__ == "__main__" and len(sys.argv) == 7 and sys.argv[1] == "--memory-child":
     _, _, folder, kind, mode, batch, size = sys.argv
     print(_memory_child(Path(folder), kind, Case(mode, int(batch), int(size))))
-elif __name__ == "__main__" and len(sys.argv) == 9 and sys.argv[1] == "--case-child":
-    _, _, folder, mode, batch, size, warmup_runs, timed_runs, threads = sys.argv
+elif __name__ == "__main__" and len(sys.argv) == 10 and sys.argv[1] == "--case-child":
+    _, _, folder, mode, batch, size, warmup_runs, timed_runs, threads, compiled = sys.argv
     torch.set_num_threads(int(threads))
     print(json.dumps(_case_child(Path(folder), Case(mode, int(batch), int(size)), int(warmup_runs),
-                                 int(timed_runs))))
+                                 int(timed_runs), compiled == "1")))
 elif __name__ == "__main__":
     logging.basicConfig(level=logging.INFO, format="bench: %(message)s")
     sys.exit(main())

@@ -5,7 +5,12 @@ pipeline and a short `torchcvt train` run, within one time budget; writes gpu-be
     PYTHONPATH=src python3 benchmarks/gpu.py --smoke --out OUT   # tiny sizes, any device (the test runs it)
 
 Cases run in priority order (eager first, compilation last); each has a time cap, and when the budget is spent
-the rest are listed as not run. Results are written after every case, so a killed run leaves what it had.
+the rest are listed as not run. The compiled cases are few and chosen (torchcvt's training step with and
+without checkpointing, inference of the first model at the largest batch), and their caps are reserved out of
+the budget: the eager cases share what is left, so a slow eager case cannot starve them. The generated
+dataset is written before the budget's clock starts; a training step's peak memory is that case's alone
+(every other model freed and the peak statistics reset first). Results are written after every case, so a
+killed run leaves what it had.
 """
 
 from __future__ import annotations
@@ -79,12 +84,12 @@ class Settings:
     compile_backend: str = "inductor"
     caps: dict[str, float] = field(
         default_factory=lambda: {
-            "inference": 25,
-            "inference-compiled": 150,
-            "train": 40,
-            "train-compiled": 180,
-            "pipeline": 60,
-            "train-run": 150,
+            "inference": 20,
+            "inference-compiled": 60,
+            "train": 30,
+            "train-compiled": 75,
+            "pipeline": 30,
+            "train-run": 100,
         }
     )
     pipeline_seconds: float = 15.0
@@ -111,12 +116,17 @@ class Settings:
             train_batch=2,
             rounds=2,
             round_s=0.0,
-            compile_backend="eager" if not torch.cuda.is_available() else "inductor",
+            # aot_eager: inductor's graph capture and partitioner (which does not replay BatchNorm's
+            # statistics updates in a checkpointed block) without its C++ compilation.
+            compile_backend="aot_eager" if not torch.cuda.is_available() else "inductor",
             pipeline_seconds=1.0,
             data=gpu_data.DataShape.smoke(),
             run_model="cvt_digits",
             run_batch=4,
             run_epochs=2,
+            # A smoke run checks the script, not the device: caps loose enough for a loaded CPU.
+            caps={"inference": 120, "inference-compiled": 120, "train": 120, "train-compiled": 120,
+                  "pipeline": 60, "train-run": 240},
         )
 
 
@@ -211,9 +221,10 @@ def time_alternating(fns: dict[str, Callable[[], Any]], s: Settings, device: tor
 class Bench:
     """Runs the cases of one benchmark on one device, sharing models and generated data between them."""
 
-    def __init__(self, s: Settings, device: torch.device, workdir: Path):
-        self.s, self.device, self.workdir = s, device, workdir
+    def __init__(self, s: Settings, device: torch.device, workdir: Path, data: Path | None = None):
+        self.s, self.device, self.workdir, self.data = s, device, workdir, data
         self.pairs: dict[str, tuple[torch.nn.Module, torch.nn.Module, dict[str, Any]]] = {}
+        self.folders: dict[str, Path] = {}  # each model's checkpoint in both formats, written once
         self.peak = bf16_peak(torch.cuda.get_device_name(device)) if device.type == "cuda" else None
         self.matmul_tflops: float | None = None
 
@@ -221,15 +232,7 @@ class Bench:
         """torchcvt's model (exact GELU, as transformers' port has) and transformers' CvT with the same
         weights, moved through torchcvt's own checkpoint conversion; with their fp32 logit difference."""
         if name not in self.pairs:
-            from transformers import CvtForImageClassification
-
-            torch.manual_seed(0)
-            size = {"img_size": self.s.img_size} if self.s.img_size else {}
-            model = torchcvt.create_model(name, activation="gelu", **self.s.overrides, **size)
-            folder = Path(tempfile.mkdtemp(dir=self.workdir))
-            torchcvt.save_checkpoint(model, folder / "torchcvt")
-            torchcvt.convert_checkpoint(folder / "torchcvt", folder / "hf", to="hf")
-            hf = CvtForImageClassification.from_pretrained(folder / "hf")
+            model, hf = self.load(name, "torchcvt"), self.load(name, "transformers")
             model, hf = model.to(self.device).eval(), hf.to(self.device).eval()
             size = model.config.img_size
             x = torch.randn(2, 3, size, size, device=self.device)
@@ -242,6 +245,29 @@ class Bench:
             }
             self.pairs[name] = (model, hf, info)
         return self.pairs[name]
+
+    def load(self, name: str, implementation: str) -> torch.nn.Module:
+        """A fresh CPU copy of model `name` (the same weights every time) from torchcvt or transformers."""
+        from transformers import CvtForImageClassification
+
+        if name not in self.folders:
+            torch.manual_seed(0)
+            size = {"img_size": self.s.img_size} if self.s.img_size else {}
+            model = torchcvt.create_model(name, activation="gelu", **self.s.overrides, **size)
+            folder = Path(tempfile.mkdtemp(dir=self.workdir))
+            torchcvt.save_checkpoint(model, folder / "torchcvt")
+            torchcvt.convert_checkpoint(folder / "torchcvt", folder / "hf", to="hf")
+            self.folders[name] = folder
+        folder = self.folders[name]
+        if implementation == "transformers":
+            return CvtForImageClassification.from_pretrained(folder / "hf")
+        return torchcvt.create_model(name, checkpoint=folder / "torchcvt", activation="gelu",
+                                     **self.s.overrides)
+
+    def release(self) -> None:
+        """Free every cached model, so that the next case's peak memory is its own."""
+        self.pairs.clear()
+        self.drop_compiled()
 
     def drop_compiled(self) -> None:
         torch._dynamo.reset()
@@ -287,12 +313,23 @@ class Bench:
         return result
 
     def train_step(self, implementation: str, compiled: bool, checkpointing: bool) -> dict[str, Any]:
-        """Forward, backward and AdamW on a batch in bf16 autocast: images/s, peak memory, model FLOP use."""
-        model, hf, info = self.pair(self.s.models[0])
-        module = model if implementation == "torchcvt" else hf
+        """Forward, backward and AdamW on a batch in bf16 autocast: images/s, peak memory, model FLOP use.
+
+        The case runs alone: cached models are freed and the peak statistics reset before its own model is
+        made, so the peak is this model's weights, gradients, AdamW state and activations, nothing else.
+        """
+        name = self.s.models[0]
+        self.release()
+        start = 0
+        if self.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(self.device)
+            start = torch.cuda.memory_allocated(self.device)
+        module = self.load(name, implementation).to(self.device)
         if checkpointing:
-            model.set_grad_checkpointing(True)
-        state = {k: v.clone() for k, v in module.state_dict().items()}
+            module.set_grad_checkpointing(True)
+        config = torchcvt.variant_config(name, **self.s.overrides,
+                                         **({"img_size": self.s.img_size} if self.s.img_size else {}))
+        info = {"img_size": config.img_size, "forward_gflops": 2 * torchcvt.count_flops(config) / 1e9}
         module.train()
         runner = torch.compile(module, backend=self.s.compile_backend) if compiled else module
         optimizer = torch.optim.AdamW(module.parameters(), lr=1e-4, weight_decay=0.05)
@@ -312,18 +349,15 @@ class Bench:
         try:
             first = seconds_per_call(step, 1, self.device)
             seconds_per_call(step, 2, self.device)
-            if self.device.type == "cuda":
-                torch.cuda.reset_peak_memory_stats(self.device)
             seconds = statistics.median(
                 seconds_per_call(step, 3 if not self.s.smoke else 1, self.device)
                 for _ in range(self.s.rounds)
             )
-            peak = torch.cuda.max_memory_allocated(self.device) if self.device.type == "cuda" else None
+            peak = None
+            if self.device.type == "cuda":
+                peak = torch.cuda.max_memory_allocated(self.device) - start
         finally:
-            model.set_grad_checkpointing(False)
-            module.load_state_dict(state)
-            module.eval()
-            module.zero_grad(set_to_none=True)  # the next case starts without this one's gradients
+            self.drop_compiled()  # the model, its optimizer and its graphs go with this call's frame
         images_per_s = batch / seconds
         # A training step does three forwards' work; a checkpointed block's recomputed forward is overhead.
         tflops = 3 * info["forward_gflops"] * images_per_s / 1e3
@@ -342,9 +376,8 @@ class Bench:
         return result
 
     def pipeline(self, seconds: float) -> dict[str, Any]:
-        root = gpu_data.generate(self.workdir / "data", self.s.data)
         return gpu_data.pipeline_speed(
-            root / "train",
+            self.generated() / "train",
             self.s.config,
             self.s.run_model,
             self.s.run_batch,
@@ -353,8 +386,14 @@ class Bench:
             seconds,
         )
 
+    def generated(self) -> Path:
+        if self.data is None:
+            raise RuntimeError("the dataset is written by run() before the budget's clock starts")
+        return self.data
+
     def train_run(self, seconds: float) -> dict[str, Any]:
-        root = gpu_data.generate(self.workdir / "data", self.s.data)
+        root = self.generated()
+        self.release()  # the run is a separate process: leave it the device's memory
         overrides = [
             f"train.epochs={self.s.run_epochs}",
             f"train.batch_size={self.s.run_batch}",
@@ -391,12 +430,36 @@ def plan(s: Settings, only: set[str] | None = None) -> list[Case]:
     cases += [
         Case("train-compiled", {"implementation": "torchcvt", "checkpointing": c}) for c in (False, True)
     ]
-    cases += [
-        Case("inference-compiled", {"model": m, "batch": b, "precision": "compiled bf16"})
-        for m in s.models
-        for b in s.batches
-    ]
+    # Compilation costs a minute or more a case: one chosen inference case, the first model at the
+    # largest batch, beside the two training ones.
+    cases += [Case("inference-compiled", {"model": s.models[0], "batch": max(s.batches),
+                                          "precision": "compiled bf16"})]
     return [case for case in cases if only is None or case.kind in only]
+
+
+def compiled_reserve(s: Settings, cases: list[Case]) -> float:
+    """Seconds of the budget kept for the compiled cases: their caps added up, at most half the budget."""
+    return min(s.budget_s / 2, sum(s.caps[c.kind] for c in cases if c.kind.endswith("compiled")))
+
+
+def _failure(case: Case, error: Exception, cap: float, s: Settings) -> str:
+    """The status of a case that raised: stopped at its cap (or the budget's end), out of memory, failed."""
+    if _timed_out(error):
+        why = "its cap" if cap == s.caps[case.kind] else "the end of the budget"
+        return f"stopped at {why} ({cap:.0f} s)"
+    if isinstance(error, torch.OutOfMemoryError):
+        return f"failed: out of memory ({str(error).splitlines()[0]})"
+    logger.exception("%s failed", case.label)
+    return f"failed: {type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}"
+
+
+def _timed_out(error: BaseException | None) -> bool:
+    """Whether error is the cap's CaseTimeout, or wraps it (dynamo re-raises it as its own error)."""
+    while error is not None:
+        if isinstance(error, CaseTimeout):
+            return True
+        error = error.__cause__ or error.__context__
+    return False
 
 
 def environment(device: torch.device, bench: Bench) -> dict[str, Any]:
@@ -436,23 +499,32 @@ def environment(device: torch.device, bench: Bench) -> dict[str, Any]:
 
 def run(s: Settings, out: Path, only: set[str] | None = None, command: str = "") -> dict[str, Any]:
     """Every planned case that fits the budget; gpu-bench.md and gpu-bench.json in out after each case."""
-    started = time.monotonic()
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     cases = plan(s, only)
+    reserve = compiled_reserve(s, cases)
     report: dict[str, Any] = {
         "settings": {**asdict(s), "data": asdict(s.data)},
         "command": command,
         "cases": cases,
         "partial": True,
+        "compiled_reserve_s": reserve,
     }
     out.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix="torchcvt-gpu-bench-") as workdir:
-        bench = Bench(s, device, Path(workdir))
+        data = None
+        if any(case.kind in ("pipeline", "train-run") for case in cases):
+            writing = time.monotonic()
+            data = gpu_data.generate(Path(workdir) / "data", s.data)
+            report["data_generation_s"] = time.monotonic() - writing
+        bench = Bench(s, device, Path(workdir), data)
+        bench.measure_matmul()
+        report["environment"] = environment(device, bench)
+        started = time.monotonic()  # the budget's clock: the dataset and the set-up come before it
         try:
-            bench.measure_matmul()
-            report["environment"] = environment(device, bench)
             for case in cases:
-                left = s.budget_s - (time.monotonic() - started)
+                # Eager cases share the budget less the compiled cases' reserve; compiled ones get the rest.
+                end = s.budget_s if case.kind.endswith("compiled") else s.budget_s - reserve
+                left = end - (time.monotonic() - started)
                 cap = min(s.caps[case.kind], left)
                 if cap < 1:
                     continue
@@ -462,16 +534,8 @@ def run(s: Settings, out: Path, only: set[str] | None = None, command: str = "")
                     with time_cap(cap):
                         case.result = bench.run_case(case, cap)
                     case.status = case.result.pop("status", "done")
-                except CaseTimeout:
-                    why = "its cap" if cap == s.caps[case.kind] else "the end of the budget"
-                    case.status = f"stopped at {why} ({cap:.0f} s)"
-                except torch.OutOfMemoryError as error:
-                    case.status = f"failed: out of memory ({str(error).splitlines()[0]})"
                 except Exception as error:  # a failing case must not cost the rest of a rare GPU run
-                    logger.exception("%s failed", case.label)
-                    case.status = (
-                        f"failed: {type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}"
-                    )
+                    case.status = _failure(case, error, cap, s)
                 case.result["seconds"] = time.monotonic() - began
                 if case.kind.endswith("compiled"):
                     bench.drop_compiled()

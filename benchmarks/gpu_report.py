@@ -128,7 +128,11 @@ def markdown(report: dict[str, Any]) -> str:
             f"{env['transformers']}, timm {env['timm']}, Python {env['python']}, {env['cpu_cores']} CPU "
             "cores; "
             f"torchcvt {env['torchcvt_commit'] or '(no git)'}; {report.get('elapsed_s', 0):.0f} s of a "
-            f"{report['settings']['budget_s']:.0f} s budget.",
+            f"{report['settings']['budget_s']:.0f} s budget, of which "
+            f"{report.get('compiled_reserve_s', 0):.0f} s were kept for the compiled cases "
+            "(the eager ones share the rest)"
+            + (f"; the dataset was written in {report['data_generation_s']:.0f} s before the budget's clock "
+               "started" if "data_generation_s" in report else "") + ".",
             "",
         ]
         if env["bf16_peak_tflops"]:
@@ -163,8 +167,8 @@ def markdown(report: dict[str, Any]) -> str:
             "Training step",
             training_table(cases, env),
             "Forward, backward and AdamW under bf16 autocast on one random batch. Peak memory: "
-            "torch.cuda.max_memory_allocated over the timed steps (weights, gradients, AdamW state, "
-            "activations). "
+            "torch.cuda.max_memory_allocated of the case alone (every other model freed and the peak reset "
+            "before its model is made: weights, gradients, AdamW state, activations). "
             "Model FLOPs: 3 forward passes of torchcvt.count_flops (2 per multiply-add); a checkpointed "
             "block's recomputed forward is overhead, not counted.",
         ),

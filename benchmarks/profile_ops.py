@@ -25,19 +25,21 @@ def main() -> None:
     parser.add_argument("--activation", default="gelu", help="gelu (as the bench) or quick_gelu (official)")
     parser.add_argument("--bf16", action="store_true", help="bf16 autocast instead of fp32")
     parser.add_argument("--runs", type=int, default=2, help="profiled forward passes")
-    parser.add_argument("--weight-cache", action="store_true",
-                        help="keep derived weights between calls (torchcvt.set_weight_cache), if this "
-                        "torchcvt has the switch")
+    parser.add_argument("--optimized", action="store_true",
+                        help="profile torchcvt.optimize_for_inference's model (bf16 with --bf16, "
+                        "no autocast)")
     parser.add_argument("--top", type=int, default=12)
     args = parser.parse_args()
-    if args.weight_cache:
-        torchcvt.set_weight_cache(True)
     torch.manual_seed(0)
     model = create_model(args.model, activation=args.activation).eval()
     x = torch.randn(args.batch, 3, args.size, args.size)
+    autocast = args.bf16
+    if args.optimized:
+        model = torchcvt.optimize_for_inference(model, torch.bfloat16 if args.bf16 else None)
+        autocast = False  # a bf16 model, bf16 input
 
     def forward() -> None:
-        with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=args.bf16):
+        with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
             model(x)
 
     forward()

@@ -53,3 +53,21 @@ def offline_home(tmp_path, monkeypatch) -> Path:
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(home / "hub"))
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
     return home
+
+
+@pytest.fixture
+def devices(tmp_path: Path) -> dict[str, Path]:
+    """Private character devices, null and full (as /dev/null and /dev/full), for output tests: a writer that
+    wrongly replaced a device replaces these, never the machine's own (needs root)."""
+    import os
+    import stat
+
+    folder = tmp_path / "dev"
+    folder.mkdir()
+    nodes = {"null": folder / "null", "full": folder / "full"}
+    try:
+        for path, minor in ((nodes["null"], 3), (nodes["full"], 7)):
+            os.mknod(path, 0o666 | stat.S_IFCHR, os.makedev(1, minor))
+    except OSError as error:
+        pytest.skip(f"cannot make device nodes here (needs root): {error.strerror}")
+    return nodes

@@ -76,6 +76,29 @@ def test_dry_run_counts_agree_with_the_papers_tables(capsys: pytest.CaptureFixtu
     assert len({json.dumps(by[key]["params_m"]) for key in ("5f", "6d", "7b", "8d")}) == 1
     assert by["8a"]["paper_params_m"] is None and by["5c"]["paper_gflops"] is None
     assert by["8a"]["gflops"] > by["8b"]["gflops"] > by["8c"]["gflops"] > by["8d"]["gflops"]
+    # The paper's figures as it prints them: 81.0 and 20.0, not 81 and 20; 6.55 keeps its two decimals.
+    line = {label: next(text.split() for text in out.splitlines() if label in text)
+            for label in ("conv. in stages 1-2", "every stage ", "stride 1 ")}
+    assert line["conv. in stages 1-2"][-2] == "81.0"  # Table 8c's paper top-1
+    assert line["every stage "][4] == "20.0"  # Table 5c's paper params
+    assert line["stride 1 "][6] == "6.55"  # Table 7a's paper GFLOPs
+    assert "Table 7: key/value projection stride [kv-stride]" in out
+
+
+@pytest.mark.parametrize(("shard", "message"), [
+    ("4/4", "--shard 4/4: I is 0-based (0 to 3); for the 1-based task id 4 (SLURM's --array=1-4) give "
+            "--shard 3/4"),
+    ("5/4", "--shard expects I/N with 0 <= I < N (0-based), got '5/4'"),
+    ("a/4", "--shard expects I/N (e.g. 0/4), got 'a/4'"),
+])
+def test_shard_is_zero_based_and_the_one_based_form_is_named(capsys, shard, message) -> None:
+    assert message in _one_line_error(capsys, "--shard", shard, "--dry-run")
+
+
+def test_help_says_shard_is_zero_based(capsys) -> None:
+    with pytest.raises(SystemExit):
+        main(["ablate", "--help"])
+    assert "0-based" in " ".join(capsys.readouterr().out.split())
 
 
 def test_unknown_study_names_the_closest(capsys: pytest.CaptureFixture) -> None:
@@ -146,7 +169,8 @@ def test_report_from_the_finished_suite(shared_suite) -> None:
     assert row["verdict"].endswith("(one seed: spread unknown, not ranked)")
     assert row["paper_diff_to_default"] == pytest.approx(0.7)
     report = (root / "report.md").read_text()
-    assert "## Table 7: key/value projection stride (Table 7) (`kv-stride`)" in report
+    assert "## Table 7: key/value projection stride (`kv-stride`)" in report  # the table named once
+    assert "seeds are few" not in report  # one seed: nothing is ranked, nothing to caution about
     assert "| **b** (default) | stride 2 |" in report and "not ranked" in report
     assert (root / "ablation.png").read_bytes()[:4] == b"\x89PNG"
 
@@ -159,8 +183,9 @@ def test_spread_rule() -> None:
         return {"top1_mean": mean, "top1_std": std, "default": default, "paper_top1": paper}
 
     default = row(90.0, 0.5, default=True)
-    for candidate, verdict in ((row(90.4, 0.3), "no measurable difference"),
-                               (row(89.5, 0.2), "no measurable difference"),
+    within = "no measurable difference (within the spread of 0.50)"
+    for candidate, verdict in ((row(90.4, 0.3), f"+0.40: {within}"),
+                               (row(89.5, 0.2), f"-0.50: {within}"),
                                (row(91.0, 0.3), "+1.00 (beyond the spread of 0.50)"),
                                (row(88.0, 0.9), "-2.00 (beyond the spread of 0.90)"),
                                (row(95.0, None), "+5.00 (one seed: spread unknown, not ranked)")):
@@ -189,7 +214,7 @@ def test_an_output_folder_holding_another_recipes_suite(shared_suite, capsys: py
     err = _one_line_error(capsys, "--study", "kv-stride", "--seeds", "1", "--output", str(root),
                           *_recipe(data, **{"train.epochs": 3, "optim.lr": 1e-3}))
     assert f"output folder {root} holds a suite with another recipe or data: " in err
-    assert "recipe optim.lr 0.002 -> 0.001; recipe train.epochs 2 -> 3" in err
+    assert "recipe.optim.lr: 0.002 -> 0.001; recipe.train.epochs: 2 -> 3" in err
 
 
 def test_changed_data_under_a_suite_folder(tmp_path: Path) -> None:
@@ -198,7 +223,8 @@ def test_changed_data_under_a_suite_folder(tmp_path: Path) -> None:
     _, recipe = prepare(None, _recipe(data), None)
     open_suite(root, recipe.settings, data_fingerprint(recipe.train_dir, recipe.val_dir), ["kv-stride"], [0])
     (data / "train" / "0" / next(iter(os.listdir(data / "train" / "0")))).unlink()
-    with pytest.raises(ValueError, match=r"data train images 24 -> 23; data train file_list_sha256 "):
+    changed = r'data.train.files_sha256: "[0-9a-f]+" -> "[0-9a-f]+"; data.train.images: 24 -> 23'
+    with pytest.raises(ValueError, match=changed):
         open_suite(root, recipe.settings, data_fingerprint(recipe.train_dir, recipe.val_dir), [], [0])
 
 
@@ -231,3 +257,54 @@ def test_a_suite_killed_mid_run_resumes_without_redoing_finished_runs(tmp_path: 
     assert not list(second.glob("previous-*"))
     report = (root / "report.md").read_text()
     assert "not finished" not in report
+
+
+def _fake_suite(seeds: list[int]) -> dict:
+    rows = [{"row": letter, "label": label, "default": letter == "b", "params_m": 0.57, "gflops": gflops,
+             "images_per_second": 900.0, "top1_mean": mean, "top1_std": 1.5,
+             "top1_seeds": {str(seed): mean for seed in seeds}, "verdict": verdict,
+             "paper_top1": paper, "paper_diff_to_default": None}
+            for letter, label, gflops, mean, verdict, paper in (
+                ("a", "stride 1", 0.004849, 77.3,
+                 "-1.56: no measurable difference (within the spread of 3.79)", 82.3),
+                ("b", "stride 2", 0.004172, 78.9, "default row", 81.6))]
+    return {"model": "cvt_digits", "num_classes": 10, "img_size": [32, 32], "seeds": seeds,
+            "written_on": {"host": "h", "cpu": "c", "cpus": 2},
+            "studies": [{"study": "kv-stride", "table": 7, "title": "key/value projection stride",
+                         "rows": rows}]}
+
+
+@pytest.mark.parametrize("seeds", [[0, 1, 2], [0, 1, 2, 3, 4]])
+def test_report_cautions_about_few_seeds(seeds) -> None:
+    from torchcvt.ablate.report import markdown
+
+    report = markdown(_fake_suite(seeds))
+    assert ("**Caution: 3 seeds are few.**" in report) == (len(seeds) < 5)
+    assert "| -1.56: no measurable difference (within the spread of 3.79) |" in report
+    assert report.count("Table 7") == 1
+
+
+def test_plot_counts_small_models_in_mflops_with_a_legend(tmp_path: Path, monkeypatch) -> None:
+    from matplotlib.figure import Figure
+
+    from torchcvt.ablate.report import plot
+
+    figures = []
+    real_savefig = Figure.savefig
+
+    def savefig(self, *args, **kwargs):
+        figures.append(self)
+        return real_savefig(self, *args, **kwargs)
+
+    monkeypatch.setattr(Figure, "savefig", savefig)
+    plot(_fake_suite([0, 1, 2]), tmp_path / "ablation.png")
+    (figure,) = figures
+    axes = figure.axes[0]
+    figure.canvas.draw()
+    low, high = axes.get_xlim()
+    labels = [tick.get_text() for tick in axes.get_xticklabels() if low <= tick.get_position()[0] <= high]
+    assert axes.get_xlabel() == "MFLOPs"
+    # Ticks in MFLOPs (4.2 to 4.8), few enough not to run into each other.
+    assert 2 <= len(labels) <= 5 and all(4.0 <= float(label) <= 5.0 for label in labels), labels
+    legend = [text.get_text() for text in figure.legends[0].get_texts()]
+    assert legend == ["default row", "other rows", "error bars: ± 1 s.d. over the seeds"]

@@ -16,6 +16,7 @@ from bench import (  # noqa: E402
     native_bf16,
     op_kind,
     op_shares,
+    parse_cases,
     run_benchmark,
     write_report,
 )
@@ -30,6 +31,7 @@ def test_bench_smoke_on_a_tiny_model(tmp_path):
                            warmup=0, repeats=1, peak_size=256, **tiny)
     assert report["max_logit_difference"] < 1e-4
     assert [r.case.mode for r in report["results"]] == ["fp32", "train"]
+    assert all(r.first_call_s[0] > 0 and r.first_call_s[1] > 0 for r in report["results"])
     assert all(r.torchcvt_ips > 0 and r.hf_ips > 0 for r in report["results"])
     train = report["results"][-1]
     assert train.torchcvt_mem_mb is not None and train.hf_mem_mb > 0
@@ -85,6 +87,16 @@ def test_bad_arguments_are_one_line_errors(capsys):
     err = capsys.readouterr().err
     assert "transformers' CvT cannot build cvt_digits: stage 1 has depth 1" in err
     assert len(err.splitlines()) == 1
+
+
+def test_cases_option_and_a_cpu_without_native_bf16(capsys):
+    assert parse_cases("bf16:16:224,fp32:1:224") == [Case("bf16", 16, 224), Case("fp32", 1, 224)]
+    assert main(["--cases", "bf16:16"]) == 2
+    assert capsys.readouterr().err == ("bench: error: --cases: 'bf16:16' is not MODE:BATCH:SIZE with MODE "
+                                       "one of fp32, bf16, train, train_ckpt\n")
+    report = {"model": "cvt_13", "overrides": {}, "results": [], "peaks": {"fp32": 100.0, "bf16": 1.0},
+              "max_logit_difference": 0.0, "machine": "AVX2 machine", "native_bf16": False}
+    assert "- bf16: this CPU has no native bf16 (neither AVX512-BF16 nor AMX)" in format_markdown(report)
 
 
 def test_full_benchmark_times_bf16_only_where_the_cpu_has_it(caplog: pytest.LogCaptureFixture) -> None:

@@ -35,12 +35,12 @@ def test_convert_refuses_the_source_as_destination(digits_checkpoint, tmp_path, 
     for dst in (digits_checkpoint, tmp_path / "hard.safetensors", tmp_path / "soft.safetensors"):
         for extra in ([], ["--overwrite"]):
             assert main(["convert", str(digits_checkpoint), str(dst), "--to", "official", *extra]) == 2
-            assert "is the source checkpoint" in _one_error(capsys, "convert")
+            assert "is an input of this command" in _one_error(capsys, "convert")
     # A torchcvt folder converted into itself: the folder holds the source.
     folder = tmp_path / "folder"
     torchcvt.convert_checkpoint(digits_checkpoint, folder, "torchcvt")
     assert main(["convert", str(folder / "model.safetensors"), str(folder), "--to", "hf", "--overwrite"]) == 2
-    assert "or holds it" in _one_error(capsys, "convert")
+    assert "is or holds an input of this command" in _one_error(capsys, "convert")
     assert digits_checkpoint.read_bytes() == original
 
 

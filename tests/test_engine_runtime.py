@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import matplotlib
@@ -35,5 +36,11 @@ def test_fp16_on_cpu_trains_with_loss_scaling(tmp_path: Path) -> None:
     summary = train(load_config(None, tiny_overrides(data, tmp_path / "run", **{
         "train.epochs": 1, "train.amp": "fp16", "train.device": "cpu", "train.batch_size": 2})))
     state = torch.load(tmp_path / "run" / "last.pth", weights_only=True)
-    assert state["scaler"]["scale"] > 0 and state["global_step"] == 4
-    assert 0.0 <= summary["final_val_top1"] <= 1.0
+    # GradScaler starts at 2**16 and halves on each step whose fp16 gradients overflow, skipping that step:
+    # a scale below 2**16 shows the loss was scaled and overflows were caught, finite weights that no
+    # overflowed step was applied.
+    assert state["global_step"] == 4
+    halvings = math.log2(2.0**16 / state["scaler"]["scale"])
+    assert halvings in (1, 2, 3, 4), state["scaler"]
+    weights = [t for t in state["state_dict"].values() if t.is_floating_point()]
+    assert all(torch.isfinite(t).all() for t in weights) and math.isfinite(summary["final_val_loss"])

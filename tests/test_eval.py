@@ -6,9 +6,14 @@ import json
 import shutil
 from pathlib import Path
 
+import numpy as np
 import pytest
+import torch
+import torch.nn.functional as F
+from PIL import Image
 from trainkit import digits_tree, tiny_overrides, train_on_one_thread
 
+import torchcvt
 from torchcvt.cli import main
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -28,6 +33,23 @@ def _eval(capsys: pytest.CaptureFixture, *argv: str) -> tuple[int, str, str]:
     return code, out.out, out.err
 
 
+@torch.no_grad()
+def _figures_computed_here(checkpoint: Path, val: Path) -> tuple[float, float]:
+    """Top-1 and mean cross-entropy of the checkpoint over val, without torchcvt's data or evaluate code:
+    PIL decoding, the 32-pixel images as they are (cvt_digits evaluates at 32), the recorded mean and std."""
+    model = torchcvt.create_model("cvt_digits", checkpoint=checkpoint).eval()
+    mean, std = (torch.tensor(model.pretrained_cfg[k])[:, None, None] for k in ("mean", "std"))
+    classes = sorted(p.name for p in val.iterdir())
+    images, targets = [], []
+    for label, name in enumerate(classes):
+        for path in sorted((val / name).iterdir()):
+            pixels = np.asarray(Image.open(path).convert("RGB"), dtype=np.float32) / 255
+            images.append((torch.from_numpy(pixels).permute(2, 0, 1) - mean) / std)
+            targets.append(label)
+    logits, targets = model(torch.stack(images)), torch.tensor(targets)
+    return (logits.argmax(1) == targets).double().mean().item(), F.cross_entropy(logits, targets).item()
+
+
 def test_eval_reproduces_validation_and_writes_report(
     trained: tuple, tmp_path: Path, capsys: pytest.CaptureFixture
 ) -> None:
@@ -45,6 +67,8 @@ def test_eval_reproduces_validation_and_writes_report(
     )
     assert code == 0
     report = json.loads((tmp_path / "eval_val.json").read_text())
+    top1, loss = _figures_computed_here(checkpoint, data / "val")
+    assert report["top1"] == pytest.approx(top1) and report["loss"] == pytest.approx(loss, rel=1e-5)
     assert report["top1"] == pytest.approx(summary["final_val_top1"])
     assert report["loss"] == pytest.approx(summary["final_val_loss"], rel=1e-5)
     assert report["images"] == 16 and report["classes"] == 4
@@ -164,5 +188,7 @@ def test_eval_reads_every_checkpoint_format(
     code, _, _ = _eval(capsys, *argv, "--checkpoint", str(tmp_path / "weights"))
     report = json.loads((tmp_path / "eval_val.json").read_text())
     assert code == 0 and report["classes"] == 4
+    top1, loss = _figures_computed_here(checkpoint, data / "val")
+    assert report["top1"] == pytest.approx(top1) and report["loss"] == pytest.approx(loss, rel=1e-5)
     assert report["top1"] == pytest.approx(summary["final_val_top1"])
     assert report["loss"] == pytest.approx(summary["final_val_loss"], rel=1e-5)

@@ -27,12 +27,14 @@ class PlainOps(TorchDispatchMode):
 def _model(tiny_overrides: dict, **overrides) -> torchcvt.CvT:
     model = torchcvt.create_model("cvt_13", num_classes=10, **{**tiny_overrides, **overrides})
     generator = torch.Generator().manual_seed(0)
-    for module in model.modules():  # non-trivial BatchNorm statistics, so that folding them matters
+    for module in model.modules():  # non-trivial BatchNorm statistics and biases, so that they matter
         if isinstance(module, torch.nn.BatchNorm2d):
             module.running_mean.normal_(generator=generator)
             module.running_var.uniform_(0.5, 2.0, generator=generator)
             module.weight.data.normal_(generator=generator)
             module.bias.data.normal_(generator=generator)
+        if isinstance(module, torch.nn.Linear) and module.bias is not None:  # zero at init: would hide a bias
+            module.bias.data.normal_(0.0, 0.2, generator=generator)
     return model
 
 

@@ -1,11 +1,13 @@
 """benchmarks/gpu.py: its smoke mode end to end on this machine, its time caps and budget, and (with CUDA
 only) the GPU-only measurements: peak memory, the measured matmul rate and MFU."""
 
+import gc
 import importlib.util
 import json
 import signal
 import sys
 import time
+import weakref
 from pathlib import Path
 
 import pytest
@@ -125,3 +127,83 @@ def test_cuda_paths_measure_memory_matmul_and_mfu(tmp_path):
             assert case.result["peak_memory_gib"] > 0
             assert ("mfu" in case.result) == (env["bf16_peak_tflops"] is not None)
             assert case.result["share_of_measured_matmul"] > 0
+
+
+def test_a_training_step_measures_its_own_model_alone(tmp_path, monkeypatch):
+    """The inference models a run caches are freed before a training case makes its model: on CUDA its
+    peak memory (reset there too) is then the case's own."""
+    s = gpu.Settings.smoke_run()
+    bench = gpu.Bench(s, torch.device("cpu"), tmp_path)
+    cached = weakref.ref(bench.pair(s.models[0])[0])
+    load, freed_before_loading = bench.load, []
+
+    def recording_load(name, implementation):
+        gc.collect()
+        freed_before_loading.append(cached() is None)
+        return load(name, implementation)
+
+    monkeypatch.setattr(bench, "load", recording_load)
+    result = bench.train_step("torchcvt", compiled=False, checkpointing=True)
+    assert freed_before_loading == [True] and not bench.pairs
+    assert result["images_per_s"] > 0 and result["peak_memory_gib"] is None  # no CUDA here
+
+
+def test_compiled_cases_keep_their_share_of_the_budget(tmp_path, monkeypatch):
+    """Eager cases that use up their caps stop at the budget less the compiled cases' reserve: the
+    compiled ones still run, and the report says how the budget was split."""
+    caps = {"inference": 1.0, "train": 1.0, "pipeline": 1.0, "train-run": 1.0,
+            "train-compiled": 1.0, "inference-compiled": 1.0}
+    s = gpu.replace(gpu.Settings.smoke_run(), budget_s=6.0, caps=caps)
+    full = gpu.Settings.full()
+    assert gpu.compiled_reserve(full, gpu.plan(full)) <= full.budget_s / 2  # the default split
+
+    def run_case(self, case, seconds):
+        if not case.kind.endswith("compiled"):
+            time.sleep(seconds + 1)  # stopped by its cap
+        return {}
+
+    monkeypatch.setattr(gpu.Bench, "run_case", run_case)
+    for table in ("inference_table", "training_table"):  # no figures to tabulate from this stand-in
+        monkeypatch.setattr(gpu.gpu_report, table, lambda *args: [])
+    report = gpu.run(s, tmp_path, {"inference", "train", "train-compiled", "inference-compiled"})
+    assert report["compiled_reserve_s"] == 3.0
+    statuses = {case.label: case.status for case in report["cases"]}
+    assert [status for label, status in statuses.items() if "compiled" in label] == ["done"] * 3, statuses
+    assert any(status == "not run: overall budget" for status in statuses.values()), statuses
+    text = (tmp_path / "gpu-bench.md").read_text()
+    assert "6 s budget, of which 3 s were kept for the compiled cases" in text
+
+
+def test_the_dataset_is_written_before_the_budget_clock_starts(tmp_path, monkeypatch):
+    """Writing the JPEGs takes minutes on a GPU machine: not out of the training run's cap."""
+    def slow_generate(root, shape):
+        time.sleep(1.5)
+        root.mkdir(parents=True)
+        return root
+
+    seen = []
+
+    def run_case(self, case, seconds):
+        seen.append((case.kind, self.generated(), seconds))
+        return {}
+
+    monkeypatch.setattr(gpu.gpu_data, "generate", slow_generate)
+    monkeypatch.setattr(gpu.Bench, "run_case", run_case)
+    s = gpu.replace(gpu.Settings.smoke_run(), budget_s=1.4)
+    report = gpu.run(s, tmp_path, {"train-run"})
+    assert report["data_generation_s"] >= 1.5
+    assert [case.status for case in report["cases"]] == ["done"]
+    assert seen[0][0] == "train-run" and seen[0][1].name == "data" and seen[0][2] > 1
+
+
+def test_a_timeout_that_dynamo_wraps_is_still_a_stop_at_the_cap():
+    s = gpu.Settings.smoke_run()
+    case = gpu.Case("train-compiled", {"implementation": "torchcvt", "checkpointing": False})
+    try:
+        try:
+            raise gpu.CaseTimeout
+        except gpu.CaseTimeout as timeout:
+            raise RuntimeError("InternalTorchDynamoError: CaseTimeout") from timeout
+    except RuntimeError as wrapped:
+        assert gpu._failure(case, wrapped, s.caps[case.kind], s) == "stopped at its cap (120 s)"
+    assert gpu._failure(case, ValueError("bad"), 5, s) == "failed: ValueError: bad"

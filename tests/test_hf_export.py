@@ -15,9 +15,9 @@ import torchcvt
 from torchcvt.cli import main
 from torchcvt.config import IMAGENET_MEAN, IMAGENET_STD
 from torchcvt.data import eval_transform
+from torchcvt.files import write_json
 from torchcvt.weights import save_official
 from torchcvt.weights.formats import hf_preprocessor_json
-from torchcvt.weights.io import save_json
 
 transformers = pytest.importorskip("transformers")
 
@@ -80,7 +80,7 @@ def _image(width: int, height: int) -> Image.Image:
 def test_preprocessor_config_reproduces_the_eval_transform(tmp_path, size, crop_pct, processor):
     data_config = {"input_size": (3, size, size), "crop_pct": crop_pct, "interpolation": "bicubic",
                    "mean": IMAGENET_MEAN, "std": IMAGENET_STD}
-    save_json(hf_preprocessor_json(data_config), tmp_path / "preprocessor_config.json")
+    write_json(tmp_path / "preprocessor_config.json", hf_preprocessor_json(data_config))
     loaded = transformers.AutoImageProcessor.from_pretrained(tmp_path, backend="pil")
     assert type(loaded).__name__ == f"{processor}Pil"
     ours = eval_transform(data_config)
@@ -140,7 +140,53 @@ def test_quick_gelu_export_tells_the_user(tmp_path, capsys):
     assert "exact GELU" in capsys.readouterr().err
     card = (tmp_path / "hf" / "README.md").read_text()
     assert "Activation: QuickGELU" in card and "transformers' CvT always runs exact GELU" in card
+    assert "transformers' copy is an approximation" in card and "ONNX and TorchScript" in card
     assert "model-index" not in card  # no run summary: no metrics claimed
+
+
+def test_remote_code_export_runs_a_quick_gelu_model_exactly_in_transformers(tmp_path, digit_png, capsys):
+    from trainkit import perturb_weights
+
+    torch.manual_seed(0)
+    model = perturb_weights(torchcvt.create_model("cvt_digits", **{**HF_RUNNABLE, "activation": "quick_gelu",
+                                                                    "layer_norm_eps": 1e-6}, num_classes=3))
+    torchcvt.weights.save_checkpoint(model, tmp_path / "ours", class_names=CLASS_NAMES)
+    ours_dir = str(tmp_path / "ours")
+    assert main(["convert", ours_dir, str(tmp_path / "exact"), "--to", "hf", "--remote-code"]) == 0
+    assert main(["convert", str(tmp_path / "ours"), str(tmp_path / "plain"), "--to", "hf"]) == 0
+    assert "exact GELU" in capsys.readouterr().err  # the plain export warns, once
+    report = tmp_path / "predict.json"
+    assert main(["predict", "--checkpoint", str(tmp_path / "ours"), str(digit_png), "--top-k", "3",
+                 "--json", str(report), "--workers", "0", "--quiet"]) == 0
+    ours = {p["label"]: p["prob"] for p in json.loads(report.read_text())[0]["predictions"]}
+    assert max(ours.values()) < 0.99, "a saturated softmax would hide differences in the probabilities"
+
+    def pipeline_probabilities(folder: Path, **options) -> dict[str, float]:
+        processor = transformers.AutoImageProcessor.from_pretrained(folder, backend="pil")
+        classify = transformers.pipeline("image-classification", model=str(folder), top_k=3,
+                                         image_processor=processor, **options)
+        return {p["label"]: p["score"] for p in classify(str(digit_png))}
+
+    exact = pipeline_probabilities(tmp_path / "exact", trust_remote_code=True)
+    assert exact.keys() == ours.keys()
+    assert max(abs(exact[label] - ours[label]) for label in ours) < 1e-4
+    # The same folder without trust_remote_code, and the plain export: transformers' GELU, visibly apart.
+    for folder in ("exact", "plain"):
+        approximate = pipeline_probabilities(tmp_path / folder)
+        assert max(abs(approximate[label] - ours[label]) for label in ours) > 1e-3
+    card = (tmp_path / "exact" / "README.md").read_text()
+    assert "trust_remote_code=True" in card and "modeling_torchcvt.py" in card
+    assert (tmp_path / "exact" / "modeling_torchcvt.py").is_file()
+    assert not (tmp_path / "plain" / "modeling_torchcvt.py").exists()
+    assert "transformers' copy is an approximation" in (tmp_path / "plain" / "README.md").read_text()
+
+
+def test_remote_code_is_for_the_transformers_format(tmp_path, capsys):
+    model = torchcvt.create_model("cvt_digits", **HF_RUNNABLE, num_classes=2)
+    torchcvt.weights.save_checkpoint(model, tmp_path / "ours")
+    assert main(["convert", str(tmp_path / "ours"), str(tmp_path / "o.pth"), "--to", "official",
+                 "--remote-code"]) == 2
+    assert "remote code is for the transformers format (hf), not 'official'" in capsys.readouterr().err
 
 
 def test_card_without_a_summary_beside_the_checkpoint_claims_no_metrics(run, tmp_path):

@@ -62,7 +62,7 @@ def _hub_cache(home: Path, repo: str, dd: datasets.DatasetDict) -> None:
 def _train(data_train: str, data_val: str, output: Path) -> tuple[dict, dict]:
     overrides = tiny_overrides(Path("unused"), output, **{"data.train": data_train, "data.val": data_val})
     summary = train_on_one_thread(overrides)
-    return summary, read_training_state(output / "last.pth")["state_dict"]
+    return summary, read_training_state(output / "last.pth").state_dict
 
 
 def test_classlabel_names_and_split_mapping(sources, caplog) -> None:

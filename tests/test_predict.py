@@ -212,11 +212,29 @@ def _tiny_cli(tiny_overrides):
     return [f"--set={key}={json.dumps(value)}" for key, value in tiny_overrides.items()]
 
 
-def test_cli_predict(tmp_path, tiny_checkpoint, tiny_overrides, capsys):
+@torch.no_grad()
+def _top2_computed_here(model: torch.nn.Module, path: Path) -> tuple[list[str], list[float]]:
+    """Labels and probabilities of the two best classes, with torchvision's resize-and-crop at 224 (cvt_13's
+    evaluation: crop_pct 0.875) and the ImageNet mean and std, not torchcvt's preprocessing."""
+    from torchvision import transforms as T
+
+    transform = T.Compose([T.Resize(256, interpolation=T.InterpolationMode.BICUBIC, antialias=True),
+                           T.CenterCrop(224), T.ToTensor(),
+                           T.Normalize((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))])
+    probs = model.eval()(transform(Image.open(path).convert("RGB"))[None]).softmax(1)[0]
+    top = probs.topk(2)
+    return [CLASSES[i] for i in top.indices], top.values.tolist()
+
+
+def test_cli_predict(tmp_path, tiny_model, tiny_overrides, perturb, capsys):
     images = tmp_path / "images"
     images.mkdir()
     _, bad = write_images(images)
-    args = ["predict", "--model", "cvt_13", "--checkpoint", str(tiny_checkpoint), *_tiny_cli(tiny_overrides),
+    model = perturb(tiny_model)  # distinct, confident probabilities: a wrong label or order shows
+    checkpoint = tmp_path / "perturbed.pth"
+    torch.save({"state_dict": model.state_dict(), "class_names": CLASSES,
+                "config": model.config.to_dict(), "model_name": "cvt_13"}, checkpoint)
+    args = ["predict", "--model", "cvt_13", "--checkpoint", str(checkpoint), *_tiny_cli(tiny_overrides),
             "--top-k", "2", "--json", str(tmp_path / "r.json"), "--csv", str(tmp_path / "r.csv")]
     assert main([*args, str(images)]) == 1
     out, err = capsys.readouterr()
@@ -225,7 +243,14 @@ def test_cli_predict(tmp_path, tiny_checkpoint, tiny_overrides, capsys):
     for name, reason in bad.items():
         assert f"{images / name}: " in err and reason in err
     assert "4 of 12 file(s) could not be read" in err and "Traceback" not in err
-    assert "cat (0)" in out or "dog (1)" in out or "fish (2)" in out or "bird (3)" in out
+    labels, probs = _top2_computed_here(model, images / "photo.jpg")
+    assert probs[0] - probs[1] > 0.02, "too close a race to check the order"
+    photo = next(r for r in report if r["path"].endswith("photo.jpg"))
+    assert [p["label"] for p in photo["predictions"]] == labels
+    assert [p["index"] for p in photo["predictions"]] == [CLASSES.index(label) for label in labels]
+    assert [p["prob"] for p in photo["predictions"]] == pytest.approx(probs, abs=1e-4)
+    line = next(line for line in out.splitlines() if "photo.jpg" in line)
+    assert f"{labels[0]} ({CLASSES.index(labels[0])})" in line, line
     assert main([*args, str(images / "photo.jpg"), str(images / "nested")]) == 0
     assert main(["predict", "--model", "cvt_13", "--top-k", "0", str(images)]) == 2
     assert "--top-k must be at least 1" in capsys.readouterr().err

@@ -12,6 +12,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -188,12 +189,37 @@ def test_output_that_is_a_file_is_one_line(data: Path, tmp_path: Path, capsys: p
         assert str(output) in err
 
 
-@pytest.mark.skipif(os.geteuid() == 0, reason="root writes to read-only folders")
-def test_read_only_output_is_one_line(data: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+@pytest.fixture
+def read_only_folder(tmp_path: Path) -> Iterator[Path]:
+    """A folder no one can write to, root included: a read-only tmpfs mount where we may mount (we run as
+    root), else a mode-0555 folder for a user who is not root."""
     locked = tmp_path / "locked"
-    locked.mkdir(mode=0o555)
-    err = _cli_error(capsys, ["--output", str(locked), *_overrides(data, tmp_path / "unused")])
-    assert str(locked) in err and "not writable" in err
+    locked.mkdir()
+    if os.geteuid() != 0:
+        locked.chmod(0o555)
+        yield locked
+        locked.chmod(0o755)
+        return
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "ro,size=64k", "tmpfs", str(locked)],
+                             capture_output=True, text=True)
+    if mounted.returncode:
+        pytest.skip(f"root cannot mount a read-only tmpfs here: {mounted.stderr.strip()}")
+    try:
+        yield locked
+    finally:
+        subprocess.run(["umount", str(locked)], check=True)
+
+
+def test_read_only_output_is_one_line(
+    data: Path, tmp_path: Path, read_only_folder: Path, capsys: pytest.CaptureFixture
+) -> None:
+    with pytest.raises(OSError):  # the folder really is read-only for this user
+        (read_only_folder / "probe").write_text("x")
+    err = _cli_error(capsys, ["--output", str(read_only_folder), *_overrides(data, tmp_path / "unused")])
+    assert f"{read_only_folder} is not writable" in err
+    inside = read_only_folder / "run"
+    err = _cli_error(capsys, ["--output", str(inside), *_overrides(data, tmp_path / "unused")])
+    assert f"{inside} cannot be created" in err
 
 
 def _official_pth(path: Path) -> Path:

@@ -1,5 +1,6 @@
 """The model held to what timm checks of its own models, over every variant, and timm's helpers on it."""
 
+import warnings
 from collections import OrderedDict
 
 import pytest
@@ -244,3 +245,51 @@ def test_faster_rcnn_training_step(tiny_overrides):
     with torch.no_grad():
         detections = detector([torch.rand(3, 96, 96)])
     assert set(detections[0]) == {"boxes", "labels", "scores"}
+
+
+def _write_every_format(model: nn.Module, folder, names: list[str]) -> dict[str, object]:
+    """Each file torchcvt writes, as timm's checkpoint_path= is given it."""
+    from torchcvt.weights import save_checkpoint, save_hf, save_official
+
+    save_checkpoint(model, folder / "torchcvt", class_names=names)
+    save_checkpoint(model, folder / "single.safetensors", class_names=names)
+    with warnings.catch_warnings():  # what official .pth and transformers cannot record or build: said
+        warnings.simplefilter("ignore")
+        save_official(model, folder / "official.pth")
+        save_hf(model, folder / "hf", class_names=names)
+    # `torchcvt train`'s best.pth: the weights under state_dict, with the run's model and class names.
+    torch.save({"state_dict": model.state_dict(), "class_names": names, "config": model.config.to_dict(),
+                "model_name": "cvt_digits", "epoch": 1}, folder / "best.pth")
+    return {"torchcvt": folder / "torchcvt" / "model.safetensors", "single": folder / "single.safetensors",
+            "official": folder / "official.pth", "hf": folder / "hf" / "model.safetensors",
+            "train": folder / "best.pth"}
+
+
+@pytest.mark.parametrize("activation", ["quick_gelu", "gelu"])
+def test_timm_checkpoint_path_loads_every_file_torchcvt_writes(tmp_path, activation):
+    from trainkit import perturb_weights
+
+    torch.manual_seed(0)
+    names = ["cat", "dog", "emu"]
+    model = perturb_weights(torchcvt.create_model("cvt_digits", num_classes=3, activation=activation)).eval()
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        expected = model(x)
+    for kind, path in _write_every_format(model, tmp_path, names).items():
+        loaded = timm.create_model("cvt_digits", checkpoint_path=str(path), num_classes=3,
+                                   activation=activation).eval()
+        with torch.no_grad():
+            torch.testing.assert_close(loaded(x), expected, rtol=0, atol=1e-6, msg=kind)
+        # The class names come with every file that records them (an official .pth records none).
+        recorded = None if kind == "official" else tuple(names)
+        assert loaded.pretrained_cfg.get("label_names") == recorded, kind
+
+
+def test_timm_checkpoint_path_names_a_recorded_activation_it_cannot_build(tmp_path, caplog):
+    model = torchcvt.create_model("cvt_digits", num_classes=3, activation="gelu").eval()
+    torchcvt.weights.save_hf(model, tmp_path / "hf", class_names=["a", "b", "c"])
+    with caplog.at_level("WARNING", logger="torchcvt"):
+        timm.create_model("cvt_digits", checkpoint_path=str(tmp_path / "hf" / "model.safetensors"),
+                          num_classes=3)
+    assert "was saved with activation='gelu' but this model has activation 'quick_gelu'" in caplog.text
+    assert "pass activation='gelu' to timm.create_model" in caplog.text

@@ -100,7 +100,7 @@ def test_proof_selects_on_dev_only_and_trains_the_final_run_at_the_chosen_rate(t
     assert opened.count("evaluation starts") == 1
     runs = root / "runs" / "digits-0-4" / "digits5-9"
     for folder in runs.iterdir():
-        config = read_training_state(folder / "last.pth")["train_config"]
+        config = read_training_state(folder / "last.pth").train_config
         assert "#test" not in config["data"]["val"] and "[dev:0.1:0]" in config["data"]["val"]
         assert ("[rest:0.1:0]" in config["data"]["train"]) == folder.name.startswith("select")
     data = json.loads((root / "transfer.json").read_text())
@@ -108,7 +108,7 @@ def test_proof_selects_on_dev_only_and_trains_the_final_run_at_the_chosen_rate(t
     scores = row["dev_top1"]
     assert set(scores) == {"0.03", "0.1"} and row["chosen_lr"] == chosen_lr({0.03: scores["0.03"],
                                                                              0.1: scores["0.1"]})
-    final = read_training_state(runs / "final-seed0" / "last.pth")["train_config"]
+    final = read_training_state(runs / "final-seed0" / "last.pth").train_config
     assert final["optim"]["lr"] == row["chosen_lr"] and final["train"]["steps"] == 3
     test = json.loads((runs / "final-seed0" / "test.json").read_text())
     assert test["images"] == 181 and row["test_top1"]["0"] == pytest.approx(100 * test["top1"])

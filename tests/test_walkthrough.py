@@ -3,8 +3,10 @@ documented `train.epochs=N` cut to 1. The commands run in this process (`torchcv
 main, `python -c CODE` through exec), so the page costs no interpreter start-ups; a command of another form
 fails the test, as does a failing command or an output the page shows that is not written."""
 
+import os
 import re
 import shlex
+import warnings
 from pathlib import Path
 
 import pytest
@@ -58,17 +60,33 @@ def test_the_page_runs_the_whole_path() -> None:
 def test_walkthrough_runs_as_written(tmp_path, monkeypatch, capsys) -> None:
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    # A 2-core machine, as torchcvt and PyTorch's DataLoader both count it (the walk-through's own figures
+    # come from one): PyTorch warns about each loader with more workers than that.
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1}, raising=False)
     out = err = ""
-    for argv in walkthrough_commands(epochs=1):
-        if argv[0] == "torchcvt":
-            assert main(argv[1:]) == 0, (argv, capsys.readouterr())
-        else:
-            exec(compile(argv[2], "docs/finetune.md", "exec"), {"__name__": "__main__"})
-        captured = capsys.readouterr()
-        out, err = out + captured.out, err + captured.err
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for argv in walkthrough_commands(epochs=1):
+            if argv[0] == "torchcvt":
+                assert main(argv[1:]) == 0, (argv, capsys.readouterr())
+            else:
+                exec(compile(argv[2], "docs/finetune.md", "exec"), {"__name__": "__main__"})
+            captured = capsys.readouterr()
+            out, err = out + captured.out, err + captured.err
+    worker_warnings = [str(w.message) for w in caught if "worker" in str(w.message)]
+    assert not worker_warnings and "worker" not in err, worker_warnings
     assert "recipe: from scratch (no --pretrained): cvt_digits, 1 epoch at batch 32" in out
-    assert "recipe: fine-tune (weights given: runs/digits-0-4/best.pth)" in out
-    assert re.search(r"top-1 \d+\.\d\d%  top-5 \d+\.\d\d%  loss .*\(181 images, 5 classes\)", out)
+    # The recipe line states the learning rate the run uses: the command's optim.lr=0.03.
+    assert "recipe: fine-tune (weights given: runs/digits-0-4/best.pth): SGD lr 0.03, 1 epoch" in out
+    # Step 3 again, as the page says: the run resolves the same config (the depth it took from the
+    # checkpoint included) and says it is finished, without announcing a resume at an epoch past its last.
+    step3 = next(argv for argv in walkthrough_commands(epochs=1) if "--data" in argv
+                 and "model.checkpoint=runs/digits-0-4/best.pth" in argv)
+    assert main(step3[1:]) == 0
+    rerun = capsys.readouterr().out
+    assert "is already finished" in rerun and not re.search(r"resuming from .* at epoch", rerun)
+    # Five classes: top-5 is always 100%, so eval does not print it.
+    assert re.search(r"top-1 \d+\.\d\d%  loss .*\(181 images, 5 classes\)", out) and "top-5" not in out
     assert "drawing stage 2" in out and "(stage 2 of 3," in out
     difference = re.search(r"ONNX top-1: [5-9] \| max logit difference from torch: (\S+)", out)
     assert difference and float(difference.group(1)) < 1e-3

@@ -12,6 +12,16 @@ from trainkit import perturb_weights
 import torchcvt
 from torchcvt import fused, weightcache
 
+# The opt-in cache is deprecated (optimize_for_inference replaces it) but works for one more release.
+pytestmark = pytest.mark.filterwarnings("ignore:torchcvt.*deprecated:DeprecationWarning")
+
+
+def test_the_cache_switches_are_deprecated(monkeypatch):
+    monkeypatch.setattr(weightcache, "_enabled", weightcache._enabled)
+    for switch in (lambda: torchcvt.set_weight_cache(False), torchcvt.clear_weight_cache):
+        with pytest.warns(DeprecationWarning, match="optimize_for_inference"):
+            switch()
+
 
 def _model(tiny_overrides: dict) -> torchcvt.CvT:
     model = torchcvt.create_model("cvt_13", num_classes=10, activation="quick_gelu", **tiny_overrides)

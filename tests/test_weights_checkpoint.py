@@ -7,6 +7,7 @@ import warnings
 
 import pytest
 import torch
+from official_cvt import OfficialCvT, Spec, perturbed
 
 import torchcvt
 from torchcvt.cli import main
@@ -40,6 +41,12 @@ def assert_same_outputs(loaded: torch.nn.Module, source: torch.nn.Module) -> Non
     torch.testing.assert_close(loaded.eval()(images), source(images), atol=0, rtol=0)
 
 
+@pytest.fixture
+def official_reference() -> OfficialCvT:
+    """Perturbed weights in the official code's module tree (tests/official_cvt.py), QuickGELU as there."""
+    return perturbed(OfficialCvT(Spec(), num_classes=7, activation="quick_gelu"))
+
+
 @pytest.mark.parametrize(
     "wrap",
     [
@@ -49,21 +56,25 @@ def assert_same_outputs(loaded: torch.nn.Module, source: torch.nn.Module) -> Non
         pytest.param(lambda sd: {"model": {f"module._orig_mod.{k}": v for k, v in sd.items()}}, id="ddp"),
     ],
 )
-def test_official_layouts_load_exactly(tmp_path, model, tiny_overrides, wrap):
-    torch.save(wrap(model.state_dict()), tmp_path / "checkpoint.pth")
+def test_official_layouts_load_exactly(tmp_path, official_reference, tiny_overrides, wrap):
+    """A state dict of the official module tree, as saved by the official code, plain or wrapped."""
+    torch.save(wrap(official_reference.state_dict()), tmp_path / "checkpoint.pth")
     loaded = torchcvt.create_model("cvt_13", num_classes=7, checkpoint=tmp_path / "checkpoint.pth",
                                    **tiny_overrides)
-    assert_same_weights(loaded, model)
-    assert_same_outputs(loaded, model)
+    assert_same_weights(loaded, official_reference)
+    images = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded.eval()(images), official_reference(images), atol=1e-4, rtol=0)
 
 
-def test_save_official_writes_a_plain_state_dict_with_official_keys(official_file, model):
+def test_save_official_writes_the_official_module_trees_keys_and_our_values(official_file, model):
     state_dict = torch.load(official_file, weights_only=True)
     assert type(state_dict) is dict and all(isinstance(v, torch.Tensor) for v in state_dict.values())
-    assert {"stage0.patch_embed.proj.weight", "stage0.patch_embed.norm.weight", "stage2.cls_token",
-            "stage2.blocks.1.attn.conv_proj_k.conv.weight", "stage2.blocks.1.attn.conv_proj_k.bn.running_var",
-            "stage2.blocks.1.attn.proj_k.weight", "stage2.blocks.1.attn.proj.weight",
-            "stage2.blocks.1.mlp.fc1.weight", "norm.weight", "head.weight"} <= set(state_dict)
+    official = OfficialCvT(Spec(), num_classes=7, activation="quick_gelu").state_dict()
+    assert {k: v.shape for k, v in state_dict.items()} == {k: v.shape for k, v in official.items()}
+    assert all(torch.equal(value, model.state_dict()[key]) for key, value in state_dict.items())
+    # The official code loads it as it is: strict, no key left over or missing.
+    OfficialCvT(Spec(), num_classes=7, activation="quick_gelu").load_state_dict(state_dict, strict=True)
     assert read_checkpoint(official_file).format == "official"
 
 
@@ -207,7 +218,10 @@ def test_cli_convert_reports_bad_input_in_one_line(tmp_path, official_file, caps
 
 
 def test_cli_convert_official_to_torchcvt(tmp_path, capsys):
-    save_official(torchcvt.create_model("cvt_13"), tmp_path / "cvt_13.pth")
+    """A full-size cvt_13 file in the official module tree converts to a checkpoint with its logits."""
+    spec = Spec(embed_dim=(64, 192, 384), num_heads=(1, 3, 6), depth=(1, 2, 10))
+    reference = perturbed(OfficialCvT(spec, num_classes=1000, activation="quick_gelu"), scale=0.05)
+    torch.save(reference.state_dict(), tmp_path / "cvt_13.pth")
     assert main(["convert", str(tmp_path / "cvt_13.pth"), str(tmp_path / "out"), "--to", "torchcvt",
                  "--model", "cvt_13"]) == 0
     assert "wrote" in capsys.readouterr().out
@@ -215,3 +229,7 @@ def test_cli_convert_official_to_torchcvt(tmp_path, capsys):
     assert (checkpoint.format, checkpoint.architecture) == ("torchcvt", "cvt_13")
     assert checkpoint.num_classes == 1000
     assert checkpoint.config["activation"] == "quick_gelu"
+    images = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        converted = torchcvt.create_model("cvt_13", checkpoint=tmp_path / "out").eval()(images)
+        torch.testing.assert_close(converted, reference(images), atol=1e-4, rtol=0)

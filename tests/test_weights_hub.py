@@ -70,7 +70,7 @@ def test_tags_and_timm_entry_points(offline_home, hf_model):
     pinned = timm.create_model("cvt_13", pretrained=True, pretrained_cfg_overlay=pin, **HF_TINY)
     torch.testing.assert_close(pinned.state_dict(), reference.state_dict(), atol=0, rtol=0)
     other = "0" * 40
-    with pytest.raises(FileNotFoundError, match=f"https://huggingface.co/{REPO}/tree/{other}"):
+    with pytest.raises(ValueError, match=f"https://huggingface.co/{REPO}/tree/{other}"):
         overlay = {"hf_hub_id": f"{REPO}@{other}"}
         torchcvt.create_model("cvt_13", pretrained=True, pretrained_cfg_overlay=overlay, **HF_TINY)
     assert timm.list_pretrained("cvt*") == [
@@ -116,12 +116,37 @@ def test_new_head_and_in_chans_adapt_the_released_weights(offline_home, hf_model
 
 
 def test_missing_cache_is_a_one_line_error(offline_home):
-    with pytest.raises(FileNotFoundError) as error:
+    with pytest.raises(ValueError) as error:  # a TorchcvtError: the CLI shows it as one line
         torchcvt.create_model("cvt_21_384", pretrained=True)
     message = str(error.value)
     assert "microsoft/cvt-21-384-22k" in message and "HF_HUB_OFFLINE" in message and "HF_HOME" in message
     assert "https://huggingface.co/microsoft/cvt-21-384-22k" in message and "checkpoint=PATH" in message
+    assert "torchcvt train: model.checkpoint=PATH" in message  # train's form of it: train has no --checkpoint
     assert "\n" not in message
+
+
+def test_without_offline_mode_the_hub_is_announced_and_asked_once(offline_home, monkeypatch, caplog):
+    """Without a network huggingface_hub retries for about half a minute a file: the user hears of it
+    first, and a second file name is not tried after the Hub proved unreachable."""
+    import huggingface_hub
+    from huggingface_hub.errors import LocalEntryNotFoundError
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.delenv("HF_HUB_OFFLINE")
+    asked, heard = [], []
+
+    def unreachable(repo, filename, **kwargs):
+        asked.append(filename)
+        heard.append(caplog.text)
+        raise LocalEntryNotFoundError("cannot reach the Hub")
+
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", unreachable)
+    with caplog.at_level("INFO", logger="torchcvt"), pytest.raises(ValueError) as error:
+        torchcvt.create_model("cvt_13", pretrained=True)
+    assert asked == [WEIGHTS_NAME]
+    assert "downloading the weights of microsoft/cvt-13" in heard[0]
+    assert "set HF_HUB_OFFLINE=1 to use the cache alone" in heard[0]
+    assert "the download failed (cannot reach the Hub); check the network" in str(error.value)
 
 
 @pytest.mark.parametrize(

@@ -21,6 +21,7 @@ try:
         from .factory import convert_checkpoint, create_model, list_models
         from .flops import count_flops, count_params, model_info
         from .fused import fused_linear_enabled, set_fused_linear
+        from .inference import InferenceCvT, optimize_for_inference
         from .model import CvT, CvtFeatures
         from .predict import Predictor, predictor
         from .weightcache import clear_weight_cache, set_weight_cache
@@ -31,13 +32,14 @@ except KeyboardInterrupt:
     print(f"torchcvt {sys.argv[1] if len(sys.argv) > 1 else ''}".rstrip() + ": interrupted", file=sys.stderr)
     raise SystemExit(130) from None
 
-__version__ = "0.1.0"
+from .version import __version__ as __version__  # noqa: E402  (after the guarded imports above)
 
 __all__ = [
     "VARIANTS",
     "CvT",
     "CvtConfig",
     "CvtFeatures",
+    "InferenceCvT",
     "Predictor",
     "attention_map",
     "clear_weight_cache",
@@ -51,6 +53,7 @@ __all__ = [
     "list_models",
     "load_checkpoint",
     "model_info",
+    "optimize_for_inference",
     "predictor",
     "save_checkpoint",
     "set_fused_linear",

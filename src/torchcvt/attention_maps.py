@@ -22,7 +22,7 @@ from PIL import Image
 from .config import CvtConfig
 from .errors import TorchcvtError
 from .extras import require
-from .files import replace_file
+from .files import write_figure
 from .geometry import projected_centres, projected_grid, stage_grid
 from .layers import Attention
 from .model import CvT, CvtFeatures
@@ -218,10 +218,7 @@ def render_attention(
         ax.set_axis_off()
     bar = figure.colorbar(shown, ax=axes, shrink=0.8, pad=0.02)
     bar.set_label("attention weight per key", fontsize=9)
-    path = png_path(path)
-    with replace_file(path) as handle:
-        figure.savefig(handle, format="png", dpi=100)
-    return path
+    return write_figure(png_path(path), figure, stream=True)
 
 
 def png_path(path: str | Path) -> Path:

@@ -9,7 +9,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from .errors import TorchcvtError
+from .errors import TorchcvtError, shown
 from .typed import from_mapping
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -43,6 +43,17 @@ STAGE_FIELDS: dict[str, type] = {
     "position_embedding": bool,
     "token_embedding": str,
 }
+
+
+# Upper bounds of the sizes a config gives, checked before any weight is allocated: far beyond any CvT
+# (CvT-W24: widths up to 1024, 20 blocks in a stage). A model of more than MAX_PARAMETERS estimated
+# weights is refused too, however its sizes combine.
+MAX_STAGES = 8
+STAGE_LIMITS = {"patch_sizes": 64, "patch_stride": 64, "patch_padding": 64, "embed_dim": 16384,
+                "num_heads": 1024, "depth": 256, "kernel_qkv": 64, "padding_kv": 64, "stride_kv": 64,
+                "padding_q": 64, "stride_q": 64}
+LIMITS = {"num_channels": 1024, "num_classes": 1_000_000, "img_size": 16384}
+MAX_PARAMETERS = 10**10
 
 
 # The fields that fix a model's weights and function (the drop rates, init and head size do not): a
@@ -114,25 +125,27 @@ class CvtConfig:
         """Normalise lists to tuples and raise ValueError naming the first field that is wrong."""
         if not isinstance(self.embed_dim, (list, tuple)) or not self.embed_dim:
             raise TorchcvtError(
-                f"embed_dim must be a non-empty list with one width per stage, got {self.embed_dim!r}"
+                f"embed_dim must be a non-empty list with one width per stage, got {shown(self.embed_dim)}"
             )
         stages = len(self.embed_dim)
+        if stages > MAX_STAGES:
+            raise TorchcvtError(f"embed_dim has {stages} stages; at most {MAX_STAGES} are supported")
         for name, kind in STAGE_FIELDS.items():
             value = getattr(self, name)
             if not isinstance(value, (list, tuple)):
                 raise TorchcvtError(
-                    f"{name} must be a list with one value per stage ({stages}), got {value!r}")
+                    f"{name} must be a list with one value per stage ({stages}), got {shown(value)}")
             if len(value) != stages:
                 raise TorchcvtError(
                     f"{name} has {len(value)} values but the model has {stages} stages "
-                    f"(len(embed_dim)): {list(value)!r}"
+                    f"(len(embed_dim)): {shown(list(value))}"
                 )
             converted = []
             for item in value:
                 if kind is float and isinstance(item, (int, float)) and not isinstance(item, bool):
                     item = float(item)
                 if not isinstance(item, kind) or (kind is int and isinstance(item, bool)):
-                    raise TorchcvtError(f"{name} must hold {kind.__name__} values, got {list(value)!r}")
+                    raise TorchcvtError(f"{name} must hold {kind.__name__} values, got {shown(list(value))}")
                 converted.append(item)
             setattr(self, name, tuple(converted))
         for name in (
@@ -145,21 +158,25 @@ class CvtConfig:
             "stride_q",
         ):
             if any(v < 1 for v in getattr(self, name)):
-                raise TorchcvtError(f"{name} must be positive, got {list(getattr(self, name))!r}")
+                raise TorchcvtError(f"{name} must be positive, got {shown(list(getattr(self, name)))}")
+        for name, limit in STAGE_LIMITS.items():
+            if any(v > limit for v in getattr(self, name)):
+                raise TorchcvtError(f"{name} must be at most {limit} in each stage, got "
+                                    f"{shown(list(getattr(self, name)))}")
         if any(v < 0 for v in self.depth):
-            raise TorchcvtError(f"depth must not be negative, got {list(self.depth)!r}")
+            raise TorchcvtError(f"depth must not be negative, got {shown(list(self.depth))}")
         for name in ("patch_padding", "padding_kv", "padding_q"):
             if any(v < 0 for v in getattr(self, name)):
-                raise TorchcvtError(f"{name} must not be negative, got {list(getattr(self, name))!r}")
+                raise TorchcvtError(f"{name} must not be negative, got {shown(list(getattr(self, name)))}")
         for name in ("attention_drop_rate", "drop_rate", "drop_path_rate"):
             if any(not 0.0 <= v < 1.0 for v in getattr(self, name)):
-                raise TorchcvtError(f"{name} must lie in [0, 1), got {list(getattr(self, name))!r}")
+                raise TorchcvtError(f"{name} must lie in [0, 1), got {shown(list(getattr(self, name)))}")
         for i, (dim, ratio) in enumerate(zip(self.embed_dim, self.mlp_ratio, strict=True)):
             # The MLP's hidden width is int(embed_dim * mlp_ratio): it must be a finite width of at least 1.
             if not math.isfinite(ratio) or int(dim * ratio) < 1:
                 raise TorchcvtError(
                     f"mlp_ratio[{i}] must be finite with embed_dim[{i}] * mlp_ratio[{i}] >= 1 "
-                                 f"(the MLP's hidden width), got {ratio!r}")
+                                 f"(the MLP's hidden width), got {shown(ratio)}")
         for i, (dim, heads) in enumerate(zip(self.embed_dim, self.num_heads, strict=True)):
             if dim % heads:
                 raise TorchcvtError(f"embed_dim[{i}]={dim} is not divisible by num_heads[{i}]={heads}")
@@ -185,14 +202,26 @@ class CvtConfig:
         for name in ("num_channels", "img_size"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                raise TorchcvtError(f"{name} must be a positive int, got {value!r}")
+                raise TorchcvtError(f"{name} must be a positive int, got {shown(value)}")
+        for name, limit in LIMITS.items():
+            value = getattr(self, name)
+            if isinstance(value, int) and value > limit:
+                raise TorchcvtError(f"{name} must be at most {limit}, got {shown(value)}")
+        # Each block holds about (4 + 2 * mlp_ratio) * width**2 weights (attention and MLP).
+        weights = sum(depth * (4 + 2 * ratio) * dim * dim
+                      for dim, depth, ratio in zip(self.embed_dim, self.depth, self.mlp_ratio, strict=True))
+        if weights > MAX_PARAMETERS:
+            raise TorchcvtError(
+                f"embed_dim {list(self.embed_dim)}, depth {list(self.depth)} and mlp_ratio "
+                f"{list(self.mlp_ratio)} make about {weights / 1e9:.0f} billion weights; at most "
+                f"{MAX_PARAMETERS / 1e9:.0f} billion are supported")
         if (
             not isinstance(self.num_classes, int)
             or isinstance(self.num_classes, bool)
             or self.num_classes < 0
         ):
             raise TorchcvtError(
-                f"num_classes must be an int >= 0 (0 removes the head), got {self.num_classes!r}"
+                f"num_classes must be an int >= 0 (0 removes the head), got {shown(self.num_classes)}"
             )
 
     def to_dict(self) -> dict[str, Any]:
@@ -215,13 +244,13 @@ def _check_float(name: str, value: Any, wanted: str, valid: Callable[[float], bo
     # bool is an int to Python, and NaN compares false to everything, so both need their own test.
     number = isinstance(value, (int, float)) and not isinstance(value, bool)
     if not number or not math.isfinite(value) or not valid(value):
-        raise TorchcvtError(f"{name} must be {wanted}, got {value!r}")
+        raise TorchcvtError(f"{name} must be {wanted}, got {shown(value)}")
 
 
 def _check_choice(name: str, values: tuple[str, ...], choices: tuple[str, ...]) -> None:
     for value in values:
         if value not in choices:
-            raise TorchcvtError(f"{name} must be one of {list(choices)}, got {value!r}")
+            raise TorchcvtError(f"{name} must be one of {list(choices)}, got {shown(value)}")
 
 
 @dataclass(frozen=True)
@@ -322,7 +351,7 @@ def model_data_config(img_size: int, pretrained_cfg: Mapping[str, Any] | None = 
 def get_variant(name: str) -> Variant:
     """The registered variant called name, or a ValueError listing those that exist."""
     if name not in VARIANTS:
-        raise TorchcvtError(f"unknown model {name!r}; available: {', '.join(sorted(VARIANTS))}")
+        raise TorchcvtError(f"unknown model {shown(name)}; available: {', '.join(sorted(VARIANTS))}")
     return VARIANTS[name]
 
 

@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import io
 import json
 import logging
 import os
-import shutil
+import stat
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -18,9 +19,11 @@ from torchvision import transforms as T
 from torchvision.transforms import InterpolationMode
 
 from .config import DIGITS_SIZE
-from .decoding import BadImage, to_rgb, transformed
+from .decoding import BadImage, decoded, transformed
 from .errors import TorchcvtError
 from .extras import require
+from .files import publish_tree, staging_folder, write_new
+from .workers import sized_workers
 
 logger = logging.getLogger(__name__)
 
@@ -33,11 +36,18 @@ _PIL_RESAMPLE = {InterpolationMode.NEAREST: Image.NEAREST, InterpolationMode.BIL
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff", ".ppm", ".pgm")
 
 
+def open_image(path: str | Path) -> Image.Image:
+    """PIL's Image.open of a regular file; anything else (a FIFO, a device) is an OSError, never opened,
+    since reading it would block or never end."""
+    if not stat.S_ISREG(os.stat(path).st_mode):
+        raise OSError(f"{path} is not a regular file")
+    return Image.open(path)
+
+
 def load_image(path: str | Path) -> Image.Image:
     """Open an image file fully (so truncation is caught here) and return it as RGB."""
-    with Image.open(path) as image:
-        image.load()
-        return to_rgb(image)
+    with open_image(path) as image:
+        return decoded(image)
 
 
 def unreadable_reason(path: str | Path, error: BaseException) -> str:
@@ -51,6 +61,8 @@ def unreadable_reason(path: str | Path, error: BaseException) -> str:
         if not os.access(path, os.R_OK | os.X_OK):
             return "folder cannot be listed (permission denied)"
         return "is a directory, not an image file"
+    if not path.is_file():
+        return "not a regular file (a FIFO, socket or device), so not an image file"
     if path.stat().st_size == 0:
         return "empty file (0 bytes)"
     if isinstance(error, UnidentifiedImageError):
@@ -68,11 +80,12 @@ def unreadable_reason(path: str | Path, error: BaseException) -> str:
 
 
 def walk_images(root: str | Path, seen: set[tuple[int, int]] | None = None) -> list[Path]:
-    """Image files under root, recursively and sorted, following symlinked folders (each folder once).
+    """Image files under root, recursively and sorted, following symlinked folders (each folder once): the
+    one listing of images that training, evaluation, recipes, fingerprints and predict all use.
 
     Hidden files and folders are skipped. Also listed, so that reading them reports why: image-named
-    entries that are not files (broken symlinks) and folders that cannot be listed. seen holds the
-    (device, inode) of folders already walked; share one set across roots to list each folder once.
+    entries that are not regular files (broken symlinks, FIFOs) and folders that cannot be listed. seen
+    holds the (device, inode) of folders already walked; share one set across roots to list each folder once.
     """
     root = Path(root)
     seen = set() if seen is None else seen
@@ -219,6 +232,12 @@ def data_roots(data: str | Path) -> tuple[str, str]:
     return str(train), str(val)
 
 
+def class_images(root: str | Path) -> list[tuple[Path, str]]:
+    """(image file, class folder name) for every image of an ImageFolder tree, class by class."""
+    root = Path(root)
+    return [(path, name) for name in list_classes(root) for path in walk_images(root / name)]
+
+
 class ImageFolder(Dataset):
     """An ImageNet-layout tree root/<class>/<image>, labelled by a given class list (default: sorted folders).
 
@@ -240,12 +259,7 @@ class ImageFolder(Dataset):
                 + (f" and {len(unknown) - 5} more" if len(unknown) > 5 else "")
             )
         index = {name: i for i, name in enumerate(self.class_names)}
-        self.samples = [
-            (str(path), index[folder])
-            for folder in folders
-            for path in sorted((self.root / folder).rglob("*"))
-            if path.suffix.lower() in IMAGE_EXTENSIONS and path.is_file()
-        ]
+        self.samples = [(str(path), index[folder]) for path, folder in class_images(root)]
         if not self.samples:
             raise TorchcvtError(f"data folder {root} holds no images ({' '.join(IMAGE_EXTENSIONS)})")
         self.transform = transform
@@ -272,7 +286,7 @@ class ImageFolder(Dataset):
         path, target = self.samples[index]
         try:
             image = load_image(path)
-        except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as error:
+        except Exception as error:  # decoding one file: corrupt data raises many types (struct.error...)
             return BadImage(path, unreadable_reason(path, error))
         return transformed(image, target, self.transform, seed)
 
@@ -297,7 +311,8 @@ class SeededSampler(Sampler):
             if position >= self.start:
                 # The position across all ranks, so one process and N processes augment alike.
                 flat = position * self.world_size + self.rank
-                yield index, (self.seed * 1_000_003 + self.epoch) * 100_000_007 + flat
+                # Kept within int64 (the loader collates it as a tensor) for seeds up to 2**32 - 1.
+                yield index, ((self.seed * 1_000_003 + self.epoch) * 100_000_007 + flat) % 2**63
 
 
 class ShardSampler(Sampler):
@@ -326,8 +341,22 @@ def collate_skipping_bad(batch: list) -> tuple[torch.Tensor | None, torch.Tensor
     return images, targets, bad
 
 
-def loader_options(workers: int, pin_memory: bool, persistent_workers: bool, device: torch.device) -> dict:
-    """DataLoader keyword arguments shared by training, validation and evaluation."""
+def data_name(train: str | Path | None) -> str:
+    """The training data's name: DIR for DIR/train, the folder's own name otherwise, 'digits' for none
+    (the embedded digits)."""
+    if train is None:
+        return "digits"
+    path = Path(train)
+    if not path.parent.name:
+        path = path.resolve()  # `train` alone names the current folder's data
+    return path.parent.name if path.name in ("train", "training") and path.parent.name else path.name
+
+
+def loader_options(workers: int | None, pin_memory: bool, persistent_workers: bool, device: torch.device,
+                   key: str = "data.workers") -> dict:
+    """DataLoader keyword arguments shared by training, validation and evaluation; workers sized to the
+    machine (sized_workers)."""
+    workers = sized_workers(workers, key)
     return {
         "num_workers": workers,
         "pin_memory": pin_memory and device.type == "cuda",
@@ -412,9 +441,8 @@ def write_digits(
         for label in labels:
             for n, i in enumerate(np.flatnonzero(digits.target == label)):
                 folder = staging / ("val" if n % 5 == 0 else "train") / str(label)
-                folder.mkdir(parents=True, exist_ok=True)
-                digit_image(digits.images[i], size).save(folder / f"{i:04d}.png")
-        (staging / ".complete").write_text(marker)
+                write_new(folder / f"{i:04d}.png", png_bytes(digit_image(digits.images[i], size)))
+        write_new(staging / ".complete", marker.encode())
         publish_tree(staging, root)
     return root / "train", root / "val"
 
@@ -430,22 +458,13 @@ def digit_image(pixels: np.ndarray, side: int) -> Image.Image:
     return Image.fromarray(grey, mode="L").resize((side, side), Image.BICUBIC)
 
 
-def staging_folder(root: Path) -> Path:
-    """An empty folder beside root, this process's own, to write a tree into before publish_tree."""
-    staging = root.with_name(f"{root.name}.tmp-{os.getpid()}")
-    shutil.rmtree(staging, ignore_errors=True)
-    return staging
+def png_bytes(image: Image.Image) -> bytes:
+    """An image encoded as PNG."""
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    return buffer.getvalue()
 
 
-def publish_tree(staging: Path, root: Path) -> None:
-    """Put a tree written whole (with its .complete marker) at root in one rename."""
-    root.parent.mkdir(parents=True, exist_ok=True)
-    # A tree left incomplete by a crash, or written for other settings.
-    shutil.rmtree(root, ignore_errors=True)
-    try:
-        os.replace(staging, root)
-    except OSError:
-        # Another process finished the same tree first; theirs is as good as ours.
-        shutil.rmtree(staging, ignore_errors=True)
-        if not (root / ".complete").exists():
-            raise
+def cache_folder(name: str) -> Path:
+    """Where torchcvt keeps data it writes once (the digits trees): $XDG_CACHE_HOME/torchcvt/name."""
+    return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "torchcvt" / name

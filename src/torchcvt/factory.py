@@ -36,6 +36,7 @@ from .weights.card import training_run
 from .weights.catalogue import PretrainedCfgDict, builder_docstring, timm_default_cfgs
 from .weights.checkpoint import FORMATS
 from .weights.load import fit_config
+from .weights.timm_files import accept_checkpoint_files
 
 # timm reads default_cfgs from the module that registers a model: one entry per tag, the first the default.
 default_cfgs = generate_default_cfgs(timm_default_cfgs())
@@ -122,6 +123,7 @@ def create_model(
     pretrained_cfg: str | dict[str, Any] | PretrainedCfg | None = None,
     pretrained_cfg_overlay: dict[str, Any] | None = None,
     cache_dir: str | Path | None = None,
+    use_ema: bool = False,
     **overrides: Any,
 ) -> CvT | CvtFeatures:
     """Build a variant ('cvt_13', or tagged 'cvt_13.ms_in1k'; None: the one the checkpoint records).
@@ -132,6 +134,7 @@ def create_model(
     (1000 without weights). The other keywords are timm's: in_chans, global_pool, out_indices (with
     features_only), a scalar drop_path_rate (the last stage's, rising linearly over its blocks, as every
     official config sets it) and a scalar drop_rate (before the head). Any config field can be overridden.
+    use_ema (timm's name) loads the checkpoint's EMA weights (`torchcvt train` with train.ema) instead.
     """
     if pretrained and checkpoint is not None:
         raise TorchcvtError(f"{name}: pass pretrained=True or checkpoint=PATH, not both")
@@ -144,6 +147,11 @@ def create_model(
     architecture, cfg = resolve_pretrained(name, pretrained_cfg, pretrained_cfg_overlay)
     if pretrained:
         stored = _released(architecture, cfg, name, cache_dir)
+    if use_ema:
+        if stored is None:
+            raise TorchcvtError(
+                f"{name}: use_ema=True selects a checkpoint's EMA weights: pass checkpoint=PATH too")
+        stored = stored.ema_weights()
     overrides = _timm_keywords(architecture, overrides, in_chans, drop_path_rate, drop_rate)
     if stored is not None:
         overrides = fit_config(stored, architecture, overrides)
@@ -156,6 +164,7 @@ def create_model(
     })
     if stored is not None:
         load_into(model, stored)
+    accept_checkpoint_files(model)  # timm.create_model(..., checkpoint_path=FILE) on any file torchcvt writes
     if not features_only:
         return model
     features = CvtFeatures(model, out_indices)
@@ -177,13 +186,15 @@ def convert_checkpoint(
     activation: str | None = None,
     overwrite: bool = False,
     config_overrides: dict[str, Any] | None = None,
+    remote_code: bool = False,
 ) -> CvT:
     """Read src in any supported format and write it to dst in format `to`; returns the model in between.
 
     The model is built by create_model, as every loader builds it: the variant is model_name, else the
     one the checkpoint records; activation (default: the checkpoint's, else torchcvt's with a notice) and
     config_overrides set fields a source does not record (e.g. depth for an official .pth). dst must not be
-    the source; an existing dst is replaced only with overwrite=True.
+    the source; an existing dst is replaced only with overwrite=True. remote_code (hf only) ships model
+    code that transformers runs exactly with trust_remote_code=True (save_hf).
     """
     if to not in FORMATS:
         raise TorchcvtError(f"unknown checkpoint format {to!r}; choose one of {', '.join(FORMATS)}")
@@ -204,7 +215,8 @@ def convert_checkpoint(
     if activation is not None:
         overrides["activation"] = activation
     model = create_model(name, checkpoint=stored, **overrides)
-    export_checkpoint(model.eval(), dst, to, run=training_run(stored) if to == "hf" else None)
+    export_checkpoint(model.eval(), dst, to, run=training_run(stored) if to == "hf" else None,
+                      remote_code=remote_code)
     return model
 
 

@@ -11,7 +11,8 @@ training recomputes the MLP activation instead of storing it.
 from __future__ import annotations
 
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Iterator
+from contextlib import contextmanager, nullcontext
 
 import torch
 import torch.nn.functional as F
@@ -34,7 +35,9 @@ class QuickGELU(nn.Module):
 
 
 def make_activation(name: str) -> nn.Module:
-    return QuickGELU() if name == "quick_gelu" else nn.GELU()
+    """The module for an activation name: 'quick_gelu', 'gelu' (exact) or 'silu' (x * sigmoid(x), which
+    torchcvt.inference puts in place of QuickGELU after scaling the weights around it)."""
+    return {"quick_gelu": QuickGELU, "silu": nn.SiLU}.get(name, nn.GELU)()
 
 
 def linear(layer: nn.Linear, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
@@ -257,11 +260,11 @@ class _ActivationLinear(torch.autograd.Function):
 
     @staticmethod
     def forward(
-        ctx, h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, quick: bool
+        ctx, h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, activation: str
     ) -> torch.Tensor:
         ctx.save_for_backward(h, weight)
-        ctx.quick, ctx.bias_dtype = quick, None if bias is None else bias.dtype
-        return F.linear(_activation(h, quick), weight, bias)
+        ctx.activation, ctx.bias_dtype = activation, None if bias is None else bias.dtype
+        return F.linear(_activation(h, activation), weight, bias)
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
@@ -272,21 +275,24 @@ class _ActivationLinear(torch.autograd.Function):
         flat_grad = grad.reshape(-1, grad.shape[-1])
         if needs_h:
             grad_act = grad @ weight.to(grad.dtype)
-            if ctx.quick:
-                gate = torch.sigmoid(QUICK_GELU_ALPHA * h)
-                grad_h = grad_act * (gate + QUICK_GELU_ALPHA * h * gate * (1 - gate))
-            else:
+            if ctx.activation == "gelu":
                 grad_h = torch.ops.aten.gelu_backward(grad_act, h)
+            else:
+                alpha = QUICK_GELU_ALPHA if ctx.activation == "quick_gelu" else 1.0
+                gate = torch.sigmoid(alpha * h)
+                grad_h = grad_act * (gate + alpha * h * gate * (1 - gate))
         if needs_weight:
-            act = _activation(h, ctx.quick).reshape(flat_grad.shape[0], -1)
+            act = _activation(h, ctx.activation).reshape(flat_grad.shape[0], -1)
             grad_weight = (flat_grad.t() @ act).to(weight.dtype)
         if needs_bias:
             grad_bias = flat_grad.sum(0).to(ctx.bias_dtype)
         return grad_h, grad_weight, grad_bias, None
 
 
-def _activation(x: torch.Tensor, quick: bool) -> torch.Tensor:
-    return x * torch.sigmoid(QUICK_GELU_ALPHA * x) if quick else F.gelu(x)
+def _activation(x: torch.Tensor, activation: str) -> torch.Tensor:
+    if activation == "gelu":
+        return F.gelu(x)
+    return x * torch.sigmoid(QUICK_GELU_ALPHA * x) if activation == "quick_gelu" else F.silu(x)
 
 
 class Mlp(nn.Module):
@@ -298,7 +304,7 @@ class Mlp(nn.Module):
         self.act = make_activation(activation)
         self.fc2 = nn.Linear(hidden_dim, dim)
         self.drop = nn.Dropout(drop)
-        self.quick = activation == "quick_gelu"
+        self.activation = activation
 
     def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
         """MLP of x; with `residual`, returns residual + MLP (fused when it can)."""
@@ -312,7 +318,7 @@ class Mlp(nn.Module):
         if dropping or not plain_linears or not torch.is_grad_enabled() or fused.plain_ops_only():
             out = self.drop(self.fc2(self.drop(self.act(h))))
         else:
-            out = _ActivationLinear.apply(h, self.fc2.weight, self.fc2.bias, self.quick)
+            out = _ActivationLinear.apply(h, self.fc2.weight, self.fc2.bias, self.activation)
         return out if residual is None else residual + out
 
     def _cpu_inference(self, x: torch.Tensor, residual: torch.Tensor | None) -> torch.Tensor | None:
@@ -332,9 +338,10 @@ class Mlp(nn.Module):
 
         swish(y) = y * sigmoid(y); with y = 1.702 h it is 1.702 * QuickGELU(h), so for QuickGELU fc1 is
         scaled up by 1.702 and fc2 down by it: the same function, exact up to float rounding. The scaled
-        weights are made on each call, or kept if torchcvt.set_weight_cache is on (weightcache).
+        weights are made on each call; torchcvt.optimize_for_inference makes them once (activation 'silu').
         """
-        up, down = (QUICK_GELU_ALPHA, 1 / QUICK_GELU_ALPHA) if self.quick else (None, None)
+        quick = self.activation == "quick_gelu"
+        up, down = (QUICK_GELU_ALPHA, 1 / QUICK_GELU_ALPHA) if quick else (None, None)
         bias = self.fc1.bias
         return (prepared_weight(self.fc1.weight, dtype, up),
                 None if bias is None else prepared_weight(bias, dtype, up),
@@ -344,7 +351,8 @@ class Mlp(nn.Module):
         self, x: torch.Tensor, residual: torch.Tensor | None, dtype: torch.dtype
     ) -> torch.Tensor | None:
         fc1_weight, fc1_bias, fc2_weight = self._weights(dtype)
-        hidden = fused.linear(x, fc1_weight, fc1_bias, dtype, "swish" if self.quick else "gelu")
+        kind = "gelu" if self.activation == "gelu" else "swish"
+        hidden = fused.linear(x, fc1_weight, fc1_bias, dtype, kind)
         if hidden is None:
             return None
         return fused.linear(hidden, fc2_weight, self.fc2.bias, dtype, residual=residual)
@@ -361,10 +369,12 @@ class Mlp(nn.Module):
         for start in range(0, rows.shape[0], step):
             block = slice(start, start + step)
             hidden = F.linear(rows[block], fc1_weight, fc1_bias)
-            if self.quick:
+            if self.activation == "gelu":
+                torch.ops.aten.gelu_(hidden)
+            elif self.activation == "quick_gelu":
                 hidden.mul_(hidden.mul(QUICK_GELU_ALPHA).sigmoid_())
             else:
-                torch.ops.aten.gelu_(hidden)
+                F.silu(hidden, inplace=True)
             _linear_into(out[block], hidden, fc2_weight, self.fc2.bias,
                          None if residual_rows is None else residual_rows[block])
         return out.view(*x.shape[:-1], out.shape[-1])
@@ -419,18 +429,21 @@ class Block(nn.Module):
 
     def forward(self, x: torch.Tensor, height: int, width: int) -> torch.Tensor:
         if self.grad_checkpointing and torch.is_grad_enabled():
-            calls = []
-
             def run(x: torch.Tensor) -> torch.Tensor:
-                calls.append(None)
-                return self._forward(x, height, width, recomputing=len(calls) > 1)
+                return self._forward(x, height, width)
 
-            return checkpoint(run, x, use_reentrant=False)
+            if torch.compiler.is_compiling():
+                # Compiled, the recomputation is the partitioner's: it replays the ops backward needs, and
+                # the statistics updates (functionalized buffer writes) are not among them. (The "eager"
+                # backend has no partitioner and reruns the block: use aot_eager or inductor with it.)
+                return checkpoint(run, x, use_reentrant=False)
+            # Eager, checkpoint reruns run in backward: there under frozen_running_stats, so that
+            # BatchNorm's statistics are updated once, as without checkpointing.
+            return checkpoint(run, x, use_reentrant=False,
+                              context_fn=lambda: (nullcontext(), frozen_running_stats(self)))
         return self._forward(x, height, width)
 
-    def _forward(self, x: torch.Tensor, height: int, width: int, recomputing: bool = False) -> torch.Tensor:
-        if recomputing:
-            return _without_running_stats(self, lambda: self._forward(x, height, width))
+    def _forward(self, x: torch.Tensor, height: int, width: int) -> torch.Tensor:
         if self.training and not isinstance(self.drop_path, nn.Identity):
             x = x + self.drop_path(self.attn(self.norm1(x), height, width))
             return x + self.drop_path(self.mlp(self.norm2(x)))
@@ -438,8 +451,9 @@ class Block(nn.Module):
         return self.mlp(self.norm2(x), residual=x)
 
 
-def _without_running_stats(module: nn.Module, fn: Callable[[], torch.Tensor]) -> torch.Tensor:
-    """Run fn with the BatchNorms in module leaving their running statistics as they are.
+@contextmanager
+def frozen_running_stats(module: nn.Module) -> Iterator[None]:
+    """Within it, the BatchNorms in module leave their running statistics as they are.
 
     Momentum 0 keeps the statistics (and keeps the ops, and so the tensors checkpointing saves, the same).
     """
@@ -450,7 +464,7 @@ def _without_running_stats(module: nn.Module, fn: Callable[[], torch.Tensor]) ->
     for norm in norms:
         norm.momentum = 0.0
     try:
-        return fn()
+        yield
     finally:
         for norm, (momentum, count) in zip(norms, saved, strict=True):
             norm.momentum = momentum

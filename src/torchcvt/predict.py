@@ -12,14 +12,17 @@ from torch.utils.data import DataLoader
 
 from .checks import resolve_device
 from .config import model_data_config as data_config_of
-from .data import eval_transform, to_rgb
+from .data import eval_transform
+from .decoding import to_rgb
 from .errors import TorchcvtError
 from .factory import create_model
+from .inference import optimize_for_inference
 from .inputs import ImageFiles, Progress, input_files, read_image, transformed
 from .model import CvT
 from .reports import FileResult, Prediction
 from .weights import Checkpoint
 from .weights.catalogue import IMAGENET_1K, class_names
+from .workers import sized_workers
 
 ImageInput = Image.Image | str | Path | torch.Tensor
 
@@ -43,7 +46,9 @@ class Predictor:
     """A model in eval mode with its preprocessing and class names: classifies and embeds images.
 
     Inputs are PIL images, file paths, uint8 image tensors (C, H, W) that get the same preprocessing,
-    or float tensors (C, H, W) / (B, C, H, W) taken as already preprocessed model input.
+    or float tensors (C, H, W) / (B, C, H, W) taken as already preprocessed model input. It runs
+    optimize_for_inference's snapshot of the model (in dtype, default the model's own): later edits to
+    the model do not reach it.
     """
 
     def __init__(
@@ -53,11 +58,13 @@ class Predictor:
         data_config: dict[str, Any] | None = None,
         device: str | torch.device = "cpu",
         batch_size: int = 32,
+        dtype: torch.dtype | None = None,
     ):
         if batch_size < 1:
             raise TorchcvtError(f"batch_size must be at least 1, got {batch_size}")
         self.device = resolve_device(device)
-        self.model = model.eval().to(self.device)
+        # model.eval() as before this snapshot existed: callers compare against the model in eval mode.
+        self.model = optimize_for_inference(model.eval(), dtype).to(self.device)
         self.batch_size = batch_size
         self.data_config = {**model_data_config(model), **(data_config or {})}
         self.transform = eval_transform(self.data_config)
@@ -79,6 +86,7 @@ class Predictor:
         class_names: Sequence[str] | None = None,
         device: str | torch.device = "cpu",
         batch_size: int = 32,
+        dtype: torch.dtype | None = None,
         **overrides: Any,
     ) -> Predictor:
         """create_model(name, checkpoint=...) with its preprocessing: the weights' head and class names are
@@ -86,7 +94,7 @@ class Predictor:
         if num_classes is None and class_names is not None and checkpoint is None:
             num_classes = len(class_names)
         model = create_model(name, checkpoint=checkpoint, num_classes=num_classes, **overrides)
-        return cls(model, class_names, device=device, batch_size=batch_size)
+        return cls(model, class_names, device=device, batch_size=batch_size, dtype=dtype)
 
     def preprocess(self, image: ImageInput) -> torch.Tensor:
         """One input as a model-ready (C, H, W) float tensor."""
@@ -163,7 +171,7 @@ class Predictor:
         if workers < 0:
             raise TorchcvtError(f"workers must be 0 or more, got {workers}")
         loader = DataLoader(ImageFiles(paths, self.transform), batch_size=self.batch_size,
-                            num_workers=workers,
+                            num_workers=sized_workers(workers, "workers"),
                             collate_fn=list, pin_memory=self.device.type == "cuda")
         with Progress(len(paths), progress) as bar:
             for batch in loader:

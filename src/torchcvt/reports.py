@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import hashlib
 import io
 import json
 from collections.abc import Sequence
@@ -14,7 +15,7 @@ import numpy as np
 import torch
 
 from .errors import TorchcvtError
-from .files import write_bytes
+from .files import write_bytes, write_together
 
 
 class Prediction(NamedTuple):
@@ -41,7 +42,7 @@ def write_json_report(results: Sequence[FileResult], path: str | Path) -> None:
     """A JSON list, per file {"path", "predictions": [{"index", "label", "prob"}]} or {"path", "error"}."""
     # allow_nan=False: NaN is not JSON, so a report can never hold it.
     text = json.dumps([r.to_dict() for r in results], indent=2, allow_nan=False) + "\n"
-    write_bytes(path, text.encode())
+    write_bytes(path, text.encode(), stream=True)
 
 
 def write_csv_report(results: Sequence[FileResult], path: str | Path) -> None:
@@ -54,7 +55,7 @@ def write_csv_report(results: Sequence[FileResult], path: str | Path) -> None:
             writer.writerow([result.path, "", "", "", "", result.error])
         for rank, p in enumerate(result.predictions or [], 1):
             writer.writerow([result.path, rank, p.index, p.label, f"{p.prob:.6f}", ""])
-    write_bytes(path, text.getvalue().encode())
+    write_bytes(path, text.getvalue().encode(), stream=True)
 
 
 def format_table(results: Sequence[FileResult]) -> str:
@@ -66,6 +67,9 @@ def format_table(results: Sequence[FileResult]) -> str:
         for rank, p in enumerate(result.predictions or [], 1):
             shown = result.path if rank == 1 else ""
             rows.append((shown, str(rank), f"{p.prob:.4f}", f"{p.label} ({p.index})"))
+    # A newline or tab in a class name or file name would break the table's one line per prediction.
+    rows = [tuple("".join(c if c.isprintable() else repr(c)[1:-1] for c in cell) for cell in row)
+            for row in rows]
     widths = [max(len(row[i]) for row in rows) for i in range(3)]
     return "\n".join(
         "  ".join([*(cell.ljust(width) for cell, width in zip(row[:3], widths, strict=True)), row[3]])
@@ -76,23 +80,31 @@ def format_table(results: Sequence[FileResult]) -> str:
 def save_embeddings(path: str | Path, features: torch.Tensor, files: Sequence[str]) -> list[Path]:
     """Write features (N, D) and their file list: .safetensors (list in its metadata) or .npy + .files.json.
 
-    Returns the files written.
+    Both files are on disk before either is replaced (files.write_together), so a full disk keeps the old
+    pair; the .files.json records the .npy's SHA-256, so a list left beside other features (a kill between
+    the two renames) is refused when read. Returns the files written.
     """
     path = Path(path)
     if len(files) != features.shape[0]:
         raise TorchcvtError(f"{features.shape[0]} feature rows but {len(files)} file names")
     if path.suffix == ".safetensors":
-        from safetensors.torch import save_file
+        from safetensors.torch import save as safetensors_bytes
 
-        metadata = {"files": json.dumps(list(files))}
-        save_file({"embeddings": features.contiguous()}, str(path), metadata=metadata)
-        return [path]
+        data = safetensors_bytes({"embeddings": features.contiguous()}, {"files": json.dumps(list(files))})
+        return [write_bytes(path, data)]
     if path.suffix == ".npy":
-        np.save(path, features.numpy())
-        listing = path.with_suffix(".files.json")
-        listing.write_text(json.dumps(list(files), indent=1) + "\n")
-        return [path, listing]
+        array = io.BytesIO()
+        np.save(array, features.numpy())
+        data = array.getvalue()
+        record = {"embeddings": path.name, "sha256": hashlib.sha256(data).hexdigest(), "files": list(files)}
+        listing = (json.dumps(record, indent=1) + "\n").encode()
+        return write_together({path: data, embedding_list_path(path): listing})
     raise TorchcvtError(f"embeddings go to a .safetensors or .npy file, got {path.name!r}")
+
+
+def embedding_list_path(path: str | Path) -> Path:
+    """Where save_embeddings puts the file list of a .npy: OUT.files.json beside OUT.npy."""
+    return Path(path).with_suffix(".files.json")
 
 
 def load_embeddings(path: str | Path) -> tuple[torch.Tensor, list[str]]:
@@ -103,4 +115,14 @@ def load_embeddings(path: str | Path) -> tuple[torch.Tensor, list[str]]:
 
         with safe_open(str(path), framework="pt") as f:
             return f.get_tensor("embeddings"), json.loads((f.metadata() or {})["files"])
-    return torch.from_numpy(np.load(path)), json.loads(path.with_suffix(".files.json").read_text())
+    data = path.read_bytes()
+    listing = embedding_list_path(path)
+    record = json.loads(listing.read_text())
+    if isinstance(record, list):  # written before the list recorded its .npy's hash
+        files = record
+    elif record.get("sha256") != hashlib.sha256(data).hexdigest():
+        raise TorchcvtError(f"{listing} is the file list of other features than {path} (a write of both was "
+                            "interrupted between them): run embed again")
+    else:
+        files = record["files"]
+    return torch.from_numpy(np.load(io.BytesIO(data))), files

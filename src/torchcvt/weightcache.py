@@ -8,10 +8,14 @@ therefore off unless asked for. When on, a derived tensor is remade after the in
 counts (optimizer steps, load_state_dict, in-place ops under no_grad, BatchNorm statistics) and when a
 parameter or module is replaced; after anything else call clear_weight_cache(). Only inference uses it:
 a derived tensor carries no autograd history.
+
+Deprecated (removed in the next release): torchcvt.optimize_for_inference makes these tensors once in a
+new module, a snapshot that cannot go stale; set_weight_cache and clear_weight_cache warn and still work.
 """
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable, Hashable
 from typing import TypeVar
 
@@ -28,8 +32,9 @@ T = TypeVar("T")
 def set_weight_cache(enable: bool = True) -> None:
     """Keep weights derived for CPU inference between calls (faster at small batches) or make them on every
     call (the default). With it on, call clear_weight_cache() after editing parameters through `.data` or
-    moving the model to another dtype or device."""
+    moving the model to another dtype or device. Deprecated: use torchcvt.optimize_for_inference."""
     global _enabled
+    _deprecated("set_weight_cache")
     _enabled = bool(enable)
     if not _enabled:
         _cache.clear()
@@ -41,8 +46,16 @@ def weight_cache_enabled() -> bool:
 
 
 def clear_weight_cache() -> None:
-    """Forget every kept derived tensor, so that the next call remakes them from the parameters."""
+    """Forget every kept derived tensor, so that the next call remakes them from the parameters.
+    Deprecated with set_weight_cache."""
+    _deprecated("clear_weight_cache")
     _cache.clear()
+
+
+def _deprecated(name: str) -> None:
+    warnings.warn(f"torchcvt.{name} is deprecated and will be removed in the next release: "
+                  "torchcvt.optimize_for_inference(model, dtype) prepares the weights once, in a new module "
+                  "that later edits to the model cannot make stale", DeprecationWarning, stacklevel=3)
 
 
 def derived(

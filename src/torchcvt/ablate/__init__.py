@@ -10,21 +10,28 @@ from __future__ import annotations
 import logging
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from ..suite import RunFailed, default_shard
-from .plan import Plan, PlannedRow, Run, build_plan, dry_run_rows, format_dry_run, row_config
-from .recipe import Recipe, data_overrides, read_recipe, recipe_from_settings, section_overrides
+from ..typed import parse_assignment
+from .plan import MAX_SEEDS, Plan, PlannedRow, Run, build_plan, dry_run_rows, format_dry_run, row_config
+from .recipe import Recipe, read_recipe, recipe_from_settings
 from .report import collect, write_report
 from .runner import data_fingerprint, open_suite, read_suite, run_suite
 from .studies import STUDIES, Row, Study, select_studies
 from .task import EMBEDDED_BUDGET, write_task
 
+if TYPE_CHECKING:
+    from ..engine import TrainConfig
+    from ..engine.recipes import Recipe as ChosenRecipe
+
 logger = logging.getLogger("torchcvt.ablate")
 
 __all__ = [
-    "EMBEDDED_BUDGET", "STUDIES", "Plan", "PlannedRow", "Recipe", "Row", "Run", "RunFailed", "Study",
-    "build_plan", "collect", "data_fingerprint", "default_shard", "dry_run_rows", "format_dry_run",
-    "open_suite", "prepare", "read_recipe",
+    "EMBEDDED_BUDGET", "MAX_SEEDS", "STUDIES", "Plan", "PlannedRow", "Recipe", "Row", "Run", "RunFailed",
+    "Study",
+    "build_plan", "collect", "data_fingerprint", "default_shard", "dry_run_rows", "embedded_recipe",
+    "format_dry_run", "open_suite", "prepare", "read_recipe",
     "read_suite", "recipe_from_settings", "row_config", "run_suite", "select_studies", "suite_plan",
     "write_report", "write_task",
 ]
@@ -32,26 +39,28 @@ __all__ = [
 
 def prepare(
     config: str | None, overrides: Sequence[str], data: str | Path | None
-) -> tuple[list[str], Recipe]:
-    """The KEY=VALUE strings every run starts from and the recipe they give, as `torchcvt train` decides:
-    with neither a config file nor data (--data or a data.train override), the embedded task (written
-    once) and its recipe; with data and no config file, the recipe chosen for the data (engine.recipes).
-    """
-    from ..engine import DIGITS_RECIPE, load_config
-    from ..engine.recipes import choose_recipe, given_weights
-    from ..typed import parse_assignment
+) -> tuple[TrainConfig, Recipe]:
+    """The config every run of the suite starts from and its Recipe, resolved as `torchcvt train` resolves
+    them (engine.resolve), except that with neither a config file nor data the suite runs on the embedded
+    task (written once) with the digits recipe and its budget."""
+    from ..engine.resolve import resolve_config
 
-    given = dict(parse_assignment(text) for text in [*data_overrides(data), *overrides])
-    if config is None and "data.train" not in given:
-        embedded = [*section_overrides(DIGITS_RECIPE), *EMBEDDED_BUDGET]
-        base = [*embedded, *data_overrides(write_task()), *overrides]
-    elif config is None:
-        chosen = choose_recipe(given["data.train"], *given_weights(given))
-        logger.info(f"recipe: {chosen.why} (give --config FILE to choose another)")
-        base = [*section_overrides(chosen.values), *data_overrides(data), *overrides]
-    else:
-        base = [*data_overrides(data), *overrides]
-    return base, read_recipe(load_config(config, base))
+    resolved = resolve_config(config, overrides, data=data, default_recipe=embedded_recipe)
+    if resolved.recipe is not None:
+        logger.info(resolved.recipe_line())
+    return resolved.config, read_recipe(resolved.config)
+
+
+def embedded_recipe() -> ChosenRecipe:
+    """The digits recipe with the embedded budget, on the embedded task (written here once)."""
+    from ..engine import DIGITS_RECIPE, TrainConfig
+    from ..engine.recipes import Recipe as ChosenRecipe
+    from ..engine.resolve import data_values
+
+    task = write_task()
+    budget = dict(parse_assignment(text) for text in EMBEDDED_BUDGET)
+    values = TrainConfig.from_mapping(DIGITS_RECIPE).override({**budget, **data_values(task)}).to_dict()
+    return ChosenRecipe("embedded", values, None, "light", f"the embedded digits task ({task})")
 
 
 def suite_plan(root: Path, studies: Sequence[Study] = ()) -> Plan:

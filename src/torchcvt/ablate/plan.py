@@ -13,6 +13,8 @@ from .recipe import Recipe
 from .studies import Row, Study
 
 _PROJECTION_CODES = {"dw_bn": "c", "linear": "l", "avg": "a"}
+# Seeds per row a suite may ask for: the paper's spread needs a handful; each seed is a full set of runs.
+MAX_SEEDS = 100
 
 
 @dataclass(frozen=True)
@@ -116,8 +118,10 @@ def dry_run_rows(plan: Plan) -> list[dict[str, Any]]:
 def format_dry_run(plan: Plan) -> str:
     """The plan as a table per study: settings, our counts and the paper's figures, and the runs it needs."""
 
-    def paper(value: float | None) -> str:
-        return "-" if value is None else f"{value:g}"
+    def paper(value: float | None) -> str:  # as the paper prints them: 81.0, 20.0, 6.55
+        if value is None:
+            return "-"
+        return f"{value:.1f}" if value == round(value, 1) else f"{value:g}"
 
     def ours(value: float) -> str:  # small models keep their differences visible
         return f"{value:.2f}" if value >= 10 else f"{value:.4f}" if value >= 0.01 else f"{value:.6f}"

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 import socket
 import statistics
@@ -10,18 +9,23 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
+from ..files import write_figure, write_json, write_text
+from ..runrecord import RunSummary
+from ..suite import read_summary
 from .plan import Plan, PlannedRow, Run
 from .runner import run_folder
 
+# Fewer seeds than this: the standard deviation itself is too uncertain to rank differences near it.
+FEW_SEEDS = 5
 RULE = ("Top-1 is the validation top-1 (%) after the last epoch, mean ± standard deviation over the seeds "
         "(each seed's value in brackets). A difference to the study's default row that is not larger than "
         "the seed-to-seed spread (the larger of the two rows' standard deviations) is reported as \"no "
         "measurable difference\"; with one seed the spread is unknown and nothing is ranked.")
 
 
-def _summary(root: Path, run: Run) -> dict[str, Any] | None:
-    path = run_folder(root, run) / "summary.json"
-    return json.loads(path.read_text()) if path.is_file() else None
+def _summary(root: Path, run: Run) -> RunSummary | None:
+    """The run's summary; None (not finished) when it has none or one that cannot be read."""
+    return read_summary(run_folder(root, run))
 
 
 def _std(values: list[float]) -> float | None:
@@ -32,9 +36,9 @@ def _row_record(root: Path, plan: Plan, planned: PlannedRow) -> dict[str, Any]:
     top1, speed = {}, []
     for seed in plan.seeds:
         summary = _summary(root, Run(planned.model, seed, planned.row.knobs))
-        top1[seed] = None if summary is None else 100.0 * summary["final_val_top1"]
+        top1[seed] = None if summary is None else 100.0 * summary.final_val_top1
         if summary is not None:
-            speed.append(summary["images_per_second"])
+            speed.append(summary.images_per_second)
     values = [value for value in top1.values() if value is not None]
     return {
         "study": planned.study.name,
@@ -70,8 +74,8 @@ def _compare(row: dict[str, Any], default: dict[str, Any]) -> None:
             row["verdict"] = f"{diff:+.2f} (one seed: spread unknown, not ranked)"
         else:
             row["spread"] = spread = max(row["top1_std"], default["top1_std"])
-            row["verdict"] = ("no measurable difference" if abs(diff) <= spread
-                              else f"{diff:+.2f} (beyond the spread of {spread:.2f})")
+            row["verdict"] = (f"{diff:+.2f}: no measurable difference (within the spread of {spread:.2f})"
+                              if abs(diff) <= spread else f"{diff:+.2f} (beyond the spread of {spread:.2f})")
     paper, paper_default = row["paper_top1"], default["paper_top1"]
     row["paper_diff_to_default"] = (None if row["default"] or paper is None or paper_default is None
                                     else round(paper - paper_default, 2))
@@ -125,6 +129,14 @@ def _top1_cell(row: dict[str, Any], seeds: int) -> str:
     return f"{row['top1_mean']:.2f}{spread} ({each}{partial})"
 
 
+def caution(seeds: int) -> str:
+    """What a report of few seeds warns about its own verdicts."""
+    return (f"**Caution: {seeds} seeds are few.** With fewer than {FEW_SEEDS} seeds the standard deviation "
+            "is itself uncertain, so a verdict for a difference close to the spread may flip when the suite "
+            f"is rerun (other seeds, another machine's summation order); give `--seeds {FEW_SEEDS}` or more "
+            "before leaning on one.")
+
+
 def markdown(data: dict[str, Any]) -> str:
     seeds = len(data["seeds"])
     height, width = data["img_size"]
@@ -140,6 +152,8 @@ def markdown(data: dict[str, Any]) -> str:
         RULE,
         "",
     ]
+    if 1 < seeds < FEW_SEEDS:
+        lines += [caution(seeds), ""]
     for study in data["studies"]:
         lines += [f"## Table {study['table']}: {study['title']} (`{study['study']}`)", "",
                   "| row | setting | params (M) | GFLOPs | images/s | top-1 (%) | vs default | paper top-1 | "
@@ -160,50 +174,56 @@ def markdown(data: dict[str, Any]) -> str:
 
 
 def plot(data: dict[str, Any], path: Path) -> None:
-    """Top-1 against GFLOPs, one panel per study, error bars from the seeds."""
+    """Top-1 against FLOPs (in GFLOPs, or MFLOPs for small models), one panel per study, error bars from the
+    seeds; a legend tells the default row and the error bars apart."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
+    from matplotlib.lines import Line2D
+    from matplotlib.ticker import MaxNLocator, ScalarFormatter
 
     studies = data["studies"]
-    figure = Figure(figsize=(4.2 * len(studies), 3.8))
+    every = [row["gflops"] for study in studies for row in study["rows"]]
+    scale, unit = (1.0, "GFLOPs") if max(every) >= 1 else (1e3, "MFLOPs")
+    figure = Figure(figsize=(4.2 * len(studies), 4.3))
     FigureCanvasAgg(figure)
     for axes, study in zip(figure.subplots(1, len(studies), squeeze=False)[0], studies, strict=True):
         rows = [row for row in study["rows"] if row["top1_mean"] is not None]
-        flops = [row["gflops"] for row in study["rows"]]
-        # Rows of equal GFLOPs (every row of Table 5) are spread sideways a little to stay readable.
+        flops = [scale * row["gflops"] for row in study["rows"]]
+        # Rows of equal FLOPs (every row of Table 5) are spread sideways a little to stay readable.
         width = max(flops) - min(flops)
         step = 0.015 * width if width else 0.002 * flops[0]
         ties = Counter(row["gflops"] for row in rows)
         seen: Counter[float] = Counter()
         for row in rows:
-            x = row["gflops"] + step * (seen[row["gflops"]] - (ties[row["gflops"]] - 1) / 2)
+            x = scale * row["gflops"] + step * (seen[row["gflops"]] - (ties[row["gflops"]] - 1) / 2)
             seen[row["gflops"]] += 1
             axes.errorbar(x, row["top1_mean"], yerr=row["top1_std"] or 0.0, capsize=4,
                           fmt="s" if row["default"] else "o", color="C1" if row["default"] else "C0")
             axes.annotate(row["row"], (x, row["top1_mean"]), textcoords="offset points", xytext=(6, 4))
-        axes.set(title=f"Table {study['table']}: {study['study']}", xlabel="GFLOPs", ylabel="top-1 (%)")
-        if not width:
-            axes.set(xticks=[flops[0]], xlim=(0.99 * flops[0], 1.01 * flops[0]),
-                     xlabel=f"GFLOPs (every row {flops[0]:.4g}, spread sideways)")
+        axes.set(title=f"Table {study['table']}: {study['study']}", xlabel=unit, ylabel="top-1 (%)")
+        if width:
+            axes.xaxis.set_major_locator(MaxNLocator(nbins=4))
+            axes.xaxis.set_major_formatter(ScalarFormatter(useOffset=False))
+        else:
+            axes.set(xticks=[flops[0]], xticklabels=[f"{flops[0]:.4g}"],
+                     xlim=(0.99 * flops[0], 1.01 * flops[0]),
+                     xlabel=f"{unit} (every row {flops[0]:.4g}, spread sideways)")
         axes.grid(alpha=0.3)
         if not rows:
             axes.text(0.5, 0.5, "not finished", ha="center", va="center", transform=axes.transAxes)
-    figure.tight_layout()
-    figure.savefig(path, dpi=100)
-
-
-def _write(path: Path, text: str) -> None:
-    temporary = path.with_name(f"{path.name}.tmp-{os.getpid()}")
-    temporary.write_text(text)
-    os.replace(temporary, path)
+    spread = "error bars: ± 1 s.d. over the seeds" if len(data["seeds"]) > 1 else "one seed: no error bars"
+    handles = [Line2D([], [], marker="s", color="C1", linestyle="", label="default row"),
+               Line2D([], [], marker="o", color="C0", linestyle="", label="other rows"),
+               Line2D([], [], color="0.4", marker="|", markersize=12, linestyle="", label=spread)]
+    figure.legend(handles=handles, loc="lower center", ncol=3, frameon=False)
+    figure.tight_layout(rect=(0, 0.08, 1, 1))
+    write_figure(path, figure)
 
 
 def write_report(root: Path, plan: Plan) -> dict[str, Path]:
     """Rebuild report.md, ablation.json and ablation.png in root from the runs finished so far."""
     data = collect(root, plan)
-    _write(root / "ablation.json", json.dumps(data, indent=2))
-    _write(root / "report.md", markdown(data))
-    temporary = root / f"ablation.tmp-{os.getpid()}.png"
-    plot(data, temporary)
-    os.replace(temporary, root / "ablation.png")
+    write_json(root / "ablation.json", data)
+    write_text(root / "report.md", markdown(data))
+    plot(data, root / "ablation.png")
     return {"report": root / "report.md", "json": root / "ablation.json", "plot": root / "ablation.png"}

@@ -4,19 +4,28 @@ and seed, claimed, resumed and sharded as every suite is, and never mixed with a
 from __future__ import annotations
 
 import hashlib
+import stat
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from ..data import is_folder_tree, list_classes, walk_images
+from ..data import class_images, is_folder_tree, list_classes
 from ..errors import TorchcvtError
-from ..suite import Job, Progress, default_shard, run_jobs
+from ..suite import Job, Progress, default_shard, is_finished, run_jobs
 from ..suite import open_suite as open_any_suite
 from ..suite import read_suite as read_any_suite
 from .plan import Plan, Run
 from .studies import STUDIES
 
-__all__ = ["data_fingerprint", "default_shard", "open_suite", "read_suite", "run_folder", "run_suite"]
+if TYPE_CHECKING:
+    from ..engine import TrainConfig
+
+__all__ = ["Progress", "data_fingerprint", "default_shard", "is_finished", "open_suite", "read_suite",
+           "run_folder", "run_suite"]
+
+# Files whose whole content the data fingerprint hashes, spread evenly over each tree: a fixed cost however
+# large the data set, on top of one stat per file.
+FINGERPRINT_SAMPLE = 64
 
 
 def run_folder(root: Path, run: Run) -> Path:
@@ -24,9 +33,10 @@ def run_folder(root: Path, run: Run) -> Path:
 
 
 def data_fingerprint(train_dir: str | Path, val_dir: str | Path) -> dict[str, Any]:
-    """Class and image counts of both trees and a hash of their file lists (names only: no image is read).
-
-    A training tree with fewer than two classes is a one-line error.
+    """Class and image counts of both trees, a hash of every image's path and size, and a hash of the bytes
+    of FINGERPRINT_SAMPLE images spread over the tree: one stat per image and a few dozen reads, so it stays
+    cheap for ImageNet (a Hugging Face dataset: hfdata.fingerprint). A training tree with fewer than two
+    classes is a one-line error.
     """
     fingerprint = {}
     for split, folder in (("train", Path(train_dir)), ("val", Path(val_dir))):
@@ -38,11 +48,38 @@ def data_fingerprint(train_dir: str | Path, val_dir: str | Path) -> dict[str, An
         classes = list_classes(folder)
         if split == "train" and len(classes) < 2:
             raise TorchcvtError(f"data folder {folder} holds 1 class ({classes[0]}): an ablation needs a "
-                             "classifier, so at least 2 class folders")
-        files = [path.relative_to(folder).as_posix() for path in walk_images(folder)]
-        listing = hashlib.sha256("\n".join(files).encode()).hexdigest()[:16]
-        fingerprint[split] = {"classes": len(classes), "images": len(files), "file_list_sha256": listing}
+                                "classifier, so at least 2 class folders")
+        paths = [path for path, _ in class_images(folder)]
+        files, sample = hashlib.sha256(), hashlib.sha256()
+        for path in paths:
+            files.update(f"{path.relative_to(folder).as_posix()}\t{_size(path)}\n".encode())
+        for path in paths[:: max(1, len(paths) // FINGERPRINT_SAMPLE)][:FINGERPRINT_SAMPLE]:
+            sample.update(f"{path.relative_to(folder).as_posix()}\t".encode() + _content_hash(path))
+        fingerprint[split] = {"classes": len(classes), "images": len(paths), "files_sha256":
+                              files.hexdigest()[:16], "sample_sha256": sample.hexdigest()[:16]}
     return fingerprint
+
+
+def _size(path: Path) -> int:
+    """A file's size, or -1 for an entry that cannot be read (reported as unreadable by the runs)."""
+    try:
+        info = path.stat()
+    except OSError:
+        return -1
+    return info.st_size if stat.S_ISREG(info.st_mode) else -1
+
+
+def _content_hash(path: Path) -> bytes:
+    if _size(path) < 0:
+        return b"unreadable"
+    digest = hashlib.sha256()
+    try:
+        with open(path, "rb") as handle:
+            while chunk := handle.read(1 << 20):
+                digest.update(chunk)
+    except OSError:
+        return b"unreadable"
+    return digest.digest()
 
 
 def open_suite(root: Path, settings: dict[str, Any], data: dict[str, Any], studies: Sequence[str],
@@ -55,20 +92,20 @@ def open_suite(root: Path, settings: dict[str, Any], data: dict[str, Any], studi
 
 
 def read_suite(root: Path) -> dict[str, Any]:
-    return read_any_suite(root, "ablation suite")
+    return read_any_suite(root, ("recipe", "data"), {"studies": str, "seeds": int}, "ablation suite")
 
 
-def run_suite(plan: Plan, root: Path, config: str | None, base_overrides: Sequence[str],
-              shard: tuple[int, int] = (0, 1), launcher: str | None = None,
-              after_each: Callable[[], Any] | None = None) -> Progress:
-    """Train this worker's share of the plan's runs that are not finished and not held by another worker;
-    after_each (rebuilding the report, say) is called after every run this worker finishes."""
-    from .recipe import run_overrides
+def run_suite(plan: Plan, root: Path, config: TrainConfig, shard: tuple[int, int] = (0, 1),
+              launcher: str | None = None, after_each: Callable[[], Any] | None = None) -> Progress:
+    """Train this worker's share of the plan's runs that are not finished and not held by another worker,
+    each with the suite's resolved config and its own settings (recipe.run_values); after_each
+    (rebuilding the report, say) is called after every run this worker finishes."""
+    from .recipe import run_values
 
     rows_of: dict[str, list[str]] = {}
     for planned in plan.rows:
         rows_of.setdefault(planned.model, []).append(f"{planned.study.table}{planned.row.letter}")
-    jobs = [Job(run.name, run_folder(root, run), config,
-                (*base_overrides, *run_overrides(run.knobs, run.seed, run_folder(root, run))),
-                note=f"rows {' '.join(rows_of[run.model])}") for run in plan.runs()]
+    jobs = [Job(run.name, run_folder(root, run), None, (), note=f"rows {' '.join(rows_of[run.model])}",
+                resolved=config.override(run_values(run.knobs, run.seed, run_folder(root, run))))
+            for run in plan.runs()]
     return run_jobs(jobs, root, shard, launcher, after_each)

@@ -43,13 +43,13 @@ _LINEAR = ("linear", "linear", "linear")
 STUDIES: dict[str, Study] = {
     study.name: study
     for study in (
-        Study("position-embedding", 5, "position embedding (Table 5 c-f)", (
+        Study("position-embedding", 5, "position embedding (rows c-f)", (
             Row("c", "every stage", {"position_embedding": _ALL}, 81.5, 20.0),
             Row("d", "first stage only", {"position_embedding": (True, False, False)}, 81.4, 20.0),
             Row("e", "last stage only", {"position_embedding": (False, False, True)}, 81.4, 20.0),
             Row("f", "none", {"position_embedding": _NONE}, 81.6, 20.0),
         ), default="f"),
-        Study("token-embedding", 6, "convolutional token embedding (Table 6)", (
+        Study("token-embedding", 6, "convolutional token embedding", (
             Row("a", "patch embedding, no position embedding",
                 {"token_embedding": _PATCH, "position_embedding": _NONE}, 80.7, 19.5),
             Row("b", "patch embedding, position embedding",
@@ -59,11 +59,11 @@ STUDIES: dict[str, Study] = {
             Row("d", "conv. embedding, no position embedding",
                 {"token_embedding": _CONV, "position_embedding": _NONE}, 81.6, 20.0),
         ), default="d"),
-        Study("kv-stride", 7, "key/value projection stride (Table 7)", (
+        Study("kv-stride", 7, "key/value projection stride", (
             Row("a", "stride 1", {"stride_kv": (1, 1, 1)}, 82.3, 20.0, 6.55),
             Row("b", "stride 2", {"stride_kv": (2, 2, 2)}, 81.6, 20.0, 4.53),
         ), default="b"),
-        Study("projection", 8, "convolutional vs position-wise linear projection (Table 8)", (
+        Study("projection", 8, "convolutional vs position-wise linear projection", (
             Row("a", "linear in every stage", {"qkv_projection_method": _LINEAR}, 80.6),
             Row("b", "conv. in stage 1", {"qkv_projection_method": ("dw_bn", "linear", "linear")}, 80.8),
             Row("c", "conv. in stages 1-2", {"qkv_projection_method": ("dw_bn", "dw_bn", "linear")}, 81.0),

@@ -9,14 +9,14 @@ images of each digit. Validation holds the same 364 digits as the plain tree (ev
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import numpy as np
 from PIL import Image
 
 from ..config import DIGITS_SIZE
-from ..data import digit_image, load_digits, publish_tree, staging_folder
+from ..data import cache_folder, digit_image, load_digits, png_bytes
+from ..files import publish_tree, staging_folder, write_new
 
 CANVAS_SIDE = DIGITS_SIZE  # cvt_digits' input: the images need no resizing
 DIGIT_SIDE = 22
@@ -31,8 +31,7 @@ EMBEDDED_BUDGET = ("train.epochs=10", "sched.warmup_epochs=1")
 
 
 def default_root() -> Path:
-    cache = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache"))
-    return cache / "torchcvt" / f"digits-ablate-v{TASK_VERSION}"
+    return cache_folder(f"digits-ablate-v{TASK_VERSION}")
 
 
 def write_task(root: str | Path | None = None) -> Path:
@@ -55,9 +54,7 @@ def write_task(root: str | Path | None = None) -> Path:
                     continue
             canvas = Image.new("L", (CANVAS_SIDE, CANVAS_SIDE))
             canvas.paste(digit_image(digits.images[i], DIGIT_SIDE), (int(corner[1]), int(corner[0])))
-            folder = staging / split / str(label)
-            folder.mkdir(parents=True, exist_ok=True)
-            canvas.save(folder / f"{i:04d}.png")
-    (staging / ".complete").touch()
+            write_new(staging / split / str(label) / f"{i:04d}.png", png_bytes(canvas))
+    write_new(staging / ".complete", b"")
     publish_tree(staging, root)
     return root

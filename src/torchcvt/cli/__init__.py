@@ -25,7 +25,10 @@ __all__ = ["TorchcvtError", "build_parser", "hold_interrupt", "main"]
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from ..version import __version__
+
     parser = argparse.ArgumentParser(prog="torchcvt", description="CvT: Convolutional vision Transformers.")
+    parser.add_argument("--version", action="version", version=f"torchcvt {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for add_command in (add_info_command, add_train_command, add_eval_command, add_convert_command,
                         add_predict_command, add_attention_command, add_export_command, add_embed_command,

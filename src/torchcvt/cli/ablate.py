@@ -25,7 +25,9 @@ def add_ablate_command(sub: argparse._SubParsersAction) -> None:
                         "(hf:OWNER/NAME[:CONFIG], a save_to_disk or parquet folder)")
     parser.add_argument("--config", help="YAML recipe (configs/*.yaml); its model is the one ablated")
     parser.add_argument("--output", default="runs/ablate", help="suite folder (default runs/ablate)")
-    parser.add_argument("--shard", help="I/N: train only every N-th run from the I-th (0-based); default: "
+    parser.add_argument("--shard", metavar="I/N",
+                        help="train only every N-th run from the I-th; I is 0-based (0/4 ... 3/4), so a "
+                        "1-based task id (SLURM's --array=1-4) is given as ID-1/N; default: "
                         "SLURM_ARRAY_TASK_ID/COUNT when set, else all")
     parser.add_argument("--launcher", help="run each training as `LAUNCHER -m torchcvt train ...`, e.g. "
                         "'torchrun --nproc-per-node 8' (default: in this process)")
@@ -41,18 +43,22 @@ def _run_ablate(args: argparse.Namespace) -> int:
     from pathlib import Path
 
     from .. import ablate
-    from ..suite import parse_shard
+    from ..checks import check_output_folder
+    from ..suite import parse_launcher, parse_shard
 
     studies = ablate.select_studies(args.study)
     root = Path(args.output)
     if args.report_only:
-        paths = ablate.write_report(root, ablate.suite_plan(root, studies if args.study else ()))
+        plan = ablate.suite_plan(root, studies if args.study else ())
+        check_output_folder(root, "--output")  # the report is written there
+        paths = ablate.write_report(root, plan)
         print(f"report: {paths['report']}\nplot:   {paths['plot']}\njson:   {paths['json']}")
         return 0
-    if args.seeds < 1:
-        raise TorchcvtError(f"--seeds must be at least 1, got {args.seeds}")
+    if not 1 <= args.seeds <= ablate.MAX_SEEDS:
+        raise TorchcvtError(f"--seeds must be 1 to {ablate.MAX_SEEDS}, got {args.seeds}")
     shard = parse_shard(args.shard)
-    base, recipe = ablate.prepare(args.config, args.overrides, args.data)
+    launcher = parse_launcher(args.launcher)
+    config, recipe = ablate.prepare(args.config, args.overrides, args.data)
     seeds = [recipe.seed + i for i in range(args.seeds)]
     if args.dry_run:
         from ..data import is_folder_tree, source_classes
@@ -67,17 +73,20 @@ def _run_ablate(args: argparse.Namespace) -> int:
     if recipe.train_dir is None or recipe.val_dir is None:
         raise TorchcvtError("the recipe names no data: give --data DIR (holding train/ and val/) or set "
                        "data.train and data.val")
+    check_output_folder(root, "--output")
     fingerprint = ablate.data_fingerprint(recipe.train_dir, recipe.val_dir)
     plan = ablate.build_plan(recipe, studies, seeds, fingerprint["train"]["classes"])
-    suite = ablate.open_suite(root, recipe.settings, fingerprint, [s.name for s in studies], seeds)
-    everything = ablate.select_studies(suite["studies"])
-    full = ablate.build_plan(recipe, everything, suite["seeds"], plan.num_classes)
+    ablate.open_suite(root, recipe.settings, fingerprint, [s.name for s in studies], seeds)
+    # The report covers every study and seed suite.json holds when it is written, including those another
+    # worker added after this one started.
+    def report() -> dict[str, Path]:
+        return ablate.write_report(root, ablate.suite_plan(root))
+
     try:
-        progress = ablate.run_suite(plan, root, args.config, base, shard, args.launcher,
-                                    after_each=lambda: ablate.write_report(root, full))
+        progress = ablate.run_suite(plan, root, config, shard, launcher, after_each=report)
     except ablate.RunFailed as error:
         raise TorchcvtError(str(error)) from None
-    paths = ablate.write_report(root, full)
+    paths = report()
     print(progress.line(shard))
     print(f"report: {paths['report']}\nplot:   {paths['plot']}\njson:   {paths['json']}")
     return 0

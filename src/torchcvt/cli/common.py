@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 import sys
 from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
 
 from ..errors import TorchcvtError
 
@@ -14,6 +16,7 @@ def add_model_arguments(parser: argparse.ArgumentParser, checkpoint_required: bo
     parser.add_argument("--checkpoint", required=checkpoint_required,
                         help="official, transformers or torchcvt checkpoint (its class list is used)")
     add_pretrained_argument(parser)
+    add_ema_option(parser)
     parser.add_argument("--num-classes", type=int, help="head size (default: the checkpoint's, else 1000)")
     parser.add_argument("--set", dest="model_overrides", action="append", default=[], metavar="FIELD=VALUE",
                         help="model config override, e.g. --set depth=[1,2,4] (repeatable)")
@@ -31,10 +34,28 @@ def add_pretrained_argument(parser: argparse.ArgumentParser) -> None:
                         "HF_HUB_OFFLINE apply), with the ImageNet class names")
 
 
+def add_ema_option(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--ema", action="store_true",
+                        help="the checkpoint's EMA weights (a `torchcvt train` run with train.ema=true; "
+                        "timm's state_dict_ema) instead of its plain ones")
+
+
+def select_ema(checkpoint: Any, ema: bool, option: str = "--checkpoint") -> Any:
+    """--ema: the checkpoint (a path, or one already read) with its EMA weights; else it unchanged."""
+    from ..weights import read_checkpoint
+
+    if not ema:
+        return checkpoint
+    if not checkpoint:
+        raise TorchcvtError(f"--ema selects a checkpoint's EMA weights: give {option} (released weights, "
+                            "--pretrained, have none)")
+    return (read_checkpoint(checkpoint) if isinstance(checkpoint, (str, Path)) else checkpoint).ema_weights()
+
+
 def resolve_weights(args: argparse.Namespace, required: bool = False) -> None:
     """--pretrained becomes --checkpoint (the released weights, read, with what the catalogue knows of
-    them) and --model its architecture; without --model, the checkpoint is read and --model is the variant
-    it records."""
+    them) and --model its architecture; --ema selects the checkpoint's EMA weights; without --model, the
+    checkpoint is read and --model is the variant it records."""
     from timm.models import split_model_name_tag
 
     from ..config import VARIANTS
@@ -46,13 +67,16 @@ def resolve_weights(args: argparse.Namespace, required: bool = False) -> None:
             raise TorchcvtError("--pretrained and --checkpoint exclude each other")
         if args.model is None:
             raise TorchcvtError("--pretrained needs --model NAME, e.g. --model cvt_13.ms_in1k")
+        select_ema(None, args.ema)
         args.model, args.checkpoint = pretrained_checkpoint(args.model)
     elif required and not args.checkpoint:
         raise TorchcvtError("give --checkpoint CKPT or --pretrained")
+    args.checkpoint = select_ema(args.checkpoint, args.ema)
     if args.model is None:
         if not args.checkpoint:
             raise TorchcvtError("give --model NAME (or a --checkpoint that records its variant)")
-        args.checkpoint = read_checkpoint(args.checkpoint)
+        if isinstance(args.checkpoint, (str, Path)):
+            args.checkpoint = read_checkpoint(args.checkpoint)
         args.model = checkpoint_variant(args.checkpoint)
         if args.model is None:
             raise TorchcvtError(f"{args.checkpoint.path} does not record which variant it holds: pass "

@@ -31,8 +31,10 @@ def add_predict_command(sub: argparse._SubParsersAction) -> None:
     )
     _add_image_list_arguments(parser, quiet="no table on stdout and no progress bar")
     parser.add_argument("--top-k", type=int, default=5, help="classes per image (default 5)")
-    parser.add_argument("--json", help="write the JSON report here")
-    parser.add_argument("--csv", help="write a CSV report here (one row per prediction)")
+    parser.add_argument("--json", help="write the JSON report here (a file, replaced whole; or streamed to a "
+                        "device or pipe such as /dev/stdout)")
+    parser.add_argument("--csv", help="write a CSV report here, one row per prediction (a file, replaced "
+                        "whole; or streamed to a device or pipe such as /dev/stdout)")
     parser.set_defaults(run=_run_predict)
 
 
@@ -45,7 +47,7 @@ def _run_predict(args: argparse.Namespace) -> int:
     _check_workers(args)
     for option, path in (("--json", args.json), ("--csv", args.csv)):
         if path is not None:
-            check_output_file(path, option)
+            check_output_file(path, option, reads=[args.checkpoint, *args.paths], stream=True)
     predictor = make_predictor(args, args.batch_size)
     results = predictor.predict_files(args.paths, top_k=args.top_k, progress=False if args.quiet else None,
                                       on_error=report_unreadable("predict"), workers=args.workers)
@@ -69,7 +71,8 @@ def add_attention_command(sub: argparse._SubParsersAction) -> None:
     )
     add_model_arguments(parser)
     parser.add_argument("image", help="image file")
-    parser.add_argument("-o", "--output", required=True, help="PNG to write")
+    parser.add_argument("-o", "--output", required=True, help="PNG to write (a file, replaced whole; or "
+                        "streamed to a device or pipe such as /dev/stdout)")
     parser.add_argument("--stage", type=int, help="stage, numbered from 1 as in `torchcvt info` "
                         "(default: the last with more than one key)")
     parser.add_argument("--block", type=int, help="block within the stage, from 1 (default: the last)")
@@ -92,7 +95,7 @@ def _run_attention(args: argparse.Namespace) -> int:
     from ..checks import check_output_file
     from ..inputs import UnreadableImageError
 
-    check_output_file(png_path(args.output), "-o")
+    check_output_file(png_path(args.output), "-o", reads=[args.checkpoint, args.image], stream=True)
     predictor = make_predictor(args, 1)
     model = predictor.model
     stages = model.config.num_stages
@@ -133,7 +136,8 @@ def add_export_command(sub: argparse._SubParsersAction) -> None:
     )
     add_model_arguments(parser)
     parser.add_argument("--format", required=True, choices=("onnx", "torchscript", "exported"))
-    parser.add_argument("-o", "--output", required=True, help="file to write (.onnx, .pt, .pt2)")
+    parser.add_argument("-o", "--output", required=True, help="file to write (.onnx, .pt, .pt2), replaced "
+                        "whole; not a device or pipe")
     parser.add_argument("--img-size", type=image_size, metavar="N|HxW",
                         help="size of the example input (default: the model's input size)")
     parser.set_defaults(run=_run_export)
@@ -143,7 +147,7 @@ def _run_export(args: argparse.Namespace) -> int:
     from ..checks import check_output_file
     from ..export import describe_sizes, example_size, export_model, supported_sizes
 
-    check_output_file(args.output, "-o")
+    check_output_file(args.output, "-o", reads=[args.checkpoint])
     model = make_predictor(args).model
     size = args.img_size if isinstance(args.img_size, tuple) else (args.img_size, args.img_size)
     path = export_model(model, args.output, args.format, *size)
@@ -161,7 +165,8 @@ def add_embed_command(sub: argparse._SubParsersAction) -> None:
         "Unreadable files are reported and left out; the exit code is 0 only when every file was read.",
     )
     _add_image_list_arguments(parser, quiet="no progress bar")
-    parser.add_argument("-o", "--output", required=True, help="OUT.safetensors or OUT.npy")
+    parser.add_argument("-o", "--output", required=True, help="OUT.safetensors or OUT.npy (with "
+                        "OUT.files.json), replaced whole; not a device or pipe")
     parser.set_defaults(run=_run_embed)
 
 
@@ -174,7 +179,11 @@ def _run_embed(args: argparse.Namespace) -> int:
     _check_workers(args)
     if Path(args.output).suffix not in (".safetensors", ".npy"):
         raise TorchcvtError(f"-o must end in .safetensors or .npy, got {args.output!r}")
-    check_output_file(args.output, "-o")
+    from ..reports import embedding_list_path
+
+    outputs = [args.output] + ([embedding_list_path(args.output)] if args.output.endswith(".npy") else [])
+    for output in outputs:
+        check_output_file(output, "-o", reads=[args.checkpoint, *args.paths])
     predictor = make_predictor(args, args.batch_size)
     features, results = predictor.embed_files(args.paths, progress=False if args.quiet else None,
                                               on_error=report_unreadable("embed"), workers=args.workers)

@@ -5,7 +5,13 @@ from __future__ import annotations
 import argparse
 
 from ..errors import TorchcvtError
-from .common import add_model_option, add_pretrained_argument, model_overrides, resolve_weights
+from .common import (
+    add_ema_option,
+    add_model_option,
+    add_pretrained_argument,
+    model_overrides,
+    resolve_weights,
+)
 
 
 def add_train_command(sub: argparse._SubParsersAction) -> None:
@@ -45,60 +51,68 @@ def add_train_command(sub: argparse._SubParsersAction) -> None:
 def _run_train(args: argparse.Namespace) -> int:
     import os
 
-    from ..data import data_roots
-    from ..engine import TrainingDiverged, dry_run, load_config, train
-    from ..engine.recipes import choose_recipe, given_weights
-    from ..engine.starting import tag_architecture
-    from ..typed import parse_assignment
+    from ..engine import TrainingDiverged, dry_run, train
+    from ..engine.reporting import accuracy_text
+    from ..engine.resolve import resolve_config
 
     if args.world_size is not None and not args.dry_run:
         raise TorchcvtError("--world-size only applies to --dry-run (torchrun sets the real one)")
 
-    values = {"train.output": args.output, "train.resume": args.resume}
-    if args.data:
-        train_data, val_data = data_roots(args.data)
-        values.update({"data.train": train_data, "data.val": val_data})
-    if args.pretrained:
-        architecture = tag_architecture(args.pretrained, "--pretrained")
-        values.update({"model.pretrained": args.pretrained, "model.name": architecture})
-    values = {key: value for key, value in values.items() if value is not None}
+    if args.no_resume and args.resume is not None:
+        raise TorchcvtError("--no-resume and --resume both given: give one (--no-resume starts afresh, "
+                            "--resume continues from a checkpoint)")
+    if args.pretrained is not None and not args.pretrained.strip():
+        raise TorchcvtError('--pretrained "" names no weights: give a tag (e.g. cvt_13.ms_in1k), or leave '
+                            "--pretrained out to train from scratch")
     if args.config and len(args.config) > 1:
         raise TorchcvtError(f"--config given {len(args.config)} times ({', '.join(args.config)}); give one "
-                       "experiment file and change its keys with KEY=VALUE overrides")
-    values.update({"train.auto_resume": False} if args.no_resume else {})
-    values.update({"data.strict": True} if args.strict else {})
-    values.update({"train.quiet": True} if args.quiet else {})
-    config = args.config[0] if args.config else None
-    recipe = None
-    if args.data and config is None:
-        # The ImageNet recipes run only from their files: a bare --data gets a recipe sized for the job.
-        settings = dict(parse_assignment(text) for text in args.overrides) | values
-        chosen = choose_recipe(settings["data.train"], *given_weights(settings), settings.get("train.epochs"))
-        recipe = chosen.values
-        if os.environ.get("RANK", "0") == "0":
-            print(f"recipe: {chosen.why} (give --config FILE to choose another)", flush=True)
+                            "experiment file and change its keys with KEY=VALUE overrides")
+    values = {"train.output": args.output, "train.resume": args.resume,
+              "train.auto_resume": False if args.no_resume else None,
+              "data.strict": True if args.strict else None, "train.quiet": True if args.quiet else None}
+    resolved = resolve_config(
+        args.config[0] if args.config else None, args.overrides,
+        {key: value for key, value in values.items() if value is not None},
+        data=args.data, pretrained=args.pretrained,
+    )
+    cfg = resolved.config
+    line = resolved.recipe_line()
+    if line is not None and os.environ.get("RANK", "0") == "0":
+        print(line, flush=True)
     if args.dry_run:
         import json
 
         import yaml
 
-        cfg = load_config(config, args.overrides, values, recipe)
         plan = dry_run(cfg, 1 if args.world_size is None else args.world_size)
         print(yaml.safe_dump(cfg.to_dict(), sort_keys=False).rstrip())
         print(json.dumps(plan))
         return 0
     try:
-        summary = train(load_config(config, args.overrides, values, recipe))
+        summary = train(cfg)
     except TrainingDiverged as error:
         raise TorchcvtError(str(error)) from None
     if os.environ.get("RANK", "0") == "0":
-        print(f"best val top-1 {100 * summary['best_val_top1']:.2f}% "
-              f"(top-5 {100 * summary['best_val_top5']:.2f}%), "
-              f"final {100 * summary['final_val_top1']:.2f}%, {summary['epochs']} epochs in "
-              f"{summary['wall_seconds']:.1f} s ({summary['images_per_second']:.0f} img/s)")
+        best = accuracy_text(summary["best_val_top1"], summary["best_val_top5"], summary.get("classes"),
+                             " (top-5 {:.2f}%)")
+        print(f"best val {best}, "
+              f"final {100 * summary['final_val_top1']:.2f}%{_ema_scores(summary)}, "
+              f"{summary['epochs']} epochs in {summary['wall_seconds']:.1f} s "
+              f"({summary['images_per_second']:.0f} img/s)")
         print(f"checkpoint: {summary['checkpoint']}\ncurves:     {summary['curves']}\n"
               f"report:     {summary['summary']}\nmetrics:    {summary['metrics']}")
     return 0
+
+
+def _ema_scores(summary: dict) -> str:
+    """The EMA model's final scores, for a run with train.ema."""
+    if summary.get("ema_final_val_top1") is None:
+        return ""
+    from ..engine.reporting import accuracy_text
+
+    scores = accuracy_text(summary["ema_final_val_top1"], summary["ema_final_val_top5"],
+                           summary.get("classes"), ", top-5 {:.2f}%")
+    return f" (EMA: final {scores.removeprefix('top-1 ')}; use it with --ema)"
 
 
 def add_eval_command(sub: argparse._SubParsersAction) -> None:
@@ -108,6 +122,7 @@ def add_eval_command(sub: argparse._SubParsersAction) -> None:
     add_model_option(parser)
     parser.add_argument("--checkpoint", help="official, transformers or torchcvt checkpoint")
     add_pretrained_argument(parser)
+    add_ema_option(parser)
     parser.add_argument("--data", required=True, help="ImageFolder tree DIR/<class>/<image>, or a Hugging "
                         "Face dataset split (SOURCE#SPLIT; a whole dataset: its validation split)")
     parser.add_argument("--output", help="folder for the report (default: the checkpoint's folder; with "
@@ -124,6 +139,7 @@ def add_eval_command(sub: argparse._SubParsersAction) -> None:
 
 def _run_eval(args: argparse.Namespace) -> int:
     from ..engine import evaluate_checkpoint
+    from ..engine.reporting import accuracy_text
 
     if args.pretrained and args.output is None:
         args.output = "."  # not next to the weights, inside the Hugging Face cache
@@ -133,7 +149,8 @@ def _run_eval(args: argparse.Namespace) -> int:
         workers=args.workers, real_labels=args.real_labels, device=args.device, strict=args.strict,
         overrides=model_overrides(args.model_overrides),
     )
-    print(f"top-1 {100 * report['top1']:.2f}%  top-5 {100 * report['top5']:.2f}%  loss {report['loss']:.4f}  "
+    scores = accuracy_text(report["top1"], report["top5"], report["classes"], "  top-5 {:.2f}%")
+    print(f"{scores}  loss {report['loss']:.4f}  "
           f"({report['images']} images, {report['classes']} classes)")
     if "real_top1" in report:
         print(f"ReaL top-1 {100 * report['real_top1']:.2f}%  ReaL top-5 {100 * report['real_top5']:.2f}%")

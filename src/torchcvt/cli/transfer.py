@@ -36,7 +36,9 @@ def add_transfer_command(sub: argparse._SubParsersAction) -> None:
     parser.add_argument("--config", help="one recipe for every data set (default: each one's "
                         "configs/transfer-*.yaml)")
     parser.add_argument("--output", default="runs/transfer", help="suite folder (default runs/transfer)")
-    parser.add_argument("--shard", help="I/N: train only every N-th run from the I-th (0-based); default: "
+    parser.add_argument("--shard", metavar="I/N",
+                        help="train only every N-th run from the I-th; I is 0-based (0/4 ... 3/4), so a "
+                        "1-based task id (SLURM's --array=1-4) is given as ID-1/N; default: "
                         "SLURM_ARRAY_TASK_ID/COUNT when set, else all")
     parser.add_argument("--launcher", help="run each training as `LAUNCHER -m torchcvt train ...`, e.g. "
                         "'torchrun --nproc-per-node 8' (default: in this process)")
@@ -52,7 +54,8 @@ def _run_transfer(args: argparse.Namespace) -> int:
     from pathlib import Path
 
     from .. import transfer
-    from ..suite import RunFailed, parse_shard
+    from ..checks import check_output_folder
+    from ..suite import RunFailed, parse_launcher, parse_shard
 
     if args.seeds < 1:
         raise TorchcvtError(f"--seeds must be at least 1, got {args.seeds}")
@@ -78,13 +81,16 @@ def _run_transfer(args: argparse.Namespace) -> int:
         print(json.dumps({"runs": rows}))
         return 0
     if args.report_only:
+        check_output_folder(root, "--output")  # the report is written there
         paths = transfer.write_report(root, plan)
         print(f"report: {paths['report']}\nplot:   {paths['plot']}\njson:   {paths['json']}")
         return 0
     shard = parse_shard(args.shard)
+    launcher = parse_launcher(args.launcher)
+    check_output_folder(root, "--output")
     transfer.open_transfer_suite(root, plan)
     try:
-        progress = transfer.run_suite(plan, root, shard, args.launcher, pretrain)
+        progress = transfer.run_suite(plan, root, shard, launcher, pretrain)
     except RunFailed as error:
         raise TorchcvtError(str(error)) from None
     paths = transfer.write_report(root, plan)

@@ -6,7 +6,8 @@ import argparse
 import sys
 
 from ..errors import TorchcvtError
-from .common import image_size, model_overrides
+from ..hf_notes import APPROXIMATION
+from .common import add_ema_option, image_size, model_overrides, select_ema
 
 
 def add_convert_command(sub: argparse._SubParsersAction) -> None:
@@ -15,7 +16,9 @@ def add_convert_command(sub: argparse._SubParsersAction) -> None:
         description="Read SRC in any supported format (detected by content) and write it to DST: 'official' "
         "writes a .pth state dict, 'hf' a directory for transformers' "
         "CvtForImageClassification.from_pretrained, 'torchcvt' a directory (or a .safetensors file) with "
-        "model.safetensors and config.json.",
+        "model.safetensors and config.json. transformers' CvT always runs exact GELU, so the hf copy of a "
+        "QuickGELU model (the released weights and everything fine-tuned from them) is an approximation: "
+        + APPROXIMATION,
     )
     parser.add_argument("paths", nargs="+", metavar="[SRC] DST",
                         help="SRC: checkpoint file or directory (not with --pretrained); DST: a .pth file "
@@ -26,9 +29,15 @@ def add_convert_command(sub: argparse._SubParsersAction) -> None:
     parser.add_argument("--activation", choices=("quick_gelu", "gelu"),
                         help="activation of the converted model (default: the one the source records; a "
                         "transformers folder that records none gets quick_gelu, with a notice)")
+    parser.add_argument("--remote-code", action="store_true",
+                        help="with --to hf: also write modeling_torchcvt.py, transformers' CvT with the "
+                        "model's activation, which transformers runs exactly when loaded with "
+                        "trust_remote_code=True (pipeline(..., trust_remote_code=True)); loading with "
+                        "trust_remote_code runs code from the folder, so it is never the default")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing DST (never SRC)")
     parser.add_argument("--set", dest="model_overrides", action="append", default=[], metavar="FIELD=VALUE",
                         help="model config override for a source without a config, e.g. --set depth=[1,2,4]")
+    add_ema_option(parser)
     parser.add_argument("--pretrained", action="store_true",
                         help="convert the released weights of --model (e.g. cvt_13.ms_in1k) from the Hugging "
                         "Face Hub instead of SRC; as the QuickGELU weights they are unless --activation says "
@@ -46,16 +55,17 @@ def _run_convert(args: argparse.Namespace) -> int:
     if args.pretrained:
         if len(args.paths) != 1 or args.model is None:
             raise TorchcvtError("--pretrained takes --model NAME and DST, without SRC")
+        select_ema(None, args.ema, "SRC")
         args.model, args.src = pretrained_checkpoint(args.model)  # with the activation they were trained with
     elif len(args.paths) != 2:
         raise TorchcvtError("give SRC and DST, or --pretrained --model NAME and DST")
     else:
-        args.src = args.paths[0]
+        args.src = select_ema(args.paths[0], args.ema, "SRC")
     args.dst = args.paths[-1]
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         model = convert_checkpoint(args.src, args.dst, args.to, args.model, args.activation, args.overwrite,
-                                   model_overrides(args.model_overrides))
+                                   model_overrides(args.model_overrides), args.remote_code)
     for warning in caught:
         print(f"torchcvt convert: warning: {warning.message}", file=sys.stderr)
     print(f"wrote {args.dst} ({args.to} format, {model.pretrained_cfg['architecture']}, "

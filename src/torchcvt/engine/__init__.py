@@ -10,6 +10,7 @@ from .evaluate import evaluate, evaluate_checkpoint
 from .loop import Trainer, TrainingDiverged, train
 from .optim import freeze_stages, param_groups
 from .reporting import plot_curves
+from .resolve import ResolvedConfig, resolve_config
 from .runtime import Runtime, init_runtime
 from .state import FORMAT_VERSION, read_training_state, save_training_state
 from .train_config import DIGITS_RECIPE, TrainConfig, as_train_config, load_config
@@ -18,6 +19,7 @@ __all__ = [
     "DIGITS_RECIPE",
     "FORMAT_VERSION",
     "Components",
+    "ResolvedConfig",
     "Runtime",
     "TrainConfig",
     "Trainer",
@@ -33,6 +35,7 @@ __all__ = [
     "param_groups",
     "plot_curves",
     "read_training_state",
+    "resolve_config",
     "save_training_state",
     "train",
 ]

@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
-import os
+import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -15,10 +16,13 @@ import torch.distributed as dist
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
+from ..checks import check_output_folder
 from ..config import variant_config
 from ..data import (
     SeededSampler,
     ShardSampler,
+    cache_folder,
+    data_name,
     eval_transform,
     is_folder_tree,
     loader_options,
@@ -30,6 +34,8 @@ from ..data import (
 from ..errors import TorchcvtError
 from ..factory import create_model
 from ..model import CvT
+from ..runrecord import LAST_NAME
+from ..typed import describe_changes
 from ..weights import Checkpoint
 from .optim import build_loss, build_optimizer, build_scheduler, freeze_stages, learning_rate
 from .runtime import Runtime, seed_everything
@@ -85,8 +91,7 @@ def data_folders(cfg: TrainConfig, runtime: Runtime) -> tuple[Path, Path]:
     """The train and val ImageFolder trees; the embedded digits (written once) when none is given."""
     d = cfg.data
     if d.train is None:
-        cache = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache"))
-        root = Path(d.digits_root) if d.digits_root else cache / "torchcvt" / "digits"
+        root = Path(d.digits_root) if d.digits_root else cache_folder("digits")
         if runtime.is_main:
             write_digits(root)
         if runtime.distributed:
@@ -118,16 +123,54 @@ def checked_classes(train_dir: Path, val_dir: Path) -> list[str]:
     return class_names
 
 
-def make_run_folder(output: Path) -> None:
-    """Create the run folder; a one-line error when it is a file or cannot be written."""
+RUNS_ROOT = Path("runs")
+
+
+def with_run_folder(cfg: TrainConfig, runtime: Runtime) -> TrainConfig:
+    """cfg with train.output set: as given, else a fresh folder named from the data and the model, as timm
+    and transformers name theirs (runs/DATA-MODEL-YYYYmmdd-HHMMSS, -2, -3... if taken), rank 0's name on
+    every rank."""
+    if cfg.train.output is not None:
+        return cfg
+    folder = None
+    if runtime.is_main:
+        stem = RUNS_ROOT / f"{data_name(cfg.data.train)}-{cfg.model.name}-{time.strftime('%Y%m%d-%H%M%S')}"
+        folder, n = stem, 1
+        while folder.exists():
+            n += 1
+            folder = stem.with_name(f"{stem.name}-{n}")
+    if runtime.distributed:
+        chosen = [folder]
+        dist.broadcast_object_list(chosen, src=0, group=runtime.control)
+        folder = chosen[0]
+    return dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, output=str(folder)))
+
+
+def make_run_folder(output: Path) -> list[Path]:
+    """Create the run folder; a one-line error when it is a file or cannot be written. Returns the folders
+    it created, innermost first, for a start that fails to take away again (remove_created)."""
     if output.exists() and not output.is_dir():
         raise TorchcvtError(f"train.output {output} is a file, not a folder")
+    check_output_folder(output, "train.output")
+    created = [folder for folder in (output, *output.parents) if not folder.exists()]
     try:
         output.mkdir(parents=True, exist_ok=True)
     except OSError as error:
         raise TorchcvtError(f"train.output {output} cannot be created: {error.strerror}") from None
-    if not os.access(output, os.W_OK | os.X_OK):
-        raise TorchcvtError(f"train.output {output} is not writable")
+    return created
+
+
+def remove_created(paths: Sequence[Path]) -> None:
+    """Take away what a failed start created (its lock file, then its folders, innermost first), so no
+    folder is left holding nothing but a lock; a folder something else was written into stays."""
+    for path in paths:
+        try:
+            if path.is_dir():
+                path.rmdir()
+            else:
+                path.unlink(missing_ok=True)
+        except OSError:
+            return  # not empty: something besides this start lives there
 
 
 def resume_path(cfg: TrainConfig, output: Path) -> Path | None:
@@ -136,8 +179,8 @@ def resume_path(cfg: TrainConfig, output: Path) -> Path | None:
     if t.resume:
         path = Path(t.resume)
         # A run folder stands for its last checkpoint.
-        return path / "last.pth" if path.is_dir() and (path / "last.pth").is_file() else path
-    last = output / "last.pth"
+        return path / LAST_NAME if path.is_dir() and (path / LAST_NAME).is_file() else path
+    last = output / LAST_NAME
     return last if t.auto_resume and last.is_file() else None
 
 
@@ -227,8 +270,8 @@ def build_components(cfg: TrainConfig | Mapping[str, Any], runtime: Runtime) -> 
         config = variant_config(m.name, num_classes=len(class_names), **m.overrides)
         changes = check_resumable(resume, cfg, config, class_names, resume_from)
         if changes and runtime.is_main:
-            listed = "; ".join(f"{key}: {old!r} -> {new!r}" for key, (old, new) in changes.items())
-            logger.info(f"resuming with a changed config (the schedule and optimiser follow it): {listed}")
+            logger.info("resuming with a changed config (the schedule and optimiser follow it): "
+                        + describe_changes(changes))
     model = build_model(cfg, class_names, starting, runtime)
     data_config = model.pretrained_cfg
     train_set = open_images(train_dir, train_transform(a, data_config), class_names)
@@ -246,11 +289,12 @@ def build_components(cfg: TrainConfig | Mapping[str, Any], runtime: Runtime) -> 
         val_set.warn_empty_classes()
     batch_size = per_process_batch(t, runtime.world_size)
     per_rank = math.ceil(len(train_set) / runtime.world_size)
-    if batch_size < 1:
-        raise TorchcvtError(f"train.batch_size must be positive, got {batch_size}")
+    # The key the user set: train.global_batch (divided among the processes) or train.batch_size.
+    given = (f"train.global_batch={t.global_batch} ({batch_size} per process)" if t.global_batch is not None
+             else f"train.batch_size={batch_size}")
     if batch_size > per_rank:
         raise TorchcvtError(
-            f"train.batch_size={batch_size} is larger than the {per_rank} training images each of "
+            f"{given} is larger than the {per_rank} training images each of "
             f"{runtime.world_size} process(es) gets from {train_dir} ({len(train_set)} in all)"
         )
     global_batch = batch_size * runtime.world_size

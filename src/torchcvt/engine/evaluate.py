@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import re
 from collections.abc import Iterable
 from pathlib import Path
@@ -12,7 +11,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader
 
-from ..checks import check_output_folder
+from ..checks import check_output_file, check_output_folder
 from ..config import get_variant
 from ..data import (
     BadImage,
@@ -25,6 +24,7 @@ from ..data import (
 )
 from ..errors import TorchcvtError
 from ..factory import create_model
+from ..files import write_json
 from ..weights import Checkpoint, read_checkpoint
 from .reporting import plot_confusion
 from .runtime import Runtime, all_reduce, init_runtime
@@ -128,7 +128,8 @@ def evaluate_checkpoint(
     """Score a checkpoint on an ImageFolder tree or a Hugging Face dataset split (a whole dataset: its
     validation split, hfdata.evaluation_split) with the checkpoint's own class list; write a JSON report.
 
-    The report goes to output (default: next to the checkpoint) as eval_<data>.json, with a
+    The report goes to output (default: next to the checkpoint) as eval_<data>.json (eval_<data>_ema.json
+    for a checkpoint's EMA weights, Checkpoint.ema_weights()), with a
     confusion-matrix PNG for up to 100 classes. Unreadable images are counted and listed, never scored;
     with strict the first one is an error. `overrides` sets model config fields a checkpoint does not
     record (an official .pth of a non-default architecture).
@@ -137,6 +138,14 @@ def evaluate_checkpoint(
     runtime = init_runtime(device)  # a device this machine lacks is an error before any reading
     path = checkpoint.path if isinstance(checkpoint, Checkpoint) else Path(checkpoint)
     out_dir = check_output_folder(output if output is not None else path.parent, "output")
+    # The EMA weights' report stands beside the plain weights' one.
+    ema = isinstance(checkpoint, Checkpoint) and checkpoint.is_ema
+    data_name = Path(data).resolve().name if is_folder_tree(data) else (
+        re.sub(r"[^\w.-]+", "_", str(data).removeprefix("hf:")).strip("_"))
+    stem = f"eval_{data_name}{'_ema' if ema else ''}"
+    if out_dir.is_dir():
+        for name in (f"{stem}.json", f"{stem}_confusion.png"):
+            check_output_file(out_dir / name, "report", reads=[path, real_labels])
     # Any format, read once: class list, architecture and weights come from it.
     stored = checkpoint if isinstance(checkpoint, Checkpoint) else read_checkpoint(path)
     checkpoint = path
@@ -163,7 +172,7 @@ def evaluate_checkpoint(
         dataset,
         batch_size=batch_size,
         shuffle=False,
-        **loader_options(workers, True, False, runtime.device),
+        **loader_options(workers, True, False, runtime.device, "workers"),
     )
     real = None
     if real_labels is not None:
@@ -180,11 +189,10 @@ def evaluate_checkpoint(
         model, loader, runtime.device, len(class_names), real_labels=real, confusion=confusion, strict=strict
     )
     out_dir.mkdir(parents=True, exist_ok=True)
-    stem = f"eval_{Path(data).resolve().name}" if is_folder_tree(data) else (
-        "eval_" + re.sub(r"[^\w.-]+", "_", str(data).removeprefix("hf:")).strip("_"))
     report = {
         "model": model_name,
         "checkpoint": str(checkpoint),
+        "weights": "ema" if ema else "plain",
         "data": str(data),
         "classes": len(class_names),
         **{k: v for k, v in result.items() if k != "confusion"},
@@ -199,5 +207,5 @@ def evaluate_checkpoint(
         report["confusion_png"] = str(out_dir / f"{stem}_confusion.png")
         plot_confusion(matrix, class_names, Path(report["confusion_png"]))
     report["report_json"] = str(out_dir / f"{stem}.json")
-    Path(report["report_json"]).write_text(json.dumps(report, indent=2))
+    write_json(report["report_json"], report)
     return report

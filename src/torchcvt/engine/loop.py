@@ -8,9 +8,11 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+import torch
 import torch.distributed as dist
 
-from .build import Components, build_components, make_run_folder
+from ..runrecord import BEST_NAME, LAST_NAME
+from .build import Components, build_components, make_run_folder, remove_created, with_run_folder
 from .optim import update_lr
 from .reporting import MetricsLog, Progress
 from .runlock import RunLock
@@ -47,12 +49,14 @@ class Trainer:
         The lock comes first, so a second training on a folder in use moves nothing aside; every rank
         stops when rank 0 cannot take it.
         """
-        cfg = as_train_config(cfg)
+        cfg = with_run_folder(as_train_config(cfg), runtime)
         output = Path(cfg.train.output)
-        lock, error = RunLock(output), None
+        lock, error, created = RunLock(output), None, []
         if runtime.is_main:
             try:
-                make_run_folder(output)
+                created = make_run_folder(output)
+                if not lock.path.exists():
+                    created.insert(0, lock.path)
                 lock.acquire()
             except ValueError as raised:
                 error = raised
@@ -61,6 +65,7 @@ class Trainer:
             return cls(cfg, runtime, build_components(cfg, runtime), lock)
         except BaseException:
             lock.release()
+            remove_created(created)
             raise
 
     def _log(self, text: str) -> None:
@@ -85,11 +90,11 @@ class Trainer:
         self.checkpoints.started = self.report.started = time.perf_counter()
         if parts.resume_state is not None:
             self.checkpoints.restore(parts.resume_state)
+            parts.resume_state = None
+            if loop.start_epoch >= self.epochs:
+                return self.report.finished()
             self._log(f"resuming from {parts.resume_path} at epoch {loop.start_epoch + 1}, "
                       f"step {loop.global_step}")
-            parts.resume_state = None
-        if loop.start_epoch >= self.epochs:
-            return self.report.finished()
         main = self.runtime.is_main
         resumed_at = loop.global_step if parts.resume_path else None
         self.metrics = MetricsLog(self.output, resumed_at) if main else None
@@ -100,18 +105,20 @@ class Trainer:
             f"{self.runtime.device}, global batch {self.global_batch}, lr {self.lr:.3g}, "
             f"{self._length()}; output {self.output}"
         )
+        if parts.amp_dtype is not None or parts.val_amp_dtype is not None:
+            self._log(_precision(parts.amp_dtype, parts.val_amp_dtype))
         last_val: dict[str, Any] = {}
         try:
             for epoch in range(loop.start_epoch, self.epochs):
                 self._train_epoch(epoch, progress)
-                last_val = self.report.validate(epoch, self.metrics)
+                last_val = self.report.validate(epoch, self.metrics, progress)
                 loop.last_val = {key: last_val[key] for key in ("top1", "top5", "loss")}
                 self.report.warn_unlearnable_classes()
                 # best.pth first: last.pth then records a best score that best.pth already holds.
                 if last_val["top1"] > loop.best_top1:
                     loop.best_top1, loop.best_top5 = last_val["top1"], last_val["top5"]
-                    self._save("best.pth", epoch + 1, 0)
-                self._save("last.pth", epoch + 1, 0)
+                    self._save(BEST_NAME, epoch + 1, 0)
+                self._save(LAST_NAME, epoch + 1, 0)
         finally:
             progress.close()
             if self.metrics is not None:
@@ -158,16 +165,20 @@ class Trainer:
             loop.train_images += self.global_batch
             drawn = first + done * batch
             at_end = done == steps or loop.global_step == parts.max_steps
-            log = loop.global_step % progress.every == 0 or at_end
+            log = loop.global_step % progress.every == 0 or at_end  # a metrics record and a line
+            show = log or progress.due()  # a line only: a log file shows progress every so often
             saving = bool(every) and loop.global_step % every == 0
             mean_loss = None
             if log or saving:
                 # The one host sync of a logging interval: divergence check and the window's loss.
                 mean_loss = self.steps.check_finite(window_loss, self.checkpoints.kept()) / window_steps
+            elif show:
+                # A line by the clock is rank 0's alone: its own window's loss, without a collective.
+                mean_loss = float(window_loss) / window_steps
             elapsed = time.perf_counter() - tick
             lr = self.optimizer.param_groups[-1]["lr"]
             speed = window_steps * self.global_batch / max(elapsed, 1e-9)
-            progress.update(first // batch + done, mean_loss if log else None, lr, speed)
+            progress.update(first // batch + done, mean_loss if show else None, lr, speed)
             if log:
                 if self.metrics is not None:
                     self.metrics.write({"kind": "train", "step": loop.global_step,
@@ -176,7 +187,7 @@ class Trainer:
                 loop.train_seconds += elapsed
                 window_loss, window_steps, tick = self.steps.zero(), 0, time.perf_counter()
             if saving:
-                self._save("last.pth", epoch, drawn * world)
+                self._save(LAST_NAME, epoch, drawn * world)
         self.steps.check_finite(window_loss, self.checkpoints.kept())
         loop.train_seconds += time.perf_counter() - tick if window_steps else 0.0
         progress.close()
@@ -185,6 +196,15 @@ class Trainer:
         self.steps.left_out += count
         logger.warning(f"left out {count} readable image(s) of an epoch whose other images were all "
                        "unreadable: a training batch needs two")
+
+
+def _precision(train: torch.dtype | None, val: torch.dtype | None) -> str:
+    """The one line that says a run uses mixed precision, and which (timm's train.py says it too)."""
+    def name(dtype: torch.dtype | None) -> str:
+        return {torch.bfloat16: "bf16 autocast", torch.float16: "fp16 autocast"}.get(dtype, "float32")
+
+    scaling = " with loss scaling" if train is torch.float16 else ""
+    return f"mixed precision: training in {name(train)}{scaling}, validation in {name(val)}"
 
 
 def train(cfg: TrainConfig | Mapping[str, Any]) -> dict[str, Any]:

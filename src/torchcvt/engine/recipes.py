@@ -14,8 +14,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ..data import walk_images
+from ..data import class_images, is_folder_tree, list_classes, open_image
 from ..errors import TorchcvtError
+from .train_config import TrainConfig
 
 # Augmentation by strength: light for a few thousand images (and for fine-tuning), the paper's for many.
 AUGMENTATION: dict[str, dict[str, Any]] = {
@@ -80,11 +81,37 @@ SIZE_SAMPLE = 32
 
 @dataclass(frozen=True)
 class Recipe:
-    """A chosen recipe: its name, its config sections and why it was chosen, in one line."""
+    """A chosen recipe: its name, its config sections, the starting weights that chose it (None: from
+    scratch), its augmentation strength and the data it was sized for, in words."""
 
     name: str
     values: dict[str, Any]
-    why: str
+    weights: str | None = None
+    augmentation: str = "light"
+    data: str = ""
+
+    def describe(self, cfg: TrainConfig) -> str:
+        """Why this recipe, in one line, with the values cfg (the recipe after overrides) trains with."""
+        t, o = cfg.train, cfg.optim
+        batch = t.global_batch or t.batch_size
+        length = f"{t.steps} steps" if t.steps is not None else _epochs(t.epochs)
+        sized = f"{length} at batch {batch}, {self.augmentation} augmentation, for {self.data}"
+        if self.weights is not None:
+            lr = f"lr {o.lr:g}" if o.lr is not None else f"base lr {o.base_lr:g} per {o.base_batch_size}"
+            return f"fine-tune (weights given: {self.weights}): {_OPTIMIZERS.get(o.opt, o.opt)} {lr}, {sized}"
+        line = f"from scratch (no --pretrained): {cfg.model.name}, {sized}"
+        if cfg.model.name != "cvt_digits":
+            line += "; released weights (--pretrained TAG) usually do far better on a small folder"
+        return line
+
+    @property
+    def why(self) -> str:
+        """describe() of the recipe as chosen, before any override."""
+        return self.describe(TrainConfig.from_mapping(self.values, f"the {self.name} recipe"))
+
+
+# How the recipe line names timm's optimisers.
+_OPTIMIZERS = {"sgd": "SGD", "momentum": "SGD", "adamw": "AdamW", "adam": "Adam", "lamb": "LAMB"}
 
 
 @dataclass(frozen=True)
@@ -97,25 +124,19 @@ class DataShape:
 
     @classmethod
     def measure(cls, train_dir: str | Path) -> DataShape:
-        from PIL import Image
-
-        from ..data import is_folder_tree, list_classes
-
         if not is_folder_tree(train_dir):
             return cls.measure_dataset(train_dir)
-
-        classes = list_classes(train_dir)
-        paths = walk_images(train_dir)
+        classes, paths = list_classes(train_dir), [path for path, _ in class_images(train_dir)]
         if not paths:
-            raise TorchcvtError(f"data folder {train_dir} holds no images")
+            raise TorchcvtError(f"data folder {train_dir} holds no images in its class folders")
         sample = paths[:: max(1, len(paths) // SIZE_SAMPLE)][:SIZE_SAMPLE]
         sides = []
         for path in sample:
-            try:
-                with Image.open(path) as image:
+            try:  # reads the header only; PIL's own pixel limit refuses decompression bombs here
+                with open_image(path) as image:
                     sides.append(min(image.size))
-            except OSError:
-                continue  # an unreadable image is reported (and skipped) by the run itself
+            except Exception:  # decoding one file; an unreadable image is reported (and skipped) by the run
+                continue
         return cls(len(paths), len(classes), int(statistics.median(sides)) if sides else 224)
 
 
@@ -166,11 +187,7 @@ def choose_recipe(
         length = epochs if given else band.finetune_epochs
         values["train"] = {"epochs": length, "batch_size": batch}
         values["sched"]["warmup_epochs"] = _warmup(values["sched"]["warmup_epochs"], length)
-        why = (
-            f"fine-tune (weights given: {weights}): SGD lr {values['optim']['lr']}, "
-            f"{_epochs(length)} at batch {batch}, light augmentation, for {counted}"
-        )
-        return Recipe("finetune", values, why)
+        return Recipe("finetune", values, str(weights), "light", counted)
     model, base_lr = next(
         (name, lr) for most, name, lr in SCRATCH_MODELS if most is None or shape.side <= most
     )
@@ -181,13 +198,7 @@ def choose_recipe(
     length = epochs if given else band.scratch_epochs
     values["sched"]["warmup_epochs"] = _warmup(max(1, length // 20), length)
     values["train"] = {"epochs": length, "batch_size": batch}
-    why = (
-        f"from scratch (no --pretrained): {model}, {_epochs(length)} at batch {batch}, "
-        f"{band.augmentation} augmentation, for {counted}"
-    )
-    if model != "cvt_digits":
-        why += "; released weights (--pretrained TAG) usually do far better on a small folder"
-    return Recipe(f"scratch-{band.name}", values, why)
+    return Recipe(f"scratch-{band.name}", values, None, band.augmentation, counted)
 
 
 def given_weights(settings: Mapping[str, Any]) -> tuple[str | None, str | None]:

@@ -6,7 +6,7 @@ import json
 import logging
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -14,38 +14,40 @@ import torch
 
 from ..errors import TorchcvtError
 from ..extras import require
+from ..files import append_text, write_figure, write_text
 
 logger = logging.getLogger("torchcvt.engine")
 
 
-class Progress:
-    """A tqdm bar per epoch on a terminal; plain log lines otherwise or with quiet."""
+# A log file shows progress at least this often, whatever train.log_every_steps says.
+LOG_INTERVAL_SECONDS = 30.0
 
-    def __init__(self, enabled: bool, quiet: bool, every: int):
-        self.enabled = enabled
-        self.bar_mode = enabled and not quiet and sys.stderr.isatty()
+
+class Progress:
+    """A tqdm bar per epoch on a terminal; otherwise log lines every log_every_steps steps and at least
+    every LOG_INTERVAL_SECONDS; with quiet neither (the per-epoch validation lines remain)."""
+
+    def __init__(self, enabled: bool, quiet: bool, every: int, interval: float | None = None):
+        self.enabled = enabled and not quiet
+        self.bar_mode = self.enabled and sys.stderr.isatty()
         self.every = max(1, every)
+        self.interval = LOG_INTERVAL_SECONDS if interval is None else interval
         self.bar = None
         self.epoch = self.epochs = self.total = self.initial = 0
-        self.started = time.perf_counter()
+        self.started = self.last_line = time.perf_counter()
 
     def start(self, epoch: int, epochs: int, total: int, initial: int) -> None:
         self.epoch, self.epochs, self.total, self.started = epoch, epochs, total, time.perf_counter()
         self.initial = initial
         if self.bar_mode:
-            from tqdm import tqdm
+            self.bar = _bar(total, initial, f"epoch {epoch + 1}/{epochs}", "step")
 
-            self.bar = tqdm(
-                total=total,
-                initial=initial,
-                desc=f"epoch {epoch + 1}/{epochs}",
-                unit="step",
-                dynamic_ncols=True,
-                leave=False,
-            )
+    def due(self) -> bool:
+        """Whether a log line is due by the clock (log-line mode only): none for LOG_INTERVAL_SECONDS."""
+        return self.enabled and not self.bar_mode and time.perf_counter() - self.last_line >= self.interval
 
     def update(self, step: int, loss: float | None, lr: float, images_per_second: float) -> None:
-        """One step done; loss (the mean over the logging interval) is given at logging steps only."""
+        """One step done; loss (the mean since the last logging step) is given when a line is due."""
         if not self.enabled:
             return
         if self.bar is not None:
@@ -57,15 +59,49 @@ class Progress:
         elif loss is not None:
             done = step - self.initial
             eta = (time.perf_counter() - self.started) / max(done, 1) * (self.total - step)
+            self.last_line = time.perf_counter()
             logger.info(
                 f"epoch {self.epoch + 1}/{self.epochs} step {step}/{self.total} loss {loss:.4f} lr {lr:.3e} "
                 f"{images_per_second:.0f} img/s eta {clock(eta)}"
             )
 
+    def validating(self, batches: Iterable[Any], total: int) -> Iterator[Any]:
+        """The validation batches, shown as a bar on a terminal, else a line at least every
+        LOG_INTERVAL_SECONDS (nothing with quiet)."""
+        bar = _bar(total, 0, f"validating {self.epoch + 1}/{self.epochs}", "batch") if self.bar_mode else None
+        try:
+            for done, batch in enumerate(batches, start=1):
+                yield batch
+                if bar is not None:
+                    bar.update(1)
+                elif self.due():
+                    self.last_line = time.perf_counter()
+                    logger.info(f"epoch {self.epoch + 1}/{self.epochs} validating: batch {done}/{total}")
+        finally:
+            if bar is not None:
+                bar.close()
+
     def close(self) -> None:
         if self.bar is not None:
             self.bar.close()
             self.bar = None
+
+
+def _bar(total: int, initial: int, desc: str, unit: str) -> Any:
+    from tqdm import tqdm
+
+    return tqdm(total=total, initial=initial, desc=desc, unit=unit, dynamic_ncols=True, leave=False)
+
+
+def shows_top5(num_classes: int | None) -> bool:
+    """Whether top-5 says anything: with 5 classes or fewer it is always 100% (None: not known, shown)."""
+    return num_classes is None or num_classes > 5
+
+
+def accuracy_text(top1: float, top5: float, num_classes: int | None,
+                  top5_format: str = " top-5 {:.2f}%") -> str:
+    """'top-1 81.25%' and, where it says anything (shows_top5), top-5 in top5_format."""
+    return f"top-1 {100 * top1:.2f}%" + (top5_format.format(100 * top5) if shows_top5(num_classes) else "")
 
 
 def clock(seconds: float) -> str:
@@ -81,7 +117,8 @@ class MetricsLog:
         self.path = output / "metrics.jsonl"
         records = self.read(self.path) if resume_step is not None and self.path.exists() else []
         kept = [r for r in records if r["step"] <= resume_step] if resume_step is not None else []
-        self.path.write_text("".join(json.dumps(r) + "\n" for r in kept))
+        # Replaced whole, never emptied first: a kill or a full disk here keeps the earlier epochs.
+        write_text(self.path, "".join(json.dumps(r) + "\n" for r in kept))
         require("tensorboard", "TensorBoard logging")
         from torch.utils.tensorboard import SummaryWriter
 
@@ -102,8 +139,7 @@ class MetricsLog:
         return records
 
     def write(self, record: dict[str, Any]) -> None:
-        with open(self.path, "a") as handle:
-            handle.write(json.dumps(record) + "\n")
+        append_text(self.path, json.dumps(record) + "\n")
         for key, value in record.items():
             if key not in ("step", "epoch", "kind") and isinstance(value, (int, float)):
                 self.writer.add_scalar(f"{record['kind']}/{key}", value, record["step"])
@@ -119,25 +155,35 @@ def _figure(width: float, height: float) -> Any:
     return Figure(figsize=(width, height))
 
 
-def plot_curves(metrics_path: Path, out_path: Path) -> None:
-    """Training loss and LR per step, validation top-1 and loss per epoch, as one PNG."""
+def plot_curves(metrics_path: Path, out_path: Path, num_classes: int | None = None,
+                train_loss: str = "train") -> None:
+    """Training loss and LR per step, validation top-1 (and top-5 where shows_top5) and loss per epoch, as
+    one PNG; train_loss labels the training loss (say what it includes: label smoothing, mixup)."""
     records = MetricsLog.read(metrics_path)
     train = [r for r in records if r["kind"] == "train"]
     val = [r for r in records if r["kind"] == "val"]
     fig = _figure(14, 4)
     axes = fig.subplots(1, 3)
-    axes[0].plot([r["step"] for r in train], [r["loss"] for r in train], label="train")
-    axes[0].plot([r["step"] for r in val], [r["loss"] for r in val], "o-", label="val")
+    axes[0].plot([r["step"] for r in train], [r["loss"] for r in train], label=train_loss)
+    axes[0].plot([r["step"] for r in val], [r["loss"] for r in val], "o-", label="val (plain cross-entropy)")
     axes[0].set(title="loss", xlabel="step")
     axes[0].legend()
     axes[1].plot([r["epoch"] for r in val], [100 * r["top1"] for r in val], "o-", label="top-1")
-    axes[1].plot([r["epoch"] for r in val], [100 * r["top5"] for r in val], "o-", label="top-5")
+    if shows_top5(num_classes):
+        axes[1].plot([r["epoch"] for r in val], [100 * r["top5"] for r in val], "o-", label="top-5")
     axes[1].set(title="validation accuracy (%)", xlabel="epoch")
     axes[1].legend()
     axes[2].plot([r["step"] for r in train], [r["lr"] for r in train])
     axes[2].set(title="learning rate", xlabel="step")
     fig.tight_layout()
-    fig.savefig(out_path, dpi=100)
+    write_figure(out_path, fig)
+
+
+def train_loss_label(label_smoothing: float, mixup: bool) -> str:
+    """What the plotted training loss is: cross-entropy with the run's label smoothing and mixed targets."""
+    parts = ([f"label smoothing {label_smoothing:g}"] if label_smoothing > 0 else []) + (
+        ["mixup/CutMix targets"] if mixup else [])
+    return f"train (with {', '.join(parts)})" if parts else "train"
 
 
 def plot_confusion(matrix: torch.Tensor, class_names: Sequence[str], out_path: Path) -> None:
@@ -171,4 +217,4 @@ def plot_confusion(matrix: torch.Tensor, class_names: Sequence[str], out_path: P
                         color="white" if rows[i, j] > 0.5 else "black",
                     )
     fig.tight_layout()
-    fig.savefig(out_path, dpi=100)
+    write_figure(out_path, fig)

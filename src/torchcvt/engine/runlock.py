@@ -43,3 +43,18 @@ class RunLock:
         if self._fd is not None:
             os.close(self._fd)
             self._fd = None
+
+
+def lock_holder(folder: str | Path) -> str | None:
+    """Who holds FOLDER's run lock (its pid and host), or None when no live process does."""
+    try:
+        fd = os.open(Path(folder) / LOCK_NAME, os.O_RDONLY)
+    except OSError:
+        return None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return os.read(fd, 200).decode(errors="replace").strip() or "a process starting up"
+    finally:
+        os.close(fd)
+    return None

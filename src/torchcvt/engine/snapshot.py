@@ -1,4 +1,4 @@
-"""Where a run stands and its checkpoints: what a training checkpoint holds, writing it, resuming from it."""
+"""Where a run stands and its checkpoints: the training checkpoint a run writes, and resuming from one."""
 
 from __future__ import annotations
 
@@ -11,6 +11,7 @@ import torch
 import torch.distributed as dist
 
 from ..errors import TorchcvtError
+from ..runrecord import BEST_NAME, LAST_NAME, TrainingCheckpoint
 from .build import Components
 from .optim import update_lr
 from .runtime import Runtime, agree_on_failure, rng_state, set_rng_state
@@ -56,35 +57,35 @@ class Checkpointer:
         dist.all_gather_object(gathered, value)
         return gathered
 
-    def state(self, epoch: int, epoch_images: int, left_out: int) -> dict[str, Any]:
+    def state(self, epoch: int, epoch_images: int, left_out: int) -> TrainingCheckpoint:
         """The training checkpoint: weights, optimiser, schedule, EMA, RNG of every rank and loop state."""
         parts, loop = self.parts, self.loop
         gathered = self.gather({"rng": rng_state(), "skipped": sorted(loop.skipped), "left_out": left_out})
-        return {
-            "state_dict": parts.model.state_dict(),
-            "model_name": self.cfg.model.name,
-            "config": parts.model.config.to_dict(),
-            "class_names": list(parts.class_names),
-            "optimizer": parts.optimizer.state_dict(),
-            "scheduler": parts.scheduler.state_dict(),
-            "scaler": parts.scaler.state_dict(),
-            "ema": parts.ema.module.state_dict() if parts.ema is not None else None,
-            "epoch": epoch,
-            "step_in_epoch": epoch_images // parts.global_batch,
-            "epoch_images": epoch_images,
-            "global_step": loop.global_step,
-            "best_top1": loop.best_top1,
-            "best_top5": loop.best_top5,
-            "world_size": self.runtime.world_size,
-            "rng": [rank["rng"] for rank in gathered],
-            "skipped_images": sorted(set().union(*(rank["skipped"] for rank in gathered))),
-            "left_out_images": sum(rank["left_out"] for rank in gathered),
-            "last_val": loop.last_val,
-            "train_config": self.cfg.to_dict(),
-            "wall_seconds": loop.wall_before + time.perf_counter() - self.started,
-            "train_images": loop.train_images,
-            "train_seconds": loop.train_seconds,
-        }
+        return TrainingCheckpoint(
+            state_dict=parts.model.state_dict(),
+            model_name=self.cfg.model.name,
+            config=parts.model.config.to_dict(),
+            class_names=list(parts.class_names),
+            ema=parts.ema.module.state_dict() if parts.ema is not None else None,
+            train_config=self.cfg.to_dict(),
+            optimizer=parts.optimizer.state_dict(),
+            scheduler=parts.scheduler.state_dict(),
+            scaler=parts.scaler.state_dict(),
+            epoch=epoch,
+            step_in_epoch=epoch_images // parts.global_batch,
+            epoch_images=epoch_images,
+            global_step=loop.global_step,
+            best_top1=loop.best_top1,
+            best_top5=loop.best_top5,
+            world_size=self.runtime.world_size,
+            rng=[rank["rng"] for rank in gathered],
+            skipped_images=sorted(set().union(*(rank["skipped"] for rank in gathered))),
+            left_out_images=sum(rank["left_out"] for rank in gathered),
+            last_val=loop.last_val,
+            wall_seconds=loop.wall_before + time.perf_counter() - self.started,
+            train_images=loop.train_images,
+            train_seconds=loop.train_seconds,
+        )
 
     def save(self, name: str, epoch: int, epoch_images: int, left_out: int) -> None:
         """Write OUTPUT/name (rank 0); non-finite weights are never written, the run stops instead.
@@ -103,7 +104,7 @@ class Checkpointer:
         if self.runtime.is_main:
             path = self.parts.output / name
             try:
-                save_training_state(state, path, keep_previous=name == "last.pth")
+                save_training_state(state, path, keep_previous=name == LAST_NAME)
             except OSError as failed:
                 kept = f"{path} is unchanged" if path.exists() else "nothing was written"
                 reason = (failed.strerror or str(failed)).lower()
@@ -122,38 +123,39 @@ class Checkpointer:
         return bool(finite)
 
     def kept(self) -> str:
-        last = self.parts.output / "last.pth"
+        last = self.parts.output / LAST_NAME
         return f"the last good checkpoint is {last}" if last.exists() else "no checkpoint was written yet"
 
-    def restore(self, state: dict[str, Any]) -> None:
+    def restore(self, state: TrainingCheckpoint) -> None:
         """Continue from a training checkpoint."""
         parts, loop = self.parts, self.loop
-        parts.model.load_state_dict(state["state_dict"])
+        parts.model.load_state_dict(state.state_dict)
         # The optimiser's moments come from the checkpoint; its hyper-parameters (lr, weight decay, betas,
         # ...) and the schedule from this run's config, so a run can be extended or re-tuned.
         groups = parts.optimizer.param_groups
         configured = [{k: v for k, v in group.items() if k != "params"} for group in groups]
-        parts.optimizer.load_state_dict(state["optimizer"])
+        parts.optimizer.load_state_dict(state.optimizer)
         for group, values in zip(parts.optimizer.param_groups, configured, strict=True):
             group.update(values)
-        parts.scaler.load_state_dict(state["scaler"])
-        if parts.ema is not None and state.get("ema") is not None:
-            parts.ema.module.load_state_dict(state["ema"])
-        loop.start_epoch, loop.start_images = int(state["epoch"]), epoch_images(state)
+        if state.scaler is not None:
+            parts.scaler.load_state_dict(state.scaler)
+        if parts.ema is not None and state.ema is not None:
+            parts.ema.module.load_state_dict(state.ema)
+        loop.start_epoch, loop.start_images = int(state.epoch), int(state.epoch_images)
         left = len(parts.sampler.sampler) - loop.start_images // self.runtime.world_size
         if left // parts.batch_size == 0:  # the epoch is done
             loop.start_epoch, loop.start_images = loop.start_epoch + 1, 0
-        loop.global_step = int(state["global_step"])
+        loop.global_step = int(state.global_step)
         update_lr(parts.scheduler, self.cfg.sched.interval, loop.start_epoch, loop.global_step)
-        loop.best_top1, loop.best_top5 = float(state["best_top1"]), float(state["best_top5"])
+        loop.best_top1, loop.best_top5 = float(state.best_top1), float(state.best_top5)
         self._adopt_best_score()
-        loop.skipped = set(state.get("skipped_images", []))
+        loop.skipped = set(state.skipped_images)
         # Counted on rank 0 alone from here on, so the sum over ranks stays right.
-        loop.left_out = int(state.get("left_out_images", 0)) if self.runtime.is_main else 0
-        loop.last_val = state.get("last_val")
-        loop.wall_before = float(state.get("wall_seconds", 0.0))
-        loop.train_images, loop.train_seconds = int(state["train_images"]), float(state["train_seconds"])
-        rng = state["rng"]
+        loop.left_out = int(state.left_out_images) if self.runtime.is_main else 0
+        loop.last_val = state.last_val
+        loop.wall_before = float(state.wall_seconds)
+        loop.train_images, loop.train_seconds = int(state.train_images), float(state.train_seconds)
+        rng = state.rng
         if len(rng) == self.runtime.world_size:
             set_rng_state(rng[self.runtime.rank])
         elif self.runtime.is_main:
@@ -164,7 +166,7 @@ class Checkpointer:
 
     def _adopt_best_score(self) -> None:
         # best.pth is written before last.pth: after a kill between the two it holds a newer best score.
-        best, loop = self.parts.output / "best.pth", self.loop
+        best, loop = self.parts.output / BEST_NAME, self.loop
         if not best.is_file():
             return
         try:
@@ -172,13 +174,6 @@ class Checkpointer:
         except ValueError as error:
             logger.warning(f"{error}; the next epoch that improves on {loop.best_top1:.4f} replaces it")
             return
-        if float(saved.get("best_top1", -1.0)) > loop.best_top1:
-            loop.best_top1, loop.best_top5 = float(saved["best_top1"]), float(saved["best_top5"])
+        if float(saved.best_top1) > loop.best_top1:
+            loop.best_top1, loop.best_top5 = float(saved.best_top1), float(saved.best_top5)
 
-
-def epoch_images(state: dict[str, Any]) -> int:
-    """Images a checkpoint's run drew from its epoch, over all ranks (older files: from its step count)."""
-    if "epoch_images" in state:
-        return int(state["epoch_images"])
-    saved = (state.get("train_config") or {}).get("train", {})
-    return int(state["step_in_epoch"]) * int(saved.get("batch_size", 0)) * int(state.get("world_size", 1))

@@ -5,8 +5,9 @@ The one place the engine asks the weights layer about tags and files, so that la
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from ..errors import TorchcvtError
 
@@ -48,3 +49,16 @@ def read_weights(path: str | Path) -> Checkpoint:
     from ..weights import read_checkpoint
 
     return read_checkpoint(path)
+
+
+def adopted_architecture(path: str | Path, name: str, overrides: Mapping[str, Any]) -> dict[str, Any]:
+    """The model config fields a weights file records that building `name` with `overrides` from it
+    takes over (create_model's rule), where they differ from that build's defaults: what a run's config
+    must say for the model it trains. A checkpoint `name` cannot hold is a one-line error."""
+    from ..config import architecture_differences, variant_config
+    from ..weights.load import fit_config
+
+    fitted = fit_config(read_weights(path), name, dict(overrides))
+    base = variant_config(name, **overrides).to_dict()
+    taken = tuple(key for key in fitted if key not in overrides)
+    return {key: value for key, value, _ in architecture_differences(fitted, base, taken)}

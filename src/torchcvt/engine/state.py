@@ -1,11 +1,10 @@
-"""The training checkpoint: a versioned dict of tensors and plain data, written atomically."""
+"""The training checkpoint (runrecord.TrainingCheckpoint) on disk: written atomically, read safely, and
+checked against a new config before a run resumes from it."""
 
 from __future__ import annotations
 
 import logging
 import os
-import pickle
-import warnings
 from pathlib import Path
 from typing import Any
 
@@ -14,13 +13,14 @@ import torch
 from ..config import ARCHITECTURE_FIELDS, CvtConfig, architecture_differences
 from ..errors import TorchcvtError
 from ..files import replace_file
+from ..paths import input_file_problem
+from ..runrecord import CHECKPOINT_FORMAT as FORMAT_VERSION
+from ..runrecord import LAST_NAME, PREVIOUS_NAME, RUN_FILES, TrainingCheckpoint
+from ..typed import UNSET, differences, flatten
+from ..weights.io import load_torch
 from .train_config import TrainConfig
 
-# Bumped whenever a key's meaning changes; files without the field were written before it existed (0).
-FORMAT_VERSION = 1
-
-# What resuming needs; a file without these keys (an official .pth, a weights file) holds weights only.
-TRAINING_STATE_KEYS = ("state_dict", "optimizer", "scheduler", "epoch", "step_in_epoch", "global_step", "rng")
+__all__ = ["FORMAT_VERSION", "TrainingCheckpoint", "read_training_state", "save_training_state"]
 # The start of a torch.save file (a zip archive) and of what an interrupted write may leave of one.
 ZIP_MAGIC = b"PK\x03\x04"
 
@@ -30,18 +30,25 @@ logger = logging.getLogger(__name__)
 def previous_path(path: str | Path) -> Path:
     """Where save_training_state(keep_previous=True) keeps the file it replaces: last.pth -> last.prev.pth."""
     path = Path(path)
+    if path.name == LAST_NAME:
+        return path.with_name(PREVIOUS_NAME)
     return path.with_name(f"{path.stem}.prev{path.suffix}")
 
 
-def save_training_state(state: dict[str, Any], path: str | Path, keep_previous: bool = False) -> None:
-    """Write atomically: a temporary file in the same folder, fsync, then rename over the old one.
+def save_training_state(
+    state: TrainingCheckpoint | dict[str, Any], path: str | Path, keep_previous: bool = False
+) -> None:
+    """Write a training checkpoint (or any dict of tensors and plain data) atomically: a temporary file in
+    the same folder, fsync, then rename over the old one.
 
     keep_previous keeps the replaced file as previous_path(path), a fallback should the new one be damaged.
     A failed write (a full disk) raises its OSError and leaves the old file as it was.
     """
     path = Path(path)
+    data = state.to_dict() if isinstance(state, TrainingCheckpoint) else {**state,
+                                                                          "format_version": FORMAT_VERSION}
     with replace_file(path, previous_path(path) if keep_previous else None) as handle:
-        torch.save({**state, "format_version": FORMAT_VERSION}, handle)
+        torch.save(data, handle)
 
 
 def remove_leftover_temporaries(folder: str | Path) -> list[Path]:
@@ -55,12 +62,6 @@ def remove_leftover_temporaries(folder: str | Path) -> list[Path]:
             + ", ".join(str(p) for p in leftovers)
         )
     return leftovers
-
-
-# Everything a run writes in its folder: what starting afresh there sets aside rather than overwrites.
-RUN_FILES = (
-    "last.pth", "last.prev.pth", "best.pth", "metrics.jsonl", "summary.json", "curves.png", "tensorboard",
-)
 
 
 def set_aside_previous_run(folder: str | Path) -> Path | None:
@@ -80,8 +81,8 @@ def set_aside_previous_run(folder: str | Path) -> Path | None:
     return aside
 
 
-def read_training_state(path: str | Path) -> dict[str, Any]:
-    """A training checkpoint dict (tensors and plain data only, so weights_only loading works).
+def read_training_state(path: str | Path) -> TrainingCheckpoint:
+    """A training checkpoint (tensors and plain data only, so weights_only loading works).
 
     A file that is damaged or is no training checkpoint is a one-line ValueError naming it.
     """
@@ -89,45 +90,31 @@ def read_training_state(path: str | Path) -> dict[str, Any]:
     if path.is_dir():
         raise TorchcvtError(
             f"checkpoint {path} is a folder without last.pth; give a training checkpoint file")
-    if not path.is_file():
-        raise TorchcvtError(f"checkpoint {path} does not exist")
-    try:
-        with warnings.catch_warnings():  # the protocol notice would come before the one-line refusal
-            warnings.filterwarnings("ignore", message="Detected pickle protocol", category=UserWarning)
-            state = torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError:
-        raise TorchcvtError(
-            f"checkpoint {path} is not a torchcvt training checkpoint: it holds pickled Python objects, "
-            "which are not loaded (only tensors and plain data are)"
-        ) from None
-    except (RuntimeError, EOFError) as error:
-        with open(path, "rb") as handle:
-            head = handle.read(len(ZIP_MAGIC))
-        if head and not ZIP_MAGIC.startswith(head[: len(ZIP_MAGIC)]):
-            reason = str(error).splitlines()[0] if str(error) else type(error).__name__
-            raise TorchcvtError(
-                f"checkpoint {path} is not a torch checkpoint file ({reason})") from None
-        raise TorchcvtError(
-            f"checkpoint {path} is damaged (cut short or corrupt); {_fallback(path)}") from None
+    problem = input_file_problem(path)
+    if problem is not None:
+        raise TorchcvtError(f"checkpoint {path} {problem}")
+    state = load_torch(path, lambda: _damaged(path))
     if not isinstance(state, dict):
         raise TorchcvtError(f"checkpoint {path} holds a {type(state).__name__}, not a training checkpoint")
-    version = state.get("format_version", 0)
-    if version > FORMAT_VERSION:
-        raise TorchcvtError(
-            f"checkpoint {path} has training-state format {version}; this torchcvt reads up to "
-            f"{FORMAT_VERSION}: upgrade torchcvt"
-        )
-    return state
+    return TrainingCheckpoint.from_dict(state, path)
 
 
-def check_training_state(state: dict[str, Any], path: str | Path) -> None:
+def check_training_state(state: TrainingCheckpoint, path: str | Path) -> None:
     """One-line error when a checkpoint holds weights only (an official .pth, a weights file)."""
-    missing = [key for key in TRAINING_STATE_KEYS if key not in state]
+    missing = state.resume_gaps()
     if missing:
         raise TorchcvtError(
             f"checkpoint {path} is not a torchcvt training checkpoint (it lacks {', '.join(missing)}); "
             f"to start from its weights, set model.checkpoint={path} and train without resuming"
         )
+
+
+def _damaged(path: Path) -> str:
+    with open(path, "rb") as handle:
+        head = handle.read(len(ZIP_MAGIC))
+    if head and not ZIP_MAGIC.startswith(head):
+        return "it is not a torch checkpoint file"
+    return _fallback(path)
 
 
 def _fallback(path: Path) -> str:
@@ -137,10 +124,6 @@ def _fallback(path: Path) -> str:
     except (ValueError, FileNotFoundError):
         return "no intact previous checkpoint is kept: start afresh with --no-resume"
     return f"the previous checkpoint {previous} is intact: resume from it with --resume {previous}"
-
-
-def _plain(value: Any) -> Any:
-    return list(value) if isinstance(value, tuple) else value
 
 
 # Changing one of these cannot continue a run: another model, other starting weights (a resumed run keeps
@@ -156,31 +139,25 @@ START_AFRESH = "start afresh with --no-resume (the old run moves to OUTPUT/previ
 RESUME_KEYS = ("train.resume", "train.auto_resume", "train.output")
 
 
-def _flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-    flat = {}
-    for key, value in tree.items():
-        if isinstance(value, dict):
-            flat.update(_flatten(value, f"{prefix}{key}."))
-        else:
-            flat[f"{prefix}{key}"] = _plain(value)
-    return flat
+def config_changes(saved: dict[str, Any], new: TrainConfig, model: dict[str, Any] | None = None
+                   ) -> dict[str, tuple[Any, Any]]:
+    """Every dotted key whose value differs between a checkpoint's train_config and a new config.
 
-
-def config_changes(saved: dict[str, Any], new: dict[str, Any]) -> dict[str, tuple[Any, Any]]:
-    """Every dotted key whose value differs between a checkpoint's train_config and a new config."""
-    old, ours = _flatten(saved), _flatten(new)
-    return {
-        key: (old.get(key), ours.get(key))
-        for key in sorted(set(old) | set(ours))
-        if key not in RESUME_KEYS and old.get(key) != ours.get(key)
-    }
+    A model.overrides entry the new config adds with the value of the model the checkpoint holds (model,
+    its recorded model config) is no change: that run's config left it to the starting weights.
+    """
+    changes = differences(saved, new, ignore=RESUME_KEYS)
+    prefix = "model.overrides."
+    return {key: (old, ours) for key, (old, ours) in changes.items()
+            if not (old is UNSET and key.startswith(prefix) and model is not None
+                    and flatten(model).get(key[len(prefix):], UNSET) == ours)}
 
 
 def check_resumable(
-    state: dict[str, Any], cfg: TrainConfig, config: CvtConfig, class_names: list[str], path: Path
+    state: TrainingCheckpoint, cfg: TrainConfig, config: CvtConfig, class_names: list[str], path: Path
 ) -> dict[str, tuple[Any, Any]]:
     """The config keys changed since the checkpoint; a one-line error for a change a run cannot survive."""
-    saved_config = state.get("config")
+    saved_config = state.config
     if isinstance(saved_config, dict):
         fields = (*ARCHITECTURE_FIELDS, "img_size")
         differences = architecture_differences(saved_config, config.to_dict(), fields)
@@ -190,14 +167,15 @@ def check_resumable(
                 f"cannot resume from {path}: model {field} is {theirs} there but {ours} in this config; "
                 f"{START_AFRESH}"
             )
-    saved_classes = state.get("class_names")
+    saved_classes = state.class_names
     if saved_classes is not None and list(saved_classes) != class_names:
         raise TorchcvtError(
             f"cannot resume from {path}: it was trained on {len(saved_classes)} classes "
             f"{_preview(saved_classes)} but the data has {len(class_names)} classes {_preview(class_names)}; "
             f"{START_AFRESH}"
         )
-    changes = config_changes(state.get("train_config") or {}, cfg.to_dict())
+    changes = config_changes(state.train_config or {}, cfg,
+                             saved_config if isinstance(saved_config, dict) else None)
     for key in FIXED_ON_RESUME:
         if key in changes:
             old, new = changes[key]

@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from ..config import variant_config
-from ..errors import TorchcvtError
+from ..errors import TorchcvtError, shown
 from ..typed import (
     build,
     check_fields,
@@ -18,12 +18,19 @@ from ..typed import (
     merge,
     option,
     parse_assignment,
-    read_yaml,
+    read_config_file,
     set_path,
     to_dict,
 )
 
 Precision = Literal["none", "bf16", "fp16"]
+
+# Upper bounds of the counts a config gives, checked with every other value before anything is allocated:
+# far beyond any real run (ImageNet runs 300 epochs of batches of at most tens of thousands of images).
+MAX_EPOCHS = 100_000
+MAX_STEPS = 100_000_000
+MAX_BATCH = 1 << 16
+MAX_SEED = 2**32 - 1  # numpy's seeds are 32-bit
 
 
 def _device(key: str, value: str) -> None:
@@ -47,7 +54,7 @@ class ModelSettings:
     # zeros (weight and bias, as ViT's fine-tuning code: vit_jax/models_vit.py, the head's zeros init).
     head_init: Literal["trunc_normal", "zero"] = "trunc_normal"
     overrides: dict[str, Any] = option({}, of="model config fields")  # e.g. {drop_path_rate: [0, 0, 0.1]}
-    freeze_stages: int = option(0, low=0)  # stages 0..N-1 keep their weights (and BN statistics)
+    freeze_stages: int = option(0, low=0, high=16)  # stages 0..N-1 keep their weights (and BN statistics)
     sync_bn: bool = False
 
 
@@ -58,11 +65,11 @@ class DataSettings:
     train: str | None = None  # ImageFolder tree; none given and no config file: the embedded digits
     val: str | None = None
     digits_root: str | None = None  # where the digits tree is written; default ~/.cache/torchcvt/digits
-    workers: int = option(4, low=0)
+    workers: int | None = option(None, low=0, high=256)  # loader processes; None: 4, or the CPUs if fewer
     pin_memory: bool = True
     persistent_workers: bool = True
     strict: bool = False  # stop at the first unreadable image instead of skipping it
-    eval_batch_size: int | None = option(None, low=1)
+    eval_batch_size: int | None = option(None, low=1, high=MAX_BATCH)
 
 
 @dataclass(frozen=True)
@@ -79,14 +86,15 @@ class AugSettings:
     interpolation: Literal["bicubic", "bilinear", "nearest", "random"] = "bicubic"
     re_prob: float = option(0.25, low=0.0, high=1.0)
     re_mode: Literal["const", "rand", "pixel"] = "pixel"
-    re_count: int = option(1, low=1)
+    re_count: int = option(1, low=1, high=16)
     mixup: float = option(0.8, low=0.0)
     cutmix: float = option(1.0, low=0.0)
     mixup_prob: float = option(1.0, low=0.0, high=1.0)
     mixup_switch_prob: float = option(0.5, low=0.0, high=1.0)
     mixup_mode: Literal["batch", "pair", "elem"] = "batch"
     label_smoothing: float = option(0.1, low=0.0, high=1.0, below=True)
-    repeated_aug: int = option(0, low=0)  # repeats per image, timm's RepeatAugSampler (3 for CvT-21); 0: off
+    # Repeats per image, timm's RepeatAugSampler (3 for CvT-21); 0: off
+    repeated_aug: int = option(0, low=0, high=16)
 
 
 @dataclass(frozen=True)
@@ -96,7 +104,7 @@ class OptimSettings:
     opt: str = "adamw"  # timm's names, except sgd: plain momentum; sgd_nesterov: Nesterov (engine.optim)
     lr: float | None = option(None, low=0.0, above=True)  # None: base_lr * global batch / base_batch_size
     base_lr: float = option(2.5e-4, low=0.0, above=True)
-    base_batch_size: int = option(256, low=1)
+    base_batch_size: int = option(256, low=1, high=MAX_BATCH)
     weight_decay: float = option(0.05, low=0.0)
     betas: tuple[float, float] = option((0.9, 0.999), low=0.0, high=1.0, below=True, ordered=False)  # Adam
     eps: float = option(1e-8, low=0.0, above=True)
@@ -116,32 +124,35 @@ class SchedSettings:
     warmup_epochs: float = option(5, low=0.0)
     warmup_lr: float = option(1e-6, low=0.0)
     min_lr: float = option(1e-5, low=0.0)
-    cooldown_epochs: int = option(10, low=0)  # the last epochs run at min_lr; they count within train.epochs
-    warmup_steps: int | None = option(None, low=0)  # the warm-up of a run counted in steps (train.steps)
+    # The last epochs run at min_lr; they count within train.epochs
+    cooldown_epochs: int = option(10, low=0, high=MAX_EPOCHS)
+    # The warm-up of a run counted in steps (train.steps)
+    warmup_steps: int | None = option(None, low=0, high=MAX_STEPS)
 
 
 @dataclass(frozen=True)
 class TrainSettings:
     """The run: length, batch, precision, averaging, seed, device, checkpoints and logging."""
 
-    epochs: int = option(300, low=1)  # not used when train.steps is set
+    epochs: int = option(300, low=1, high=MAX_EPOCHS)  # not used when train.steps is set
     # The run's length in optimizer steps (the paper's transfer protocol) instead of epochs: the schedule
     # runs over these steps and the run stops after the last, mid-epoch if need be.
-    steps: int | None = option(None, low=1)
-    batch_size: int = option(256, low=1)  # images per step on each process
+    steps: int | None = option(None, low=1, high=MAX_STEPS)
+    batch_size: int = option(256, low=1, high=MAX_BATCH)  # images per step on each process
     # Images per step over all processes, whatever their number: each process takes global_batch / N
     # (train.batch_size is then not used).
-    global_batch: int | None = option(None, low=1)
-    output: str = "runs/cvt"
+    global_batch: int | None = option(None, low=1, high=MAX_BATCH)
+    output: str | None = None  # None: a fresh folder runs/DATA-MODEL-TIMESTAMP (see with_run_folder)
     amp: Precision = "none"  # bf16, or fp16 (with loss scaling)
     val_amp: Precision | None = None  # validation precision; None: as train.amp
     ema: bool = False
     ema_decay: float = option(0.99996, low=0.0, high=1.0, above=True, below=True)
-    seed: int = option(0, low=0)
+    seed: int = option(0, low=0, high=MAX_SEED)
     deterministic: bool = False
     device: str = option("auto", check=_device)
-    checkpoint_every_steps: int = option(0, low=0)  # also rewrite last.pth every N steps (mid-epoch resume)
-    log_every_steps: int = option(50, low=1)
+    # Also rewrite last.pth every N steps (mid-epoch resume)
+    checkpoint_every_steps: int = option(0, low=0, high=MAX_STEPS)
+    log_every_steps: int = option(50, low=1, high=MAX_STEPS)
     quiet: bool = False
     resume: str | None = None  # a checkpoint path; by default last.pth in the output folder when present
     auto_resume: bool = True
@@ -167,7 +178,7 @@ class TrainConfig:
             variant_config(m.name, **m.overrides)
         except (TypeError, ValueError) as error:
             raise TorchcvtError(
-                f"model.name={m.name!r} with model.overrides {m.overrides}: {error}") from None
+                f"model.name={shown(m.name)} with model.overrides {shown(m.overrides)}: {error}") from None
         _check_weights(m)
         if t.steps is not None:
             _check_steps(s, t)
@@ -309,7 +320,7 @@ DIGITS_RECIPE: dict[str, Any] = {
     },
     "optim": {"lr": 3e-3, "weight_decay": 0.05},
     "sched": {"warmup_epochs": 2, "min_lr": 1e-5, "cooldown_epochs": 0},
-    "train": {"epochs": 30, "batch_size": 64, "output": "runs/digits", "log_every_steps": 10},
+    "train": {"epochs": 30, "batch_size": 64, "log_every_steps": 10},
 }
 
 
@@ -328,9 +339,7 @@ def load_config(
     settings = [parse_assignment(text) for text in overrides] + list((values or {}).items())
     if path is not None:
         path = Path(path)
-        if not path.is_file():
-            raise TorchcvtError(f"config file {path} does not exist")
-        loaded = read_yaml(path.read_text(), f"config file {path}") or {}
+        loaded = read_config_file(path) or {}
         if not isinstance(loaded, dict):
             raise TorchcvtError(
                 f"config file {path} must hold a mapping of sections, not {type(loaded).__name__}"

@@ -116,8 +116,8 @@ def _until_finished(jobs: Sequence[Job], root: Path, launcher: str | None, progr
 def dry_run_rows(plan: TransferPlan, root: Path) -> list[dict[str, Any]]:
     """Every run the suite would train, with what it trains (resolved as `torchcvt train` resolves it)."""
     from ..config import get_variant
-    from ..engine import load_config
     from ..engine.optim import is_nesterov
+    from ..engine.resolve import resolve_config
 
     rows = []
     for pair in plan.pairs:
@@ -126,7 +126,7 @@ def dry_run_rows(plan: TransferPlan, root: Path) -> list[dict[str, Any]]:
         phases += [("final", None, seed) for seed in plan.seeds]
         for phase, lr, seed in phases:
             values = plan.run_values(pair, "select" if lr else "final", lr or plan.grid[0], seed, root / "x")
-            cfg = load_config(plan.recipe(pair), list(values))
+            cfg = resolve_config(plan.recipe(pair), list(values)).config
             train = data.train_images if phase == "final" or data.train_images is None else (
                 data.train_images - data.dev_images)
             rows.append({

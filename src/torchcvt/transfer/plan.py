@@ -10,9 +10,8 @@ import statistics
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
-from ..suite import Job, events, override
+from ..suite import Job, events, override, read_summary
 from .datasets import TABLE4_WEIGHTS, TransferData
 
 GRID = (0.001, 0.003, 0.01, 0.03)  # ViT's sweep (Appendix B.1.1)
@@ -97,14 +96,6 @@ def selection_jobs(plan: TransferPlan, root: Path) -> list[Job]:
     return jobs
 
 
-def _summary(folder: Path) -> dict[str, Any] | None:
-    path = folder / "summary.json"
-    try:
-        return json.loads(path.read_text()) if path.is_file() else None
-    except ValueError:
-        return None
-
-
 def dev_scores(root: Path, pair: Pair, grid: Sequence[float]) -> dict[float, float | str | None]:
     """Each rate's development top-1 (%) of the last weights; 'diverged' for a run that failed; None while
     it has not finished."""
@@ -112,8 +103,8 @@ def dev_scores(root: Path, pair: Pair, grid: Sequence[float]) -> dict[float, flo
     scores: dict[float, float | str | None] = {}
     for lr in grid:
         name = selection_name(pair, lr)
-        summary = _summary(root / "runs" / name)
-        scores[lr] = (100.0 * summary["final_val_top1"] if summary is not None
+        summary = read_summary(root / "runs" / name)
+        scores[lr] = (100.0 * summary.final_val_top1 if summary is not None
                       else "diverged" if name in failed else None)
     return scores
 
@@ -155,14 +146,13 @@ class _test_once:
 
     def __call__(self, folder: Path) -> None:
         from ..engine.evaluate import evaluate_checkpoint
-        from ..suite import write_text
+        from ..files import write_json
 
         split = self.pair.data.split(test=True)
         report = evaluate_checkpoint(self.pair.weights.architecture, folder / "last.pth", split,
                                      output=folder / "test-eval", workers=self.workers)
-        write_text(folder / "test.json", json.dumps(
-            {"split": split, "top1": report["top1"], "images": report["images"], "weights": "last.pth"},
-            indent=2))
+        write_json(folder / "test.json", {"split": split, "top1": report["top1"], "images": report["images"],
+                                          "weights": "last.pth"})
 
 
 def test_scores(root: Path, pair: Pair, seeds: Sequence[int]) -> dict[int, float | None]:

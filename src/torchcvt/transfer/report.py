@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-import json
 import statistics
 from pathlib import Path
 from typing import Any
 
-from ..suite import write_text
+from ..files import write_figure, write_json, write_text
 from .plan import TransferPlan, chosen_lr, dev_scores, spread, test_scores
 
 RULE = ("ViT's protocol (Appendix B.1.1): each learning rate trains on the training split less a seeded, "
@@ -91,17 +90,13 @@ def plot(data: dict[str, Any], path: Path) -> None:
         if axes.get_legend_handles_labels()[0]:
             axes.legend(fontsize="small")
     figure.tight_layout()
-    figure.savefig(path, dpi=100)
+    write_figure(path, figure)
 
 
 def write_report(root: Path, plan: TransferPlan) -> dict[str, Path]:
     """Rebuild report.md, transfer.json and transfer.png in root from the runs finished so far."""
-    import os
-
     data = collect(root, plan)
-    write_text(root / "transfer.json", json.dumps(data, indent=2))
+    write_json(root / "transfer.json", data)
     write_text(root / "report.md", markdown(data))
-    temporary = root / f"transfer.tmp-{os.getpid()}.png"
-    plot(data, temporary)
-    os.replace(temporary, root / "transfer.png")
+    plot(data, root / "transfer.png")
     return {"report": root / "report.md", "json": root / "transfer.json", "plot": root / "transfer.png"}

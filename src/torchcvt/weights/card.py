@@ -13,11 +13,14 @@ from typing import Any
 from PIL import Image
 
 from ..config import CvtConfig
+from ..data import data_name
+from ..hf_notes import APPROXIMATION
+from ..runrecord import LAST_NAME, SUMMARY_NAME, RunSummary
 from .checkpoint import Checkpoint
+from .remote_code import MODELING_NAME
 
 logger = logging.getLogger(__name__)
 
-SUMMARY_NAME = "summary.json"
 _ACTIVATION = {"gelu": "exact GELU", "quick_gelu": "QuickGELU (x * sigmoid(1.702 x))"}
 
 
@@ -34,38 +37,46 @@ class TrainingRun:
 
 def training_run(checkpoint: Checkpoint) -> TrainingRun | None:
     """The run a `torchcvt train` checkpoint comes from: summary.json beside it (when it names this file:
-    best.pth gets the best metrics, last.pth the final ones) and the training data its config names."""
+    best.pth gets the best metrics, last.pth the final ones, its EMA weights the EMA's final ones) and the
+    training data its config names."""
     dataset = _dataset_name(checkpoint.train_config)
     folder = checkpoint.path if checkpoint.path.is_dir() else checkpoint.path.parent
     summary_path = folder / SUMMARY_NAME
     metrics, epochs, source = {}, None, None
     if summary_path.is_file():
         try:
-            summary = json.loads(summary_path.read_text(encoding="utf-8"))
+            summary = RunSummary.read(summary_path)
         except (OSError, ValueError) as error:
             logger.warning("%s is unreadable, the model card has no metrics: %s", summary_path, error)
-            summary = {}
-        which = {Path(str(summary.get(key, ""))).name: prefix
-                 for key, prefix in (("checkpoint", "best_val"), ("last_checkpoint", "final_val"))}
-        prefix = which.get(checkpoint.path.name)
-        if prefix is not None:
-            metrics = {name: float(summary[f"{prefix}_{name}"]) for name in ("top1", "top5")
-                       if isinstance(summary.get(f"{prefix}_{name}"), (int, float))}
-            epochs, source = summary.get("epochs"), summary_path
+            summary = None
+        metrics = {} if summary is None else _scores(summary, checkpoint)
+        if metrics:
+            epochs, source = summary.epochs, summary_path
     if dataset is None and not metrics:
         return None
     return TrainingRun(dataset, metrics, epochs, source)
 
 
+def _scores(summary: RunSummary, checkpoint: Checkpoint) -> dict[str, float]:
+    """The validation scores summary gives for the weights of checkpoint ({} when it gives none)."""
+    name = checkpoint.path.name
+    if checkpoint.is_ema:
+        scores = (summary.ema_final_val_top1, summary.ema_final_val_top5) if name == LAST_NAME else (None,)
+    elif name == Path(summary.checkpoint).name:
+        scores = (summary.best_val_top1, summary.best_val_top5)
+    elif name == Path(summary.last_checkpoint).name:
+        scores = (summary.final_val_top1, summary.final_val_top5)
+    else:
+        return {}
+    return {key: float(value) for key, value in zip(("top1", "top5"), scores, strict=False)
+            if value is not None}
+
+
 def _dataset_name(train_config: dict[str, Any] | None) -> str | None:
-    """The training data's folder name (DIR for DIR/train), or 'digits' for the embedded digits."""
+    """The training data's name (data_name) as the run's config records it."""
     if not train_config:
         return None
-    train = (train_config.get("data") or {}).get("train")
-    if train is None:
-        return "digits"
-    path = Path(train)
-    return path.parent.name if path.name in ("train", "training") and path.parent.name else path.name
+    return data_name((train_config.get("data") or {}).get("train"))
 
 
 def model_card(
@@ -74,8 +85,10 @@ def model_card(
     class_names: Sequence[str],
     preprocessor: dict[str, Any],
     run: TrainingRun | None = None,
+    remote_code: bool = False,
 ) -> str:
-    """README.md for a transformers folder: Hub metadata (library, tags, datasets, metrics), then prose."""
+    """README.md for a transformers folder: Hub metadata (library, tags, datasets, metrics), then prose;
+    remote_code: the folder ships model code for trust_remote_code=True (remote_code.py)."""
     name = architecture or "cvt"
     lines = ["---", "library_name: transformers", "pipeline_tag: image-classification", "tags:"]
     lines += [f"- {tag}" for tag in ("image-classification", "vision", "cvt", "torchcvt")]
@@ -91,12 +104,12 @@ def model_card(
             label = {"top1": "Top-1 accuracy", "top5": "Top-5 accuracy"}[metric]
             lines += ["    - type: accuracy", f"      value: {value:.4f}", f"      name: {label}"]
     lines += ["---", "", f"# {name}", ""]
-    lines += _prose(config, name, class_names, preprocessor, run)
+    lines += _prose(config, name, class_names, preprocessor, run, remote_code)
     return "\n".join(lines) + "\n"
 
 
 def _prose(config: CvtConfig, name: str, class_names: Sequence[str], preprocessor: dict[str, Any],
-           run: TrainingRun | None) -> list[str]:
+           run: TrainingRun | None, remote_code: bool) -> list[str]:
     shown = ", ".join(f"`{label}`" for label in class_names[:10])
     more = f" and {len(class_names) - 10} more" if len(class_names) > 10 else ""
     activation = _ACTIVATION.get(config.activation, config.activation)
@@ -108,10 +121,14 @@ def _prose(config: CvtConfig, name: str, class_names: Sequence[str], preprocesso
         f"- Activation: {activation}.",
         f"- Input: {_describe(preprocessor)}",
     ]
-    if config.activation != "gelu":
-        lines.append(f"- **transformers' CvT always runs exact GELU**, so it gives different outputs from "
-                     f"the {activation} these weights were trained with; load them with torchcvt for the "
-                     "exact model.")
+    exact = config.activation == "gelu"
+    if not exact and remote_code:
+        lines.append(f"- **Exact in transformers only with `trust_remote_code=True`**: this folder ships "
+                     f"`{MODELING_NAME}`, transformers' CvT with the {activation} these weights were trained "
+                     "with. Without it transformers' CvT runs exact GELU: " + APPROXIMATION)
+    elif not exact:
+        lines.append(f"- **transformers' copy is an approximation**: transformers' CvT always runs "
+                     f"exact GELU, where these weights were trained with {activation}; " + APPROXIMATION)
     if run and run.metrics:
         scores = ", ".join(f"{'top-1' if key == 'top1' else 'top-5'} {100 * value:.2f}%"
                            for key, value in run.metrics.items())
@@ -125,7 +142,8 @@ def _prose(config: CvtConfig, name: str, class_names: Sequence[str], preprocesso
         "```python",
         "from transformers import pipeline",
         "",
-        'classify = pipeline("image-classification", model="THIS_FOLDER_OR_HUB_ID")',
+        'classify = pipeline("image-classification", model="THIS_FOLDER_OR_HUB_ID"'
+        + (", trust_remote_code=True)" if remote_code and not exact else ")"),
         'print(classify("image.jpg"))',
         "```",
         "",

@@ -16,6 +16,7 @@ from typing import Any, TypedDict
 
 from ..config import VARIANTS, get_variant
 from ..errors import TorchcvtError
+from ..files import write_text
 from .checkpoint import HF_BIN_NAME, WEIGHTS_NAME
 
 PAPER = "CvT: Introducing Convolutions to Vision Transformers"
@@ -237,6 +238,6 @@ def update_docs(root: str | Path) -> list[Path]:
         table = render()
         updated = _marked(name).sub(lambda match, table=table: match.group(1) + table + match.group(3), text)
         if updated != text:
-            path.write_text(updated, encoding="utf-8")
+            write_text(path, updated)
             changed.append(path)
     return changed

@@ -15,7 +15,7 @@ from typing import Any
 from PIL import Image
 
 from ..config import CvtConfig
-from ..errors import TorchcvtError
+from ..errors import TorchcvtError, shown
 from .io import StateDict
 
 StateDictFilter = Callable[[StateDict], StateDict]
@@ -124,25 +124,60 @@ def config_from_hf(meta: dict[str, Any], where: str
     Fields come from transformers' own keys, overlaid by the full config torchcvt records under
     TORCHCVT_KEY when it wrote the file; a foreign file records no activation and no variant.
     """
+    names = _id2label_names(meta.get("id2label", {}), where)
     fields = {name: meta[name] for name in HF_CONFIG_FIELDS if name in meta}
     if "id2label" in meta or "num_labels" in meta:
         fields["num_classes"] = len(meta["id2label"]) if "id2label" in meta else meta["num_labels"]
     ours = meta.get(TORCHCVT_KEY)
     architecture = None
     if isinstance(ours, dict):
-        fields.update(ours.get("config") or {})
-        architecture = ours.get("architecture")
+        recorded = ours.get("config") or {}
+        if not isinstance(recorded, dict):
+            raise TorchcvtError(f"{where}: {TORCHCVT_KEY}.config must be a mapping of config fields, got "
+                                f"{shown(recorded)}")
+        fields.update(recorded)
+        architecture = recorded_architecture(ours.get("architecture"), where, f"{TORCHCVT_KEY}.architecture")
     try:
         full = CvtConfig().replace(**fields).to_dict()
     except (TypeError, ValueError) as error:
         raise TorchcvtError(f"{where}: {error}") from None
-    names = [name for _, name in sorted(meta.get("id2label", {}).items(), key=lambda item: int(item[0]))]
     generic = names == [f"LABEL_{i}" for i in range(len(names))]
     return {name: full[name] for name in fields}, architecture, None if generic else tuple(names)
 
 
-def hf_config_json(config: CvtConfig, class_names: Sequence[str] | None, architecture: str | None
-                   ) -> dict[str, Any]:
+def _id2label_names(labels: Any, where: str) -> list[str]:
+    """The class names of a transformers id2label, in index order: keys "0".."N-1", names strings."""
+    expected = f"{where}: id2label must map each class index 0..N-1 to its name"
+    if not isinstance(labels, dict):
+        raise TorchcvtError(f"{expected}, got {shown(labels)}")
+    try:
+        indices = sorted(int(key) for key in labels)
+    except ValueError:
+        raise TorchcvtError(f"{expected}, got the keys {shown(list(labels))}") from None
+    if indices != list(range(len(labels))):
+        raise TorchcvtError(f"{expected}, got the keys {shown(list(labels))}")
+    names = [labels[key] for key in sorted(labels, key=int)]
+    return list(recorded_names(names, where, "id2label") or ())
+
+
+def recorded_names(value: Any, where: str, key: str) -> tuple[str, ...] | None:
+    """Class names a checkpoint records: a list of strings (None or empty: none), else a one-line error."""
+    if value is None:
+        return None
+    if not isinstance(value, (list, tuple)) or not all(isinstance(name, str) for name in value):
+        raise TorchcvtError(f"{where}: {key} must be a list of class names (strings), got {shown(value)}")
+    return tuple(value) or None
+
+
+def recorded_architecture(value: Any, where: str, key: str) -> str | None:
+    """The variant name a checkpoint records: a string or none, else a one-line error."""
+    if value is not None and not isinstance(value, str):
+        raise TorchcvtError(f"{where}: {key} must be a variant name (a string), got {shown(value)}")
+    return value or None
+
+
+def hf_config_json(config: CvtConfig, class_names: Sequence[str] | None, architecture: str | None,
+                   remote_code: bool = False) -> dict[str, Any]:
     """transformers' config.json for a model of this config; ValueError if transformers has no equivalent.
 
     Beside transformers' keys it records torchcvt's full config (activation, layer_norm_eps, ...) and the
@@ -160,7 +195,7 @@ def hf_config_json(config: CvtConfig, class_names: Sequence[str] | None, archite
                  if on and width != config.embed_dim[last]]
     if problems:
         raise TorchcvtError(f"transformers' CvT cannot represent {', '.join(problems)}")
-    _warn_about_transformers(config)
+    _warn_about_transformers(config, remote_code)
     names = list(class_names) if class_names else [f"LABEL_{i}" for i in range(config.num_classes)]
     values = config.to_dict()
     return {
@@ -174,15 +209,17 @@ def hf_config_json(config: CvtConfig, class_names: Sequence[str] | None, archite
     }
 
 
-def _warn_about_transformers(config: CvtConfig) -> None:
-    """What transformers will do differently with these files (torchcvt itself reloads them exactly)."""
-    if config.activation != "gelu":
+def _warn_about_transformers(config: CvtConfig, remote_code: bool = False) -> None:
+    """What transformers will do differently with these files (torchcvt itself reloads them exactly; with
+    remote_code, so does transformers under trust_remote_code=True)."""
+    if config.activation != "gelu" and not remote_code:
         warnings.warn(
             f"the model uses activation={config.activation!r}, which transformers' CvT config cannot express "
-            "(it always uses exact GELU): transformers' outputs will differ (torchcvt reloads it exactly)",
+            "(it always uses exact GELU): transformers' copy is an approximation, its outputs differ; "
+            "--remote-code (remote_code=True) adds model code it runs exactly with trust_remote_code=True",
             stacklevel=4,
         )
-    if config.layer_norm_eps != HF_LAYER_NORM_EPS:
+    if config.layer_norm_eps != HF_LAYER_NORM_EPS and not remote_code:
         warnings.warn(
             f"the model uses layer_norm_eps={config.layer_norm_eps} but transformers' CvT always uses "
             f"{HF_LAYER_NORM_EPS}: transformers' outputs will differ (torchcvt reloads it exactly)",

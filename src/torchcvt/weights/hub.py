@@ -24,7 +24,7 @@ def download_weights(hf_hub_id: str, cache_dir: str | Path | None = None,
                      filenames: Sequence[str] = (WEIGHTS_NAME, HF_BIN_NAME)) -> Path:
     """The local path of a Hub repository's weights: the first of filenames it has.
 
-    Uses huggingface_hub's cache; FileNotFoundError saying what to set or download when none is there.
+    Uses huggingface_hub's cache; a one-line TorchcvtError saying what to set or download when none is there.
     """
     from huggingface_hub import constants, hf_hub_download
     from huggingface_hub.errors import EntryNotFoundError, HfHubHTTPError
@@ -32,11 +32,15 @@ def download_weights(hf_hub_id: str, cache_dir: str | Path | None = None,
     repo, revision = split_revision(hf_hub_id)
     failures = []
     for filename in filenames:
+        if not constants.is_offline_mode():
+            _announce_download(hf_hub_id, repo, filename, revision, cache_dir)
         try:
             path = hf_hub_download(repo, filename, revision=revision, cache_dir=cache_dir)
         except (EntryNotFoundError, HfHubHTTPError, OSError) as error:
             # A repository may hold only one of the files; the others are then missing, not an error.
             failures.append(error)
+            if _unreachable(error):
+                break  # the next file would wait through the same retries for the same answer
             continue
         logger.info("weights of %s: %s", hf_hub_id, path)
         return Path(path)
@@ -51,8 +55,28 @@ def download_weights(hf_hub_id: str, cache_dir: str | Path | None = None,
     raise TorchcvtError(
         f"cannot get the weights of {hf_hub_id}: {why}; or download {' (or '.join(filenames)}"
         f"{')' * (len(filenames) - 1)} from {where} by hand and pass it as checkpoint=PATH "
-        "(--checkpoint PATH on the command line)"
+        "(torchcvt train: model.checkpoint=PATH; predict, eval, export: --checkpoint PATH)"
     )
+
+
+def _announce_download(hf_hub_id: str, repo: str, filename: str, revision: str | None,
+                       cache_dir: str | Path | None) -> None:
+    """Say that the Hub is asked, before huggingface_hub's retries, which wait silently without a network."""
+    from huggingface_hub import try_to_load_from_cache
+
+    cached = isinstance(try_to_load_from_cache(repo, filename, cache_dir, revision), str)
+    what = "checking the Hugging Face Hub for updates to the cached" if cached else "downloading the"
+    logger.info("%s weights of %s (%s); without a network this waits for about half a minute of retries: "
+                "set HF_HUB_OFFLINE=1 to use the cache alone", what, hf_hub_id, filename)
+
+
+def _unreachable(error: BaseException) -> bool:
+    """Whether a download failed without reaching the Hub (no network): huggingface_hub then looked in the
+    cache after its retries and raises LocalEntryNotFoundError; a file the Hub lacks raises another."""
+    from huggingface_hub import constants
+    from huggingface_hub.errors import LocalEntryNotFoundError
+
+    return isinstance(error, LocalEntryNotFoundError) and not constants.is_offline_mode()
 
 
 def read_pretrained(file: str | Path | None = None, hf_hub_id: str | None = None,

@@ -1,4 +1,4 @@
-"""Tensor files in and out: safetensors and weights-only torch pickles, written atomically.
+"""Tensor files in and out: safetensors and weights-only torch pickles, written through files.py.
 
 Nothing here knows about CvT: it reads and writes dicts of tensors and the metadata beside them.
 """
@@ -7,11 +7,9 @@ from __future__ import annotations
 
 import codecs
 import json
-import os
 import pickle
 import re
 import struct
-import tempfile
 import warnings
 from collections.abc import Callable
 from pathlib import Path
@@ -19,9 +17,10 @@ from typing import Any
 
 import torch
 from safetensors import SafetensorError, safe_open
-from safetensors.torch import save_file
+from safetensors.torch import save as safetensors_bytes
 
 from ..errors import TorchcvtError
+from ..files import replace_file, write_bytes
 
 StateDict = dict[str, torch.Tensor]
 
@@ -49,7 +48,7 @@ def read_tensor_file(path: Path) -> tuple[Any, dict[str, str]]:
         raise TorchcvtError(f"{path} is a truncated safetensors file ({size} bytes, its header alone needs "
                          f"{header_len + 8})")
     if head.startswith(b"PK\x03\x04") or head.startswith(b"\x80"):  # torch.save's zip format or legacy pickle
-        return _torch_load(path), {}
+        return load_torch(path), {}
     try:  # incremental, so that a character cut at byte 512 does not count as binary
         codecs.getincrementaldecoder("utf-8")().decode(head)
         found = "a text file" if b"\0" not in head else "unrecognised binary data"
@@ -68,7 +67,10 @@ def _read_safetensors(path: Path) -> tuple[StateDict, dict[str, str]]:
             f"{path} is a damaged or truncated safetensors file ({first_line(error)})") from None
 
 
-def _torch_load(path: Path) -> Any:
+def load_torch(path: Path, damaged: Callable[[], str] | None = None) -> Any:
+    """The one torch.load: weights only (tensors and plain containers), on the CPU, without torch's notice
+    about a pickle protocol; anything else is a one-line error naming path, ending in damaged() when the
+    file is a damaged torch file (where to turn instead)."""
     try:
         with warnings.catch_warnings():
             # A pickle protocol other than torch.save's is what an unsafe file often has: it is refused
@@ -83,8 +85,9 @@ def _torch_load(path: Path) -> Any:
             "(torch.load weights_only=True): save the model's state_dict alone"
         ) from None
     except (RuntimeError, EOFError, OSError, ValueError) as error:  # how torch reports a damaged archive
+        hint = f"; {damaged()}" if damaged is not None else ""
         raise TorchcvtError(
-            f"{path} is not a readable PyTorch checkpoint, truncated or damaged ({first_line(error)})"
+            f"{path} is not a readable PyTorch checkpoint, truncated or damaged ({first_line(error)}){hint}"
         ) from None
 
 
@@ -121,40 +124,17 @@ def contiguous(state_dict: StateDict) -> StateDict:
     return {key: value.detach().cpu().contiguous() for key, value in state_dict.items()}
 
 
-def write_atomic(path: Path, write: Callable[[Path], None]) -> Path:
-    """Call write(temporary) beside path, then rename it over path: a failed write leaves path as it was."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(handle)
-    temporary = Path(name)
-    try:
-        write(temporary)
-        os.replace(temporary, path)
-    finally:
-        temporary.unlink(missing_ok=True)
-    return path
-
-
 def save_safetensors(state_dict: StateDict, path: Path, metadata: dict[str, str] | None = None) -> Path:
-    """Write tensors (and string metadata) as one safetensors file, atomically."""
-    tensors = contiguous(state_dict)
-    metadata = {"format": "pt", **(metadata or {})}
-    return write_atomic(path, lambda target: save_file(tensors, target, metadata=metadata))
+    """Write tensors (and string metadata) as one safetensors file, atomically (files.write_bytes)."""
+    data = safetensors_bytes(contiguous(state_dict), {"format": "pt", **(metadata or {})})
+    return write_bytes(path, data)
 
 
 def save_torch(obj: Any, path: Path) -> Path:
-    """torch.save obj, atomically."""
-    return write_atomic(path, lambda target: torch.save(obj, target))
-
-
-def save_json(data: dict[str, Any], path: Path) -> Path:
-    """Write a JSON object with a trailing newline, atomically."""
-    return save_text(json.dumps(data, indent=2) + "\n", path)
-
-
-def save_text(text: str, path: Path) -> Path:
-    """Write UTF-8 text, atomically."""
-    return write_atomic(path, lambda target: target.write_text(text, encoding="utf-8"))
+    """torch.save obj, atomically (files.replace_file)."""
+    with replace_file(path) as handle:
+        torch.save(obj, handle)
+    return path
 
 
 def preview(items: list[str], limit: int = 5) -> str:

@@ -111,6 +111,13 @@ def load_into(model: CvT, checkpoint: Checkpoint) -> Checkpoint:
 def _fit_state_dict(model: CvT, checkpoint: Checkpoint) -> StateDict:
     state_dict = dict(checkpoint.state_dict)
     own = model.state_dict()
+    # torch copies any dtype into a float tensor without a word: int8, bool or complex weights (a quantized
+    # or corrupt file) would load as garbage.
+    wrong = next((k for k in own if k in state_dict and own[k].is_floating_point()
+                  and not state_dict[k].is_floating_point()), None)
+    if wrong is not None:
+        raise TorchcvtError(f"{checkpoint.path}: tensor {wrong} holds {str(state_dict[wrong].dtype)[6:]} "
+                            f"values where the model has {str(own[wrong].dtype)[6:]} weights")
     if checkpoint.num_classes != model.num_classes:
         state_dict = {key: value for key, value in state_dict.items() if not key.startswith("head.")}
         state_dict.update({key: value for key, value in own.items() if key.startswith("head.")})

@@ -1,0 +1,114 @@
+"""optimize_for_inference: the same function as the model, prepared once, a snapshot that leaves the model as
+it was."""
+
+import pytest
+import torch
+from trainkit import perturb_weights
+
+import torchcvt
+from torchcvt import fused
+from torchcvt.inference import InferenceCvT, optimize_for_inference
+
+VARIANTS = {
+    "dw_bn": {},
+    "avg_linear_cls_everywhere": {"qkv_projection_method": ["avg", "linear", "dw_bn"],
+                                  "cls_token": [True, False, True]},
+}
+
+
+def _model(tiny_overrides: dict, activation: str, **overrides) -> torchcvt.CvT:
+    model = torchcvt.create_model("cvt_13", num_classes=10, activation=activation,
+                                  **{**tiny_overrides, **overrides})
+    with torch.no_grad():
+        perturb_weights(model)  # non-zero biases, BatchNorm affine and statistics away from identity
+    return model.eval()
+
+
+@pytest.mark.parametrize(("variant", "activation", "fused_linear"), [
+    ("dw_bn", "quick_gelu", None), ("dw_bn", "gelu", None), ("avg_linear_cls_everywhere", "quick_gelu", None),
+    ("avg_linear_cls_everywhere", "gelu", None),
+    ("dw_bn", "quick_gelu", False),  # plain products, the MLP in row blocks: the folded SiLU there
+])
+def test_matches_the_model_in_float32_and_bfloat16(tiny_overrides, monkeypatch, variant, activation,
+                                                   fused_linear):
+    monkeypatch.setattr(fused, "_setting", fused._setting)
+    torchcvt.set_fused_linear(fused_linear)  # None: the per-CPU choice
+    model = _model(tiny_overrides, activation, **VARIANTS[variant])
+    fast32, fast16 = optimize_for_inference(model), optimize_for_inference(model, torch.bfloat16)
+    for x in (torch.randn(1, 3, 64, 64), torch.randn(2, 3, 56, 80)):
+        with torch.no_grad():
+            want = model(x)
+            features = model.forward_head(model.forward_features(x), pre_logits=True)
+        got32, got16 = fast32(x), fast16(x)
+        assert got32.dtype == torch.float32 and got16.dtype == torch.bfloat16
+        torch.testing.assert_close(got32, want, rtol=0, atol=1e-5)
+        # The bf16 tolerance of tests/test_fast.py's pure bfloat16 model.
+        torch.testing.assert_close(got16.float(), want, rtol=0.05, atol=0.05 * want.abs().max().item())
+        embedded = fast32.forward_head(fast32.forward_features(x), pre_logits=True)
+        torch.testing.assert_close(embedded, features, rtol=0, atol=1e-5)
+
+
+def _snapshot(model: torch.nn.Module) -> dict:
+    return {"state": {k: v.clone() for k, v in model.state_dict().items()},
+            "dtypes": [p.dtype for p in model.parameters()],
+            "requires_grad": [p.requires_grad for p in model.parameters()],
+            "training": [m.training for m in model.modules()],
+            "modules": [type(m) for m in model.modules()]}
+
+
+def test_leaves_the_model_as_it_was(tiny_overrides):
+    model = _model(tiny_overrides, "quick_gelu").train()
+    before = _snapshot(model)
+    optimize_for_inference(model, torch.bfloat16)
+    after = _snapshot(model)
+    assert before.keys() == after.keys()
+    for key in ("dtypes", "requires_grad", "training", "modules"):
+        assert before[key] == after[key], key
+    for name, tensor in before["state"].items():
+        assert torch.equal(tensor, after["state"][name]), name
+
+
+def test_is_a_snapshot_that_later_edits_do_not_reach(tiny_overrides):
+    model = _model(tiny_overrides, "quick_gelu")
+    optimized = optimize_for_inference(model)
+    x = torch.randn(2, 3, 64, 64)
+    before = optimized(x)
+    with torch.no_grad():
+        model.stage0.blocks[0].mlp.fc1.weight.data.mul_(0.5)
+        model.stage2.blocks[0].attn.conv_proj_k.bn.running_mean.add_(1.0)
+        model.head.bias.add_(3.0)
+        changed = model(x)
+    assert (changed - before).abs().max() > 1e-2  # the edits move the model's logits
+    torch.testing.assert_close(optimized(x), before, rtol=0, atol=0)
+
+
+def test_does_no_per_call_weight_work(tiny_overrides):
+    """No weight is cast, scaled, folded or copied in a call: every copy is of a batch-sized activation."""
+    model = _model(tiny_overrides, "quick_gelu")
+    for dtype in (torch.float32, torch.bfloat16):
+        optimized = optimize_for_inference(model, dtype)
+        x = torch.randn(2, 3, 64, 64, dtype=dtype)
+        optimized(x)
+        with torch.profiler.profile(record_shapes=True) as prof:
+            optimized(x)
+        events = prof.key_averages(group_by_input_shape=True)
+        assert not [e.key for e in events if e.key in ("aten::_to_copy", "aten::rsqrt", "aten::mul")], dtype
+        copied = [e.input_shapes[0] for e in events if e.key == "aten::copy_"]
+        assert copied and all(shape[0] == 2 for shape in copied), copied
+
+
+def test_runs_without_autograd_and_refuses_training(tiny_overrides):
+    optimized = optimize_for_inference(_model(tiny_overrides, "gelu"))
+    assert isinstance(optimized, InferenceCvT) and not optimized.training
+    assert not any(p.requires_grad for p in optimized.parameters())
+    assert not optimized(torch.randn(1, 3, 64, 64, requires_grad=True)).requires_grad
+    with pytest.raises(torchcvt.errors.TorchcvtError, match="for inference only: train the original"):
+        optimized.train()
+
+
+def test_bad_arguments_are_one_line_errors(tiny_overrides):
+    model = _model(tiny_overrides, "gelu")
+    with pytest.raises(torchcvt.errors.TorchcvtError, match=r"dtype must be one of .*got torch.int8"):
+        optimize_for_inference(model, torch.int8)
+    with pytest.raises(torchcvt.errors.TorchcvtError, match="takes a torchcvt CvT, got a Linear"):
+        optimize_for_inference(torch.nn.Linear(2, 2))

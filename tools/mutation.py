@@ -1,0 +1,145 @@
+"""Mutation testing of torchcvt's numeric core with mutmut: one module at a time, against fast tests.
+
+    python tools/mutation.py layers            # one module; several; `all`; --list for the names and tests
+    python tools/mutation.py steps data --seconds 600     # a time bound per module
+
+Each module is mutated in its own scratch copy (default /tmp/torchcvt-mutation/MODULE, kept, so a rerun only
+tests what changed) and its mutants run against the tests named below. Prints the count of each outcome, the
+kill rate (killed and timed out over all mutants checked) and the survivors; docs/testing.md reports them.
+Needs the `dev` extra (mutmut). Not installed with the package.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+from collections import Counter
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+PARITY = "tests/test_numeric_parity.py::"
+# The official-layout reference at fp32, both kernels and both activations; the MLP alone; the key names.
+OFFICIAL = [f"{PARITY}test_official_layout_file_gives_the_reference_logits[{kernel}-{activation}-fp32]"
+            for kernel in ("fused", "plain") for activation in ("quick_gelu", "gelu")]
+MLP = [f"{PARITY}test_fused_and_plain_mlp_blocks_agree_with_the_formula"]
+KEYS = [f"{PARITY}test_official_key_names_and_shapes_are_the_official_module_trees"]
+POOL_POS = [f"{PARITY}test_without_a_class_token_the_mean_of_the_normed_tokens_is_classified",
+            f"{PARITY}test_position_embedding_is_added_and_resized_to_the_grid"]
+HF = [f"{PARITY}test_transformers_weights_give_transformers_logits[{kernel}-fp32]"
+      for kernel in ("fused", "plain")]
+
+# module -> (file to mutate, the fast tests that check its numbers, mutant-name patterns or None for all).
+# The patterns keep data.py to its sampler and transforms (its folder walking and writing are not numeric).
+TARGETS: dict[str, tuple[str, list[str], list[str] | None]] = {
+    "layers": ("src/torchcvt/layers.py",
+               [*OFFICIAL, *MLP, "tests/test_fast.py::test_mlp_in_row_blocks_equals_the_whole_mlp"], None),
+    "model": ("src/torchcvt/model.py", [*OFFICIAL, *KEYS, *POOL_POS], None),
+    # The kernel's paths; its first-use self-check (_check, _matches_plain) is the target fused-check.
+    "fused": ("src/torchcvt/fused.py", [*OFFICIAL, *MLP],
+              [f"torchcvt.fused.x_{name}__*" for name in ("linear", "_call", "_guarded", "fused_dtype",
+                                                          "fused_linear_enabled", "set_fused_linear",
+                                                          "plain_ops_only")]),
+    "fused-check": ("src/torchcvt/fused.py", [*OFFICIAL, *MLP],
+                    ["torchcvt.fused.x__check__*", "torchcvt.fused.x__matches_plain__*"]),
+    "formats": ("src/torchcvt/weights/formats.py",
+                [*HF, *KEYS, "tests/test_parity_hf.py::test_cli_convert_hf_to_official_and_back",
+                 "tests/test_parity_hf.py::test_hf_config_that_differs_from_the_model_names_the_field"],
+                None),
+    "load": ("src/torchcvt/weights/load.py", [*OFFICIAL[:2], "tests/test_weights_checkpoint.py"], None),
+    "steps": ("src/torchcvt/engine/steps.py", ["tests/test_steps.py"], None),
+    "data": ("src/torchcvt/data.py", ["tests/test_data_numbers.py"],
+             ["torchcvt.data.xǁResizeCenterCropǁ*", "torchcvt.data.x_eval_transform__*",
+              "torchcvt.data.xǁSeededSamplerǁ*", "torchcvt.data.xǁShardSamplerǁ*",
+              "torchcvt.data.x_seeded_rng__*", "torchcvt.data.x_train_transform__*",
+              "torchcvt.data.x__posterize*", "torchcvt.data.x_collate_skipping_bad__*"]),
+}
+KILLED = ("killed", "timeout")
+
+
+def _prepare(workdir: Path, path: str, tests: list[str]) -> None:
+    """A scratch copy of src/ and tests/ with a pyproject.toml that points mutmut at one file."""
+    workdir.mkdir(parents=True, exist_ok=True)
+    for folder in ("src", "tests"):
+        shutil.copytree(ROOT / folder, workdir / folder, dirs_exist_ok=True,
+                        ignore=shutil.ignore_patterns("__pycache__", "*.egg-info"))
+    config = "\n".join([
+        "[tool.mutmut]",
+        'source_paths = ["src/"]',
+        f'only_mutate = ["{path}"]',
+        f"pytest_add_cli_args_test_selection = {tests!r}",
+        'pytest_add_cli_args = ["-x", "-q", "-p", "no:cacheprovider", "-p", "no:randomly"]',
+        # torch's thread pools do not survive a fork from a process that ran tests: fork from a server
+        # that only collected them. A generous constant: a shared machine's load, not a mutant, is slow.
+        'process_isolation = "forkserver"',
+        "timeout_constant = 60.0",
+    ]).replace("'", '"')
+    (workdir / "pyproject.toml").write_text(config + "\n")
+
+
+def _results(workdir: Path, patterns: list[str] | None) -> dict[str, str]:
+    out = subprocess.run([sys.executable, "-m", "mutmut", "results", "--all", "true"], cwd=workdir,
+                         capture_output=True, text=True, check=True).stdout
+    found = dict(re.findall(r"^\s+(\S+): (.+)$", out, flags=re.MULTILINE))
+    if patterns:
+        regexes = [re.compile(re.escape(p).replace(r"\*", ".*")) for p in patterns]
+        found = {name: status for name, status in found.items() if any(r.fullmatch(name) for r in regexes)}
+    return found
+
+
+def run(module: str, seconds: int, workdir: Path, children: int) -> dict[str, str]:
+    path, tests, patterns = TARGETS[module]
+    _prepare(workdir, path, tests)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": ""}
+    command = [sys.executable, "-m", "mutmut", "run", "--max-children", str(children), *(patterns or [])]
+    with open(workdir / "mutmut.log", "w") as log:
+        # A session of its own, so that the time bound also stops mutmut's forked test runners.
+        process = subprocess.Popen(command, cwd=workdir, env=env, stdout=log, stderr=log,
+                                   start_new_session=True)
+        try:
+            process.wait(timeout=seconds)
+        except subprocess.TimeoutExpired:
+            os.killpg(process.pid, signal.SIGTERM)
+            process.wait()
+            print(f"{module}: stopped after {seconds} s; the mutants not yet run count as 'not checked'")
+    return _results(workdir, patterns)
+
+
+def report(module: str, results: dict[str, str]) -> None:
+    counts = Counter(results.values())
+    checked = sum(n for status, n in counts.items() if status not in ("not checked", "skipped"))
+    killed = sum(counts[s] for s in KILLED)
+    rate = f"{100 * killed / checked:.1f}%" if checked else "n/a"
+    outcomes = ", ".join(f"{status} {n}" for status, n in counts.items())
+    print(f"{module}: {killed}/{checked} killed ({rate}); {outcomes}")
+    for name, status in sorted(results.items()):
+        if status not in KILLED:
+            print(f"    {name}: {status}")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("modules", nargs="*", metavar="MODULE", help=f"{', '.join(TARGETS)} or all")
+    parser.add_argument("--seconds", type=int, default=3600, help="time bound per module")
+    parser.add_argument("--workdir", type=Path, default=Path("/tmp/torchcvt-mutation"))
+    parser.add_argument("--children", type=int, default=1, help="mutants run at once")
+    parser.add_argument("--list", action="store_true", help="print the modules and their tests")
+    args = parser.parse_args()
+    if args.list or not args.modules:
+        for name, (path, tests, _) in TARGETS.items():
+            print(f"{name}: {path} <- {' '.join(tests)}")
+        return
+    unknown = set(args.modules) - {*TARGETS, "all"}
+    if unknown:
+        parser.error(f"unknown module(s) {sorted(unknown)}: choose from {', '.join(TARGETS)} or all")
+    for module in TARGETS if "all" in args.modules else args.modules:
+        report(module, run(module, args.seconds, args.workdir / module, args.children))
+
+
+if __name__ == "__main__":
+    main()
