@@ -50,6 +50,16 @@ def test_rate_choice() -> None:
     assert chosen_lr({0.01: "diverged"}) is None
 
 
+def _summary(folder, top1: float) -> dict:
+    """A summary.json as the engine writes it (every RunSummary field) with this final top-1."""
+    return {"model": "cvt_13", "best_val_top1": top1, "best_val_top5": 1.0, "final_val_top1": top1,
+            "final_val_top5": 1.0, "final_val_loss": 0.5, "epochs": 1, "steps": 10, "wall_seconds": 1.0,
+            "images_per_second": 10.0, "world_size": 1, "skipped_images": 0, "left_out_images": 0,
+            **{key: str(folder / name) for key, name in (("checkpoint", "best.pth"),
+               ("last_checkpoint", "last.pth"), ("curves", "curves.png"), ("metrics", "metrics.jsonl"),
+               ("summary", "summary.json"))}}
+
+
 def test_report_puts_the_papers_figure_beside_each_row(tmp_path) -> None:
     plan = table_plan(["cvt_13_384.ms_in22k_ft_in1k"], list(TABLE), (0.01, 0.03), [0, 1], [])
     root = tmp_path / "suite"
@@ -57,7 +67,7 @@ def test_report_puts_the_papers_figure_beside_each_row(tmp_path) -> None:
         for lr, top1 in ((0.01, 0.9), (0.03, 0.95)):
             folder = root / "runs" / selection_name(pair, lr)
             folder.mkdir(parents=True)
-            (folder / "summary.json").write_text(json.dumps({"final_val_top1": top1}))
+            (folder / "summary.json").write_text(json.dumps(_summary(folder, top1)))
         for seed, top1 in ((0, 0.97), (1, 0.99)):
             folder = root / "runs" / final_name(pair, seed)
             folder.mkdir(parents=True)

@@ -84,8 +84,9 @@ def plot(data: dict[str, Any], path: Path) -> None:
                           fmt="s", color="C1", capsize=4, label="test top-1 (chosen lr)")
         if row["paper_top1"] is not None:
             axes.axhline(row["paper_top1"], color="C2", linestyle="--", label="paper (Table 4)")
-        axes.set(xscale="log", title=f"{row['model']} on {row['title']}", xlabel="learning rate",
-                 ylabel="top-1 (%)")
+        if points or row["test_top1_mean"] is not None:  # a log axis needs a positive rate on it
+            axes.set_xscale("log")
+        axes.set(title=f"{row['model']} on {row['title']}", xlabel="learning rate", ylabel="top-1 (%)")
         axes.grid(alpha=0.3)
         if axes.get_legend_handles_labels()[0]:
             axes.legend(fontsize="small")
