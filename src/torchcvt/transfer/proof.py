@@ -7,8 +7,9 @@ from __future__ import annotations
 from pathlib import Path
 
 from ..ablate.recipe import section_overrides
-from ..data import ImageFolder, publish_tree, staging_folder, write_digits
+from ..data import ImageFolder, write_digits
 from ..extras import require
+from ..files import publish_tree, staging_folder, write_text
 from ..suite import Job, override
 from .datasets import TransferData
 
@@ -51,7 +52,7 @@ def write_digits_dataset(root: Path) -> Path:
         splits[split] = datasets.Dataset.from_dict(rows, features=features)
     staging = staging_folder(folder)
     datasets.DatasetDict(splits).save_to_disk(str(staging))
-    (staging / ".complete").touch()
+    write_text(staging / ".complete", "")
     publish_tree(staging, folder)
     return folder
 
