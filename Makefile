@@ -8,7 +8,7 @@ STAMP := $(VENV)/.installed
 $(STAMP): pyproject.toml constraints.txt
 	python3 -m venv $(VENV)
 	$(PY) -m pip install --upgrade -q pip > $(VENV)/install.log 2>&1 || (cat $(VENV)/install.log; exit 1)
-	$(PY) -m pip install -c constraints.txt -e '.[train,export,bench,dev]' >> $(VENV)/install.log 2>&1 || (cat $(VENV)/install.log; exit 1)
+	$(PY) -m pip install -c constraints.txt -e '.[train,export,bench,data,dev]' >> $(VENV)/install.log 2>&1 || (cat $(VENV)/install.log; exit 1)
 	touch $@
 
 install: $(STAMP)

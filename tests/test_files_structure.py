@@ -22,8 +22,8 @@ SERIALISERS = {"torch.save": 1, "torch.jit.save": 1, "torch.export.save": 1, "np
                "save_file": 1, "savefig": 0, "save": 0, "dump": 1}
 # Files written outside files.py on purpose: lock files, which hold no data anyone reads back as a result.
 ALLOWED = {
-    ("ablate/runner.py", "open(path, 'a')"): "the suite's lock file, opened only to hold an flock",
-    ("ablate/runner.py", "open(path, 'a+')"): "a run's claim lock, naming the worker that holds it",
+    ("suite.py", "open(path, 'a')"): "the suite's lock file, opened only to hold an flock",
+    ("suite.py", "open(path, 'a+')"): "a run's claim lock, naming the worker that holds it",
     ("cli/__init__.py", "os.open(os.devnull, os.O_WRONLY)"): "stdout sent to /dev/null after a broken pipe",
     ("engine/runlock.py", "os.open(self.path, os.O_RDWR | os.O_CREAT, 420)"): "the run folder's lock file",
     ("engine/loop.py", "self.checkpoints.save(name, epoch, epoch_images, self.loop.left_out + "

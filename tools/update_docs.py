@@ -21,7 +21,7 @@ def zoo_table() -> str:
     rows = ["| tag | Hub repository | resolution | pre-training | params | GFLOPs | "
             "ImageNet-1k top-1 (paper) |", "|---|---|---|---|---|---|---|"]
     rows += [f"| `{w.name}` | [{w.hf_hub_id}](https://huggingface.co/{w.hf_hub_id}) | {w.resolution} | "
-             f"{w.pretraining} | {w.params_m}M | {w.gflops} | {w.top1} |" for w in CATALOGUE]
+             f"{w.pretraining} | {w.params_m}M | {w.gflops} | {w.top1_text()} |" for w in CATALOGUE]
     return "\n".join(rows)
 
 
@@ -29,8 +29,8 @@ def model_table() -> str:
     """README.md's table: each released checkpoint with its size, cost and top-1."""
     rows = ["| weights | resolution | pre-training | params | GFLOPs | ImageNet-1k top-1 |",
             "|---|---|---|---|---|---|"]
-    rows += [f"| `{w.name}` | {w.resolution} | {w.pretraining} | {w.params_m}M | {w.gflops} | {w.top1} |"
-             for w in CATALOGUE]
+    rows += [f"| `{w.name}` | {w.resolution} | {w.pretraining} | {w.params_m}M | {w.gflops} | "
+             f"{w.top1_text()} |" for w in CATALOGUE]
     return "\n".join(rows)
 
 

@@ -6,21 +6,20 @@ import io
 import json
 import logging
 import os
-import random
 import stat
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import Any
 
 import numpy as np
 import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
-from torch.utils.data import Dataset, Sampler, default_collate, get_worker_info
+from torch.utils.data import Dataset, Sampler, default_collate
 from torchvision import transforms as T
 from torchvision.transforms import InterpolationMode
 
 from .config import DIGITS_SIZE
+from .decoding import BadImage, decoded, transformed
 from .errors import TorchcvtError
 from .extras import require
 from .files import publish_tree, staging_folder, write_new
@@ -37,26 +36,6 @@ _PIL_RESAMPLE = {InterpolationMode.NEAREST: Image.NEAREST, InterpolationMode.BIL
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff", ".ppm", ".pgm")
 
 
-def to_rgb(image: Image.Image) -> Image.Image:
-    """Any PIL image (RGBA, palette, grayscale, CMYK, 16-bit, EXIF-rotated) as 8-bit RGB, upright."""
-    image = ImageOps.exif_transpose(image)
-    if image.mode in ("I;16", "I;16B", "I;16L", "I"):
-        # 16-bit and 32-bit integer images: PIL's convert('RGB') clips rather than scales them.
-        array = np.asarray(image).astype(np.float64)
-        peak = 65535.0 if image.mode.startswith("I;16") or array.max() > 255 else 255.0
-        image = Image.fromarray(np.clip(array / peak * 255.0 + 0.5, 0, 255).astype(np.uint8), mode="L")
-    elif image.mode == "F":
-        array = np.asarray(image)
-        scale = 255.0 if array.max() <= 1.0 else 1.0
-        image = Image.fromarray(np.clip(array * scale, 0, 255).astype(np.uint8))
-    if image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info):
-        # Transparent pixels go onto white, as a viewer would show them, not onto their hidden colour.
-        rgba = image.convert("RGBA")
-        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
-        image = Image.alpha_composite(background, rgba)
-    return image.convert("RGB")
-
-
 def open_image(path: str | Path) -> Image.Image:
     """PIL's Image.open of a regular file; anything else (a FIFO, a device) is an OSError, never opened,
     since reading it would block or never end."""
@@ -68,8 +47,7 @@ def open_image(path: str | Path) -> Image.Image:
 def load_image(path: str | Path) -> Image.Image:
     """Open an image file fully (so truncation is caught here) and return it as RGB."""
     with open_image(path) as image:
-        image.load()
-        return to_rgb(image)
+        return decoded(image)
 
 
 def unreadable_reason(path: str | Path, error: BaseException) -> str:
@@ -208,13 +186,6 @@ def check_real_labels(path: str | Path, filenames: Sequence[str | Path], num_cla
                          f"e.g. {stray[0]}")
 
 
-class BadImage(NamedTuple):
-    """What the dataset returns for a file it cannot decode, so one bad JPEG never ends a run."""
-
-    path: str
-    error: str
-
-
 def list_classes(root: str | Path) -> list[str]:
     """Sorted class folder names of an ImageFolder tree; one-line errors for a missing or empty folder."""
     root = Path(root)
@@ -229,6 +200,39 @@ def list_classes(root: str | Path) -> list[str]:
     if not classes:
         raise TorchcvtError(f"data folder {root} is empty: expected one sub-folder of images per class")
     return classes
+
+
+def is_folder_tree(source: str | Path) -> bool:
+    """Whether a data path is an ImageFolder tree (the default) rather than a Hugging Face dataset."""
+    from .hfdata import is_hf_source
+
+    return not is_hf_source(source)
+
+
+def open_images(source: str | Path, transform: Callable | None = None,
+                class_names: Sequence[str] | None = None) -> Dataset:
+    """The labelled images of a data path: an ImageFolder tree, or a Hugging Face dataset split (hfdata)."""
+    if is_folder_tree(source):
+        return ImageFolder(source, transform, class_names)
+    from .hfdata import HFImages
+
+    return HFImages(source, transform, class_names)
+
+
+def source_classes(source: str | Path) -> list[str]:
+    """The class names of a data path: its class folders, or the dataset's labels (ClassLabel names)."""
+    return list_classes(source) if is_folder_tree(source) else open_images(source).class_names
+
+
+def data_roots(data: str | Path) -> tuple[str, str]:
+    """data.train and data.val for --data: ROOT/train and ROOT/val of a tree, or a Hugging Face dataset's
+    train and validation splits (hfdata.default_splits, which says which it took)."""
+    if is_folder_tree(data):
+        return str(Path(data) / "train"), str(Path(data) / "val")
+    from .hfdata import default_splits
+
+    train, val = default_splits(str(data))
+    return str(train), str(val)
 
 
 def class_images(root: str | Path) -> list[tuple[Path, str]]:
@@ -287,30 +291,7 @@ class ImageFolder(Dataset):
             image = load_image(path)
         except Exception as error:  # decoding one file: corrupt data raises many types (struct.error...)
             return BadImage(path, unreadable_reason(path, error))
-        if self.transform is None:
-            return image, target
-        if seed is None:
-            return self.transform(image), target
-        with seeded_rng(seed):
-            return self.transform(image), target
-
-
-@contextmanager
-def seeded_rng(seed: int) -> Iterator[None]:
-    """Seed python, numpy and torch for one sample; in the main process their states are restored after."""
-    in_worker = get_worker_info() is not None
-    cpu = torch.default_generator  # not torch.manual_seed: that also queues seeding of every accelerator
-    saved = None if in_worker else (random.getstate(), np.random.get_state(), cpu.get_state())
-    random.seed(seed)
-    np.random.seed(seed % 2**32)
-    cpu.manual_seed(seed)
-    try:
-        yield
-    finally:
-        if saved is not None:
-            random.setstate(saved[0])
-            np.random.set_state(saved[1])
-            cpu.set_state(saved[2])
+        return transformed(image, target, self.transform, seed)
 
 
 class SeededSampler(Sampler):

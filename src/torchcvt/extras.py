@@ -7,7 +7,7 @@ from types import ModuleType
 
 # The extra that installs each optional top-level package (pyproject.toml's optional-dependencies).
 EXTRAS = {"tensorboard": "train", "sklearn": "train", "matplotlib": "plot", "onnx": "export",
-          "onnxscript": "export", "transformers": "bench"}
+          "onnxscript": "export", "transformers": "bench", "datasets": "data"}
 
 
 class MissingExtra(ImportError):

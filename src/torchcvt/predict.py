@@ -12,7 +12,8 @@ from torch.utils.data import DataLoader
 
 from .checks import resolve_device
 from .config import model_data_config
-from .data import eval_transform, to_rgb
+from .data import eval_transform
+from .decoding import to_rgb
 from .errors import TorchcvtError
 from .factory import create_model
 from .inference import optimize_for_inference

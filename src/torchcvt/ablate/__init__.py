@@ -12,11 +12,12 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from ..suite import RunFailed, default_shard
 from ..typed import parse_assignment
 from .plan import MAX_SEEDS, Plan, PlannedRow, Run, build_plan, dry_run_rows, format_dry_run, row_config
 from .recipe import SuiteRecipe, read_recipe, recipe_from_settings
 from .report import collect, write_report
-from .runner import RunFailed, data_fingerprint, default_shard, open_suite, read_suite, run_suite
+from .runner import data_fingerprint, open_suite, read_suite, run_suite
 from .studies import STUDIES, Row, Study, select_studies
 from .task import EMBEDDED_BUDGET, write_task
 

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from ..suite import override
 from ..typed import flatten
 
 # Keys that say how or where a run goes, not what it trains: they may differ between the workers and
@@ -45,6 +46,12 @@ def read_recipe(cfg: Any) -> SuiteRecipe:
     recipe = recipe_from_settings(json.loads(json.dumps(settings, default=str)), cfg.train.seed)
     return SuiteRecipe(recipe.model_name, recipe.model_overrides, cfg.data.train, cfg.data.val, recipe.seed,
                   recipe.settings)
+
+
+def section_overrides(sections: dict[str, Any]) -> list[str]:
+    """KEY=VALUE strings that set what a recipe's sections (as a YAML file holds them) set."""
+    return [override(f"{name}.{key}", value)
+            for name, section in sections.items() for key, value in section.items()]
 
 
 def run_values(knobs: dict[str, Sequence[Any]], seed: int, output: Path) -> dict[str, Any]:

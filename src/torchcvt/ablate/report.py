@@ -11,8 +11,9 @@ from typing import Any
 
 from ..files import write_figure, write_json, write_text
 from ..runrecord import RunSummary
+from ..suite import read_summary
 from .plan import Plan, PlannedRow, Run
-from .runner import read_summary, run_folder
+from .runner import run_folder
 
 # Fewer seeds than this: the standard deviation itself is too uncertain to rank differences near it.
 FEW_SEEDS = 5

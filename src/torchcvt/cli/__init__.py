@@ -16,6 +16,7 @@ from ..extras import MissingExtra
 from .ablate import add_ablate_command
 from .inference import add_attention_command, add_embed_command, add_export_command, add_predict_command
 from .training import add_eval_command, add_train_command
+from .transfer import add_transfer_command
 from .weights import add_convert_command, add_info_command
 
 __all__ = ["TorchcvtError", "build_parser", "main"]
@@ -29,7 +30,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for add_command in (add_info_command, add_train_command, add_eval_command, add_convert_command,
                         add_predict_command, add_attention_command, add_export_command, add_embed_command,
-                        add_ablate_command):
+                        add_ablate_command, add_transfer_command):
         add_command(sub)
     return parser
 

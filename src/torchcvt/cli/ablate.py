@@ -3,9 +3,8 @@
 from __future__ import annotations
 
 import argparse
-import shlex
 
-from ..errors import TorchcvtError, shown
+from ..errors import TorchcvtError
 
 
 def add_ablate_command(sub: argparse._SubParsersAction) -> None:
@@ -22,7 +21,8 @@ def add_ablate_command(sub: argparse._SubParsersAction) -> None:
     parser.add_argument("--study", action="append", help="a study to run (repeatable; default: all four)")
     parser.add_argument("--seeds", type=int, default=3, help="seeds per row, from the recipe's train.seed "
                         "(default 3)")
-    parser.add_argument("--data", help="ImageFolder root holding train/ and val/")
+    parser.add_argument("--data", help="ImageFolder root holding train/ and val/, or a Hugging Face dataset "
+                        "(hf:OWNER/NAME[:CONFIG], a save_to_disk or parquet folder)")
     parser.add_argument("--config", help="YAML recipe (configs/*.yaml); its model is the one ablated")
     parser.add_argument("--output", default="runs/ablate", help="suite folder (default runs/ablate)")
     parser.add_argument("--shard", metavar="I/N",
@@ -38,32 +38,13 @@ def add_ablate_command(sub: argparse._SubParsersAction) -> None:
     parser.set_defaults(run=_run_ablate)
 
 
-def _shard(text: str | None) -> tuple[int, int]:
-    from ..ablate import default_shard
-
-    if text is None:
-        return default_shard()
-    index, sep, count = text.partition("/")
-    try:
-        index_number, count_number = int(index), int(count)
-    except ValueError:
-        raise TorchcvtError(f"--shard expects I/N (e.g. 0/4), got {text!r}") from None
-    if sep and index_number == count_number >= 1:
-        # The 1-based form of the last shard: 1/N would be ambiguous, so no 1-based form is guessed.
-        raise TorchcvtError(
-            f"--shard {text}: I is 0-based (0 to {count_number - 1}); for the 1-based task id {index_number} "
-            f"(SLURM's --array=1-{count_number}) give --shard {index_number - 1}/{count_number}")
-    if not sep or count_number < 1 or not 0 <= index_number < count_number:
-        raise TorchcvtError(f"--shard expects I/N with 0 <= I < N (0-based), got {text!r}")
-    return index_number, count_number
-
-
 def _run_ablate(args: argparse.Namespace) -> int:
     import json
     from pathlib import Path
 
     from .. import ablate
     from ..checks import check_output_folder
+    from ..suite import parse_launcher, parse_shard
 
     studies = ablate.select_studies(args.study)
     root = Path(args.output)
@@ -75,22 +56,16 @@ def _run_ablate(args: argparse.Namespace) -> int:
         return 0
     if not 1 <= args.seeds <= ablate.MAX_SEEDS:
         raise TorchcvtError(f"--seeds must be 1 to {ablate.MAX_SEEDS}, got {args.seeds}")
-    shard = _shard(args.shard)
-    if args.launcher is not None:
-        try:
-            launcher = shlex.split(args.launcher)
-        except ValueError as error:
-            raise TorchcvtError(f"--launcher {shown(args.launcher)} is not a command line: {error}") from None
-        if not launcher:
-            raise TorchcvtError('--launcher "" names no command: give one (e.g. "torchrun --nproc-per-node '
-                                '8"), or leave --launcher out to train in this process')
+    shard = parse_shard(args.shard)
+    launcher = parse_launcher(args.launcher)
     config, recipe = ablate.prepare(args.config, args.overrides, args.data)
     seeds = [recipe.seed + i for i in range(args.seeds)]
     if args.dry_run:
-        from ..data import list_classes
+        from ..data import is_folder_tree, source_classes
 
-        known = recipe.train_dir is not None and Path(recipe.train_dir).is_dir()
-        classes = len(list_classes(recipe.train_dir)) if known else 1000
+        known = recipe.train_dir is not None and (
+            Path(recipe.train_dir).is_dir() or not is_folder_tree(recipe.train_dir))
+        classes = len(source_classes(recipe.train_dir)) if known else 1000
         plan = ablate.build_plan(recipe, studies, seeds, classes)
         print(ablate.format_dry_run(plan))
         print(json.dumps({"rows": ablate.dry_run_rows(plan)}))
@@ -108,13 +83,10 @@ def _run_ablate(args: argparse.Namespace) -> int:
         return ablate.write_report(root, ablate.suite_plan(root))
 
     try:
-        progress = ablate.run_suite(plan, root, config, shard, args.launcher, after_each=report)
+        progress = ablate.run_suite(plan, root, config, shard, launcher, after_each=report)
     except ablate.RunFailed as error:
         raise TorchcvtError(str(error)) from None
     paths = report()
-    share = f" (shard {shard[0]}/{shard[1]})" if shard[1] > 1 else ""
-    print(f"trained {len(progress.trained)} run(s){share}, {progress.already_done} already finished"
-          + (f", {len(progress.held_elsewhere)} held by other workers" if progress.held_elsewhere else "")
-          + (f", {len(progress.failed)} diverged: {', '.join(progress.failed)}" if progress.failed else ""))
+    print(progress.line(shard))
     print(f"report: {paths['report']}\nplot:   {paths['plot']}\njson:   {paths['json']}")
     return 0

@@ -29,7 +29,8 @@ def add_train_command(sub: argparse._SubParsersAction) -> None:
     parser.add_argument("--config", action="append", help="YAML experiment file (one; override its keys "
                         "with KEY=VALUE)")
     parser.add_argument("--output", help="run folder for checkpoints, metrics and curves (train.output)")
-    parser.add_argument("--data", help="ImageFolder root holding train/ and val/ (data.train, data.val)")
+    parser.add_argument("--data", help="ImageFolder root holding train/ and val/, or a Hugging Face dataset "
+                        "(hf:OWNER/NAME[:CONFIG], a save_to_disk or parquet folder): data.train, data.val")
     parser.add_argument("--pretrained", metavar="TAG",
                         help="fine-tune released weights, e.g. cvt_13_384.ms_in22k_ft_in1k, from the Hugging "
                         "Face Hub cache (model.pretrained; sets model.name to the tag's variant)")
@@ -122,7 +123,8 @@ def add_eval_command(sub: argparse._SubParsersAction) -> None:
     parser.add_argument("--checkpoint", help="official, transformers or torchcvt checkpoint")
     add_pretrained_argument(parser)
     add_ema_option(parser)
-    parser.add_argument("--data", required=True, help="ImageFolder tree: DIR/<class>/<image>")
+    parser.add_argument("--data", required=True, help="ImageFolder tree DIR/<class>/<image>, or a Hugging "
+                        "Face dataset split (SOURCE#SPLIT; a whole dataset: its validation split)")
     parser.add_argument("--output", help="folder for the report (default: the checkpoint's folder; with "
                         "--pretrained the current one)")
     parser.add_argument("--batch-size", type=int, default=64)

@@ -14,19 +14,20 @@ from typing import Any
 import torch
 import torch.distributed as dist
 from torch import nn
-from torch.utils.data import DataLoader, DistributedSampler
+from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 from ..checks import check_output_folder
 from ..config import variant_config
 from ..data import (
-    ImageFolder,
     SeededSampler,
     ShardSampler,
     cache_folder,
     data_name,
     eval_transform,
-    list_classes,
+    is_folder_tree,
     loader_options,
+    open_images,
+    source_classes,
     train_transform,
     write_digits,
 )
@@ -63,8 +64,8 @@ class Components:
     class_names: list[str]
     model: CvT
     ddp: nn.Module  # the model as the forward pass calls it (DistributedDataParallel when distributed)
-    train_set: ImageFolder
-    val_set: ImageFolder
+    train_set: Dataset  # data.ImageFolder or hfdata.HFImages
+    val_set: Dataset
     sampler: SeededSampler
     train_loader: DataLoader
     val_loader: DataLoader
@@ -104,14 +105,14 @@ def data_folders(cfg: TrainConfig, runtime: Runtime) -> tuple[Path, Path]:
 
 
 def checked_classes(train_dir: Path, val_dir: Path) -> list[str]:
-    """The class list of the training tree; a one-line error when the validation tree's differs."""
-    class_names = list_classes(train_dir)
+    """The class list of the training data; a one-line error when the validation data's differs."""
+    class_names = source_classes(train_dir)
     if len(class_names) < 2:
         raise TorchcvtError(
             f"data folder {train_dir} holds 1 class ({class_names[0]}): a classifier needs at least 2 "
             "class folders"
         )
-    val_classes = list_classes(val_dir)
+    val_classes = source_classes(val_dir)
     if val_classes != class_names:
         missing = sorted(set(class_names) - set(val_classes))
         extra = sorted(set(val_classes) - set(class_names))
@@ -197,6 +198,7 @@ def build_model(
     """The configured variant with its overrides; with starting weights (not when resuming), those weights
     with a head for the data's classes (see model.head)."""
     m = cfg.model
+    fresh = True
     if checkpoint is None:
         model = create_model(m.name, num_classes=len(class_names), **m.overrides)
     else:
@@ -214,6 +216,9 @@ def build_model(
             logger.info(
                 f"fine-tuning {source} with {head} for the data's {len(class_names)} classes"
             )
+    if fresh and m.head_init == "zero":
+        nn.init.zeros_(model.head.weight)
+        nn.init.zeros_(model.head.bias)
     freeze_stages(model, m.freeze_stages)
     model.to(runtime.device)
     if m.sync_bn and runtime.distributed:
@@ -269,12 +274,14 @@ def build_components(cfg: TrainConfig | Mapping[str, Any], runtime: Runtime) -> 
                         + describe_changes(changes))
     model = build_model(cfg, class_names, starting, runtime)
     data_config = model.pretrained_cfg
-    train_set = ImageFolder(train_dir, train_transform(a, data_config), class_names)
-    val_set = ImageFolder(val_dir, eval_transform(data_config), class_names)
+    train_set = open_images(train_dir, train_transform(a, data_config), class_names)
+    val_set = open_images(val_dir, eval_transform(data_config), class_names)
     empty = train_set.empty_classes()
     if empty:
+        where = f"class folder {train_dir / empty[0]}" if is_folder_tree(train_dir) else (
+            f"class {empty[0]!r} of {train_dir}")
         raise TorchcvtError(
-            f"class folder {train_dir / empty[0]} holds no images: a class with nothing to learn"
+            f"{where} holds no images: a class with nothing to learn"
             + (f" ({len(empty)} such classes)" if len(empty) > 1 else "")
             + "; add images or remove the class from train and val"
         )

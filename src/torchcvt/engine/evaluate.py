@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
@@ -12,7 +13,15 @@ from torch.utils.data import DataLoader
 
 from ..checks import check_output_file, check_output_folder
 from ..config import get_variant
-from ..data import BadImage, ImageFolder, check_real_labels, eval_transform, list_classes, loader_options
+from ..data import (
+    BadImage,
+    check_real_labels,
+    eval_transform,
+    is_folder_tree,
+    loader_options,
+    open_images,
+    source_classes,
+)
 from ..errors import TorchcvtError
 from ..factory import create_model
 from ..files import write_json
@@ -116,7 +125,8 @@ def evaluate_checkpoint(
     strict: bool = False,
     overrides: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """Score a checkpoint on an ImageFolder tree with the checkpoint's own class list; write a JSON report.
+    """Score a checkpoint on an ImageFolder tree or a Hugging Face dataset split (a whole dataset: its
+    validation split, hfdata.evaluation_split) with the checkpoint's own class list; write a JSON report.
 
     The report goes to output (default: next to the checkpoint) as eval_<data>.json (eval_<data>_ema.json
     for a checkpoint's EMA weights, Checkpoint.ema_weights()), with a
@@ -130,14 +140,20 @@ def evaluate_checkpoint(
     out_dir = check_output_folder(output if output is not None else path.parent, "output")
     # The EMA weights' report stands beside the plain weights' one.
     ema = isinstance(checkpoint, Checkpoint) and checkpoint.is_ema
-    stem = f"eval_{Path(data).resolve().name}{'_ema' if ema else ''}"
+    data_name = Path(data).resolve().name if is_folder_tree(data) else (
+        re.sub(r"[^\w.-]+", "_", str(data).removeprefix("hf:")).strip("_"))
+    stem = f"eval_{data_name}{'_ema' if ema else ''}"
     if out_dir.is_dir():
         for name in (f"{stem}.json", f"{stem}_confusion.png"):
             check_output_file(out_dir / name, "report", reads=[path, real_labels])
     # Any format, read once: class list, architecture and weights come from it.
     stored = checkpoint if isinstance(checkpoint, Checkpoint) else read_checkpoint(path)
     checkpoint = path
-    class_names = list(stored.class_names) if stored.class_names else list_classes(data)
+    if not is_folder_tree(data):
+        from ..hfdata import evaluation_split
+
+        data = str(evaluation_split(str(data)))
+    class_names = list(stored.class_names) if stored.class_names else source_classes(data)
     if stored.num_classes != len(class_names):
         n = len(class_names)
         source = f"it names {n} classes" if stored.class_names else f"{data} has {n} class folders"
@@ -149,7 +165,7 @@ def evaluate_checkpoint(
     del stored
     model.to(runtime.device)
     data_config = model.pretrained_cfg
-    dataset = ImageFolder(data, eval_transform(data_config), class_names=class_names)
+    dataset = open_images(data, eval_transform(data_config), class_names=class_names)
     if runtime.is_main:
         dataset.warn_empty_classes()
     loader = DataLoader(

@@ -49,13 +49,31 @@ def learning_rate(optim: OptimSettings, global_batch: int) -> float:
     return optim.base_lr * global_batch / optim.base_batch_size
 
 
+# optim.opt names timm's optimisers, except for SGD: `sgd` is plain (heavy-ball) momentum, as
+# torch.optim.SGD and ViT's fine-tuning code (google-research/vision_transformer vit_jax/momentum_clip.py
+# lines 74-75 at 33241214: m = 0.9 m + g; p -= lr m), and `sgd_nesterov` is Nesterov momentum, which timm
+# calls `sgd` (and `nesterov`).
+_TIMM_OPTIMIZERS = {"sgd": "momentum", "sgd_nesterov": "nesterov"}
+
+
+def timm_optimizer(opt: str) -> str:
+    """timm's name for optim.opt."""
+    return _TIMM_OPTIMIZERS.get(opt.lower(), opt.lower())
+
+
+def is_nesterov(opt: str) -> bool:
+    """Whether optim.opt is SGD with Nesterov momentum."""
+    return timm_optimizer(opt).split("_")[-1] == "nesterov"
+
+
 def build_optimizer(model: CvT, optim: OptimSettings, lr: float) -> torch.optim.Optimizer:
     """timm's optimiser of the configured kind over param_groups(model)."""
     from timm.optim import create_optimizer_v2
 
     groups = param_groups(model, optim.weight_decay, optim.layer_decay)
     return create_optimizer_v2(
-        groups, opt=optim.opt, lr=lr, weight_decay=optim.weight_decay, **optimizer_extras(optim)
+        groups, opt=timm_optimizer(optim.opt), lr=lr, weight_decay=optim.weight_decay,
+        **optimizer_extras(optim),
     )
 
 
@@ -63,7 +81,7 @@ def optimizer_extras(optim: OptimSettings) -> dict[str, Any]:
     """The hyper-parameters besides lr and weight decay that the configured optimiser takes."""
     if "adam" in optim.opt:
         return {"betas": optim.betas, "eps": optim.eps}
-    if "sgd" in optim.opt or "momentum" in optim.opt:
+    if "sgd" in optim.opt or "momentum" in optim.opt or "nesterov" in optim.opt:
         return {"momentum": optim.momentum}
     return {}
 

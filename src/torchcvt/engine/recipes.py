@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ..data import class_images, list_classes, open_image
+from ..data import class_images, is_folder_tree, list_classes, open_image
 from ..errors import TorchcvtError
 from .train_config import TrainConfig
 
@@ -57,9 +57,11 @@ SIZE_BANDS = (
 # CvT-13 at 224 above. Learning rates per 256 images (AdamW), scaled to the batch.
 SCRATCH_MODELS = ((64, "cvt_digits", 1e-2), (None, "cvt_13", 5e-4))
 
-# Fine-tuning released (or your own) weights: the paper's transfer protocol (SGD with momentum 0.9, no weight
-# decay, gradient clipping at 1, cosine decay with warm-up; Section 4.1 after ViT) at one machine's batch,
-# counted in epochs of the user's data, with light augmentation. LR 0.003: the middle of ViT's sweep.
+# Fine-tuning released (or your own) weights on a user's folder: a default for small folders, not the
+# paper's transfer protocol (that is configs/transfer-*.yaml and `torchcvt transfer`). It borrows the
+# optimiser (plain SGD with momentum 0.9, no weight decay, gradient clipping at 1, cosine decay with
+# warm-up) at one machine's batch, counted in epochs of the user's data, with light augmentation and label
+# smoothing. LR 0.003: the middle of ViT's sweep.
 FINETUNE_RECIPE: dict[str, Any] = {
     "model": {"head": "auto"},
     "aug": {"hflip": 0.5},
@@ -122,6 +124,8 @@ class DataShape:
 
     @classmethod
     def measure(cls, train_dir: str | Path) -> DataShape:
+        if not is_folder_tree(train_dir):
+            return cls.measure_dataset(train_dir)
         classes, paths = list_classes(train_dir), [path for path, _ in class_images(train_dir)]
         if not paths:
             raise TorchcvtError(f"data folder {train_dir} holds no images in its class folders")
@@ -134,6 +138,16 @@ class DataShape:
             except Exception:  # decoding one file; an unreadable image is reported (and skipped) by the run
                 continue
         return cls(len(paths), len(classes), int(statistics.median(sides)) if sides else 224)
+
+
+    @classmethod
+    def measure_dataset(cls, source: str | Path) -> DataShape:
+        """The same of a Hugging Face dataset split: SIZE_SAMPLE of its images decoded."""
+        from ..hfdata import HFImages
+
+        images = HFImages(source)
+        sides = [min(images.image(i).size) for i in range(0, len(images), max(1, len(images) // SIZE_SAMPLE))]
+        return cls(len(images), len(images.class_names), int(statistics.median(sides[:SIZE_SAMPLE])))
 
 
 def size_band(images: int) -> SizeBand:

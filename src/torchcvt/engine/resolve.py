@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from ..data import data_roots
 from ..typed import parse_assignment
 from .recipes import Recipe, choose_recipe, given_weights
 from .starting import adopted_architecture, tag_architecture
@@ -28,10 +29,11 @@ class ResolvedConfig:
         return f"recipe: {self.recipe.describe(self.config)} (give --config FILE to choose another)"
 
 
-def data_values(root: str | Path) -> dict[str, str]:
-    """The dotted settings of --data ROOT: ROOT/train and ROOT/val."""
-    root = Path(root)
-    return {"data.train": str(root / "train"), "data.val": str(root / "val")}
+def data_values(data: str | Path) -> dict[str, str]:
+    """The dotted settings of --data: ROOT/train and ROOT/val of a tree, or a Hugging Face dataset's train
+    and validation splits (data.data_roots)."""
+    train, val = data_roots(data)
+    return {"data.train": train, "data.val": val}
 
 
 def resolve_config(
@@ -53,8 +55,8 @@ def resolve_config(
        embedded task) or the digits recipe; else (data.train=DIR) the TrainConfig defaults;
     3. overrides, KEY=VALUE strings (`optim.lr=0.03`);
     4. values, typed dotted settings from command options (`{"train.output": "runs/x"}`), then
-       data (a folder holding train/ and val/) and pretrained (a released-weights tag, which also sets
-       model.name to its variant);
+       data (a folder holding train/ and val/, or a Hugging Face dataset: data_values) and pretrained
+       (a released-weights tag, which also sets model.name to its variant);
     5. the architecture the starting weights (model.checkpoint) record, for every model config field the
        sources above leave unset: the config says what is trained, so a rerun compares like with like.
 

@@ -50,6 +50,9 @@ class ModelSettings:
     # The classifier of the starting weights: auto keeps it only when the checkpoint's class list is the
     # data's (count, and names where it records them); new always starts a fresh one; keep always keeps it.
     head: Literal["auto", "new", "keep"] = "auto"
+    # How a head the run makes starts: trunc_normal weight and PyTorch's bias (the official code), or all
+    # zeros (weight and bias, as ViT's fine-tuning code: vit_jax/models_vit.py, the head's zeros init).
+    head_init: Literal["trunc_normal", "zero"] = "trunc_normal"
     overrides: dict[str, Any] = option({}, of="model config fields")  # e.g. {drop_path_rate: [0, 0, 0.1]}
     freeze_stages: int = option(0, low=0, high=16)  # stages 0..N-1 keep their weights (and BN statistics)
     sync_bn: bool = False
@@ -98,7 +101,7 @@ class AugSettings:
 class OptimSettings:
     """The optimiser and its learning rate (absolute, or scaled from base_lr by the global batch)."""
 
-    opt: str = "adamw"
+    opt: str = "adamw"  # timm's names, except sgd: plain momentum; sgd_nesterov: Nesterov (engine.optim)
     lr: float | None = option(None, low=0.0, above=True)  # None: base_lr * global batch / base_batch_size
     base_lr: float = option(2.5e-4, low=0.0, above=True)
     base_batch_size: int = option(256, low=1, high=MAX_BATCH)
