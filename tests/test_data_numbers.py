@@ -19,9 +19,9 @@ from torchcvt.data import (
     ShardSampler,
     collate_skipping_bad,
     eval_transform,
-    seeded_rng,
     train_transform,
 )
+from torchcvt.decoding import seeded_rng
 from torchcvt.engine import TrainConfig
 
 MEAN, STD = (0.2, 0.4, 0.6), (0.5, 0.25, 0.125)
