@@ -20,7 +20,7 @@ from torchcvt.weights.catalogue import CATALOGUE, HUB_LICENSE, builder_docstring
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tools"))
-from update_docs import DOC_TABLES, generated_table  # noqa: E402
+from update_docs import DOC_TABLES, generated_table, model_table  # noqa: E402
 
 
 @pytest.mark.parametrize("relative", sorted(DOC_TABLES))
@@ -99,7 +99,7 @@ def test_timm_preprocessing_is_the_official_evaluation(name):
 
 def test_w24_top1_gives_the_paper_and_the_official_readme():
     # The paper's Table 3 says 87.7; microsoft/CvT's README lists 87.6 for the same weights.
-    from torchcvt.weights.catalogue import WEIGHTS, model_table, timm_cfg
+    from torchcvt.weights.catalogue import WEIGHTS, timm_cfg
 
     w24 = WEIGHTS["cvt_w24.ms_in22k_ft_in1k"]
     assert "| 87.7 (official README: 87.6) |" in model_table()

@@ -16,7 +16,7 @@ from typing import Any
 
 from ..suite import Job, WorkerTally, events, is_claimed, open_suite, override, run_jobs, shard_runs
 from .datasets import TABLE, TABLE4_WEIGHTS, TransferData, find_dataset
-from .plan import GRID, Pair, TransferPlan, Weights, final_jobs, final_name, selection_jobs
+from .plan import GRID, Pair, StartingWeights, TransferPlan, final_jobs, final_name, selection_jobs
 from .proof import PROOF_BATCH, PROOF_GRID, PROOF_LABEL, PROOF_STEPS, PROOF_VALUES, budget, pretrain_job
 from .proof import proof_data as _proof_data
 from .report import collect, write_report
@@ -34,7 +34,7 @@ def table_plan(tags: Sequence[str], names: Sequence[str], grid: Sequence[float],
                overrides: Sequence[str], config: str | None = None, steps: int | None = None,
                dev_fraction: float = 0.1) -> TransferPlan:
     """Released weights x data sets (the table's names, or hf: ids and folders with --config)."""
-    weights = [Weights.released(tag) for tag in tags]
+    weights = [StartingWeights.released(tag) for tag in tags]
     data = [find_dataset(name, dev_fraction, config) for name in names]
     base = (*overrides, *(budget(steps, 512) if steps else ()))
     return TransferPlan(tuple(Pair(w, d) for w in weights for d in data), tuple(grid), tuple(seeds), base,
@@ -46,7 +46,7 @@ def proof_plan(root: Path, grid: Sequence[float] | None, seeds: Sequence[int], o
     """The offline proof's plan and its pre-training run (both written under root)."""
     pretrain = pretrain_job(root, list(overrides), pretrain_epochs)
     data = _proof_data(root / "data")
-    weights = Weights.file(pretrain.folder / "last.pth", "digits-0-4", PROOF_LABEL, "cvt_digits")
+    weights = StartingWeights.file(pretrain.folder / "last.pth", "digits-0-4", PROOF_LABEL, "cvt_digits")
     values = [override(key, value) for key, value in PROOF_VALUES.items()]
     base = (*values, *budget(steps or PROOF_STEPS, PROOF_BATCH), *overrides)
     plan = TransferPlan((Pair(weights, data),), tuple(grid or PROOF_GRID), tuple(seeds), base, workers=0)

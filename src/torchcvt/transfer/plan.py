@@ -18,7 +18,7 @@ GRID = (0.001, 0.003, 0.01, 0.03)  # ViT's sweep (Appendix B.1.1)
 
 
 @dataclass(frozen=True)
-class Weights:
+class StartingWeights:
     """Starting weights: a released tag, or a checkpoint file (the offline proof's)."""
 
     name: str
@@ -27,7 +27,7 @@ class Weights:
     values: tuple[str, ...]  # KEY=VALUE strings that start a run from them
 
     @classmethod
-    def released(cls, tag: str) -> Weights:
+    def released(cls, tag: str) -> StartingWeights:
         from ..engine.starting import tag_architecture
 
         architecture = tag_architecture(tag, "--pretrained")
@@ -35,14 +35,14 @@ class Weights:
                    (override("model.pretrained", tag), override("model.name", architecture)))
 
     @classmethod
-    def file(cls, path: Path, name: str, label: str, architecture: str) -> Weights:
+    def file(cls, path: Path, name: str, label: str, architecture: str) -> StartingWeights:
         return cls(name, label, architecture,
                    (override("model.checkpoint", str(path)), override("model.name", architecture)))
 
 
 @dataclass(frozen=True)
 class Pair:
-    weights: Weights
+    weights: StartingWeights
     data: TransferData
 
     @property
