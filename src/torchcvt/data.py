@@ -19,7 +19,7 @@ from torchvision import transforms as T
 from torchvision.transforms import InterpolationMode
 
 from .config import DIGITS_SIZE
-from .decoding import BadImage, decoded, transformed
+from .decoding import BadImage, LabelledSamples, decoded, transformed
 from .errors import TorchcvtError
 from .extras import require
 from .files import publish_tree, staging_folder, write_new
@@ -241,7 +241,7 @@ def class_images(root: str | Path) -> list[tuple[Path, str]]:
     return [(path, name) for name in list_classes(root) for path in walk_images(root / name)]
 
 
-class ImageFolder(Dataset):
+class ImageFolder(LabelledSamples, Dataset):
     """An ImageNet-layout tree root/<class>/<image>, labelled by a given class list (default: sorted folders).
 
     Items are (tensor, label), or BadImage for an unreadable file. An index may come as
@@ -266,18 +266,6 @@ class ImageFolder(Dataset):
         if not self.samples:
             raise TorchcvtError(f"data folder {root} holds no images ({' '.join(IMAGE_EXTENSIONS)})")
         self.transform = transform
-
-    def __len__(self) -> int:
-        return len(self.samples)
-
-    @property
-    def targets(self) -> list[int]:
-        return [target for _, target in self.samples]
-
-    def empty_classes(self) -> list[str]:
-        """The classes of the class list with no image file in this tree."""
-        present = set(self.targets)
-        return [name for i, name in enumerate(self.class_names) if i not in present]
 
     def warn_empty_classes(self) -> None:
         """A warning naming each class folder without images (its class cannot be scored here)."""

@@ -34,6 +34,25 @@ def to_rgb(image: Image.Image) -> Image.Image:
     return image.convert("RGB")
 
 
+class LabelledSamples:
+    """What an image folder and a Hugging Face split share: (item, class index) samples over a class list."""
+
+    samples: list[tuple[Any, int]]
+    class_names: list[str]
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    @property
+    def targets(self) -> list[int]:
+        return [target for _, target in self.samples]
+
+    def empty_classes(self) -> list[str]:
+        """The classes of the class list without a sample here (they cannot be scored)."""
+        present = set(self.targets)
+        return [name for i, name in enumerate(self.class_names) if i not in present]
+
+
 class BadImage(NamedTuple):
     """What the dataset returns for a file it cannot decode, so one bad JPEG never ends a run."""
 

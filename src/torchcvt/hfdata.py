@@ -28,7 +28,7 @@ from typing import Any
 import numpy as np
 from torch.utils.data import Dataset
 
-from .decoding import BadImage, decoded, transformed
+from .decoding import BadImage, LabelledSamples, decoded, transformed
 from .errors import TorchcvtError
 from .extras import require
 
@@ -237,7 +237,7 @@ def stratified_holdout(targets: Sequence[int], fraction: float, seed: int) -> tu
     return [i for i in range(len(targets)) if i not in chosen], sorted(dev)
 
 
-class HFImages(Dataset):
+class HFImages(LabelledSamples, Dataset):
     """The images and labels of one split (or part) of a Hugging Face dataset, as ImageFolder gives them:
     items are (tensor, label) or BadImage, and an index may come as (index, seed)."""
 
@@ -276,17 +276,6 @@ class HFImages(Dataset):
         self.transform = transform
         # Rows are decoded by the data-loader workers, never all at once.
         self.data = self.data.select_columns([self.image_column])
-
-    def __len__(self) -> int:
-        return len(self.samples)
-
-    @property
-    def targets(self) -> list[int]:
-        return [target for _, target in self.samples]
-
-    def empty_classes(self) -> list[str]:
-        present = set(self.targets)
-        return [name for i, name in enumerate(self.class_names) if i not in present]
 
     def warn_empty_classes(self) -> None:
         for name in self.empty_classes():

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 
 from ..errors import TorchcvtError
+from .common import add_suite_options
 
 
 def add_ablate_command(sub: argparse._SubParsersAction) -> None:
@@ -25,12 +26,7 @@ def add_ablate_command(sub: argparse._SubParsersAction) -> None:
                         "(hf:OWNER/NAME[:CONFIG], a save_to_disk or parquet folder)")
     parser.add_argument("--config", help="YAML recipe (configs/*.yaml); its model is the one ablated")
     parser.add_argument("--output", default="runs/ablate", help="suite folder (default runs/ablate)")
-    parser.add_argument("--shard", metavar="I/N",
-                        help="train only every N-th run from the I-th; I is 0-based (0/4 ... 3/4), so a "
-                        "1-based task id (SLURM's --array=1-4) is given as ID-1/N; default: "
-                        "SLURM_ARRAY_TASK_ID/COUNT when set, else all")
-    parser.add_argument("--launcher", help="run each training as `LAUNCHER -m torchcvt train ...`, e.g. "
-                        "'torchrun --nproc-per-node 8' (default: in this process)")
+    add_suite_options(parser)
     parser.add_argument("--report-only", action="store_true", help="train nothing; rebuild the report in "
                         "OUTPUT from the runs finished so far")
     parser.add_argument("--dry-run", action="store_true", help="train nothing: print each row's settings, "

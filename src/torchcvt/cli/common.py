@@ -23,6 +23,16 @@ def add_model_arguments(parser: argparse.ArgumentParser, checkpoint_required: bo
     parser.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ...")
 
 
+def add_suite_options(parser: argparse.ArgumentParser) -> None:
+    """--shard and --launcher, as every suite of runs (ablate, transfer) takes them."""
+    parser.add_argument("--shard", metavar="I/N",
+                        help="train only every N-th run from the I-th; I is 0-based (0/4 ... 3/4), so a "
+                        "1-based task id (SLURM's --array=1-4) is given as ID-1/N; default: "
+                        "SLURM_ARRAY_TASK_ID/COUNT when set, else all")
+    parser.add_argument("--launcher", help="run each training as `LAUNCHER -m torchcvt train ...`, e.g. "
+                        "'torchrun --nproc-per-node 8' (default: in this process)")
+
+
 def add_model_option(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", help="registered variant, e.g. cvt_13 (or cvt_13.ms_in1k); "
                         "default: the one --checkpoint records")

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 
 from ..errors import TorchcvtError
+from .common import add_suite_options
 
 
 def add_transfer_command(sub: argparse._SubParsersAction) -> None:
@@ -36,12 +37,7 @@ def add_transfer_command(sub: argparse._SubParsersAction) -> None:
     parser.add_argument("--config", help="one recipe for every data set (default: each one's "
                         "configs/transfer-*.yaml)")
     parser.add_argument("--output", default="runs/transfer", help="suite folder (default runs/transfer)")
-    parser.add_argument("--shard", metavar="I/N",
-                        help="train only every N-th run from the I-th; I is 0-based (0/4 ... 3/4), so a "
-                        "1-based task id (SLURM's --array=1-4) is given as ID-1/N; default: "
-                        "SLURM_ARRAY_TASK_ID/COUNT when set, else all")
-    parser.add_argument("--launcher", help="run each training as `LAUNCHER -m torchcvt train ...`, e.g. "
-                        "'torchrun --nproc-per-node 8' (default: in this process)")
+    add_suite_options(parser)
     parser.add_argument("--report-only", action="store_true", help="train nothing; rebuild the report from "
                         "the runs finished so far (give the same suite arguments)")
     parser.add_argument("--dry-run", action="store_true", help="train nothing: list every run, then one "
