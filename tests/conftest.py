@@ -56,6 +56,22 @@ def offline_home(tmp_path, monkeypatch) -> Path:
 
 
 @pytest.fixture
+def saved_figures(monkeypatch) -> list:
+    """Every matplotlib figure saved while the test runs (still written as usual), in order."""
+    from matplotlib.figure import Figure
+
+    figures = []
+    real_savefig = Figure.savefig
+
+    def savefig(self, *args, **kwargs):
+        figures.append(self)
+        return real_savefig(self, *args, **kwargs)
+
+    monkeypatch.setattr(Figure, "savefig", savefig)
+    return figures
+
+
+@pytest.fixture
 def devices(tmp_path: Path) -> dict[str, Path]:
     """Private character devices, null and full (as /dev/null and /dev/full), for output tests: a writer that
     wrongly replaced a device replaces these, never the machine's own (needs root)."""

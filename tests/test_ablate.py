@@ -284,21 +284,11 @@ def test_report_cautions_about_few_seeds(seeds) -> None:
     assert report.count("Table 7") == 1
 
 
-def test_plot_counts_small_models_in_mflops_with_a_legend(tmp_path: Path, monkeypatch) -> None:
-    from matplotlib.figure import Figure
-
+def test_plot_counts_small_models_in_mflops_with_a_legend(tmp_path: Path, saved_figures: list) -> None:
     from torchcvt.ablate.report import plot
 
-    figures = []
-    real_savefig = Figure.savefig
-
-    def savefig(self, *args, **kwargs):
-        figures.append(self)
-        return real_savefig(self, *args, **kwargs)
-
-    monkeypatch.setattr(Figure, "savefig", savefig)
     plot(_fake_suite([0, 1, 2]), tmp_path / "ablation.png")
-    (figure,) = figures
+    (figure,) = saved_figures
     axes = figure.axes[0]
     figure.canvas.draw()
     low, high = axes.get_xlim()

@@ -58,23 +58,13 @@ def test_quiet_prints_no_step_lines(data, tmp_path, caplog, monkeypatch):
     assert not any(line.startswith("mixed precision") for line in lines)  # float32: nothing to announce
 
 
-def test_curves_say_what_the_training_loss_includes(tmp_path, monkeypatch):
-    from matplotlib.figure import Figure
-
+def test_curves_say_what_the_training_loss_includes(tmp_path, saved_figures):
     metrics = tmp_path / "metrics.jsonl"
     metrics.write_text('{"kind": "train", "step": 1, "epoch": 0.5, "loss": 1.2, "lr": 0.1}\n'
                        '{"kind": "val", "step": 2, "epoch": 1, "loss": 0.9, "top1": 0.5, "top5": 1.0}\n')
-    figures = []
-    real_savefig = Figure.savefig
-
-    def savefig(self, *args, **kwargs):
-        figures.append(self)
-        return real_savefig(self, *args, **kwargs)
-
-    monkeypatch.setattr(Figure, "savefig", savefig)
     label = reporting.train_loss_label(0.1, mixup=False)
     reporting.plot_curves(metrics, tmp_path / "curves.png", 3, label)
-    loss, accuracy, _ = figures[0].axes
+    loss, accuracy, _ = saved_figures[0].axes
     assert [text.get_text() for text in loss.get_legend().get_texts()] == [
         "train (with label smoothing 0.1)", "val (plain cross-entropy)"]
     assert [text.get_text() for text in accuracy.get_legend().get_texts()] == ["top-1"]  # 3 classes

@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING, Any
 
 from .engine.runlock import lock_holder
 from .errors import TorchcvtError, shorten, shown
-from .files import append_text, write_bytes, write_json
+from .files import append_text, write_bytes, write_json, write_text
 from .runrecord import LAST_NAME, SUMMARY_NAME, RunSummary
 from .typed import describe_changes, differences
 
@@ -395,3 +395,13 @@ def parse_launcher(text: str | None) -> str | None:
 def override(key: str, value: Any) -> str:
     """KEY=VALUE with the value as JSON, which the engine reads back as YAML to the same value."""
     return f"{key}={json.dumps(value)}"
+
+
+def write_suite_report(root: Path, stem: str, data: dict[str, Any], markdown: Callable[[dict], str],
+                       plot: Callable[[dict, Path], Any]) -> dict[str, Path]:
+    """A suite's report from its collected data: report.md, STEM.json and STEM.png in root."""
+    paths = {"report": root / "report.md", "json": root / f"{stem}.json", "plot": root / f"{stem}.png"}
+    write_json(paths["json"], data)
+    write_text(paths["report"], markdown(data))
+    plot(data, paths["plot"])
+    return paths

@@ -9,9 +9,9 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
-from ..files import write_figure, write_json, write_text
+from ..files import write_figure
 from ..runrecord import RunSummary
-from ..suite import read_summary
+from ..suite import read_summary, write_suite_report
 from .plan import Plan, PlannedRow, Run
 from .runner import run_folder
 
@@ -222,8 +222,4 @@ def plot(data: dict[str, Any], path: Path) -> None:
 
 def write_report(root: Path, plan: Plan) -> dict[str, Path]:
     """Rebuild report.md, ablation.json and ablation.png in root from the runs finished so far."""
-    data = collect(root, plan)
-    write_json(root / "ablation.json", data)
-    write_text(root / "report.md", markdown(data))
-    plot(data, root / "ablation.png")
-    return {"report": root / "report.md", "json": root / "ablation.json", "plot": root / "ablation.png"}
+    return write_suite_report(root, "ablation", collect(root, plan), markdown, plot)

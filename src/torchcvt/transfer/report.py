@@ -6,7 +6,8 @@ import statistics
 from pathlib import Path
 from typing import Any
 
-from ..files import write_figure, write_json, write_text
+from ..files import write_figure
+from ..suite import write_suite_report
 from .plan import TransferPlan, chosen_lr, dev_scores, spread, test_scores
 
 RULE = ("ViT's protocol (Appendix B.1.1): each learning rate trains on the training split less a seeded, "
@@ -96,8 +97,4 @@ def plot(data: dict[str, Any], path: Path) -> None:
 
 def write_report(root: Path, plan: TransferPlan) -> dict[str, Path]:
     """Rebuild report.md, transfer.json and transfer.png in root from the runs finished so far."""
-    data = collect(root, plan)
-    write_json(root / "transfer.json", data)
-    write_text(root / "report.md", markdown(data))
-    plot(data, root / "transfer.png")
-    return {"report": root / "report.md", "json": root / "transfer.json", "plot": root / "transfer.png"}
+    return write_suite_report(root, "transfer", collect(root, plan), markdown, plot)
