@@ -27,7 +27,7 @@ demo: install
 	$(PY) -m torchcvt train --output runs/demo
 
 bench: install
-	$(PY) benchmarks/bench.py
+	$(PY) benchmarks/bench.py --inductor --onnxruntime
 
 # The tables of README.md and docs/pretrained.md that quote the weight catalogue.
 docs: install

@@ -2,11 +2,12 @@
 weights, written into docs/benchmarks.md.
 
     python benchmarks/bench.py [--model cvt_13] [--output docs/benchmarks.md] [--quick] [--repeats N]
-        [--no-memory] [--threads N] [--bf16] [--inductor] [--cases MODE:BATCH:SIZE,...]
+        [--no-memory] [--threads N] [--bf16] [--inductor] [--onnxruntime] [--cases MODE:BATCH:SIZE,...]
 
 torchcvt's inference runs the model from torchcvt.optimize_for_inference (in bf16 for the bf16 case, no
 autocast); transformers runs its model as its users do (under autocast for bf16). --inductor adds a third
-contender to each inference case: torch.compile with freezing on torchcvt's model in the case's dtype.
+contender to each inference case: torch.compile with freezing on torchcvt's model in the case's dtype;
+--onnxruntime a fourth to the largest fp32 batch: the ONNX file `torchcvt export` writes, in ONNX Runtime.
 
 Tooling, not part of the installed package: it needs transformers (`pip install torchcvt[bench]`).
 
@@ -41,6 +42,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm
 
+from torchcvt.export import export_onnx
 from torchcvt.factory import create_model
 from torchcvt.flops import count_flops
 from torchcvt.fused import fused_linear_enabled
@@ -59,6 +61,7 @@ TARGET_OVERHEAD = 0.10
 TARGET_PEAK = {"fp32": 0.80, "bf16": 0.50}
 TARGET_RATIO = 1.5
 TARGET_INDUCTOR = 0.95  # torchcvt's eager speed against torch.compile with freezing, same model and dtype
+TARGET_ONNXRUNTIME = 0.95  # fp32: against ONNX Runtime on the exported model, same weights
 
 
 @dataclass
@@ -83,6 +86,7 @@ class CaseResult:
     top_ops: list[tuple[str, float, int]] | None = None  # (op, share of self CPU time, calls per call)
     first_call_s: tuple[float, float] | None = None  # fresh process: torchcvt (optimize included), hf
     inductor_ips: float | None = None  # torch.compile with freezing, when asked for (--inductor)
+    onnxruntime_ips: float | None = None  # ONNX Runtime on the exported model (--onnxruntime, fp32)
 
     @property
     def ratio(self) -> float:
@@ -243,6 +247,28 @@ def _step_fn(model: nn.Module, case: Case, hf: bool, inductor: bool = False) -> 
     return train
 
 
+def _onnxruntime_fn(model: nn.Module, case: Case, directory: Path) -> Callable[[], Any]:
+    """One inference call of torchcvt's model exported by `torchcvt.export.export_onnx` (BatchNorm folded,
+    dynamic sizes) in ONNX Runtime's CPU provider, with as many intra-op threads as torch uses."""
+    import onnxruntime
+
+    if case.mode != "fp32":
+        raise ValueError(f"--onnxruntime times fp32 inference only, not {case.mode}")
+    path = export_onnx(model.eval(), directory / f"torchcvt-{os.getpid()}.onnx")
+    options = onnxruntime.SessionOptions()
+    options.intra_op_num_threads = torch.get_num_threads()
+    options.inter_op_num_threads = 1
+    options.graph_optimization_level = onnxruntime.GraphOptimizationLevel.ORT_ENABLE_ALL
+    session = onnxruntime.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    image = torch.randn(case.batch, 3, case.img_size, case.img_size,
+                        generator=torch.Generator().manual_seed(0)).numpy()
+
+    def infer() -> None:
+        session.run(None, {"image": image})
+
+    return infer
+
+
 def time_alternating(fns: dict[str, Callable[[], Any]], warmup: int, repeats: int) -> dict[str, float]:
     """Median seconds of each function, run in turn (a, b, c, a, b, c, ...) after warm-up of each."""
     for _ in range(warmup):
@@ -286,19 +312,21 @@ def _load(directory: Path, which: str) -> nn.Module:
     return torch.load(directory / "torchcvt.pt", weights_only=False)
 
 
-def time_case(directory: Path, case: Case, warmup: int, repeats: int, inductor: bool = False
-              ) -> dict[str, Any]:
+def time_case(directory: Path, case: Case, warmup: int, repeats: int, inductor: bool = False,
+              onnxruntime: bool = False) -> dict[str, Any]:
     """Time one case on both models in a fresh process (each case starts from the same heap, not from
     what earlier cases, training ones above all, left behind); inference cases are also profiled."""
     args = [sys.executable, __file__, "--case-child", str(directory), case.mode, str(case.batch),
-            str(case.img_size), str(warmup), str(repeats), str(torch.get_num_threads()), str(int(inductor))]
+            str(case.img_size), str(warmup), str(repeats), str(torch.get_num_threads()), str(int(inductor)),
+            str(int(onnxruntime))]
     done = subprocess.run(args, capture_output=True, text=True, check=False)
     if done.returncode != 0:
         raise RuntimeError(f"timing {case} failed: {done.stderr.strip().splitlines()[-1:]}")
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
-def _case_child(directory: Path, case: Case, warmup: int, repeats: int, inductor: bool) -> dict[str, Any]:
+def _case_child(directory: Path, case: Case, warmup: int, repeats: int, inductor: bool,
+                onnxruntime: bool) -> dict[str, Any]:
     # The first call of a fresh process, torchcvt's with optimize_for_inference's preparation in it.
     started = time.perf_counter()
     ours = _step_fn(_load(directory, "torchcvt"), case, hf=False)
@@ -312,6 +340,8 @@ def _case_child(directory: Path, case: Case, warmup: int, repeats: int, inductor
     if inductor and case.mode not in TRAINING:
         fns["inductor"] = _step_fn(_load(directory, "torchcvt"), case, hf=False, inductor=True)
         fns["inductor"]()  # compiles
+    if onnxruntime:
+        fns["onnxruntime"] = _onnxruntime_fn(_load(directory, "torchcvt"), case, directory)
     seconds = time_alternating(fns, warmup, repeats)
     measured: dict[str, Any] = {f"{name}_s": t for name, t in seconds.items()}
     measured["first_call_s"] = (first_ours, first_hf)
@@ -341,12 +371,13 @@ def _rss_kb(field: str) -> int:
 def run_benchmark(
     name: str = "cvt_13", cases: list[Case] | None = None, quick: bool = False, memory: bool = True,
     warmup: int | None = None, repeats: int | None = None, bf16: bool | None = None, peak_size: int = 2048,
-    inductor: tuple[str, ...] = (), **overrides: Any,
+    inductor: tuple[str, ...] = (), onnxruntime: bool = False, **overrides: Any,
 ) -> dict[str, Any]:
     """Run every case on both implementations; returns the results and the machine description.
 
     peak_size is the largest side of the square products that measure the matmul peak; inductor names the
-    inference modes whose largest batch is also timed through torch.compile with freezing.
+    inference modes whose largest batch is also timed through torch.compile with freezing; onnxruntime
+    also times the largest fp32 batch in ONNX Runtime.
     """
     cases = cases or default_cases(quick, bf16)
     warmup = warmup if warmup is not None else 1
@@ -363,7 +394,8 @@ def run_benchmark(
             # Compiling takes minutes: inductor runs beside the largest batch of each inference mode only.
             largest = max(c.batch for c in cases if c.mode == case.mode)
             compiled = case.mode in inductor and case.batch == largest
-            measured = time_case(directory, case, warmup, repeats, compiled)
+            in_onnxruntime = onnxruntime and case.mode == "fp32" and case.batch == largest
+            measured = time_case(directory, case, warmup, repeats, compiled, in_onnxruntime)
             # The peak is the best seen over the run: a shared or throttled machine is slower at times,
             # and a peak taken only at the start would let later cases exceed 100%.
             key, dtype = ("bf16", torch.bfloat16) if case.mode == "bf16" else ("fp32", torch.float32)
@@ -373,6 +405,8 @@ def run_benchmark(
                                 first_call_s=tuple(measured["first_call_s"]))
             if "inductor_s" in measured:
                 result.inductor_ips = case.batch / measured["inductor_s"]
+            if "onnxruntime_s" in measured:
+                result.onnxruntime_ips = case.batch / measured["onnxruntime_s"]
             if case.mode not in TRAINING:
                 ops = [tuple(op) for op in measured["ops"]]
                 total = sum(seconds for _, seconds, _ in ops) or 1.0
@@ -416,8 +450,9 @@ def format_markdown(report: dict[str, Any]) -> str:
         "| case | batch | size | torchcvt img/s | transformers img/s | ratio | torchcvt GFLOP/s (% peak) "
         "| transformers GFLOP/s (% peak) | peak mem torchcvt / transformers (MB) | mem ratio "
         "| torchcvt time outside matmul/attention/conv "
-        "| first call s, fresh process (torchcvt / transformers) | inductor img/s (torchcvt / inductor) |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "| first call s, fresh process (torchcvt / transformers) | inductor img/s (torchcvt / inductor) "
+        "| ONNX Runtime img/s (torchcvt / ONNX Runtime) |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in report["results"]:
         c = r.case
@@ -435,11 +470,13 @@ def format_markdown(report: dict[str, Any]) -> str:
         first = "-" if r.first_call_s is None else f"{r.first_call_s[0]:.1f} / {r.first_call_s[1]:.1f}"
         inductor = "-" if r.inductor_ips is None else (
             f"{r.inductor_ips:.2f} ({r.torchcvt_ips / r.inductor_ips:.2f}x)")
+        onnx = "-" if r.onnxruntime_ips is None else (
+            f"{r.onnxruntime_ips:.2f} ({r.torchcvt_ips / r.onnxruntime_ips:.2f}x)")
         lines.append(
             f"| {mode} | {c.batch} | {c.img_size} | {r.torchcvt_ips:.2f} | {r.hf_ips:.2f} | {r.ratio:.2f}x "
             f"| {work * r.torchcvt_ips:.0f} ({100 * work * r.torchcvt_ips / peak:.0f}%) "
             f"| {work * r.hf_ips:.0f} ({100 * work * r.hf_ips / peak:.0f}%) | {mem} | {mem_ratio} "
-            f"| {other} | {first} | {inductor} |"
+            f"| {other} | {first} | {inductor} | {onnx} |"
         )
     lines += ["", *format_targets(report), "", *format_profiles(report)]
     lines += [
@@ -457,7 +494,9 @@ def format_markdown(report: dict[str, Any]) -> str:
         "infers with `torchcvt.optimize_for_inference(model, dtype)` (bf16 weights for the bf16 case, no "
         "autocast), transformers under autocast; the first call is timed in the case's fresh process, "
         "torchcvt's with the preparation in it; inductor is `torch.compile` with freezing on torchcvt's "
-        "model in the same dtype (`--inductor`), compiled before timing.",
+        "model in the same dtype (`--inductor`), compiled before timing; ONNX Runtime (`--onnxruntime`, fp32 "
+        "only) runs the file `torchcvt.export.export_onnx` writes from the same model, with torch's thread "
+        "count as its intra-op threads and every graph optimisation on.",
     ]
     return "\n".join(lines) + "\n"
 
@@ -485,16 +524,19 @@ def format_targets(report: dict[str, Any]) -> list[str]:
                      "emulate it, so the bf16 targets are not measured here (`--bf16` times it anyway)")
     for mode in ("fp32", "bf16"):
         result = _largest_batch(report, mode)
-        share = ratio = against_inductor = None
+        share = ratio = against_inductor = against_onnxruntime = None
         if result is not None:
             peak = report["peaks"][mode]
             share = result.gflop_per_image * result.torchcvt_ips / peak
             ratio = result.ratio
             against_inductor = result.inductor_ips and result.torchcvt_ips / result.inductor_ips
+            against_onnxruntime = result.onnxruntime_ips and result.torchcvt_ips / result.onnxruntime_ips
         name = f"{mode} inference, batch {result.case.batch if result else 16}"
         line(f"{name}: share of the {mode} matmul peak", share, TARGET_PEAK[mode], ".0%")
         line(f"{name}: speed against transformers", ratio, TARGET_RATIO, ".2f")
         line(f"{name}: speed against torch.compile with freezing", against_inductor, TARGET_INDUCTOR, ".2f")
+        if mode == "fp32":
+            line(f"{name}: speed against ONNX Runtime", against_onnxruntime, TARGET_ONNXRUNTIME, ".2f")
     bf16 = _largest_batch(report, "bf16")
     overhead = None if bf16 is None or bf16.op_shares is None else bf16.op_shares["other"]
     line("bf16 inference: time outside matmul, attention and convolution", overhead, TARGET_OVERHEAD, ".1%",
@@ -560,6 +602,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--inductor", nargs="?", const="fp32,bf16", default="", metavar="MODES",
                         help="also time torch.compile with freezing at the largest batch of each inference "
                         "mode named (default both: fp32,bf16); compiling takes minutes")
+    parser.add_argument("--onnxruntime", action="store_true",
+                        help="also time the largest fp32 batch in ONNX Runtime (torchcvt.export's file)")
     parser.add_argument("--cases", help="comma-separated MODE:BATCH:SIZE (modes: " + ", ".join(MODES)
                         + "), instead of the default cases")
     parser.add_argument("--bf16", action="store_true", default=None,
@@ -574,7 +618,8 @@ def main(argv: list[str] | None = None) -> int:
             torch.set_num_threads(args.threads)
         report = run_benchmark(args.model, cases=parse_cases(args.cases) if args.cases else None,
                                quick=args.quick, memory=not args.no_memory, repeats=args.repeats,
-                               bf16=args.bf16, inductor=tuple(filter(None, args.inductor.split(","))))
+                               bf16=args.bf16, inductor=tuple(filter(None, args.inductor.split(","))),
+                               onnxruntime=args.onnxruntime)
     except ValueError as error:
         print(f"bench: error: {error}", file=sys.stderr)
         return 2
@@ -586,11 +631,11 @@ def main(argv: list[str] | None = None) -> int:
 if __name__ == "__main__" and len(sys.argv) == 7 and sys.argv[1] == "--memory-child":
     _, _, folder, kind, mode, batch, size = sys.argv
     print(_memory_child(Path(folder), kind, Case(mode, int(batch), int(size))))
-elif __name__ == "__main__" and len(sys.argv) == 10 and sys.argv[1] == "--case-child":
-    _, _, folder, mode, batch, size, warmup_runs, timed_runs, threads, compiled = sys.argv
+elif __name__ == "__main__" and len(sys.argv) == 11 and sys.argv[1] == "--case-child":
+    _, _, folder, mode, batch, size, warmup_runs, timed_runs, threads, compiled, in_onnxruntime = sys.argv
     torch.set_num_threads(int(threads))
     print(json.dumps(_case_child(Path(folder), Case(mode, int(batch), int(size)), int(warmup_runs),
-                                 int(timed_runs), compiled == "1")))
+                                 int(timed_runs), compiled == "1", in_onnxruntime == "1")))
 elif __name__ == "__main__":
     logging.basicConfig(level=logging.INFO, format="bench: %(message)s")
     sys.exit(main())

@@ -105,3 +105,24 @@ def test_full_benchmark_times_bf16_only_where_the_cpu_has_it(caplog: pytest.LogC
     assert "no native bf16" in caplog.text
     chosen = default_cases(quick=False)
     assert any(case.mode == "bf16" for case in chosen) == native_bf16()
+
+
+def test_onnxruntime_contender_runs_the_exported_file_and_is_reported(tmp_path):
+    from bench import CaseResult, _onnxruntime_fn
+
+    from torchcvt import create_model
+
+    model = create_model("cvt_13", embed_dim=[16, 32, 48], num_heads=[1, 2, 3], depth=[1, 1, 1])
+    _onnxruntime_fn(model, Case("fp32", 2, 64), tmp_path)()
+    assert list(tmp_path.glob("*.onnx"))
+    with pytest.raises(ValueError, match="--onnxruntime times fp32 inference only, not bf16"):
+        _onnxruntime_fn(model, Case("bf16", 2, 64), tmp_path)
+    result = CaseResult(Case("fp32", 16, 224), torchcvt_ips=10.0, hf_ips=5.0, gflop_per_image=9.0,
+                        onnxruntime_ips=12.5)
+    report = {"model": "cvt_13", "overrides": {}, "results": [result], "peaks": {"fp32": 900.0, "bf16": 1.0},
+              "max_logit_difference": 0.0, "machine": "test machine"}
+    table = format_markdown(report)
+    assert "| - | 12.50 (0.80x) |" in table
+    target = "- fp32 inference, batch 16: speed against ONNX Runtime: 0.80 (not met; target at least 0.95)"
+    assert target in table
+    assert "- bf16 inference, batch 16: speed against ONNX Runtime" not in table
