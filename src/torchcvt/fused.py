@@ -1,4 +1,5 @@
-"""oneDNN's fused linear for CPU inference: bias, activation or residual add in the matmul kernel.
+"""oneDNN's fused linear for CPU inference: bias, activation or residual add in the matmul kernel; and
+bf16 attention as blocked oneDNN products where PyTorch's flash kernel runs bf16 at fp32 speed.
 
 The kernel, torch.ops.mkldnn._linear_pointwise, is a private PyTorch op. It is used only for inference
 on the CPU in float32 or bfloat16, only after a check at its first use in each dtype that it gives what
@@ -28,6 +29,9 @@ logger = logging.getLogger(__name__)
 ENV_VAR = "TORCHCVT_FUSED"
 _ON, _OFF, _AUTO = ("1", "true", "on", "yes"), ("0", "false", "off", "no"), ("auto", "")
 _AVAILABLE = torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
+
+# Scores of one block of query rows (all batch items and heads): a few MB, within a core's share of L2/L3.
+ATTENTION_BLOCK_BYTES = 4 << 20
 
 _setting: bool | str | None = None  # True / False forced, "auto" per CPU, None not yet read
 _working: dict[torch.dtype, bool] = {}  # result of the first-use check, per dtype
@@ -108,6 +112,30 @@ def _call(
         return torch.ops.mkldnn._linear_pointwise.binary(x, residual, weight, bias, "add")
     algorithm = "none" if activation == "gelu" else ""
     return torch.ops.mkldnn._linear_pointwise(x, weight, bias, activation, [], algorithm)
+
+
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor | None:
+    """softmax(scale q k^T) v for bf16 CPU inference, or None where scaled_dot_product_attention must run.
+
+    PyTorch's CPU flash-attention kernel runs bf16 at its fp32 speed; two oneDNN bf16 products per block
+    of query rows, the block's scores staying in cache, run about 1.5x faster on AVX512-BF16. The scores
+    are rounded to bf16 before the softmax, as every matmul-softmax-matmul attention under bf16 autocast
+    rounds them (transformers' CvT, the official code); the flash kernel keeps them in float32.
+    """
+    if q.dtype != torch.bfloat16 or fused_dtype(q) != torch.bfloat16:
+        return None
+    batch, heads, queries, head_dim = q.shape
+    q, keys_t, values = q.flatten(0, 1), k.flatten(0, 1).transpose(1, 2), v.flatten(0, 1)
+    step = max(1, ATTENTION_BLOCK_BYTES // (q.shape[0] * keys_t.shape[-1] * q.element_size()))
+    out = torch.empty_like(q)
+    block = q.new_empty(q.shape[0], min(step, queries), keys_t.shape[-1])
+    for start in range(0, queries, step):
+        rows = slice(start, start + step)
+        scores = block[:, : min(step, queries - start)]
+        torch.baddbmm(scores, q[:, rows], keys_t, beta=0, alpha=scale, out=scores)
+        torch.softmax(scores, dim=-1, out=scores)
+        torch.bmm(scores, values, out=out[:, rows])
+    return out.view(batch, heads, queries, head_dim)
 
 
 def _guarded(dtype: torch.dtype, fn: Callable[[], torch.Tensor]) -> torch.Tensor | None:

@@ -3,9 +3,9 @@
 Attribute names follow the official implementation (microsoft/CvT, lib/models/cls_cvt.py) so that
 its checkpoints load without renaming. The fast paths below change how the same math is computed,
 never which parameters exist: BatchNorm is folded into the depthwise convolution in eval mode,
-attention runs through scaled_dot_product_attention, CPU inference fuses bias, activation and
-residual add into oneDNN's linear kernel (torchcvt.fused, which has the switch to turn it off), and
-training recomputes the MLP activation instead of storing it.
+attention runs through scaled_dot_product_attention (in bf16 CPU inference, blocked oneDNN products),
+CPU inference fuses bias, activation and residual add into oneDNN's linear kernel (torchcvt.fused,
+which has the switch to turn both off), and training recomputes the MLP activation instead of storing it.
 """
 
 from __future__ import annotations
@@ -245,8 +245,10 @@ class Attention(nn.Module):
             self.last_attention, self.last_kv_grid = attn.detach(), kv_grid
             out = self.attn_drop(attn) @ v
         else:
-            drop = self.attn_drop.p if self.training else 0.0
-            out = F.scaled_dot_product_attention(q, k, v, dropout_p=drop, scale=self.scale)
+            out = None if self.training else fused.attention(q, k, v, self.scale)
+            if out is None:
+                drop = self.attn_drop.p if self.training else 0.0
+                out = F.scaled_dot_product_attention(q, k, v, dropout_p=drop, scale=self.scale)
         out = out.transpose(1, 2).reshape(batch, q.shape[2], dim)
         if self.training and self.proj_drop.p > 0:
             out = self.proj_drop(self.proj(out))
