@@ -126,7 +126,7 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -
         return None
     batch, heads, queries, head_dim = q.shape
     q, keys_t, values = q.flatten(0, 1), k.flatten(0, 1).transpose(1, 2), v.flatten(0, 1)
-    step = max(1, ATTENTION_BLOCK_BYTES // (q.shape[0] * keys_t.shape[-1] * q.element_size()))
+    step = max(1, ATTENTION_BLOCK_BYTES // max(1, q.shape[0] * keys_t.shape[-1] * q.element_size()))
     out = torch.empty_like(q)
     block = q.new_empty(q.shape[0], min(step, queries), keys_t.shape[-1])
     for start in range(0, queries, step):
