@@ -10,6 +10,7 @@ from timm.layers import DropPath
 from torch import nn
 
 import torchcvt
+from torchcvt.errors import TorchcvtError
 from torchcvt.flops import count_params
 from torchcvt.layers import Attention, LayerNorm, QuickGELU
 
@@ -353,3 +354,45 @@ def test_empty_batch_gives_empty_logits(tiny_overrides, autocast):
         assert model.train()(x).shape == (0, 7)
         maps = model.forward_intermediates(x, intermediates_only=True)
     assert [tuple(m.shape[:2]) for m in maps] == [(0, 16), (0, 16), (0, 32), (0, 48)]
+
+
+def test_average_pool_leaves_the_class_token_out(tiny_overrides):
+    model = tiny(tiny_overrides, num_classes=5, global_pool="avg")  # the last stage has a class token
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        features = model.forward_features(x)
+        torch.testing.assert_close(model.forward_head(features, pre_logits=True), features[:, 1:].mean(dim=1))
+        torch.testing.assert_close(model(x), model.head(features[:, 1:].mean(dim=1)))
+        assert model.forward_head(features, pre_logits=True).shape == (2, 48)
+
+
+@pytest.mark.parametrize(("pool", "cls_token", "message"), [
+    ("max", [False, False, True], r"^global_pool must be one of \['token', 'avg', ''\], got 'max'$"),
+    ("token", [False, False, False], r"^global_pool='token' needs a class token in the last stage "
+                                     r"\(cls_token\[-1\]\); use 'avg'$"),
+])
+def test_bad_global_pool_names_the_choices(tiny_overrides, pool, cls_token, message):
+    with pytest.raises(TorchcvtError, match=message):
+        tiny(tiny_overrides, cls_token=cls_token, global_pool=pool)
+    assert tiny(tiny_overrides, cls_token=cls_token, global_pool="").global_pool == ""
+    assert tiny(tiny_overrides, cls_token=cls_token).global_pool == ("token" if cls_token[-1] else "avg")
+
+
+def test_layer_norm_eps_reaches_every_norm_and_the_logits(tiny_overrides):
+    x = torch.randn(1, 3, 64, 64)
+    torch.manual_seed(0)
+    default = tiny(tiny_overrides)
+    torch.manual_seed(0)
+    wide = tiny(tiny_overrides, layer_norm_eps=0.5)
+    norms = [m for m in wide.modules() if isinstance(m, nn.LayerNorm)]
+    assert norms and {m.eps for m in norms} == {0.5} and wide.norm.eps == 0.5
+    with torch.no_grad():
+        assert not torch.allclose(default(x), wide(x), atol=1e-3)
+
+
+def test_position_embedding_and_class_token_start_at_the_official_scale(tiny_overrides):
+    model = tiny(tiny_overrides, position_embedding=[True, True, True], num_classes=1000)
+    for stage in model.stages:
+        assert stage.pos_embed.std().item() == pytest.approx(0.02, rel=0.1)
+    assert model.head.weight.std().item() == pytest.approx(0.02, rel=0.05)
+

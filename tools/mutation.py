@@ -31,6 +31,13 @@ MLP = [f"{PARITY}test_fused_and_plain_mlp_blocks_agree_with_the_formula"]
 KEYS = [f"{PARITY}test_official_key_names_and_shapes_are_the_official_module_trees"]
 POOL_POS = [f"{PARITY}test_without_a_class_token_the_mean_of_the_normed_tokens_is_classified",
             f"{PARITY}test_position_embedding_is_added_and_resized_to_the_grid"]
+# bf16 attention in blocks of query rows (fused.attention) and the bf16 optimized model that runs it.
+ATTENTION = ["tests/test_inference.py"]
+# The training path: the MLP's recomputed activation, checkpointing without a second statistics update.
+TRAINING = [f"tests/test_fast.py::{name}" for name in (
+    "test_fast_training_path_equals_plain", "test_folded_batchnorm_is_conv_then_bn_with_gradients",
+    "test_grad_checkpointing_gives_same_grads_and_statistics",
+    "test_grad_checkpointing_updates_syncbatchnorm_statistics_once")]
 HF = [f"{PARITY}test_transformers_weights_give_transformers_logits[{kernel}-fp32]"
       for kernel in ("fused", "plain")]
 
@@ -38,20 +45,25 @@ HF = [f"{PARITY}test_transformers_weights_give_transformers_logits[{kernel}-fp32
 # The patterns keep data.py to its sampler and transforms (its folder walking and writing are not numeric).
 TARGETS: dict[str, tuple[str, list[str], list[str] | None]] = {
     "layers": ("src/torchcvt/layers.py",
-               [*OFFICIAL, *MLP, "tests/test_fast.py::test_mlp_in_row_blocks_equals_the_whole_mlp"], None),
-    "model": ("src/torchcvt/model.py", [*OFFICIAL, *KEYS, *POOL_POS], None),
+               [*OFFICIAL, *MLP, *ATTENTION, *TRAINING,
+                "tests/test_fast.py::test_mlp_in_row_blocks_equals_the_whole_mlp"], None),
+    # With test_model.py: pooling, initialisation, norms and the input checks, beside the numbers.
+    "model": ("src/torchcvt/model.py", [*OFFICIAL, *KEYS, *POOL_POS, "tests/test_model.py"], None),
     # The kernel's paths; its first-use self-check (_check, _matches_plain) is the target fused-check.
-    "fused": ("src/torchcvt/fused.py", [*OFFICIAL, *MLP],
+    "fused": ("src/torchcvt/fused.py", [*OFFICIAL, *MLP, *ATTENTION],
               [f"torchcvt.fused.x_{name}__*" for name in ("linear", "_call", "_guarded", "fused_dtype",
                                                           "fused_linear_enabled", "set_fused_linear",
-                                                          "plain_ops_only")]),
+                                                          "plain_ops_only", "attention")]),
     "fused-check": ("src/torchcvt/fused.py", [*OFFICIAL, *MLP],
                     ["torchcvt.fused.x__check__*", "torchcvt.fused.x__matches_plain__*"]),
     "formats": ("src/torchcvt/weights/formats.py",
                 [*HF, *KEYS, "tests/test_parity_hf.py::test_cli_convert_hf_to_official_and_back",
                  "tests/test_parity_hf.py::test_hf_config_that_differs_from_the_model_names_the_field"],
                 None),
-    "load": ("src/torchcvt/weights/load.py", [*OFFICIAL[:2], "tests/test_weights_checkpoint.py"], None),
+    # With the files that load a checkpoint of another dtype or channel count into a model.
+    "load": ("src/torchcvt/weights/load.py",
+             [*OFFICIAL[:2], "tests/test_weights_checkpoint.py", "tests/test_checkpoint_metadata.py",
+              "tests/test_weights_hub.py"], None),
     "steps": ("src/torchcvt/engine/steps.py", ["tests/test_steps.py"], None),
     "data": ("src/torchcvt/data.py", ["tests/test_data_numbers.py"],
              ["torchcvt.data.xǁResizeCenterCropǁ*", "torchcvt.data.x_eval_transform__*",
