@@ -116,20 +116,31 @@ def test_bad_arguments_are_one_line_errors(tiny_overrides):
 
 @pytest.mark.parametrize(("queries", "keys", "heads"), [(784, 196, 1), (197, 50, 6), (5, 3, 2)])
 def test_bf16_attention_in_query_blocks_is_the_attention_formula(monkeypatch, queries, keys, heads):
-    """fused.attention (bf16 CPU inference) against softmax(scale q k^T) v in float64, with blocks of
-    query rows that leave a remainder; it stands aside for float32 and with autograd on."""
-    monkeypatch.setattr(fused, "_setting", fused._setting)
-    torchcvt.set_fused_linear(True)  # also on a CPU that only emulates bf16
+    """fused.blocked_attention against softmax(scale q k^T) v in float64, in blocks of query rows that leave
+    a remainder (on any CPU: where bf16 is not native, oneDNN emulates it)."""
     monkeypatch.setattr(fused, "ATTENTION_BLOCK_BYTES", 2 * heads * keys * 2 * 7)  # 7 query rows a block
     q, k, v = (torch.randn(2, heads, n, 16) for n in (queries, keys, keys))
     scale = 0.3
     want = ((q.double() @ k.double().transpose(-2, -1)) * scale).softmax(dim=-1) @ v.double()
-    with torch.no_grad():
-        got = fused.attention(q.bfloat16(), k.bfloat16(), v.bfloat16(), scale)
-        assert fused.attention(q, k, v, scale) is None
-        with torch.autocast("cpu", dtype=torch.bfloat16):
-            assert fused.attention(q, k, v, scale) is None  # float32 tensors: not its inputs
+    got = fused.blocked_attention(q.bfloat16(), k.bfloat16(), v.bfloat16(), scale)
     assert got.dtype == torch.bfloat16 and got.shape == q.shape
     torch.testing.assert_close(got.double(), want, rtol=0, atol=3e-2)
-    with torch.enable_grad():
-        assert fused.attention(q.bfloat16(), k.bfloat16(), v.bfloat16(), scale) is None
+
+
+def test_bf16_attention_runs_only_in_bf16_inference_on_the_onednn_path(monkeypatch):
+    monkeypatch.setattr(fused, "_setting", fused._setting)
+    q, k, v = (torch.randn(2, 3, n, 16) for n in (9, 4, 4))
+    for enable in (True, False):
+        torchcvt.set_fused_linear(enable)
+        with torch.no_grad():
+            assert fused.attention(q, k, v, 0.3) is None  # float32
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                assert fused.attention(q, k, v, 0.3) is None  # float32 tensors are not its inputs
+            got = fused.attention(q.bfloat16(), k.bfloat16(), v.bfloat16(), 0.3)
+            refused = fused.fused_dtype(q.bfloat16()) is None  # switched off, or oneDNN refuses bf16 here
+        if refused:
+            assert got is None
+        else:
+            want = fused.blocked_attention(q.bfloat16(), k.bfloat16(), v.bfloat16(), 0.3)
+            torch.testing.assert_close(got, want, rtol=0, atol=0)
+        assert fused.attention(q.bfloat16(), k.bfloat16(), v.bfloat16(), 0.3) is None  # autograd on

@@ -124,6 +124,11 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -
     """
     if q.dtype != torch.bfloat16 or fused_dtype(q) != torch.bfloat16:
         return None
+    return blocked_attention(q, k, v, scale)
+
+
+def blocked_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
+    """softmax(scale q k^T) v of (B, heads, N, head dim) tensors, ATTENTION_BLOCK_BYTES of scores a block."""
     batch, heads, queries, head_dim = q.shape
     q, keys_t, values = q.flatten(0, 1), k.flatten(0, 1).transpose(1, 2), v.flatten(0, 1)
     step = max(1, ATTENTION_BLOCK_BYTES // max(1, q.shape[0] * keys_t.shape[-1] * q.element_size()))
