@@ -396,3 +396,39 @@ def test_position_embedding_and_class_token_start_at_the_official_scale(tiny_ove
         assert stage.pos_embed.std().item() == pytest.approx(0.02, rel=0.1)
     assert model.head.weight.std().item() == pytest.approx(0.02, rel=0.05)
 
+
+
+def test_no_classes_gives_the_pooled_features(tiny_overrides):
+    model = tiny(tiny_overrides, num_classes=0)
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        features = model.forward_features(x)
+        torch.testing.assert_close(model(x), features[:, 0])
+    assert isinstance(model.head, nn.Identity) and model.num_classes == 0
+
+
+def test_feature_info_names_real_modules_with_their_channels_and_strides(tiny_overrides):
+    model = tiny(tiny_overrides)
+    assert [(i["num_chs"], i["reduction"], i["module"]) for i in model.feature_info] == [
+        (16, 4, "stage0.patch_embed"), (16, 4, "stage0"), (32, 8, "stage1"), (48, 16, "stage2")]
+    for info in model.feature_info:
+        model.get_submodule(info["module"])
+    backbone = torchcvt.create_model("cvt_13", features_only=True, out_indices=(0, 1, 2, 3), **tiny_overrides)
+    with torch.no_grad():
+        maps = backbone.eval()(torch.randn(1, 3, 64, 64))
+    assert [m.shape[1] for m in maps] == backbone.feature_info.channels() == [16, 16, 32, 48]
+    assert [64 // m.shape[-1] for m in maps] == backbone.feature_info.reduction() == [4, 4, 8, 16]
+
+
+def test_reset_classifier_takes_the_pool_and_stays_on_the_models_device(tiny_overrides):
+    model = tiny(tiny_overrides, num_classes=5)
+    model.reset_classifier(3, "avg")
+    assert model.global_pool == "avg" and model.num_classes == 3 == model.config.num_classes
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), model.head(model.forward_features(x)[:, 1:].mean(dim=1)))
+    model.reset_classifier(4)
+    assert model.global_pool == "avg" and model.num_classes == 4  # the pool stays unless one is given
+    on_meta = tiny(tiny_overrides).to("meta")
+    on_meta.reset_classifier(6)
+    assert on_meta.head.weight.device.type == "meta"
