@@ -234,3 +234,73 @@ def test_cli_convert_official_to_torchcvt(tmp_path, capsys):
     with torch.no_grad():
         converted = torchcvt.create_model("cvt_13", checkpoint=tmp_path / "out").eval()(images)
         torch.testing.assert_close(converted, reference(images), atol=1e-4, rtol=0)
+
+
+def _hub_style(path, name: str, **overrides):
+    """A transformers folder as the Hub has them: config.json without torchcvt's own record."""
+    from torchcvt.weights import save_hf
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        save_hf(torchcvt.create_model(name, num_classes=3, activation="gelu", **overrides), path)
+    config = json.loads((path / "config.json").read_text())
+    del config["torchcvt"]
+    (path / "config.json").write_text(json.dumps(config))
+    return path
+
+
+@pytest.mark.parametrize(("name", "also"), [("cvt_13", "cvt_13_384"), ("cvt_21", "cvt_21_384")])
+def test_a_checkpoint_that_names_no_variant_builds_the_first_that_holds_it(tmp_path, caplog, name, also):
+    from torchcvt.weights import checkpoint_variant
+
+    stored = read_checkpoint(_hub_style(tmp_path / name, name))
+    assert stored.architecture is None
+    with caplog.at_level(logging.INFO, logger="torchcvt.weights.load"):
+        assert checkpoint_variant(stored) == name
+    assert caplog.messages == [f"{stored.path} names no variant; its architecture is that of {name} and "
+                               f"{also}: building {name}"]
+
+
+def test_a_checkpoint_held_by_one_variant_or_none_says_nothing(tmp_path, caplog, model):
+    import dataclasses
+
+    from torchcvt.weights import checkpoint_variant
+
+    stored = read_checkpoint(_hub_style(tmp_path / "c13", "cvt_13"))
+    # CvT-W24's stages as the paper gives them (Table 2): no other variant has them.
+    w24 = dataclasses.replace(stored, config={**stored.config, "depth": [2, 2, 20],
+                                              "embed_dim": [192, 768, 1024], "num_heads": [3, 12, 16]})
+    odd = dataclasses.replace(stored, config={**stored.config, "depth": [1, 2, 3]})
+    with caplog.at_level(logging.INFO, logger="torchcvt.weights.load"):
+        assert checkpoint_variant(w24) == "cvt_w24"
+        assert checkpoint_variant(odd) is None
+        assert checkpoint_variant(read_checkpoint(save_official(model, tmp_path / "o.pth"))) is None
+    assert caplog.messages == []
+
+
+def test_other_architecture_message_lists_every_clash_and_the_variants_that_hold_it(tmp_path, model,
+                                                                                     tiny_overrides):
+    save_checkpoint(model, tmp_path / "tiny")
+    with pytest.raises(TorchcvtError) as error:
+        torchcvt.create_model("cvt_13", num_classes=7, checkpoint=tmp_path / "tiny",
+                              **{**tiny_overrides, "num_heads": [1, 1, 1], "depth": [1, 1, 1]})
+    assert str(error.value) == (f"{tmp_path / 'tiny' / 'model.safetensors'} was saved from another "
+                                "architecture: num_heads is [1, 2, 3] there but [1, 1, 1] here; depth is "
+                                "[1, 1, 2] there but [1, 1, 1] here; create the model with matching "
+                                "overrides")
+    hub = _hub_style(tmp_path / "c13", "cvt_13")  # records the fields, not the variant
+    with pytest.raises(TorchcvtError) as error:
+        torchcvt.create_model("cvt_13", checkpoint=hub, depth=[1, 4, 16])
+    assert str(error.value) == (f"{hub / 'model.safetensors'} was saved from another architecture (it "
+                                "looks like cvt_13 or cvt_13_384): depth is [1, 2, 10] there but [1, 4, 16] "
+                                "here; create the model with matching overrides")
+
+
+def test_a_file_of_the_models_layout_that_does_not_fit_gives_no_layout_hint(tmp_path, model, tiny_overrides):
+    state = torch.load(save_official(model, tmp_path / "o.pth"), weights_only=True)
+    del state["stage0.patch_embed.norm.weight"]
+    torch.save(state, tmp_path / "short.pth")
+    with pytest.raises(TorchcvtError) as error:
+        torchcvt.create_model("cvt_13", num_classes=7, checkpoint=tmp_path / "short.pth", **tiny_overrides)
+    missing = "1 missing (stage0.patch_embed.norm.weight)"
+    assert str(error.value) == f"{tmp_path / 'short.pth'} does not fit the model: {missing}"
