@@ -265,6 +265,11 @@ def test_a_checkpoint_that_names_no_variant_builds_the_first_that_holds_it(tmp_p
         assert checkpoint_variant(stored) == name
     assert caplog.messages == [f"{stored.path} names no variant; its architecture is that of {name} and "
                                f"{also}: building {name}"]
+    # The input channels and the activation adapt at loading: they do not make another architecture.
+    import dataclasses
+
+    gray = dataclasses.replace(stored, config={**stored.config, "num_channels": 1, "activation": "quick_gelu"})
+    assert checkpoint_variant(gray) == name
 
 
 def test_a_checkpoint_held_by_one_variant_or_none_says_nothing(tmp_path, caplog, model):
