@@ -268,7 +268,7 @@ def test_a_checkpoint_that_names_no_variant_builds_the_first_that_holds_it(tmp_p
     # The input channels and the activation adapt at loading: they do not make another architecture.
     import dataclasses
 
-    gray = dataclasses.replace(stored, config={**stored.config, "num_channels": 1, "activation": "quick_gelu"})
+    gray = dataclasses.replace(stored, config={**stored.config, "num_channels": 1, "activation": "silu"})
     assert checkpoint_variant(gray) == name
 
 
