@@ -315,3 +315,20 @@ def test_a_file_of_the_models_layout_that_does_not_fit_gives_no_layout_hint(tmp_
         torchcvt.create_model("cvt_13", num_classes=7, checkpoint=tmp_path / "short.pth", **tiny_overrides)
     missing = "1 missing (stage0.patch_embed.norm.weight)"
     assert str(error.value) == f"{tmp_path / 'short.pth'} does not fit the model: {missing}"
+
+
+def test_batch_counters_may_be_absent_and_a_misshaped_tensor_is_named(tmp_path, model, tiny_overrides):
+    state = torch.load(save_official(model, tmp_path / "o.pth"), weights_only=True)
+    counters = [key for key in state if key.endswith("num_batches_tracked")]
+    assert counters
+    torch.save({k: v for k, v in state.items() if k not in counters}, tmp_path / "no-counters.pth")
+    loaded = torchcvt.create_model("cvt_13", num_classes=7, checkpoint=tmp_path / "no-counters.pth",
+                                   **tiny_overrides)
+    assert_same_outputs(loaded, model)
+    state["stage0.patch_embed.norm.weight"] = torch.ones(15)
+    torch.save(state, tmp_path / "misshaped.pth")
+    with pytest.raises(TorchcvtError) as error:
+        torchcvt.create_model("cvt_13", num_classes=7, checkpoint=tmp_path / "misshaped.pth",
+                              **tiny_overrides)
+    assert str(error.value) == (f"{tmp_path / 'misshaped.pth'} does not fit the model: 1 mis-shaped "
+                                "(stage0.patch_embed.norm.weight (15,) vs (16,) in the model)")

@@ -61,10 +61,10 @@ TARGETS: dict[str, tuple[str, list[str], list[str] | None]] = {
                 [*HF, *KEYS, "tests/test_parity_hf.py::test_cli_convert_hf_to_official_and_back",
                  "tests/test_parity_hf.py::test_hf_config_that_differs_from_the_model_names_the_field"],
                 None),
-    # With the files that load a checkpoint of another dtype or channel count into a model.
+    # With the files that load a checkpoint of another variant, dtype or channel count into a model.
     "load": ("src/torchcvt/weights/load.py",
              [*OFFICIAL[:2], "tests/test_weights_checkpoint.py", "tests/test_checkpoint_metadata.py",
-              "tests/test_weights_hub.py"], None),
+              "tests/test_weights_hub.py", "tests/test_factory.py"], None),
     "steps": ("src/torchcvt/engine/steps.py", ["tests/test_steps.py"], None),
     "data": ("src/torchcvt/data.py", ["tests/test_data_numbers.py"],
              ["torchcvt.data.xǁResizeCenterCropǁ*", "torchcvt.data.x_eval_transform__*",
