@@ -42,11 +42,11 @@ def _grads(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     return {name: p.grad.clone() for name, p in model.named_parameters() if p.grad is not None}
 
 
-def _assert_grads_close(a: dict, b: dict) -> None:
+def _assert_grads_close(a: dict, b: dict, tolerance: float = 1e-5) -> None:
     assert a.keys() == b.keys()
     scale = max(g.abs().max().item() for g in a.values())
     for name in a:
-        torch.testing.assert_close(a[name], b[name], rtol=0, atol=1e-5 * scale, msg=name)
+        torch.testing.assert_close(a[name], b[name], rtol=0, atol=tolerance * scale, msg=name)
 
 
 @pytest.mark.parametrize("fused_linear", [True, False])
@@ -130,17 +130,26 @@ def test_pure_bfloat16_model_runs_without_autocast(tiny_overrides):
 
 @pytest.mark.parametrize("variant", VARIANTS)
 @pytest.mark.parametrize("mode", ["train", "eval"])
-def test_fast_training_path_equals_plain(tiny_overrides, variant, mode):
-    """Recomputed MLP activation (train and eval), folded BatchNorm (eval): same outputs and gradients."""
+@pytest.mark.parametrize("case", ["fp32", "fc2_frozen", "bf16_autocast"])
+def test_fast_training_path_equals_plain(tiny_overrides, variant, mode, case):
+    """Recomputed MLP activation (train and eval), folded BatchNorm (eval): same outputs and gradients,
+    also with the MLPs' fc2 weights frozen (fine-tuning part of a block) and under bf16 autocast."""
     model = getattr(_model(tiny_overrides, **VARIANTS[variant]), mode)()
+    if case == "fc2_frozen":
+        for block in model.modules():
+            if isinstance(block, layers.Mlp):
+                block.fc2.weight.requires_grad_(False)
     plain = copy.deepcopy(model)
     x = torch.randn(2, 3, 48, 64)
-    torch.manual_seed(1)
-    model(x).square().sum().backward()
-    torch.manual_seed(1)
-    with PlainOps():
-        plain(x).square().sum().backward()
-    _assert_grads_close(_grads(model), _grads(plain))
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=case == "bf16_autocast"):
+        torch.manual_seed(1)
+        model(x).float().square().sum().backward()
+        torch.manual_seed(1)
+        with PlainOps():
+            plain(x).float().square().sum().backward()
+    grads, plain_grads = _grads(model), _grads(plain)
+    assert all(grads[name].dtype == p.dtype for name, p in model.named_parameters() if name in grads)
+    _assert_grads_close(grads, plain_grads, 2e-2 if case == "bf16_autocast" else 1e-5)
     for a, b in zip(model.state_dict().values(), plain.state_dict().values(), strict=True):
         torch.testing.assert_close(a, b, rtol=0, atol=1e-6)  # BatchNorm running statistics too
 

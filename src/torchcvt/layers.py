@@ -394,18 +394,13 @@ def _rows_per_block(rows: int, row_bytes: int) -> int:
 
 
 def _linear_into(
-    out: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+    out: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor,
     residual: torch.Tensor | None,
 ) -> None:
-    """out = x @ weight.T (+ bias) (+ residual), written into out without a temporary."""
+    """out = x @ weight.T + bias (+ residual) without a temporary; CvT's fc2 always has a bias."""
+    torch.addmm(bias if residual is None else residual, x, weight.t(), out=out)
     if residual is not None:
-        torch.addmm(residual, x, weight.t(), out=out)
-        if bias is not None:
-            out.add_(bias)
-    elif bias is not None:
-        torch.addmm(bias, x, weight.t(), out=out)
-    else:
-        torch.mm(x, weight.t(), out=out)
+        out.add_(bias)
 
 
 def _same_dtype(x: torch.Tensor, residual: torch.Tensor | None, layer: nn.Linear) -> bool:
