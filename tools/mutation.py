@@ -27,6 +27,8 @@ PARITY = "tests/test_numeric_parity.py::"
 # The official-layout reference at fp32, both kernels and both activations; the MLP alone; the key names.
 OFFICIAL = [f"{PARITY}test_official_layout_file_gives_the_reference_logits[{kernel}-{activation}-fp32]"
             for kernel in ("fused", "plain") for activation in ("quick_gelu", "gelu")]
+# The same under bf16 autocast: the casts, and the float32 residual stream behind a class token.
+OFFICIAL_BF16 = [name.replace("-fp32]", "-bf16]") for name in OFFICIAL]
 MLP = [f"{PARITY}test_fused_and_plain_mlp_blocks_agree_with_the_formula"]
 KEYS = [f"{PARITY}test_official_key_names_and_shapes_are_the_official_module_trees"]
 POOL_POS = [f"{PARITY}test_without_a_class_token_the_mean_of_the_normed_tokens_is_classified",
@@ -38,6 +40,13 @@ TRAINING = [f"tests/test_fast.py::{name}" for name in (
     "test_fast_training_path_equals_plain", "test_folded_batchnorm_is_conv_then_bn_with_gradients",
     "test_grad_checkpointing_gives_same_grads_and_statistics",
     "test_grad_checkpointing_updates_syncbatchnorm_statistics_once")]
+# Attention maps agree with the output, no layout copies, the norms' eps, dtypes under autocast, empty batches.
+LAYOUT = ["tests/test_fast.py::test_fast_paths_keep_state_dict_and_attention_maps",
+          "tests/test_fast.py::test_convolutions_take_the_token_layout_as_it_is",
+          *(f"tests/test_model.py::{name}" for name in (
+              "test_layer_norm_eps_reaches_every_norm_and_the_logits",
+              "test_class_token_stage_runs_in_float32_under_autocast_as_the_official_code",
+              "test_empty_batch_gives_empty_logits"))]
 HF = [f"{PARITY}test_transformers_weights_give_transformers_logits[{kernel}-fp32]"
       for kernel in ("fused", "plain")]
 
@@ -45,12 +54,12 @@ HF = [f"{PARITY}test_transformers_weights_give_transformers_logits[{kernel}-fp32
 # The patterns keep data.py to its sampler and transforms (its folder walking and writing are not numeric).
 TARGETS: dict[str, tuple[str, list[str], list[str] | None]] = {
     "layers": ("src/torchcvt/layers.py",
-               [*OFFICIAL, *MLP, *ATTENTION, *TRAINING,
+               [*OFFICIAL, *OFFICIAL_BF16, *MLP, *ATTENTION, *TRAINING, *LAYOUT, "tests/test_weightcache.py",
                 "tests/test_fast.py::test_mlp_in_row_blocks_equals_the_whole_mlp"], None),
     # With test_model.py: pooling, initialisation, norms and the input checks, beside the numbers.
     "model": ("src/torchcvt/model.py", [*OFFICIAL, *KEYS, *POOL_POS, "tests/test_model.py"], None),
     # The kernel's paths; its first-use self-check (_check, _matches_plain) is the target fused-check.
-    "fused": ("src/torchcvt/fused.py", [*OFFICIAL, *MLP, *ATTENTION],
+    "fused": ("src/torchcvt/fused.py", [*OFFICIAL, *OFFICIAL_BF16, *MLP, *ATTENTION],
               [f"torchcvt.fused.x_{name}__*" for name in ("linear", "_call", "_guarded", "fused_dtype",
                                                           "fused_linear_enabled", "set_fused_linear",
                                                           "plain_ops_only", "attention",
