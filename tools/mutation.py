@@ -54,8 +54,9 @@ HF = [f"{PARITY}test_transformers_weights_give_transformers_logits[{kernel}-fp32
 # The patterns keep data.py to its sampler and transforms (its folder walking and writing are not numeric).
 TARGETS: dict[str, tuple[str, list[str], list[str] | None]] = {
     "layers": ("src/torchcvt/layers.py",
-               [*OFFICIAL, *OFFICIAL_BF16, *MLP, *ATTENTION, *TRAINING, *LAYOUT, "tests/test_weightcache.py",
-                "tests/test_fast.py::test_mlp_in_row_blocks_equals_the_whole_mlp"], None),
+               [*OFFICIAL, *OFFICIAL_BF16, *MLP, *ATTENTION, *TRAINING, *LAYOUT,
+                "tests/test_weightcache.py", "tests/test_fast.py::test_mlp_in_row_blocks_equals_the_whole_mlp"],
+               None),
     # With test_model.py: pooling, initialisation, norms and the input checks, beside the numbers.
     "model": ("src/torchcvt/model.py", [*OFFICIAL, *KEYS, *POOL_POS, "tests/test_model.py"], None),
     # The kernel's paths; its first-use self-check (_check, _matches_plain) is the target fused-check.
