@@ -40,7 +40,7 @@ TRAINING = [f"tests/test_fast.py::{name}" for name in (
     "test_fast_training_path_equals_plain", "test_folded_batchnorm_is_conv_then_bn_with_gradients",
     "test_grad_checkpointing_gives_same_grads_and_statistics",
     "test_grad_checkpointing_updates_syncbatchnorm_statistics_once")]
-# Attention maps agree with the output, no layout copies, the norms' eps, dtypes under autocast, empty batches.
+# Attention maps agree with the output; no layout copies; the norms' eps; autocast dtypes; empty batches.
 LAYOUT = ["tests/test_fast.py::test_fast_paths_keep_state_dict_and_attention_maps",
           "tests/test_fast.py::test_convolutions_take_the_token_layout_as_it_is",
           *(f"tests/test_model.py::{name}" for name in (
@@ -54,9 +54,8 @@ HF = [f"{PARITY}test_transformers_weights_give_transformers_logits[{kernel}-fp32
 # The patterns keep data.py to its sampler and transforms (its folder walking and writing are not numeric).
 TARGETS: dict[str, tuple[str, list[str], list[str] | None]] = {
     "layers": ("src/torchcvt/layers.py",
-               [*OFFICIAL, *OFFICIAL_BF16, *MLP, *ATTENTION, *TRAINING, *LAYOUT,
-                "tests/test_weightcache.py", "tests/test_fast.py::test_mlp_in_row_blocks_equals_the_whole_mlp"],
-               None),
+               [*OFFICIAL, *OFFICIAL_BF16, *MLP, *ATTENTION, *TRAINING, *LAYOUT, "tests/test_weightcache.py",
+                "tests/test_fast.py::test_mlp_in_row_blocks_equals_the_whole_mlp"], None),
     # With test_model.py: pooling, initialisation, norms and the input checks, beside the numbers.
     "model": ("src/torchcvt/model.py", [*OFFICIAL, *KEYS, *POOL_POS, "tests/test_model.py"], None),
     # The kernel's paths; its first-use self-check (_check, _matches_plain) is the target fused-check.
