@@ -57,7 +57,9 @@ TARGETS: dict[str, tuple[str, list[str], list[str] | None]] = {
                [*OFFICIAL, *OFFICIAL_BF16, *MLP, *ATTENTION, *TRAINING, *LAYOUT, "tests/test_weightcache.py",
                 "tests/test_fast.py::test_mlp_in_row_blocks_equals_the_whole_mlp"], None),
     # With test_model.py: pooling, initialisation, norms and the input checks, beside the numbers.
-    "model": ("src/torchcvt/model.py", [*OFFICIAL, *KEYS, *POOL_POS, "tests/test_model.py"], None),
+    "model": ("src/torchcvt/model.py", [*OFFICIAL, *KEYS, *POOL_POS, "tests/test_model.py",
+                                        "tests/test_fast.py::test_convolutions_take_the_token_layout_as_it_is"],
+              None),
     # The kernel's paths; its first-use self-check (_check, _matches_plain) is the target fused-check.
     "fused": ("src/torchcvt/fused.py", [*OFFICIAL, *OFFICIAL_BF16, *MLP, *ATTENTION],
               [f"torchcvt.fused.x_{name}__*" for name in ("linear", "_call", "_guarded", "fused_dtype",
