@@ -144,3 +144,17 @@ def test_bf16_attention_runs_only_in_bf16_inference_on_the_onednn_path(monkeypat
             want = fused.blocked_attention(q.bfloat16(), k.bfloat16(), v.bfloat16(), 0.3)
             torch.testing.assert_close(got, want, rtol=0, atol=0)
         assert fused.attention(q.bfloat16(), k.bfloat16(), v.bfloat16(), 0.3) is None  # autograd on
+
+
+def test_under_bf16_autocast_the_fused_linear_computes_in_bf16(monkeypatch):
+    """autocast's dtype, not the float32 input's, chooses the kernel: the output is bf16, as F.linear's."""
+    monkeypatch.setattr(fused, "_setting", fused._setting)
+    torchcvt.set_fused_linear(True)
+    layer = torch.nn.Linear(24, 8)
+    x = torch.randn(3, 24)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        if fused.fused_dtype(x) is None:
+            pytest.skip("oneDNN refuses bf16 on this CPU")
+        got, want = torchcvt.layers.linear(layer, x), torch.nn.functional.linear(x, layer.weight, layer.bias)
+    assert got.dtype == want.dtype == torch.bfloat16
+    torch.testing.assert_close(got.float(), want.float(), rtol=0.02, atol=0.02)
