@@ -158,3 +158,25 @@ def test_under_bf16_autocast_the_fused_linear_computes_in_bf16(monkeypatch):
         got, want = torchcvt.layers.linear(layer, x), torch.nn.functional.linear(x, layer.weight, layer.bias)
     assert got.dtype == want.dtype == torch.bfloat16
     torch.testing.assert_close(got.float(), want.float(), rtol=0.02, atol=0.02)
+
+
+@pytest.mark.parametrize("activation", ["quick_gelu", "gelu"])
+def test_under_bf16_autocast_the_fused_mlp_computes_in_bf16_without_falling_back(monkeypatch, caplog,
+                                                                                 activation):
+    monkeypatch.setattr(fused, "_setting", fused._setting)
+    monkeypatch.setattr(fused, "_working", {})
+    torchcvt.set_fused_linear(True)
+    mlp = torchcvt.layers.Mlp(16, 64, activation, 0.0).eval()
+    with torch.no_grad():
+        mlp.fc1.bias.normal_()
+        mlp.fc2.bias.normal_()
+    x = torch.randn(2, 5, 16)
+    act = torchcvt.layers.make_activation(activation)
+    want = mlp.fc2(act(mlp.fc1(x)))  # float32, outside autocast
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        if fused.fused_dtype(x) is None:
+            pytest.skip("oneDNN refuses bf16 on this CPU")
+        got = mlp(x)
+    assert got.dtype == torch.bfloat16
+    assert fused._working == {torch.bfloat16: True} and "fused linear failed" not in caplog.text
+    torch.testing.assert_close(got.float(), want.detach(), rtol=0.05, atol=0.05)

@@ -10,6 +10,7 @@ from timm.layers import DropPath
 from torch import nn
 
 import torchcvt
+from torchcvt import fused
 from torchcvt.errors import TorchcvtError
 from torchcvt.flops import count_params
 from torchcvt.layers import Attention, LayerNorm, QuickGELU
@@ -344,8 +345,11 @@ def test_class_token_stage_runs_in_float32_under_autocast_as_the_official_code(t
     torch.testing.assert_close(logits.float(), reference, rtol=0.05, atol=0.03)
 
 
+@pytest.mark.parametrize("fused_linear", [None, False], ids=["per-cpu-kernel", "plain-products"])
 @pytest.mark.parametrize("autocast", [False, True])
-def test_empty_batch_gives_empty_logits(tiny_overrides, autocast):
+def test_empty_batch_gives_empty_logits(tiny_overrides, autocast, fused_linear, monkeypatch):
+    monkeypatch.setattr(fused, "_setting", fused._setting)
+    torchcvt.set_fused_linear(fused_linear)  # False: the MLP in row blocks
     model = tiny(tiny_overrides, num_classes=7)
     x = torch.randn(0, 3, 32, 32)
     with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):

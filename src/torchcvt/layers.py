@@ -365,7 +365,7 @@ class Mlp(nn.Module):
         # The weights as they are (no scaled copies to make): the activation runs on blocks in cache.
         fc1_weight, fc1_bias, fc2_weight = self.fc1.weight, self.fc1.bias, self.fc2.weight
         rows = x.reshape(-1, x.shape[-1])
-        residual_rows = None if residual is None else residual.reshape(rows.shape[0], -1)
+        residual_rows = None if residual is None else residual.reshape(-1, residual.shape[-1])
         out = rows.new_empty(rows.shape[0], fc2_weight.shape[0])
         step = _rows_per_block(rows.shape[0], fc1_weight.shape[0] * x.element_size())
         for start in range(0, rows.shape[0], step):
