@@ -436,3 +436,15 @@ def test_reset_classifier_takes_the_pool_and_stays_on_the_models_device(tiny_ove
     on_meta = tiny(tiny_overrides).to("meta")
     on_meta.reset_classifier(6)
     assert on_meta.head.weight.device.type == "meta"
+
+
+def test_eval_ignores_the_dropout_rates_and_training_applies_them(tiny_overrides):
+    rates = {"attention_drop_rate": [0.5, 0.5, 0.5], "drop_rate": [0.5, 0.5, 0.5]}
+    dropping, plain = tiny(tiny_overrides, **rates), tiny(tiny_overrides)
+    plain.load_state_dict(dropping.state_dict())
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        torch.testing.assert_close(dropping(x), plain(x), rtol=0, atol=1e-6)
+        dropping.train()
+        plain.train()
+        assert not torch.allclose(dropping(x), plain(x), atol=1e-3)
