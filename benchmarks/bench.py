@@ -200,12 +200,18 @@ def build_pair(name: str, directory: Path, **overrides: Any) -> tuple[nn.Module,
     return model, hf
 
 
+def _images(case: Case) -> torch.Tensor:
+    """The case's input batch, the same in every contender."""
+    generator = torch.Generator().manual_seed(0)
+    return torch.randn(case.batch, 3, case.img_size, case.img_size, generator=generator)
+
+
 def _step_fn(model: nn.Module, case: Case, hf: bool, inductor: bool = False) -> Callable[[], Any]:
     """A closure running one case on model: inference under no_grad, or a full AdamW training step.
 
     torchcvt infers with optimize_for_inference's model (bf16 for the bf16 case), transformers under
     autocast; inductor: torchcvt's model in the case's dtype through torch.compile with freezing."""
-    x = torch.randn(case.batch, 3, case.img_size, case.img_size, generator=torch.Generator().manual_seed(0))
+    x = _images(case)
     bf16 = case.mode == "bf16"
     if not hf:
         model.set_grad_checkpointing(case.mode == "train_ckpt")
@@ -262,8 +268,7 @@ def _onnxruntime_fn(model: nn.Module, case: Case, directory: Path) -> Callable[[
     options.inter_op_num_threads = 1
     options.graph_optimization_level = onnxruntime.GraphOptimizationLevel.ORT_ENABLE_ALL
     session = onnxruntime.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
-    image = torch.randn(case.batch, 3, case.img_size, case.img_size,
-                        generator=torch.Generator().manual_seed(0)).numpy()
+    image = _images(case).numpy()
 
     def infer() -> None:
         session.run(None, {"image": image})

@@ -1,6 +1,7 @@
 """Reading and writing checkpoints: official layouts, torchcvt's format, training checkpoints, bad inputs."""
 
 import argparse
+import dataclasses
 import json
 import logging
 import warnings
@@ -13,7 +14,7 @@ import torchcvt
 from torchcvt.cli import main
 from torchcvt.errors import TorchcvtError
 from torchcvt.factory import convert_checkpoint
-from torchcvt.weights import read_checkpoint, save_checkpoint, save_official
+from torchcvt.weights import checkpoint_variant, read_checkpoint, save_checkpoint, save_hf, save_official
 
 CLASS_NAMES = [f"class {i}" for i in range(7)]
 
@@ -244,8 +245,6 @@ def test_cli_convert_official_to_torchcvt(tmp_path, capsys):
 
 def _hub_style(path, name: str, **overrides):
     """A transformers folder as the Hub has them: config.json without torchcvt's own record."""
-    from torchcvt.weights import save_hf
-
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         save_hf(torchcvt.create_model(name, num_classes=3, activation="gelu", **overrides), path)
@@ -257,8 +256,6 @@ def _hub_style(path, name: str, **overrides):
 
 @pytest.mark.parametrize(("name", "also"), [("cvt_13", "cvt_13_384"), ("cvt_21", "cvt_21_384")])
 def test_a_checkpoint_that_names_no_variant_builds_the_first_that_holds_it(tmp_path, caplog, name, also):
-    from torchcvt.weights import checkpoint_variant
-
     stored = read_checkpoint(_hub_style(tmp_path / name, name))
     assert stored.architecture is None
     with caplog.at_level(logging.INFO, logger="torchcvt.weights.load"):
@@ -266,17 +263,11 @@ def test_a_checkpoint_that_names_no_variant_builds_the_first_that_holds_it(tmp_p
     assert caplog.messages == [f"{stored.path} names no variant; its architecture is that of {name} and "
                                f"{also}: building {name}"]
     # The input channels and the activation adapt at loading: they do not make another architecture.
-    import dataclasses
-
     gray = dataclasses.replace(stored, config={**stored.config, "num_channels": 1, "activation": "silu"})
     assert checkpoint_variant(gray) == name
 
 
 def test_a_checkpoint_held_by_one_variant_or_none_says_nothing(tmp_path, caplog, model):
-    import dataclasses
-
-    from torchcvt.weights import checkpoint_variant
-
     stored = read_checkpoint(_hub_style(tmp_path / "c13", "cvt_13"))
     # CvT-W24's stages as the paper gives them (Table 2): no other variant has them.
     w24 = dataclasses.replace(stored, config={**stored.config, "depth": [2, 2, 20],
