@@ -38,11 +38,23 @@ def _slurm(monkeypatch: pytest.MonkeyPatch, **values: str) -> None:
 
 
 def _alive(pid: int) -> bool:
-    """Whether pid runs (a zombie, dead but not yet reaped by whoever adopted it, does not)."""
+    """Whether any thread of pid still runs.
+
+    A zombie, dead but not yet reaped by whoever adopted it, does not. Its leader turns zombie while its
+    other threads may still be exiting, and those hold its open files (the run lock) until they are gone,
+    so every thread is read, not the leader alone.
+    """
     try:
-        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+        threads = list(Path(f"/proc/{pid}/task").iterdir())
     except FileNotFoundError:
         return False
+    for thread in threads:
+        try:
+            if (thread / "stat").read_text().rsplit(")", 1)[1].split()[0] != "Z":
+                return True
+        except FileNotFoundError:
+            continue
+    return False
 
 
 def _one_line_error(capsys: pytest.CaptureFixture, *argv: str) -> str:
