@@ -448,3 +448,35 @@ def test_eval_ignores_the_dropout_rates_and_training_applies_them(tiny_overrides
         dropping.train()
         plain.train()
         assert not torch.allclose(dropping(x), plain(x), atol=1e-3)
+
+
+def test_attention_dropout_alone_drops_attention_weights_in_training(tiny_overrides):
+    """attention_drop_rate on its own reaches the softmax weights in training (on both attention paths),
+    and, as inverted dropout, leaves the mean output where evaluation puts it."""
+    torch.manual_seed(0)
+    dropping = tiny(tiny_overrides, attention_drop_rate=[0.5, 0.5, 0.5])
+    plain = tiny(tiny_overrides)
+    plain.load_state_dict(dropping.state_dict())
+    x = torch.randn(2, 3, 64, 64)
+    for keep_attention in (False, True):
+        for model in (dropping, plain):
+            for module in model.modules():
+                if isinstance(module, Attention):
+                    module.keep_attention = keep_attention
+            model.train()
+        with torch.no_grad():
+            assert not torch.allclose(dropping(x), plain(x), atol=1e-3), keep_attention
+    layer = dropping.stages[0].blocks[0].attn
+    layer.keep_attention = False
+    tokens = torch.randn(1, 16, layer.proj.in_features)
+    with torch.no_grad():
+        layer.eval()
+        expected = layer(tokens, 4, 4)
+        layer.train()
+        for norm in layer.modules():  # the projections' batch statistics are not what is tested here
+            if isinstance(norm, nn.BatchNorm2d):
+                norm.eval()
+        draws = torch.stack([layer(tokens, 4, 4) for _ in range(500)])
+    assert not torch.allclose(draws[0], expected, atol=1e-3)
+    spread = draws.std(0) / len(draws) ** 0.5
+    assert ((draws.mean(0) - expected).abs() < 5 * spread + 1e-6).all()

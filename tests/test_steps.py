@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import copy
+import warnings
+from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
@@ -46,7 +48,9 @@ def test_a_step_returns_the_loss_and_makes_the_sgd_update(clip):
     want = _sgd_by_hand(parts.model, images, targets, lr=0.5, clip=clip)
     assert clip is None or want["norm"] > 2 * clip  # clipping changes this step
     runner = StepRunner(parts, CPU, clip_grad=clip)
-    loss = runner.step(images, targets, global_step=0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # a float32 run asks for no autocast (CPU's would warn and disable)
+        loss = runner.step(images, targets, global_step=0)
     assert loss.dtype == torch.float64 and loss.item() == pytest.approx(want["loss"].item(), rel=1e-6)
     torch.testing.assert_close(parts.model.weight.detach(), want["weight"].detach(), rtol=0, atol=1e-6)
     torch.testing.assert_close(parts.model.bias.detach(), want["bias"].detach(), rtol=0, atol=1e-6)
@@ -83,6 +87,51 @@ def test_the_forward_pass_runs_under_autocast_in_the_amp_dtype():
     assert abs(want.item() - full) > 1e-5  # bf16 shows in the loss
     loss = StepRunner(parts, CPU, clip_grad=None).step(images, targets, global_step=0)
     assert loss.item() == pytest.approx(want.item(), rel=1e-6)
+
+
+def test_fp16_scales_the_loss_and_clips_the_unscaled_gradients():
+    """fp16 autocast, a loss scaler that is on (as on every device) and clipping: the step is the SGD step
+    on fp16-autocast gradients, clipped at their true norm."""
+    parts = _parts()
+    parts.amp_dtype = torch.float16
+    parts.scaler = torch.amp.GradScaler("cpu", init_scale=2.0**12)
+    images, targets = _batch(6)
+    model = copy.deepcopy(parts.model)
+    with torch.autocast("cpu", dtype=torch.float16):
+        loss = F.cross_entropy(model(images), targets)
+    grads = torch.autograd.grad(loss, [model.weight, model.bias])
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        assert abs(F.cross_entropy(model(images), targets).item() - loss.item()) > 1e-5  # fp16, not bf16
+    norm = torch.sqrt(sum((g**2).sum() for g in grads)).item()
+    factor = 0.05 / (norm + 1e-6)
+    assert factor < 0.5
+    got = StepRunner(parts, CPU, clip_grad=0.05).step(images, targets, global_step=0)
+    assert got.item() == pytest.approx(loss.item(), rel=1e-6)
+    torch.testing.assert_close(parts.model.weight.detach(), (model.weight - 0.5 * factor * grads[0]).detach(),
+                               rtol=0, atol=1e-6)
+    torch.testing.assert_close(parts.model.bias.detach(), (model.bias - 0.5 * factor * grads[1]).detach(),
+                               rtol=0, atol=1e-6)
+
+
+def test_the_ema_copies_the_first_update_and_averages_from_the_second():
+    """As timm's train.py drives ModelEmaV3: the first update copies the weights, later ones average."""
+    from timm.utils import ModelEmaV3
+
+    parts = _parts()
+    parts.ema = ModelEmaV3(parts.model, decay=0.75)
+    with torch.no_grad():
+        for value in parts.ema.module.parameters():
+            value.add_(1.0)  # an average that copying and averaging leave in different places
+    runner = StepRunner(parts, CPU, clip_grad=None)
+    runner.step(*_batch(6), global_step=0)
+    first = {name: value.clone() for name, value in parts.model.state_dict().items()}
+    for name, value in parts.ema.module.state_dict().items():
+        torch.testing.assert_close(value, first[name], rtol=0, atol=0, msg=name)
+    runner.step(*_batch(6, seed=2), global_step=1)
+    second = parts.model.state_dict()
+    assert not torch.equal(second["weight"], first["weight"])
+    for name, value in parts.ema.module.state_dict().items():
+        torch.testing.assert_close(value, 0.75 * first[name] + 0.25 * second[name], rtol=0, atol=1e-6, msg=name)
 
 
 def test_a_batch_with_nothing_readable_trains_nothing():
@@ -148,6 +197,34 @@ def test_distributed_divergence_check_agrees_on_the_first_bad_step(gloo_group):
     runner.step(bad, targets, global_step=4)
     with pytest.raises(TrainingDiverged, match=r"^loss is nan at step 5; stopped, kept$"):
         runner.check_finite(runner.zero(), "kept")
+
+
+def _rank_checks_divergence(rank: int, store: str, results: str) -> None:
+    """One of two Gloo ranks: only rank 1 meets a non-finite loss (at step 5); each writes what it raised."""
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=2)
+    try:
+        runner = StepRunner(_parts(), Runtime(rank, 2, torch.device("cpu")), clip_grad=None)
+        images, targets = _batch(4)
+        if rank == 1:
+            images[0, 0] = float("nan")
+        runner.step(images, targets, global_step=4)
+        try:
+            runner.check_finite(runner.zero(), "kept")
+            message = "no error"
+        except TrainingDiverged as error:
+            message = str(error)
+        Path(results, f"rank{rank}").write_text(message)
+    finally:
+        dist.destroy_process_group()
+
+
+def test_a_divergence_on_one_rank_stops_both_at_its_step(tmp_path):
+    """Two real Gloo processes: the rank whose loss stayed finite learns the other's first bad step."""
+    torch.multiprocessing.spawn(_rank_checks_divergence, args=(str(tmp_path / "store"), str(tmp_path)), nprocs=2)
+    assert (tmp_path / "rank1").read_text() == "loss is nan at step 5; stopped, kept"
+    assert (tmp_path / "rank0").read_text() == "loss is not finite at step 5; stopped, kept"
 
 
 def _sizes(batches) -> list:

@@ -40,13 +40,15 @@ TRAINING = [f"tests/test_fast.py::{name}" for name in (
     "test_fast_training_path_equals_plain", "test_folded_batchnorm_is_conv_then_bn_with_gradients",
     "test_grad_checkpointing_gives_same_grads_and_statistics",
     "test_grad_checkpointing_updates_syncbatchnorm_statistics_once")]
-# Attention maps agree with the output; no layout copies; the norms' eps; autocast dtypes; empty batches.
+# Attention maps agree with the output; no layout copies; the norms' eps; autocast dtypes; empty batches;
+# attention dropout in training.
 LAYOUT = ["tests/test_fast.py::test_fast_paths_keep_state_dict_and_attention_maps",
           "tests/test_fast.py::test_convolutions_take_the_token_layout_as_it_is",
           *(f"tests/test_model.py::{name}" for name in (
               "test_layer_norm_eps_reaches_every_norm_and_the_logits",
               "test_class_token_stage_runs_in_float32_under_autocast_as_the_official_code",
-              "test_empty_batch_gives_empty_logits"))]
+              "test_empty_batch_gives_empty_logits",
+              "test_attention_dropout_alone_drops_attention_weights_in_training"))]
 HF = [f"{PARITY}test_transformers_weights_give_transformers_logits[{kernel}-fp32]"
       for kernel in ("fused", "plain")]
 

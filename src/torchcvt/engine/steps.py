@@ -104,7 +104,9 @@ class StepRunner:
         parts.scaler.step(parts.optimizer)
         parts.scaler.update()
         if parts.ema is not None:
-            parts.ema.update(parts.model, step=global_step)
+            # The count of updates so far, this one included, as timm's train.py passes it: the first
+            # update copies the weights, and the average starts at the second.
+            parts.ema.update(parts.model, step=global_step + 1)
         return value
 
     def zero(self) -> torch.Tensor:
