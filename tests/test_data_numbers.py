@@ -11,6 +11,7 @@ import pytest
 import torch
 from PIL import Image
 from torch.utils.data.distributed import DistributedSampler
+from torchvision.transforms import InterpolationMode
 
 from torchcvt.data import (
     BadImage,
@@ -72,6 +73,17 @@ def test_seeds_are_those_of_earlier_versions():
     ranks = [SeededSampler(ShardSampler(6, rank, 2), seed=7, rank=rank, world_size=2) for rank in range(2)]
     assert [seed for rank in ranks for _, seed in rank] == [700002149000147 + i for i in (0, 2, 4, 1, 3, 5)]
     assert all(type(seed) is int for _, seed in sampler)
+
+
+def test_seeds_stay_within_int64_for_the_largest_run_seed():
+    """The loader collates each sample's seed into an int64 tensor: even a run seed of 2**32 - 1 fits."""
+    for run_seed in (2**32 - 1, 2**32 - 2, 3_000_000_019, 2**31 + 11, 123_456_789, 987_654_321, 2**30 + 3):
+        sampler = SeededSampler(ShardSampler(50), seed=run_seed)
+        sampler.sampler.set_epoch = lambda epoch: None  # the order is not what is tested here
+        sampler.set_epoch(1000)
+        seeds = [seed for _, seed in sampler]
+        assert all(0 <= seed < 2**63 for seed in seeds) and len(set(seeds)) == 50
+        assert torch.tensor(seeds, dtype=torch.int64).tolist() == seeds
 
 
 def test_seeds_change_with_epoch_and_run_seed_and_resume_part_way():
@@ -136,11 +148,20 @@ def test_timm_pipeline_takes_every_augmentation_setting():
     steps = {type(step).__name__: step for step in train_transform(aug, CONFIG).transforms}
     crop, erase = steps["RandomResizedCropAndInterpolation"], steps["RandomErasing"]
     assert (crop.size, crop.scale, crop.ratio) == ((24, 24), (0.3, 0.9), (0.5, 2.0))
+    assert crop.interpolation == InterpolationMode.BICUBIC  # aug's, not timm's default (bilinear)
     assert steps["RandomHorizontalFlip"].p == 0.25 and "RandomVerticalFlip" not in steps
     assert steps["ColorJitter"].brightness == pytest.approx((0.6, 1.4))
     assert (erase.probability, erase.mode, erase.max_count) == (0.7, "rand", 3)
     no_jitter = train_transform(dataclasses.replace(aug, color_jitter=None), CONFIG)
     assert not any(type(step).__name__ == "ColorJitter" for step in no_jitter.transforms)
+
+
+def test_torchvision_pipeline_takes_scale_ratio_and_interpolation():
+    aug = dataclasses.replace(TrainConfig().aug, pipeline="torchvision", scale=(0.3, 0.9), ratio=(0.5, 2.0),
+                              interpolation="bilinear", hflip=0.25)
+    crop, flip = train_transform(aug, CONFIG).transforms[:2]
+    assert (crop.size, crop.scale, crop.ratio) == ((24, 24), (0.3, 0.9), (0.5, 2.0))
+    assert crop.interpolation == InterpolationMode.BILINEAR and flip.p == 0.25
 
 
 def test_timm_pipeline_without_augmentation_only_normalises_an_image_of_the_input_size():
@@ -189,7 +210,10 @@ def test_eval_transform_defaults_are_bicubic_and_crop_pct_0875():
 
 
 @pytest.mark.parametrize("interpolation", ["bicubic", "bilinear"])
-@pytest.mark.parametrize("size", [(4000, 10), (10, 4000), (160, 10), (10, 170)])
+# The last three scale by 2 or more: the crop box in source pixels, and the filter, show.
+@pytest.mark.parametrize(
+    "size", [(4000, 10), (10, 4000), (160, 10), (10, 170), (8000, 20), (20, 8030), (320, 20)]
+)
 def test_resize_center_crop_matches_resize_then_crop(size, interpolation):
     """Up to an aspect of 16 exactly torchvision's Resize + CenterCrop; beyond, the same pixels up to
     PIL's rounding (only the crop is resampled)."""

@@ -131,7 +131,8 @@ def test_the_ema_copies_the_first_update_and_averages_from_the_second():
     second = parts.model.state_dict()
     assert not torch.equal(second["weight"], first["weight"])
     for name, value in parts.ema.module.state_dict().items():
-        torch.testing.assert_close(value, 0.75 * first[name] + 0.25 * second[name], rtol=0, atol=1e-6, msg=name)
+        want = 0.75 * first[name] + 0.25 * second[name]
+        torch.testing.assert_close(value, want, rtol=0, atol=1e-6, msg=name)
 
 
 def test_a_batch_with_nothing_readable_trains_nothing():
@@ -222,7 +223,8 @@ def _rank_checks_divergence(rank: int, store: str, results: str) -> None:
 
 def test_a_divergence_on_one_rank_stops_both_at_its_step(tmp_path):
     """Two real Gloo processes: the rank whose loss stayed finite learns the other's first bad step."""
-    torch.multiprocessing.spawn(_rank_checks_divergence, args=(str(tmp_path / "store"), str(tmp_path)), nprocs=2)
+    store = str(tmp_path / "store")
+    torch.multiprocessing.spawn(_rank_checks_divergence, args=(store, str(tmp_path)), nprocs=2)
     assert (tmp_path / "rank1").read_text() == "loss is nan at step 5; stopped, kept"
     assert (tmp_path / "rank0").read_text() == "loss is not finite at step 5; stopped, kept"
 
