@@ -68,7 +68,7 @@ TARGETS: dict[str, tuple[str, list[str], list[str] | None]] = {
                                                           "fused_linear_enabled", "set_fused_linear",
                                                           "plain_ops_only", "attention",
                                                           "blocked_attention")]),
-    "fused-check": ("src/torchcvt/fused.py", [*OFFICIAL, *MLP],
+    "fused-check": ("src/torchcvt/fused.py", [*OFFICIAL, *MLP, "tests/test_fused_check.py"],
                     ["torchcvt.fused.x__check__*", "torchcvt.fused.x__matches_plain__*"]),
     "formats": ("src/torchcvt/weights/formats.py",
                 [*HF, *KEYS, "tests/test_parity_hf.py::test_cli_convert_hf_to_official_and_back",
