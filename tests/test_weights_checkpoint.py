@@ -323,3 +323,89 @@ def test_batch_counters_may_be_absent_and_a_misshaped_tensor_is_named(tmp_path, 
                               **tiny_overrides)
     assert str(error.value) == (f"{tmp_path / 'misshaped.pth'} does not fit the model: 1 mis-shaped "
                                 "(stage0.patch_embed.norm.weight (15,) vs (16,) in the model)")
+
+
+def test_load_checkpoint_takes_a_path_or_a_checkpoint_already_read(tmp_path, model, tiny_overrides):
+    path = save_checkpoint(model, tmp_path / "tiny")
+    fresh = torchcvt.create_model("cvt_13", num_classes=7, **tiny_overrides)
+    stored = torchcvt.load_checkpoint(fresh, path)
+    assert stored.path == path / "model.safetensors" and stored.num_classes == 7
+    assert_same_weights(fresh, model)
+    again = torchcvt.create_model("cvt_13", num_classes=7, **tiny_overrides)
+    assert torchcvt.load_checkpoint(again, stored) is stored
+    assert_same_outputs(again, model)
+
+
+@pytest.mark.parametrize("channels", [1, 4])
+def test_a_model_of_other_input_channels_loads_its_own_first_convolution_unchanged(tmp_path, tiny_overrides,
+                                                                                  perturb, channels):
+    source = perturb(torchcvt.create_model("cvt_13", num_classes=7, num_channels=channels, **tiny_overrides))
+    save_official(source, tmp_path / "o.pth")
+    loaded = torchcvt.create_model("cvt_13", num_classes=7, num_channels=channels,
+                                   checkpoint=tmp_path / "o.pth", **tiny_overrides)
+    assert_same_weights(loaded, source)
+
+
+def test_a_file_without_the_first_convolution_or_with_two_problems_lists_them(tmp_path, model,
+                                                                              tiny_overrides):
+    state = torch.load(save_official(model, tmp_path / "o.pth"), weights_only=True)
+    first = state.pop("stage0.patch_embed.proj.weight")
+    torch.save(state, tmp_path / "headless.pth")
+    with pytest.raises(TorchcvtError) as error:
+        torchcvt.create_model("cvt_13", num_classes=7, checkpoint=tmp_path / "headless.pth", **tiny_overrides)
+    assert str(error.value) == (f"{tmp_path / 'headless.pth'} does not fit the model: 1 missing "
+                                "(stage0.patch_embed.proj.weight)")
+    state["stage0.patch_embed.proj.weight"] = first
+    del state["stage1.patch_embed.norm.bias"]
+    state["extra.weight"] = torch.ones(2)
+    torch.save(state, tmp_path / "two.pth")
+    with pytest.raises(TorchcvtError) as error:
+        torchcvt.create_model("cvt_13", num_classes=7, checkpoint=tmp_path / "two.pth", **tiny_overrides)
+    assert str(error.value) == (f"{tmp_path / 'two.pth'} does not fit the model: 1 missing "
+                                "(stage1.patch_embed.norm.bias); 1 unexpected (extra.weight)")
+
+
+def test_a_layout_of_a_variants_depth_but_other_widths_names_no_variant(tmp_path, tiny_overrides):
+    """The hint names a variant only when both depth and width are that variant's."""
+    widths = {**tiny_overrides, "depth": [1, 2, 10]}
+    save_official(torchcvt.create_model("cvt_13", num_classes=7, **widths), tmp_path / "deep.pth")
+    with pytest.raises(TorchcvtError) as error:
+        torchcvt.create_model("cvt_13", num_classes=7, checkpoint=tmp_path / "deep.pth", **tiny_overrides)
+    assert str(error.value).startswith(
+        f"{tmp_path / 'deep.pth'} does not fit the model: it looks like another variant (depth [1, 2, 10], "
+        "embed_dim [16, 32, 48]; the model has depth [1, 1, 2], embed_dim [16, 32, 48]): ")
+
+
+def test_a_variants_checkpoint_asked_as_another_names_the_variant_it_holds(tmp_path):
+    """Recorded by name, the one variant; recorded by its fields alone, every variant that holds them."""
+    named = save_checkpoint(torchcvt.create_model("cvt_13_384"), tmp_path / "named")
+    with pytest.raises(TorchcvtError) as error:
+        torchcvt.create_model("cvt_21", checkpoint=named)
+    assert str(error.value) == (
+        f"checkpoint {named / 'model.safetensors'} holds a cvt_13_384 whose depth is [1, 2, 10] but cvt_21's "
+        "is [1, 4, 16], so cvt_21 cannot hold it: use cvt_13_384 as the model (or leave it out)")
+    hub = _hub_style(tmp_path / "hub", "cvt_13")
+    with pytest.raises(TorchcvtError) as error:
+        torchcvt.create_model("cvt_21", checkpoint=hub)
+    assert str(error.value) == (
+        f"checkpoint {hub / 'model.safetensors'} holds a cvt_13 or cvt_13_384 whose depth is [1, 2, 10] but "
+        "cvt_21's is [1, 4, 16], so cvt_21 cannot hold it: use cvt_13 as the model (or leave it out)")
+
+
+def test_which_notices_loading_another_name_or_an_unregistered_architecture_gives(tmp_path, tiny_overrides,
+                                                                                  caplog):
+    named = save_checkpoint(torchcvt.create_model("cvt_13_384", num_classes=3), tmp_path / "named")
+    custom = _hub_style(tmp_path / "custom", "cvt_13", **tiny_overrides)  # records no variant
+    caplog.clear()  # what saving said
+    with caplog.at_level(logging.INFO, logger="torchcvt.weights.load"):
+        torchcvt.create_model("cvt_13", checkpoint=named)  # the same architecture under another name
+        torchcvt.create_model("cvt_13_384", checkpoint=named)  # its own name: nothing to say
+        torchcvt.create_model("cvt_13", checkpoint=custom, activation="gelu", **tiny_overrides)  # as asked
+    assert caplog.messages == [f"{named / 'model.safetensors'} holds cvt_13_384 weights: building them as "
+                               "cvt_13, as asked (the same architecture)"]
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="torchcvt.weights.load"):
+        torchcvt.create_model("cvt_13", checkpoint=custom, activation="gelu")
+    assert caplog.messages == [
+        f"{custom / 'model.safetensors'} holds a CvT of its own architecture, not cvt_13's "
+        "(embed_dim [16, 32, 48], num_heads [1, 2, 3], depth [1, 1, 2]): building what it records"]

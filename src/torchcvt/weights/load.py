@@ -166,8 +166,8 @@ def _layout(state_dict: StateDict) -> tuple[list[int], list[int]]:
 
 def _layout_hint(state_dict: StateDict, config: CvtConfig) -> str:
     depth, width = _layout(state_dict)
-    if (depth, width) == (list(config.depth), list(config.embed_dim)):
-        return ""
+    if not width or (depth, width) == (list(config.depth), list(config.embed_dim)):
+        return ""  # no stage to read (its first convolution is missing), or the model's own layout
     names = holding_variants({"depth": depth, "embed_dim": width})
     return (f": it looks like another variant (depth {depth}, embed_dim {width}; the model has depth "
             f"{list(config.depth)}, embed_dim {list(config.embed_dim)})"
