@@ -62,3 +62,15 @@ def test_a_bf16_kernel_off_by_more_than_its_tolerance_is_refused(monkeypatch):
 def test_a_kernel_that_answers_in_another_dtype_is_refused(monkeypatch):
     _broken(monkeypatch, "swish", 0.0, dtype=torch.float64)
     assert fused._check(torch.float32) is False
+
+
+def test_a_kernel_that_raises_is_refused_with_one_warning(monkeypatch, caplog):
+    def refuse(*args):
+        raise RuntimeError("could not create a primitive descriptor\nsecond line")
+
+    monkeypatch.setattr(fused, "_call", refuse)
+    monkeypatch.setattr(fused, "_working", {})
+    with caplog.at_level(logging.WARNING, logger="torchcvt.fused"):
+        assert fused._check(torch.float32) is False
+    assert caplog.messages == ["oneDNN fused linear failed in torch.float32 (could not create a primitive "
+                               "descriptor); using plain PyTorch ops"]
