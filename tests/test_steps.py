@@ -202,9 +202,12 @@ def test_distributed_divergence_check_agrees_on_the_first_bad_step(gloo_group):
 
 def _rank_checks_divergence(rank: int, store: str, results: str) -> None:
     """One of two Gloo ranks: only rank 1 meets a non-finite loss (at step 5); each writes what it raised."""
+    import datetime
+
     import torch.distributed as dist
 
-    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=2)
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=2,
+                            timeout=datetime.timedelta(seconds=60))
     try:
         runner = StepRunner(_parts(), Runtime(rank, 2, torch.device("cpu")), clip_grad=None)
         images, targets = _batch(4)
@@ -222,9 +225,17 @@ def _rank_checks_divergence(rank: int, store: str, results: str) -> None:
 
 
 def test_a_divergence_on_one_rank_stops_both_at_its_step(tmp_path):
-    """Two real Gloo processes: the rank whose loss stayed finite learns the other's first bad step."""
+    """Two real Gloo ranks, this process and a spawned one: the rank whose loss stayed finite (this one)
+    learns the other's first bad step."""
     store = str(tmp_path / "store")
-    torch.multiprocessing.spawn(_rank_checks_divergence, args=(store, str(tmp_path)), nprocs=2)
+    other = torch.multiprocessing.get_context("spawn").Process(target=_rank_checks_divergence,
+                                                                 args=(1, store, str(tmp_path)))
+    other.start()
+    try:
+        _rank_checks_divergence(0, store, str(tmp_path))
+    finally:
+        other.join(timeout=60)
+    assert other.exitcode == 0
     assert (tmp_path / "rank1").read_text() == "loss is nan at step 5; stopped, kept"
     assert (tmp_path / "rank0").read_text() == "loss is not finite at step 5; stopped, kept"
 
