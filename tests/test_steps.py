@@ -224,7 +224,7 @@ def _rank_checks_divergence(rank: int, store: str, results: str) -> None:
         dist.destroy_process_group()
 
 
-def test_a_divergence_on_one_rank_stops_both_at_its_step(tmp_path):
+def test_a_divergence_on_the_other_rank_stops_this_one_at_its_step(tmp_path):
     """Two real Gloo ranks, this process and a spawned one: the rank whose loss stayed finite (this one)
     learns the other's first bad step."""
     store = str(tmp_path / "store")
