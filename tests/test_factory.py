@@ -59,7 +59,11 @@ def test_a_foreign_transformers_folder_loads_with_the_default_and_one_notice(tmp
         model = model_from_checkpoint("cvt_13", tmp_path / "hf")
     assert model.config.activation == "quick_gelu" and model.num_classes == 4
     notices = activation_notices(caplog)
-    assert len(notices) == 1 and "does not record the activation" in notices[0]
+    assert notices == [
+        f"{tmp_path / 'hf' / 'model.safetensors'} is a transformers folder, which does not record the "
+        "activation its weights were trained with: using quick_gelu (torchcvt's default, the official CvT's "
+        "QuickGELU); if they were trained with transformers' exact GELU, pass activation='gelu' "
+        "(--set activation=gelu)"]
     caplog.clear()
     with caplog.at_level(logging.INFO, logger="torchcvt"):
         chosen = model_from_checkpoint("cvt_13", tmp_path / "hf", activation="gelu")

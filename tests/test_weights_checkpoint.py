@@ -409,3 +409,27 @@ def test_which_notices_loading_another_name_or_an_unregistered_architecture_give
     assert caplog.messages == [
         f"{custom / 'model.safetensors'} holds a CvT of its own architecture, not cvt_13's "
         "(embed_dim [16, 32, 48], num_heads [1, 2, 3], depth [1, 1, 2]): building what it records"]
+
+
+def test_another_activation_loads_with_one_warning_and_a_backbone_gets_no_head(tmp_path, model,
+                                                                               tiny_overrides, caplog):
+    path = save_checkpoint(model, tmp_path / "quick")  # the model's QuickGELU is recorded
+    with caplog.at_level(logging.WARNING, logger="torchcvt.weights.load"):
+        exact = torchcvt.create_model("cvt_13", num_classes=7, checkpoint=path, activation="gelu",
+                                      **tiny_overrides)
+    assert caplog.messages == [f"{path / 'model.safetensors'} was saved with activation='quick_gelu' but the "
+                               "model uses 'gelu': its outputs will differ from the saved model's"]
+    assert_same_weights(exact, model)
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="torchcvt"):  # a backbone has no head to leave out
+        backbone = torchcvt.create_model("cvt_13", features_only=True, checkpoint=path, **tiny_overrides)
+    assert caplog.messages == []
+    assert backbone.model.num_classes == 0 and not hasattr(backbone.model.head, "weight")
+
+
+def test_a_model_built_without_pretrained_cfg_gets_the_class_names(tmp_path, model, tiny_overrides):
+    path = save_checkpoint(model, tmp_path / "named", class_names=CLASS_NAMES)
+    bare = torchcvt.create_model("cvt_13", num_classes=7, **tiny_overrides)
+    del bare.pretrained_cfg  # as a CvT made by hand from a config has none
+    torchcvt.load_checkpoint(bare, path)
+    assert bare.pretrained_cfg == {"label_names": tuple(CLASS_NAMES)}
