@@ -480,3 +480,22 @@ def test_attention_dropout_alone_drops_attention_weights_in_training(tiny_overri
     assert not torch.allclose(draws[0], expected, atol=1e-3)
     spread = draws.std(0) / len(draws) ** 0.5
     assert ((draws.mean(0) - expected).abs() < 5 * spread + 1e-6).all()
+
+
+def test_projection_dropout_in_training_keeps_the_residual(tiny_overrides):
+    """drop_rate reaches attention's output projection in training, and the residual is still added."""
+    torch.manual_seed(0)
+    layer = tiny(tiny_overrides, drop_rate=[0.5, 0.5, 0.5]).stages[0].blocks[0].attn
+    tokens, residual = torch.randn(2, 1, 16, layer.proj.in_features)
+    with torch.no_grad():
+        expected = layer.eval()(tokens, 4, 4)
+        layer.train()
+        for norm in layer.modules():  # the projections' batch statistics are not what is tested here
+            if isinstance(norm, nn.BatchNorm2d):
+                norm.eval()
+        torch.manual_seed(1)
+        alone = layer(tokens, 4, 4)
+        torch.manual_seed(1)
+        added = layer(tokens, 4, 4, residual)
+    assert not torch.allclose(alone, expected, atol=1e-3)
+    torch.testing.assert_close(added, residual + alone, rtol=0, atol=1e-6)

@@ -49,7 +49,8 @@ LAYOUT = ["tests/test_fast.py::test_fast_paths_keep_state_dict_and_attention_map
               "test_class_token_stage_runs_in_float32_under_autocast_as_the_official_code",
               "test_empty_batch_gives_empty_logits",
               "test_attention_dropout_alone_drops_attention_weights_in_training",
-              "test_eval_ignores_the_dropout_rates_and_training_applies_them"))]
+              "test_eval_ignores_the_dropout_rates_and_training_applies_them",
+              "test_projection_dropout_in_training_keeps_the_residual"))]
 HF = [f"{PARITY}test_transformers_weights_give_transformers_logits[{kernel}-fp32]"
       for kernel in ("fused", "plain")]
 
