@@ -117,7 +117,8 @@ def test_training_checkpoint_of_torchcvt_train_loads_with_class_names(tmp_path, 
 def test_other_num_classes_gets_a_new_head_with_a_notice(official_file, model, tiny_overrides, caplog):
     with caplog.at_level(logging.INFO, logger="torchcvt"):
         loaded = torchcvt.create_model("cvt_13", num_classes=3, checkpoint=official_file, **tiny_overrides)
-    assert "has a head of 7 classes, the model one of 3: the model keeps its new head" in caplog.text
+    assert caplog.messages == [f"{official_file} has a head of 7 classes, the model one of 3: the model "
+                               "keeps its new head, initialised at random (train it before use)"]
     assert_same_weights(loaded, model, skip="head.")
     assert loaded.head.weight.shape == (3, 48)
     with warnings.catch_warnings():
