@@ -23,7 +23,7 @@ FIRST_CONV = "stage0.patch_embed.proj"
 _ADAPTABLE = ("num_channels", "activation")
 
 
-def head_size(checkpoint: Checkpoint | None, num_classes: int | None, features_only: bool = False) -> int:
+def head_size(checkpoint: Checkpoint | None, num_classes: int | None, features_only: bool) -> int:
     """The head a model gets: the checkpoint's unless num_classes asks for another (1000 without either).
 
     One rule for every caller (create_model, predictor, the commands); a backbone has none.
