@@ -72,10 +72,9 @@ TARGETS: dict[str, tuple[str, list[str], list[str] | None]] = {
                                                           "blocked_attention")]),
     "fused-check": ("src/torchcvt/fused.py", [*OFFICIAL, *MLP, "tests/test_fused_check.py"],
                     ["torchcvt.fused.x__check__*", "torchcvt.fused.x__matches_plain__*"]),
+    # Both directions of the transformers conversion (weights and config.json), and what files record.
     "formats": ("src/torchcvt/weights/formats.py",
-                [*HF, *KEYS, "tests/test_parity_hf.py::test_cli_convert_hf_to_official_and_back",
-                 "tests/test_parity_hf.py::test_hf_config_that_differs_from_the_model_names_the_field"],
-                None),
+                [*HF, *KEYS, "tests/test_parity_hf.py", "tests/test_checkpoint_metadata.py"], None),
     # With the files that load a checkpoint of another variant, dtype or channel count into a model.
     "load": ("src/torchcvt/weights/load.py",
              [*OFFICIAL[:2], "tests/test_weights_checkpoint.py", "tests/test_checkpoint_metadata.py",
