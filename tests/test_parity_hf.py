@@ -151,3 +151,32 @@ def test_what_transformers_cannot_represent_is_an_error(tmp_path, overrides, mat
     with pytest.raises(ValueError, match=match):
         save_hf(model, tmp_path / "hf")
     assert not (tmp_path / "hf").exists()
+
+
+QUICK_GELU = ("the model uses activation='quick_gelu', which transformers' CvT config cannot express (it "
+              "always uses exact GELU): transformers' copy is an approximation, its outputs differ; "
+              "--remote-code (remote_code=True) adds model code it runs exactly with trust_remote_code=True")
+EPS = ("the model uses layer_norm_eps=1e-06 but transformers' CvT always uses 1e-05: transformers' outputs "
+       "will differ (torchcvt reloads it exactly)")
+NO_CLS = ("transformers' CvtForImageClassification.forward fails without a class token in the last stage: "
+          "the files are correct but transformers cannot run them")
+
+
+@pytest.mark.parametrize(
+    ("overrides", "remote_code", "expected"),
+    [
+        ({}, False, []),
+        ({"activation": "quick_gelu"}, False, [QUICK_GELU]),
+        ({"activation": "quick_gelu", "layer_norm_eps": 1e-6}, True, []),  # the model code runs them exactly
+        ({"layer_norm_eps": 1e-6}, False, [EPS]),
+        ({"cls_token": [False, False, False]}, False, [NO_CLS]),
+        ({"cls_token": [False, False, False]}, True, [NO_CLS]),
+    ],
+)
+def test_an_export_to_transformers_warns_of_exactly_what_transformers_does_differently(
+    tmp_path, caplog, overrides, remote_code, expected
+):
+    model = torchcvt.create_model("cvt_13", **{**OURS, **overrides})
+    with caplog.at_level(logging.WARNING, logger="torchcvt"):
+        save_hf(model, tmp_path / "hf", remote_code=remote_code)
+    assert _warnings(caplog) == expected

@@ -211,7 +211,7 @@ def hf_config_json(config: CvtConfig, class_names: Sequence[str] | None, archite
     }
 
 
-def _warn_about_transformers(config: CvtConfig, remote_code: bool = False) -> None:
+def _warn_about_transformers(config: CvtConfig, remote_code: bool) -> None:
     """What transformers will do differently with these files (torchcvt itself reloads them exactly; with
     remote_code, so does transformers under trust_remote_code=True)."""
     if config.activation != "gelu" and not remote_code:
