@@ -75,11 +75,13 @@ def _image(width: int, height: int) -> Image.Image:
         (384, 1.0, "ConvNextImageProcessor"),  # the 384 models: squash
         (32, 1.0, "ViTImageProcessor"),  # cvt_digits: squash below 384, where ConvNext would crop
         (448, 0.875, "BitImageProcessor"),  # a crop above 384, where ConvNext would squash
+        (224, None, "ConvNextImageProcessor"),  # no crop_pct or interpolation given: the defaults agree
     ],
 )
 def test_preprocessor_config_reproduces_the_eval_transform(tmp_path, size, crop_pct, processor):
-    data_config = {"input_size": (3, size, size), "crop_pct": crop_pct, "interpolation": "bicubic",
-                   "mean": IMAGENET_MEAN, "std": IMAGENET_STD}
+    data_config = {"input_size": (3, size, size), "mean": IMAGENET_MEAN, "std": IMAGENET_STD}
+    if crop_pct is not None:
+        data_config.update(crop_pct=crop_pct, interpolation="bicubic")
     write_json(tmp_path / "preprocessor_config.json", hf_preprocessor_json(data_config))
     loaded = transformers.AutoImageProcessor.from_pretrained(tmp_path, backend="pil")
     assert type(loaded).__name__ == f"{processor}Pil"
