@@ -15,6 +15,7 @@ import torchcvt
 from torchcvt.cli import main
 from torchcvt.config import IMAGENET_MEAN, IMAGENET_STD
 from torchcvt.data import eval_transform
+from torchcvt.errors import TorchcvtError
 from torchcvt.files import write_json
 from torchcvt.weights import save_official
 from torchcvt.weights.formats import hf_preprocessor_json
@@ -76,12 +77,13 @@ def _image(width: int, height: int) -> Image.Image:
         (32, 1.0, "ViTImageProcessor"),  # cvt_digits: squash below 384, where ConvNext would crop
         (448, 0.875, "BitImageProcessor"),  # a crop above 384, where ConvNext would squash
         (224, None, "ConvNextImageProcessor"),  # no crop_pct or interpolation given: the defaults agree
+        (64, 1.0, "ViTImageProcessor"),  # bilinear, where the default is bicubic
     ],
 )
 def test_preprocessor_config_reproduces_the_eval_transform(tmp_path, size, crop_pct, processor):
     data_config = {"input_size": (3, size, size), "mean": IMAGENET_MEAN, "std": IMAGENET_STD}
     if crop_pct is not None:
-        data_config.update(crop_pct=crop_pct, interpolation="bicubic")
+        data_config.update(crop_pct=crop_pct, interpolation="bilinear" if size == 64 else "bicubic")
     write_json(tmp_path / "preprocessor_config.json", hf_preprocessor_json(data_config))
     loaded = transformers.AutoImageProcessor.from_pretrained(tmp_path, backend="pil")
     assert type(loaded).__name__ == f"{processor}Pil"
@@ -90,6 +92,13 @@ def test_preprocessor_config_reproduces_the_eval_transform(tmp_path, size, crop_
         image = _image(width, height)
         theirs = loaded(image, return_tensors="pt")["pixel_values"][0]
         torch.testing.assert_close(theirs, ours(image), atol=1e-5, rtol=0)
+
+
+def test_an_interpolation_without_a_pil_filter_is_named():
+    with pytest.raises(TorchcvtError) as error:
+        hf_preprocessor_json({"input_size": (3, 32, 32), "interpolation": "lanczos9", "mean": IMAGENET_MEAN,
+                              "std": IMAGENET_STD})
+    assert str(error.value) == "interpolation 'lanczos9' has no PIL resampling filter"
 
 
 def test_pipeline_gives_torchcvt_predict_top1_and_probabilities(hf_dir, run, digit_png, tmp_path):

@@ -75,7 +75,8 @@ TARGETS: dict[str, tuple[str, list[str], list[str] | None]] = {
     # Both directions of the transformers conversion (weights and config.json), and what files record.
     "formats": ("src/torchcvt/weights/formats.py",
                 [*HF, *KEYS, "tests/test_parity_hf.py", "tests/test_checkpoint_metadata.py",
-                 "tests/test_hf_export.py::test_preprocessor_config_reproduces_the_eval_transform"], None),
+                 "tests/test_hf_export.py::test_preprocessor_config_reproduces_the_eval_transform",
+                 "tests/test_hf_export.py::test_an_interpolation_without_a_pil_filter_is_named"], None),
     # With the files that load a checkpoint of another variant, dtype or channel count into a model.
     "load": ("src/torchcvt/weights/load.py",
              [*OFFICIAL[:2], "tests/test_weights_checkpoint.py", "tests/test_checkpoint_metadata.py",
