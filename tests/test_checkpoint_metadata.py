@@ -83,3 +83,14 @@ def test_malformed_config_json(tmp_path: Path, model, capsys: pytest.CaptureFixt
     (folder / "config.json").write_text(json.dumps({**config, **edit}))
     err = _one_line(capsys, ["convert", str(folder), str(tmp_path / "out.pth"), "--to", "official"])
     assert f"{folder / 'config.json'}: " in err and words in err
+
+
+def test_a_transformers_config_gives_its_head_size_by_id2label_or_num_labels_or_not_at_all():
+    from torchcvt.weights.formats import config_from_hf
+
+    depth = {"depth": [1, 2, 3]}
+    labelled = {**depth, "id2label": {"0": "ant", "1": "bee"}, "num_labels": 2}
+    assert config_from_hf(labelled, "c.json") == ({**depth, "num_classes": 2}, None, ("ant", "bee"))
+    counted = {**depth, "num_labels": 4}  # written by hand: no id2label
+    assert config_from_hf(counted, "c.json") == ({**depth, "num_classes": 4}, None, None)
+    assert config_from_hf(depth, "c.json") == (depth, None, None)
