@@ -78,10 +78,12 @@ def _image(width: int, height: int) -> Image.Image:
         (448, 0.875, "BitImageProcessor"),  # a crop above 384, where ConvNext would squash
         (224, None, "ConvNextImageProcessor"),  # no crop_pct or interpolation given: the defaults agree
         (64, 1.0, "ViTImageProcessor"),  # bilinear, where the default is bicubic
+        ((48, 64), 0.875, "DeiTImageProcessor"),  # not square: both sides by crop_pct, then the crop
     ],
 )
 def test_preprocessor_config_reproduces_the_eval_transform(tmp_path, size, crop_pct, processor):
-    data_config = {"input_size": (3, size, size), "mean": IMAGENET_MEAN, "std": IMAGENET_STD}
+    height, width = size if isinstance(size, tuple) else (size, size)
+    data_config = {"input_size": (3, height, width), "mean": IMAGENET_MEAN, "std": IMAGENET_STD}
     if crop_pct is not None:
         data_config.update(crop_pct=crop_pct, interpolation="bilinear" if size == 64 else "bicubic")
     write_json(tmp_path / "preprocessor_config.json", hf_preprocessor_json(data_config))
