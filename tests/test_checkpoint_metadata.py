@@ -12,6 +12,7 @@ from safetensors.torch import load_file, save_file
 
 import torchcvt
 from torchcvt.cli import main
+from torchcvt.errors import TorchcvtError
 from torchcvt.weights import save_checkpoint, save_hf
 
 
@@ -94,3 +95,9 @@ def test_a_transformers_config_gives_its_head_size_by_id2label_or_num_labels_or_
     counted = {**depth, "num_labels": 4}  # written by hand: no id2label
     assert config_from_hf(counted, "c.json") == ({**depth, "num_classes": 4}, None, None)
     assert config_from_hf(depth, "c.json") == (depth, None, None)
+    generic = {**depth, "id2label": {"0": "LABEL_0", "1": "LABEL_1"}}  # transformers' names for no names
+    assert config_from_hf(generic, "c.json") == ({**depth, "num_classes": 2}, None, None)
+    with pytest.raises(TorchcvtError) as error:
+        config_from_hf({"depth": [1, 2, 3, 4]}, "c.json")
+    assert str(error.value) == ("c.json: depth has 4 values but the model has 3 stages (len(embed_dim)): "
+                                "[1, 2, 3, 4]")
