@@ -499,3 +499,22 @@ def test_projection_dropout_in_training_keeps_the_residual(tiny_overrides):
         added = layer(tokens, 4, 4, residual)
     assert not torch.allclose(alone, expected, atol=1e-3)
     torch.testing.assert_close(added, residual + alone, rtol=0, atol=1e-6)
+
+
+def test_a_block_in_training_adds_each_branch_through_stochastic_depth(tiny_overrides):
+    """x + drop_path(attn(norm1(x))), then + drop_path(mlp(norm2(.))), with the block's own random draws."""
+    torch.manual_seed(0)
+    block = tiny(tiny_overrides, drop_path_rate=0.5).stages[2].blocks[-1].train()
+    assert isinstance(block.drop_path, DropPath) and block.drop_path.drop_prob > 0
+    for norm in block.modules():  # the projections' batch statistics are not what is tested here
+        if isinstance(norm, nn.BatchNorm2d):
+            norm.eval()
+    x = torch.randn(8, 1 + 16, block.norm1.normalized_shape[0])
+    with torch.no_grad():
+        torch.manual_seed(1)
+        got = block(x, 4, 4)
+        torch.manual_seed(1)
+        mid = x + block.drop_path(block.attn(block.norm1(x), 4, 4))
+        want = mid + block.drop_path(block.mlp(block.norm2(mid)))
+    assert not torch.allclose(want, mid + block.mlp(block.norm2(mid)), atol=1e-3)  # the draws drop some
+    torch.testing.assert_close(got, want, rtol=0, atol=1e-6)
