@@ -50,7 +50,9 @@ LAYOUT = ["tests/test_fast.py::test_fast_paths_keep_state_dict_and_attention_map
               "test_empty_batch_gives_empty_logits",
               "test_attention_dropout_alone_drops_attention_weights_in_training",
               "test_eval_ignores_the_dropout_rates_and_training_applies_them",
-              "test_projection_dropout_in_training_keeps_the_residual"))]
+              "test_projection_dropout_in_training_keeps_the_residual",
+              "test_a_block_in_training_adds_each_branch_through_stochastic_depth",
+              "test_stochastic_depth_rises_linearly_per_stage"))]
 HF = [f"{PARITY}test_transformers_weights_give_transformers_logits[{kernel}-fp32]"
       for kernel in ("fused", "plain")]
 
