@@ -73,6 +73,7 @@ def _image(width: int, height: int) -> Image.Image:
     ("size", "crop_pct", "processor"),
     [
         (224, 0.875, "ConvNextImageProcessor"),  # the 224 models: resize 256, centre-crop 224
+        (224, 0.9, "ConvNextImageProcessor"),  # a crop_pct other than ConvNext's default
         (384, 1.0, "ConvNextImageProcessor"),  # the 384 models: squash
         (32, 1.0, "ViTImageProcessor"),  # cvt_digits: squash below 384, where ConvNext would crop
         (448, 0.875, "BitImageProcessor"),  # a crop above 384, where ConvNext would squash

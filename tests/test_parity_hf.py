@@ -11,7 +11,7 @@ from transformers import CvtForImageClassification
 
 import torchcvt
 from torchcvt.cli import main
-from torchcvt.weights import save_checkpoint, save_hf
+from torchcvt.weights import read_checkpoint, save_checkpoint, save_hf
 
 # transformers' CvtStage cannot build a stage i with depth <= i, hence 1/2/3 blocks.
 HF_TINY = {"embed_dim": [16, 32, 48], "num_heads": [1, 2, 3], "depth": [1, 2, 3]}
@@ -180,3 +180,16 @@ def test_an_export_to_transformers_warns_of_exactly_what_transformers_does_diffe
     with caplog.at_level(logging.WARNING, logger="torchcvt"):
         save_hf(model, tmp_path / "hf", remote_code=remote_code)
     assert _warnings(caplog) == expected
+
+
+def test_an_export_to_transformers_records_torchcvts_config_and_what_transformers_reads(tmp_path):
+    from transformers import AutoConfig
+
+    model = torchcvt.create_model("cvt_13", **{**OURS, "activation": "quick_gelu", "layer_norm_eps": 1e-6})
+    save_hf(model, tmp_path / "hf", class_names=CLASS_NAMES)
+    seen = AutoConfig.from_pretrained(tmp_path / "hf")
+    assert seen.architectures == ["CvtForImageClassification"] and seen.num_labels == 5
+    assert seen.label2id == {name: i for i, name in enumerate(CLASS_NAMES)}
+    stored = read_checkpoint(tmp_path / "hf")
+    assert stored.architecture == "cvt_13" and stored.class_names == tuple(CLASS_NAMES)
+    assert (stored.config["activation"], stored.config["layer_norm_eps"]) == ("quick_gelu", 1e-6)

@@ -90,7 +90,7 @@ TARGETS: dict[str, tuple[str, list[str], list[str] | None]] = {
               "torchcvt.data.x_train_transform__*",
               "torchcvt.data.x__posterize*", "torchcvt.data.x_collate_skipping_bad__*"]),
 }
-KILLED = ("killed", "timeout")
+KILLED = ("killed", "timeout", "segfault")  # a crashed test process noticed the mutant too
 
 
 def _prepare(workdir: Path, path: str, tests: list[str]) -> None:
