@@ -101,3 +101,20 @@ def test_a_transformers_config_gives_its_head_size_by_id2label_or_num_labels_or_
         config_from_hf({"depth": [1, 2, 3, 4]}, "c.json")
     assert str(error.value) == ("c.json: depth has 4 values but the model has 3 stages (len(embed_dim)): "
                                 "[1, 2, 3, 4]")
+
+
+def test_transformers_keys_and_names_convert_in_index_order_and_headless():
+    from transformers import CvtConfig, CvtForImageClassification
+
+    from torchcvt.weights.formats import config_from_hf, detect_layout, hf_to_torchcvt
+
+    twelve = {"id2label": {str(i): f"class {i}" for i in range(12)}}  # "10" sorts before "2" as text
+    assert config_from_hf(twelve, "c.json")[2] == tuple(f"class {i}" for i in range(12))
+    full = CvtForImageClassification(CvtConfig(embed_dim=[16, 32, 48], num_heads=[1, 2, 3], depth=[1, 2, 3],
+                                               num_labels=3)).state_dict()
+    body = {key: value for key, value in full.items() if key.startswith("cvt.")}
+    headless = {key.removeprefix("cvt."): value for key, value in body.items()}  # a CvtModel's keys
+    want, got = hf_to_torchcvt(body), hf_to_torchcvt(headless)
+    assert list(got) == list(want) and all(got[key] is want[key] for key in want)
+    assert all(key.startswith("stage") for key in got)
+    assert detect_layout(full) == "hf" and detect_layout({"weights": torch.zeros(1)}) is None

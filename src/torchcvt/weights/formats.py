@@ -179,7 +179,7 @@ def recorded_architecture(value: Any, where: str, key: str) -> str | None:
 
 
 def hf_config_json(config: CvtConfig, class_names: Sequence[str] | None, architecture: str | None,
-                   remote_code: bool = False) -> dict[str, Any]:
+                   remote_code: bool) -> dict[str, Any]:
     """transformers' config.json for a model of this config; ValueError if transformers has no equivalent.
 
     Beside transformers' keys it records torchcvt's full config (activation, layer_norm_eps, ...) and the
