@@ -9,11 +9,13 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
+from transformers import CvtConfig, CvtForImageClassification
 
 import torchcvt
 from torchcvt.cli import main
 from torchcvt.errors import TorchcvtError
 from torchcvt.weights import save_checkpoint, save_hf
+from torchcvt.weights.formats import config_from_hf, detect_layout, hf_to_torchcvt
 
 
 @pytest.fixture
@@ -87,8 +89,6 @@ def test_malformed_config_json(tmp_path: Path, model, capsys: pytest.CaptureFixt
 
 
 def test_a_transformers_config_gives_its_head_size_by_id2label_or_num_labels_or_not_at_all():
-    from torchcvt.weights.formats import config_from_hf
-
     depth = {"depth": [1, 2, 3]}
     labelled = {**depth, "id2label": {"0": "ant", "1": "bee"}, "num_labels": 2}
     assert config_from_hf(labelled, "c.json") == ({**depth, "num_classes": 2}, None, ("ant", "bee"))
@@ -104,10 +104,6 @@ def test_a_transformers_config_gives_its_head_size_by_id2label_or_num_labels_or_
 
 
 def test_transformers_keys_and_names_convert_in_index_order_and_headless():
-    from transformers import CvtConfig, CvtForImageClassification
-
-    from torchcvt.weights.formats import config_from_hf, detect_layout, hf_to_torchcvt
-
     twelve = {"id2label": {str(i): f"class {i}" for i in range(12)}}  # "10" sorts before "2" as text
     assert config_from_hf(twelve, "c.json")[2] == tuple(f"class {i}" for i in range(12))
     full = CvtForImageClassification(CvtConfig(embed_dim=[16, 32, 48], num_heads=[1, 2, 3], depth=[1, 2, 3],

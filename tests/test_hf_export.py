@@ -69,24 +69,28 @@ def _image(width: int, height: int) -> Image.Image:
     return Image.fromarray(np.clip(pixels + rng.normal(0, 20, pixels.shape), 0, 255).astype(np.uint8))
 
 
+BICUBIC = {"interpolation": "bicubic"}
+
+
 @pytest.mark.parametrize(
-    ("size", "crop_pct", "processor"),
+    ("size", "given", "processor"),
     [
-        (224, 0.875, "ConvNextImageProcessor"),  # the 224 models: resize 256, centre-crop 224
-        (224, 0.9, "ConvNextImageProcessor"),  # a crop_pct other than ConvNext's default
-        (384, 1.0, "ConvNextImageProcessor"),  # the 384 models: squash
-        (32, 1.0, "ViTImageProcessor"),  # cvt_digits: squash below 384, where ConvNext would crop
-        (448, 0.875, "BitImageProcessor"),  # a crop above 384, where ConvNext would squash
-        (224, None, "ConvNextImageProcessor"),  # no crop_pct or interpolation given: the defaults agree
-        (64, 1.0, "ViTImageProcessor"),  # bilinear, where the default is bicubic
-        ((48, 64), 0.875, "DeiTImageProcessor"),  # not square: both sides by crop_pct, then the crop
+        # the 224 models: resize 256, centre-crop 224; and a crop_pct other than ConvNext's default
+        (224, {"crop_pct": 0.875, **BICUBIC}, "ConvNextImageProcessor"),
+        (224, {"crop_pct": 0.9, **BICUBIC}, "ConvNextImageProcessor"),
+        (384, {"crop_pct": 1.0, **BICUBIC}, "ConvNextImageProcessor"),  # the 384 models: squash
+        # cvt_digits: squash below 384, where ConvNext would crop
+        (32, {"crop_pct": 1.0, **BICUBIC}, "ViTImageProcessor"),
+        (448, {"crop_pct": 0.875, **BICUBIC}, "BitImageProcessor"),  # a crop above 384: ConvNext squashes
+        (224, {}, "ConvNextImageProcessor"),  # no crop_pct or interpolation given: the defaults agree
+        (64, {"crop_pct": 1.0, "interpolation": "bilinear"}, "ViTImageProcessor"),  # not the default filter
+        # not square: both sides by crop_pct, then the crop
+        ((48, 64), {"crop_pct": 0.875, **BICUBIC}, "DeiTImageProcessor"),
     ],
 )
-def test_preprocessor_config_reproduces_the_eval_transform(tmp_path, size, crop_pct, processor):
+def test_preprocessor_config_reproduces_the_eval_transform(tmp_path, size, given, processor):
     height, width = size if isinstance(size, tuple) else (size, size)
-    data_config = {"input_size": (3, height, width), "mean": IMAGENET_MEAN, "std": IMAGENET_STD}
-    if crop_pct is not None:
-        data_config.update(crop_pct=crop_pct, interpolation="bilinear" if size == 64 else "bicubic")
+    data_config = {"input_size": (3, height, width), "mean": IMAGENET_MEAN, "std": IMAGENET_STD, **given}
     write_json(tmp_path / "preprocessor_config.json", hf_preprocessor_json(data_config))
     loaded = transformers.AutoImageProcessor.from_pretrained(tmp_path, backend="pil")
     assert type(loaded).__name__ == f"{processor}Pil"

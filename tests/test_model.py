@@ -438,6 +438,13 @@ def test_reset_classifier_takes_the_pool_and_stays_on_the_models_device(tiny_ove
     assert on_meta.head.weight.device.type == "meta"
 
 
+def _fixed_batch_statistics(module: nn.Module) -> None:
+    """BatchNorm in eval mode inside a module in training: its batch statistics are not what is tested."""
+    for norm in module.modules():
+        if isinstance(norm, nn.BatchNorm2d):
+            norm.eval()
+
+
 def test_eval_ignores_the_dropout_rates_and_training_applies_them(tiny_overrides):
     rates = {"attention_drop_rate": [0.5, 0.5, 0.5], "drop_rate": [0.5, 0.5, 0.5]}
     dropping, plain = tiny(tiny_overrides, **rates), tiny(tiny_overrides)
@@ -473,9 +480,7 @@ def test_attention_dropout_alone_drops_attention_weights_in_training(tiny_overri
         layer.eval()
         expected = layer(tokens, 4, 4)
         layer.train()
-        for norm in layer.modules():  # the projections' batch statistics are not what is tested here
-            if isinstance(norm, nn.BatchNorm2d):
-                norm.eval()
+        _fixed_batch_statistics(layer)
         draws = torch.stack([layer(tokens, 4, 4) for _ in range(300)])
     assert not torch.allclose(draws[0], expected, atol=1e-3)
     spread = draws.std(0) / len(draws) ** 0.5
@@ -490,9 +495,7 @@ def test_projection_dropout_in_training_keeps_the_residual(tiny_overrides):
     with torch.no_grad():
         expected = layer.eval()(tokens, 4, 4)
         layer.train()
-        for norm in layer.modules():  # the projections' batch statistics are not what is tested here
-            if isinstance(norm, nn.BatchNorm2d):
-                norm.eval()
+        _fixed_batch_statistics(layer)
         torch.manual_seed(1)
         alone = layer(tokens, 4, 4)
         torch.manual_seed(1)
@@ -506,9 +509,7 @@ def test_a_block_in_training_adds_each_branch_through_stochastic_depth(tiny_over
     torch.manual_seed(0)
     block = tiny(tiny_overrides, drop_path_rate=0.5).stages[2].blocks[-1].train()
     assert isinstance(block.drop_path, DropPath) and block.drop_path.drop_prob > 0
-    for norm in block.modules():  # the projections' batch statistics are not what is tested here
-        if isinstance(norm, nn.BatchNorm2d):
-            norm.eval()
+    _fixed_batch_statistics(block)
     x = torch.randn(8, 1 + 16, block.norm1.normalized_shape[0])
     with torch.no_grad():
         torch.manual_seed(1)

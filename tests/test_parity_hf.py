@@ -6,8 +6,8 @@ import logging
 import pytest
 import torch
 from official_cvt import OfficialCvT, Spec
+from transformers import AutoConfig, CvtForImageClassification
 from transformers import CvtConfig as HfCvtConfig
-from transformers import CvtForImageClassification
 
 import torchcvt
 from torchcvt.cli import main
@@ -183,8 +183,6 @@ def test_an_export_to_transformers_warns_of_exactly_what_transformers_does_diffe
 
 
 def test_an_export_to_transformers_records_torchcvts_config_and_what_transformers_reads(tmp_path):
-    from transformers import AutoConfig
-
     model = torchcvt.create_model("cvt_13", **{**OURS, "activation": "quick_gelu", "layer_norm_eps": 1e-6})
     save_hf(model, tmp_path / "hf", class_names=CLASS_NAMES)
     seen = AutoConfig.from_pretrained(tmp_path / "hf")

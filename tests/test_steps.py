@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 import copy
+import datetime
 import warnings
 from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
+from timm.utils import ModelEmaV3
 
 from torchcvt.engine.runtime import Runtime
 from torchcvt.engine.steps import StepRunner, TrainingDiverged, merge_lone_images
@@ -115,8 +118,6 @@ def test_fp16_scales_the_loss_and_clips_the_unscaled_gradients():
 
 def test_the_ema_copies_the_first_update_and_averages_from_the_second():
     """As timm's train.py drives ModelEmaV3: the first update copies the weights, later ones average."""
-    from timm.utils import ModelEmaV3
-
     parts = _parts()
     parts.ema = ModelEmaV3(parts.model, decay=0.75)
     with torch.no_grad():
@@ -179,8 +180,6 @@ def test_the_first_non_finite_loss_is_reported_with_its_step():
 @pytest.fixture
 def gloo_group(tmp_path):
     """A real Gloo process group of one process: the collectives run, each rank's value is the result."""
-    import torch.distributed as dist
-
     dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
     yield
     dist.destroy_process_group()
@@ -202,10 +201,6 @@ def test_distributed_divergence_check_agrees_on_the_first_bad_step(gloo_group):
 
 def _rank_checks_divergence(rank: int, store: str, results: str) -> None:
     """One of two Gloo ranks: only rank 1 meets a non-finite loss (at step 5); each writes what it raised."""
-    import datetime
-
-    import torch.distributed as dist
-
     dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=2,
                             timeout=datetime.timedelta(seconds=60))
     try:
@@ -235,6 +230,8 @@ def test_a_divergence_on_the_other_rank_stops_this_one_at_its_step(tmp_path):
         _rank_checks_divergence(0, store, str(tmp_path))
     finally:
         other.join(timeout=60)
+        if other.is_alive():  # never left waiting on a rank that hangs
+            other.kill()
     assert other.exitcode == 0
     assert (tmp_path / "rank1").read_text() == "loss is nan at step 5; stopped, kept"
     assert (tmp_path / "rank0").read_text() == "loss is not finite at step 5; stopped, kept"

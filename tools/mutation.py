@@ -41,7 +41,7 @@ TRAINING = [f"tests/test_fast.py::{name}" for name in (
     "test_grad_checkpointing_gives_same_grads_and_statistics",
     "test_grad_checkpointing_updates_syncbatchnorm_statistics_once")]
 # Attention maps agree with the output; no layout copies; the norms' eps; autocast dtypes; empty batches;
-# attention dropout in training.
+# dropout and stochastic depth in training.
 LAYOUT = ["tests/test_fast.py::test_fast_paths_keep_state_dict_and_attention_maps",
           "tests/test_fast.py::test_convolutions_take_the_token_layout_as_it_is",
           *(f"tests/test_model.py::{name}" for name in (
