@@ -2,7 +2,8 @@
 lib/models/cls_cvt.py), so that its state dict has the official key names and shapes, and a forward written
 from the paper's formulas with plain ops: no torchcvt code, no fused kernels, no fast paths.
 
-Only what the tests use: 'dw_bn' projections, convolutional token embedding. The official code has no
+Only what the tests use: the three projection methods ('dw_bn'; 'avg', which pools keys and values and
+keeps the query linear; 'linear'), convolutional token embedding. The official code has no
 position embedding; the paper's ablation adds one (Spec.pos_grid), resized bicubically as timm resizes
 ViT's to another grid.
 """
@@ -30,6 +31,7 @@ class Spec:
     cls_token: tuple[bool, ...] = (False, False, True)
     qkv_bias: tuple[bool, ...] = (True, True, True)
     stride_kv: tuple[int, ...] = (2, 2, 2)
+    method: tuple[str, ...] = ("dw_bn", "dw_bn", "dw_bn")
     pos_grid: tuple[tuple[int, int] | None, ...] = (None, None, None)
     mlp_ratio: float = 4.0
     eps: float = 1e-5
@@ -46,16 +48,18 @@ class Mlp(nn.Module):
         self.fc1, self.fc2 = nn.Linear(dim, hidden), nn.Linear(hidden, dim)
 
 
-def _projection(dim: int, stride: int) -> nn.Sequential:
+def _projection(dim: int, stride: int, method: str) -> nn.Sequential | None:
+    if method != "dw_bn":  # 'avg' and 'linear' have nothing to learn, so no keys
+        return None
     conv = nn.Conv2d(dim, dim, 3, stride=stride, padding=1, bias=False, groups=dim)
     return nn.Sequential(OrderedDict(conv=conv, bn=nn.BatchNorm2d(dim)))
 
 
 class Attention(nn.Module):
-    def __init__(self, dim: int, stride_kv: int, qkv_bias: bool):
+    def __init__(self, dim: int, stride_kv: int, qkv_bias: bool, method: str):
         super().__init__()
-        self.conv_proj_q = _projection(dim, 1)
-        self.conv_proj_k, self.conv_proj_v = _projection(dim, stride_kv), _projection(dim, stride_kv)
+        self.conv_proj_q = _projection(dim, 1, method)
+        self.conv_proj_k, self.conv_proj_v = (_projection(dim, stride_kv, method) for _ in range(2))
         self.proj_q, self.proj_k, self.proj_v = (nn.Linear(dim, dim, bias=qkv_bias) for _ in range(3))
         self.proj = nn.Linear(dim, dim)
 
@@ -64,7 +68,7 @@ class Block(nn.Module):
     def __init__(self, dim: int, spec: Spec, i: int):
         super().__init__()
         self.norm1 = nn.LayerNorm(dim, eps=spec.eps)
-        self.attn = Attention(dim, spec.stride_kv[i], spec.qkv_bias[i])
+        self.attn = Attention(dim, spec.stride_kv[i], spec.qkv_bias[i], spec.method[i])
         self.norm2 = nn.LayerNorm(dim, eps=spec.eps)
         self.mlp = Mlp(dim, int(dim * spec.mlp_ratio))
 
@@ -98,7 +102,6 @@ class OfficialCvT(nn.Module):
         self.norm = nn.LayerNorm(spec.embed_dim[-1], eps=spec.eps)
         self.head = nn.Linear(spec.embed_dim[-1], num_classes)
 
-    @torch.no_grad()
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         cls = None
         for i in range(len(self.spec.embed_dim)):
@@ -116,8 +119,8 @@ class OfficialCvT(nn.Module):
         if stage.cls_token is not None:
             tokens = torch.cat((stage.cls_token.expand(batch, -1, -1), tokens), dim=1)
         for block in stage.blocks:
-            tokens = tokens + self._attention(block.attn, block.norm1(tokens), height, width,
-                                              self.spec.num_heads[i], stage.cls_token is not None)
+            tokens = tokens + self._attention(block.attn, block.norm1(tokens), height, width, i,
+                                              stage.cls_token is not None)
             hidden = block.mlp.fc1(block.norm2(tokens))
             hidden = quick_gelu(hidden) if self.activation == "quick_gelu" else F.gelu(hidden)
             tokens = tokens + block.mlp.fc2(hidden)
@@ -125,21 +128,27 @@ class OfficialCvT(nn.Module):
         grid = tokens[:, tokens.shape[1] - height * width:]
         return grid.transpose(1, 2).reshape(batch, dim, height, width), cls
 
-    @staticmethod
-    def _attention(attn: Attention, tokens: torch.Tensor, height: int, width: int, heads: int,
+    def _attention(self, attn: Attention, tokens: torch.Tensor, height: int, width: int, i: int,
                    has_cls: bool) -> torch.Tensor:
+        heads, method, stride_kv = self.spec.num_heads[i], self.spec.method[i], self.spec.stride_kv[i]
         batch, _, dim = tokens.shape
         cls, grid = (tokens[:, :1], tokens[:, 1:]) if has_cls else (None, tokens)
         grid = grid.transpose(1, 2).reshape(batch, dim, height, width)
 
-        def project(conv: nn.Sequential, linear: nn.Linear) -> torch.Tensor:
-            seq = conv.bn(conv.conv(grid)).flatten(2).transpose(1, 2)
+        def project(conv: nn.Sequential | None, linear: nn.Linear, stride: int | None) -> torch.Tensor:
+            if method == "dw_bn":
+                seq = conv.bn(conv.conv(grid))
+            elif method == "avg" and stride is not None:  # the official 'avg' pools keys and values only
+                seq = F.avg_pool2d(grid, 3, stride, 1, ceil_mode=True)
+            else:
+                seq = grid
+            seq = seq.flatten(2).transpose(1, 2)
             seq = seq if cls is None else torch.cat((cls, seq), dim=1)
             return linear(seq).reshape(batch, seq.shape[1], heads, dim // heads).transpose(1, 2)
 
-        q = project(attn.conv_proj_q, attn.proj_q)
-        k = project(attn.conv_proj_k, attn.proj_k)
-        v = project(attn.conv_proj_v, attn.proj_v)
+        q = project(attn.conv_proj_q, attn.proj_q, None)
+        k = project(attn.conv_proj_k, attn.proj_k, stride_kv)
+        v = project(attn.conv_proj_v, attn.proj_v, stride_kv)
         # The official scale is the full width's, dim ** -0.5, not the head width's.
         weights = torch.softmax(q @ k.transpose(-2, -1) * dim**-0.5, dim=-1)
         return attn.proj((weights @ v).transpose(1, 2).reshape(batch, -1, dim))

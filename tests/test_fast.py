@@ -4,7 +4,7 @@ import copy
 
 import pytest
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
+from trainkit import PlainOps
 
 import torchcvt
 from torchcvt import fused, layers, weightcache
@@ -15,13 +15,6 @@ VARIANTS = {
     "avg_linear_gelu_cls_everywhere": {"qkv_projection_method": ["avg", "linear", "dw_bn"],
                                        "cls_token": [True, False, True], "activation": "gelu"},
 }
-
-
-class PlainOps(TorchDispatchMode):
-    """Passes every op through unchanged; its presence makes torchcvt.layers take the plain path."""
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        return func(*args, **(kwargs or {}))
 
 
 def _model(tiny_overrides: dict, **overrides) -> torchcvt.CvT:

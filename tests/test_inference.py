@@ -3,7 +3,7 @@ it was."""
 
 import pytest
 import torch
-from trainkit import perturb_weights
+from trainkit import PlainOps, perturb_weights
 
 import torchcvt
 from torchcvt import fused
@@ -46,6 +46,8 @@ def test_matches_the_model_in_float32_and_bfloat16(tiny_overrides, monkeypatch, 
         torch.testing.assert_close(got16.float(), want, rtol=0.05, atol=0.05 * want.abs().max().item())
         embedded = fast32.forward_head(fast32.forward_features(x), pre_logits=True)
         torch.testing.assert_close(embedded, features, rtol=0, atol=1e-5)
+        with torch.no_grad(), PlainOps():  # SiLU on the scaled weights, as traced, compiled or on a GPU
+            torch.testing.assert_close(fast32(x), want, rtol=0, atol=1e-5)
 
 
 def _snapshot(model: torch.nn.Module) -> dict:

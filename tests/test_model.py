@@ -327,22 +327,27 @@ def test_reset_classifier_keeps_pytorchs_default_bias(tiny_overrides):
     assert model.head.bias.std().item() == pytest.approx(bound / math.sqrt(3), rel=0.15)  # not zeros
 
 
-def test_class_token_stage_runs_in_float32_under_autocast_as_the_official_code(tiny_overrides):
+@pytest.mark.parametrize("fused_linear", [None, False], ids=["per-cpu-kernel", "plain-products"])
+@pytest.mark.parametrize("grad", [False, True], ids=["inference", "autograd"])
+def test_class_token_stage_runs_in_float32_under_autocast_as_the_official_code(tiny_overrides, grad,
+                                                                               fused_linear, monkeypatch):
     # The official float32 class token promotes its concatenation with the low-precision tokens, so the
     # last stage's residual stream and the final norm run in float32; stages without one stay low.
+    monkeypatch.setattr(fused, "_setting", fused._setting)
+    torchcvt.set_fused_linear(fused_linear)
     model = tiny(tiny_overrides)
     x = torch.randn(2, 3, 64, 64)
     streams = {}
     for i, stage in enumerate(model.stages):
         stage.blocks[-1].register_forward_hook(lambda m, args, out, i=i: streams.update({i: out.dtype}))
-    with torch.no_grad():
+    with torch.set_grad_enabled(grad):
         reference = model(x)
         with torch.autocast("cpu", dtype=torch.bfloat16):
             tokens = model.forward_features(x)
             logits = model.forward_head(tokens)
     assert streams == {0: torch.bfloat16, 1: torch.bfloat16, 2: torch.float32}
     assert tokens.dtype == torch.float32
-    torch.testing.assert_close(logits.float(), reference, rtol=0.05, atol=0.03)
+    torch.testing.assert_close(logits.detach().float(), reference.detach(), rtol=0.05, atol=0.03)
 
 
 @pytest.mark.parametrize("fused_linear", [None, False], ids=["per-cpu-kernel", "plain-products"])
@@ -502,6 +507,36 @@ def test_projection_dropout_in_training_keeps_the_residual(tiny_overrides):
         added = layer(tokens, 4, 4, residual)
     assert not torch.allclose(alone, expected, atol=1e-3)
     torch.testing.assert_close(added, residual + alone, rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("activation", ["quick_gelu", "gelu"])
+def test_mlp_dropout_in_training_is_the_formula_with_its_gradients(tiny_overrides, activation):
+    """drop_rate reaches the MLP in training: residual + drop(fc2(drop(act(fc1 x)))) with the module's own
+    draws, and the gradients of that formula."""
+    torch.manual_seed(0)
+    mlp = tiny(tiny_overrides, drop_rate=[0.5] * 3, activation=activation).stages[0].blocks[0].mlp.train()
+    with torch.no_grad():
+        for param in mlp.parameters():
+            param.add_(torch.randn_like(param) * 0.2)
+    x, residual = (torch.randn(2, 16, mlp.fc1.in_features, requires_grad=True) for _ in range(2))
+
+    def formula(dropout: float) -> torch.Tensor:
+        hidden = F.linear(x, mlp.fc1.weight, mlp.fc1.bias)
+        hidden = hidden * torch.sigmoid(1.702 * hidden) if activation == "quick_gelu" else F.gelu(hidden)
+        out = F.linear(F.dropout(hidden, dropout), mlp.fc2.weight, mlp.fc2.bias)
+        return residual + F.dropout(out, dropout)
+
+    torch.manual_seed(1)
+    got = mlp(x, residual)
+    torch.manual_seed(1)
+    want = formula(0.5)
+    assert not torch.allclose(want, formula(0.0), atol=1e-3)  # the draws drop some
+    torch.testing.assert_close(got, want, rtol=0, atol=1e-5)
+    weights = torch.randn_like(want)
+    got_grads = torch.autograd.grad((got * weights).sum(), (x, residual, *mlp.parameters()))
+    want_grads = torch.autograd.grad((want * weights).sum(), (x, residual, *mlp.parameters()))
+    for got_grad, want_grad in zip(got_grads, want_grads, strict=True):
+        torch.testing.assert_close(got_grad, want_grad, rtol=1e-4, atol=1e-5)
 
 
 def test_a_block_in_training_adds_each_branch_through_stochastic_depth(tiny_overrides):

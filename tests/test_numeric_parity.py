@@ -83,6 +83,57 @@ def test_official_layout_file_gives_the_reference_logits(tmp_path, kernel, activ
     _assert_close(_run(model.eval(), images, dtype, kernel), reference(images), dtype)
 
 
+@pytest.mark.parametrize("methods", [("avg", "linear", "dw_bn"), ("linear", "avg", "avg")], ids="-".join)
+def test_the_ablations_projections_give_the_reference_logits(tmp_path, kernel, methods, images):
+    """The paper's projection ablation: 'avg' (keys and values pooled 3x3 in ceil mode, the query linear)
+    and 'linear' (no convolution), with a class token in every stage, a stride-1 pooling in one and no
+    q/k/v bias in another."""
+    spec = Spec(method=methods, cls_token=(True, True, True), stride_kv=(2, 1, 2),
+                qkv_bias=(True, False, True))
+    reference = perturbed(OfficialCvT(spec, num_classes=7, activation="quick_gelu"))
+    torch.save(reference.state_dict(), tmp_path / "cvt.pth")
+    model = torchcvt.create_model("cvt_13", checkpoint=tmp_path / "cvt.pth", num_classes=7, **TINY,
+                                  qkv_projection_method=list(methods), cls_token=[True] * 3,
+                                  stride_kv=[2, 1, 2], qkv_bias=[True, False, True])
+    _assert_close(_run(model.eval(), images, torch.float32, kernel), reference(images), torch.float32)
+
+
+@pytest.mark.parametrize("mode", ["train", "eval"])
+@pytest.mark.parametrize("activation", ACTIVATIONS)
+def test_with_gradients_the_logits_gradients_and_statistics_are_the_references(
+        tmp_path, activation, mode, images):
+    """Autograd's path (a training step; evaluation with gradients on, as in a saliency map): the logits, the
+    gradient of every parameter and of the images, and BatchNorm's running statistics after the step."""
+    reference = perturbed(OfficialCvT(SPEC, num_classes=7, activation=activation))
+    torch.save(reference.state_dict(), tmp_path / "cvt.pth")
+    model = torchcvt.create_model("cvt_13", checkpoint=tmp_path / "cvt.pth", num_classes=7,
+                                  activation=activation, drop_path_rate=[0.0] * 3, **TINY)
+    getattr(model, mode)(), getattr(reference, mode)()
+    # Each logit weighed differently, so that a gradient with a wrong sign or scale on any of them shows.
+    weights = torch.randn(2, 7, generator=torch.Generator().manual_seed(3))
+    inputs = {}
+    for name, net in (("ours", model), ("reference", reference)):
+        inputs[name] = images.clone().requires_grad_()
+        logits = net(inputs[name])
+        (logits * weights).sum().backward()
+        inputs[name + "_logits"] = logits.detach()
+    _assert_close(inputs["ours_logits"], inputs["reference_logits"], torch.float32)
+    torch.testing.assert_close(inputs["ours"].grad, inputs["reference"].grad, rtol=1e-4, atol=1e-5)
+    grads = {name: p.grad for name, p in model.named_parameters()}
+    reference_grads = {name: p.grad for name, p in reference.named_parameters()}
+    assert grads.keys() == reference_grads.keys()
+    # The last block's grid queries reach nothing the head reads: only the class token's query counts.
+    unused = "stage2.blocks.1.attn.conv_proj_q."
+    for name, grad in reference_grads.items():
+        assert name.startswith(unused) or grad.abs().max() > 0, name
+        torch.testing.assert_close(grads[name], grad, rtol=1e-4, atol=1e-5, msg=name)
+    statistics = {name: b for name, b in model.named_buffers() if "running" in name}
+    reference_statistics = {name: b for name, b in reference.named_buffers() if "running" in name}
+    assert statistics.keys() == reference_statistics.keys() and statistics
+    for name, buffer in reference_statistics.items():
+        torch.testing.assert_close(statistics[name], buffer, rtol=0, atol=1e-6, msg=name)
+
+
 def test_without_a_class_token_the_mean_of_the_normed_tokens_is_classified(tmp_path, kernel, images):
     """The official pooling without a class token: LayerNorm of every token of the last map, then the mean."""
     spec = Spec(cls_token=(False, False, False), qkv_bias=(True, False, True), stride_kv=(2, 1, 2))
@@ -92,6 +143,37 @@ def test_without_a_class_token_the_mean_of_the_normed_tokens_is_classified(tmp_p
                                   cls_token=[False] * 3, qkv_bias=[True, False, True], stride_kv=[2, 1, 2])
     assert model.global_pool == "avg"
     _assert_close(_run(model.eval(), images, torch.float32, kernel), reference(images), torch.float32)
+
+
+class _Shifted(torch.nn.Linear):
+    """A Linear whose forward is not nn.Linear's, as a LoRA wrapper's or a quantized Linear's is not."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return super().forward(x) + 0.5
+
+
+def _replace(model: torch.nn.Module, attribute: str) -> None:
+    for module in list(model.modules()):
+        old = getattr(module, attribute, None)
+        if isinstance(old, torch.nn.Linear):
+            new = _Shifted(old.in_features, old.out_features, bias=old.bias is not None)
+            new.load_state_dict(old.state_dict())
+            setattr(module, attribute, new)
+
+
+@pytest.mark.parametrize("replaced", ["fc1", "fc2", "proj_v", "proj"])
+def test_a_replaced_linear_is_called_on_every_path(tmp_path, kernel, replaced, images):
+    """A block's Linear replaced by another module (fc1 alone, fc2 alone, a value or output projection)
+    is called, not bypassed by a fast path that reads its weight: in inference and with gradients on, as
+    when fine-tuning with LoRA."""
+    reference = perturbed(OfficialCvT(SPEC, num_classes=7, activation="quick_gelu"))
+    torch.save(reference.state_dict(), tmp_path / "cvt.pth")
+    model = torchcvt.create_model("cvt_13", checkpoint=tmp_path / "cvt.pth", num_classes=7, **TINY)
+    _replace(model, replaced)
+    _replace(reference, replaced)
+    for grad in (False, True):
+        with torch.set_grad_enabled(grad):
+            _assert_close(model.eval()(images).detach(), reference(images).detach(), torch.float32)
 
 
 @pytest.mark.parametrize("size", [(64, 64), (64, 72)], ids=["same-grid", "resized"])

@@ -1,4 +1,5 @@
-"""Shared test helpers: small real ImageFolder trees, tiny run configs, weights that every tensor moves."""
+"""Shared test helpers: small real ImageFolder trees, tiny run configs, weights that every tensor moves, and
+the plain path forced."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from PIL import Image
+from torch.utils._python_dispatch import TorchDispatchMode
 
 TINY_MODEL = {"embed_dim": [16, 24, 32], "num_heads": [1, 1, 2], "depth": [1, 1, 1]}
 
@@ -108,3 +110,11 @@ def perturb_weights(model: torch.nn.Module) -> torch.nn.Module:
             module.running_mean.normal_(0.0, 0.2)
             module.running_var.uniform_(0.5, 1.5)
     return model
+
+
+class PlainOps(TorchDispatchMode):
+    """Passes every op through unchanged; its presence makes torchcvt.layers take the plain path, the one that
+    tracing, torch.compile and GPUs run."""
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        return func(*args, **(kwargs or {}))
