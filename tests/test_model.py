@@ -8,6 +8,7 @@ import torch
 import torch.nn.functional as F
 from timm.layers import DropPath
 from torch import nn
+from trainkit import perturb_weights
 
 import torchcvt
 from torchcvt import fused
@@ -515,9 +516,7 @@ def test_mlp_dropout_in_training_is_the_formula_with_its_gradients(tiny_override
     draws, and the gradients of that formula."""
     torch.manual_seed(0)
     mlp = tiny(tiny_overrides, drop_rate=[0.5] * 3, activation=activation).stages[0].blocks[0].mlp.train()
-    with torch.no_grad():
-        for param in mlp.parameters():
-            param.add_(torch.randn_like(param) * 0.2)
+    perturb_weights(mlp)  # non-zero biases
     x, residual = (torch.randn(2, 16, mlp.fc1.in_features, requires_grad=True) for _ in range(2))
 
     def formula(dropout: float) -> torch.Tensor:

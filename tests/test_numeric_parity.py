@@ -67,6 +67,16 @@ def _assert_close(ours: torch.Tensor, reference: torch.Tensor, dtype: torch.dtyp
     torch.testing.assert_close(ours, reference, rtol=0, atol=tolerance)
 
 
+def _reference_and_model(tmp_path, spec: Spec = SPEC, activation: str = "quick_gelu",
+                         **overrides) -> tuple[OfficialCvT, torchcvt.CvT]:
+    """The reference with perturbed weights, and the model create_model makes from its official .pth."""
+    reference = perturbed(OfficialCvT(spec, num_classes=7, activation=activation))
+    torch.save(reference.state_dict(), tmp_path / "cvt.pth")
+    model = torchcvt.create_model("cvt_13", checkpoint=tmp_path / "cvt.pth", num_classes=7,
+                                  activation=activation, **TINY, **overrides)
+    return reference, model
+
+
 @pytest.fixture
 def images() -> torch.Tensor:
     return torch.randn(2, 3, 64, 72, generator=torch.Generator().manual_seed(1))
@@ -76,10 +86,7 @@ def images() -> torch.Tensor:
 @pytest.mark.parametrize("activation", ACTIVATIONS)
 def test_official_layout_file_gives_the_reference_logits(tmp_path, kernel, activation, dtype, images):
     """An official .pth of the reference's perturbed weights, loaded by create_model, gives its logits."""
-    reference = perturbed(OfficialCvT(SPEC, num_classes=7, activation=activation))
-    path = tmp_path / "cvt.pth"
-    torch.save(reference.state_dict(), path)
-    model = torchcvt.create_model("cvt_13", checkpoint=path, num_classes=7, activation=activation, **TINY)
+    reference, model = _reference_and_model(tmp_path, activation=activation)
     _assert_close(_run(model.eval(), images, dtype, kernel), reference(images), dtype)
 
 
@@ -90,11 +97,9 @@ def test_the_ablations_projections_give_the_reference_logits(tmp_path, kernel, m
     q/k/v bias in another."""
     spec = Spec(method=methods, cls_token=(True, True, True), stride_kv=(2, 1, 2),
                 qkv_bias=(True, False, True))
-    reference = perturbed(OfficialCvT(spec, num_classes=7, activation="quick_gelu"))
-    torch.save(reference.state_dict(), tmp_path / "cvt.pth")
-    model = torchcvt.create_model("cvt_13", checkpoint=tmp_path / "cvt.pth", num_classes=7, **TINY,
-                                  qkv_projection_method=list(methods), cls_token=[True] * 3,
-                                  stride_kv=[2, 1, 2], qkv_bias=[True, False, True])
+    reference, model = _reference_and_model(tmp_path, spec, qkv_projection_method=list(methods),
+                                            cls_token=[True] * 3, stride_kv=[2, 1, 2],
+                                            qkv_bias=[True, False, True])
     _assert_close(_run(model.eval(), images, torch.float32, kernel), reference(images), torch.float32)
 
 
@@ -104,21 +109,20 @@ def test_with_gradients_the_logits_gradients_and_statistics_are_the_references(
         tmp_path, activation, mode, images):
     """Autograd's path (a training step; evaluation with gradients on, as in a saliency map): the logits, the
     gradient of every parameter and of the images, and BatchNorm's running statistics after the step."""
-    reference = perturbed(OfficialCvT(SPEC, num_classes=7, activation=activation))
-    torch.save(reference.state_dict(), tmp_path / "cvt.pth")
-    model = torchcvt.create_model("cvt_13", checkpoint=tmp_path / "cvt.pth", num_classes=7,
-                                  activation=activation, drop_path_rate=[0.0] * 3, **TINY)
-    getattr(model, mode)(), getattr(reference, mode)()
+    reference, model = _reference_and_model(tmp_path, activation=activation, drop_path_rate=[0.0] * 3)
     # Each logit weighed differently, so that a gradient with a wrong sign or scale on any of them shows.
     weights = torch.randn(2, 7, generator=torch.Generator().manual_seed(3))
-    inputs = {}
-    for name, net in (("ours", model), ("reference", reference)):
-        inputs[name] = images.clone().requires_grad_()
-        logits = net(inputs[name])
+
+    def step(net: torch.nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
+        """The logits and the images' gradient of one backward in mode."""
+        inputs = images.clone().requires_grad_()
+        logits = getattr(net, mode)()(inputs)
         (logits * weights).sum().backward()
-        inputs[name + "_logits"] = logits.detach()
-    _assert_close(inputs["ours_logits"], inputs["reference_logits"], torch.float32)
-    torch.testing.assert_close(inputs["ours"].grad, inputs["reference"].grad, rtol=1e-4, atol=1e-5)
+        return logits.detach(), inputs.grad
+
+    (logits, image_grad), (reference_logits, reference_image_grad) = step(model), step(reference)
+    _assert_close(logits, reference_logits, torch.float32)
+    torch.testing.assert_close(image_grad, reference_image_grad, rtol=1e-4, atol=1e-5)
     grads = {name: p.grad for name, p in model.named_parameters()}
     reference_grads = {name: p.grad for name, p in reference.named_parameters()}
     assert grads.keys() == reference_grads.keys()
@@ -137,10 +141,8 @@ def test_with_gradients_the_logits_gradients_and_statistics_are_the_references(
 def test_without_a_class_token_the_mean_of_the_normed_tokens_is_classified(tmp_path, kernel, images):
     """The official pooling without a class token: LayerNorm of every token of the last map, then the mean."""
     spec = Spec(cls_token=(False, False, False), qkv_bias=(True, False, True), stride_kv=(2, 1, 2))
-    reference = perturbed(OfficialCvT(spec, num_classes=7, activation="quick_gelu"))
-    torch.save(reference.state_dict(), tmp_path / "cvt.pth")
-    model = torchcvt.create_model("cvt_13", checkpoint=tmp_path / "cvt.pth", num_classes=7, **TINY,
-                                  cls_token=[False] * 3, qkv_bias=[True, False, True], stride_kv=[2, 1, 2])
+    reference, model = _reference_and_model(tmp_path, spec, cls_token=[False] * 3,
+                                            qkv_bias=[True, False, True], stride_kv=[2, 1, 2])
     assert model.global_pool == "avg"
     _assert_close(_run(model.eval(), images, torch.float32, kernel), reference(images), torch.float32)
 
@@ -166,9 +168,7 @@ def test_a_replaced_linear_is_called_on_every_path(tmp_path, kernel, replaced, i
     """A block's Linear replaced by another module (fc1 alone, fc2 alone, a value or output projection)
     is called, not bypassed by a fast path that reads its weight: in inference and with gradients on, as
     when fine-tuning with LoRA."""
-    reference = perturbed(OfficialCvT(SPEC, num_classes=7, activation="quick_gelu"))
-    torch.save(reference.state_dict(), tmp_path / "cvt.pth")
-    model = torchcvt.create_model("cvt_13", checkpoint=tmp_path / "cvt.pth", num_classes=7, **TINY)
+    reference, model = _reference_and_model(tmp_path)
     _replace(model, replaced)
     _replace(reference, replaced)
     for grad in (False, True):
@@ -181,10 +181,8 @@ def test_position_embedding_is_added_and_resized_to_the_grid(tmp_path, size):
     """The ablation's position embedding (stages 0 and 2), made for 64-pixel images: added as it is on a
     64 x 64 image, resized bicubically to a 64 x 72 image's grid."""
     spec = Spec(pos_grid=((16, 16), None, (4, 4)))
-    reference = perturbed(OfficialCvT(spec, num_classes=7, activation="quick_gelu"))
-    torch.save(reference.state_dict(), tmp_path / "cvt.pth")
-    model = torchcvt.create_model("cvt_13", checkpoint=tmp_path / "cvt.pth", num_classes=7, **TINY,
-                                  position_embedding=[True, False, True], img_size=64)
+    reference, model = _reference_and_model(tmp_path, spec, position_embedding=[True, False, True],
+                                            img_size=64)
     images = torch.randn(2, 3, *size, generator=torch.Generator().manual_seed(2))
     with torch.no_grad():
         _assert_close(model.eval()(images), reference(images), torch.float32)

@@ -211,7 +211,10 @@ def recheck(module: str, workdir: Path, jobs: int) -> dict[str, str]:
     """Each survivor of the module's last run, applied by hand, against the whole selection in a fresh
     pytest process; the verdicts are kept in workdir/recheck.json (a rerun checks only what survived)."""
     path, tests, patterns = TARGETS[module]
-    if (workdir / path).read_text() != (ROOT / path).read_text():
+    source = (ROOT / path).read_text()
+    if not (workdir / path).exists():
+        raise SystemExit(f"no run of {module} in {workdir}: run `python tools/mutation.py {module}` first")
+    if (workdir / path).read_text() != source:
         raise SystemExit(f"{workdir / path} is not today's {path}: run `{module}` again first")
     # Any failure of a mutant then counts as its detection, a test's or an import's.
     code, output = _run_selection(tests)
@@ -221,7 +224,7 @@ def recheck(module: str, workdir: Path, jobs: int) -> dict[str, str]:
     verdicts = json.loads(verdicts_file.read_text()) if verdicts_file.exists() else {}
     names = [name for name, status in _results(workdir, patterns).items()
              if status not in (*KILLED, "not checked") and verdicts.get(name) != "killed"]
-    source = (ROOT / path).read_text()
+    lock = threading.Lock()
 
     def check(name: str) -> None:
         diff = subprocess.run([sys.executable, "-m", "mutmut", "show", name], cwd=workdir,
@@ -232,7 +235,6 @@ def recheck(module: str, workdir: Path, jobs: int) -> dict[str, str]:
             verdicts_file.write_text(json.dumps(verdicts, indent=1, sort_keys=True) + "\n")
         print(f"{name}: {verdicts[name]}", flush=True)
 
-    lock = threading.Lock()
     with ThreadPoolExecutor(jobs) as pool:
         list(pool.map(check, names))
     return verdicts
