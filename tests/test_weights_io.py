@@ -1,11 +1,13 @@
 """The bottom of the weights layer: tensor files, atomic writes, and the layer's one-way imports."""
 
 import ast
+import builtins
 from pathlib import Path
 
 import pytest
 import torch
 
+from torchcvt import files
 from torchcvt.weights.io import read_tensor_file, save_safetensors, save_torch, unwrap_state_dict
 
 WEIGHTS = Path(__file__).resolve().parents[1] / "src" / "torchcvt" / "weights"
@@ -47,6 +49,41 @@ def test_a_failed_write_keeps_the_previous_file(tmp_path, save, monkeypatch):
     with pytest.raises(OSError, match="No space left"):
         save({"a": torch.zeros(2)}, path)
     assert path.read_bytes() == before and sorted(p.name for p in tmp_path.iterdir()) == ["weights.bin"]
+
+
+class _InterruptedFile:
+    """A file whose third write stores half its bytes and raises KeyboardInterrupt: Ctrl-C in a write the
+    kernel cut short. torch's zip writer then finds its position wrong while it closes the archive."""
+
+    def __init__(self, handle):
+        self.handle, self.writes = handle, 0
+
+    def write(self, data):
+        self.writes += 1
+        if self.writes == 3:
+            self.handle.write(bytes(data)[: len(data) // 2])
+            raise KeyboardInterrupt
+        return self.handle.write(data)
+
+    def __getattr__(self, name):
+        return getattr(self.handle, name)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc_info):
+        self.handle.close()
+
+
+def test_ctrl_c_during_a_write_stays_an_interrupt_and_keeps_the_previous_file(tmp_path, monkeypatch):
+    path = tmp_path / "checkpoint.pth"
+    save_torch({"weights": torch.ones(1000)}, path)
+    before = path.read_bytes()
+    monkeypatch.setattr(files, "open", lambda name, mode: _InterruptedFile(builtins.open(name, mode)),
+                        raising=False)
+    with pytest.raises(KeyboardInterrupt):
+        save_torch({"weights": torch.zeros(1000), "more": torch.zeros(1000)}, path)
+    assert path.read_bytes() == before and sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint.pth"]
 
 
 def test_tensor_files_round_trip_with_metadata_and_prefixes(tmp_path):

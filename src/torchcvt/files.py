@@ -1,5 +1,6 @@
-"""The one module that writes files: whole or not at all, on disk before a replaced file goes, and a full
-disk one clear OSError that never damages a file already there.
+"""The one module that writes files: whole or not at all, on disk before a replaced file goes; a full disk
+one clear OSError and Ctrl-C during a write a KeyboardInterrupt (not torch's internal error), neither
+damaging a file already there.
 
 Every output file is written beside its destination and renamed over it once its bytes are on disk; a
 folder written as one unit (a transformers export, a data tree) is built beside its destination and put
@@ -33,10 +34,12 @@ _SPECIAL = ((stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device
 
 
 class FailSoftly(io.RawIOBase):
-    """A binary file whose write never raises: it keeps the first OSError for `error` and drops the rest.
+    """A binary file whose write never raises: it keeps the first OSError or Ctrl-C (KeyboardInterrupt) for
+    `error` and drops the rest.
 
-    torch's C++ writers turn a failed write into an internal RuntimeError, or abort the process when the
-    failure comes while they clean up; the caller raises `error` once the writer is done instead.
+    torch's C++ writers turn a failed or interrupted write into an internal RuntimeError, or abort the
+    process when the failure comes while they clean up; the caller raises `error` once the writer is done
+    instead.
     """
 
     def __init__(self, handle: BinaryIO):
@@ -59,7 +62,7 @@ class FailSoftly(io.RawIOBase):
         if self.error is None:
             try:
                 self.handle.write(data)
-            except OSError as error:
+            except (OSError, KeyboardInterrupt) as error:
                 self.error = error
         return len(data) if isinstance(data, bytes) else memoryview(data).nbytes
 
